@@ -1,0 +1,29 @@
+//! The heart of portres: the reservation table and the rules of SPEC §1 and §2, with no I/O.
+//!
+//! Everything here is plain data and pure functions over it. The daemon feeds in who is asking
+//! ([`Caller`]), the time, fresh random numbers ([`TokenSource`]) and what the kernel says about
+//! ports in use ([`PortProbe`]); this crate decides and records the outcome. Because it never
+//! touches the outside world it is exhaustively property-tested (see `src/tests.rs`).
+//!
+//! # Layout
+//! - [`range`]: `Protocol`, `PortRange`, `Token` — the vocabulary, with their invariants in types.
+//! - [`outcome`]: the error codes of SPEC §2 with their Windows numbers, and [`Refusal`], the
+//!   error every operation returns.
+//! - [`gaps`]: the free-space index of the dynamic range that makes wildcard acquires O(log n).
+//! - [`table`]: [`Table`], the set of live reservations, sessions and quotas, and the operations.
+#![deny(missing_docs)]
+
+pub mod gaps;
+pub mod outcome;
+pub mod range;
+pub mod table;
+
+pub use outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
+pub use range::{Mode, PortRange, Protocol, Token};
+pub use table::{
+    Acl, Caller, Kind, Owner, PortProbe, Reservation, SessionId, SocketInUse, Table, TableConfig,
+    TokenSource,
+};
+
+#[cfg(test)]
+mod tests;

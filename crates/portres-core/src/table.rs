@@ -1,0 +1,861 @@
+//! [`Table`]: every live reservation, every session, and the operations of SPEC §2.
+//!
+//! Invariants (property-tested in `src/tests.rs`):
+//! - no two live blocks of one protocol share a port;
+//! - a refused operation leaves the table exactly as it was;
+//! - ending a session, or releasing a token, frees exactly the blocks it held;
+//! - the free-gap index always equals the dynamic range minus the live blocks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use crate::gaps::FreeGaps;
+use crate::outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
+use crate::range::{Mode, PortRange, Protocol, Token};
+
+/// Identifies one client connection to the daemon.
+pub type SessionId = u64;
+
+/// Who made a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id; `None` for persistent reservations, which outlive their creator.
+    pub pid: Option<u32>,
+    /// User id.
+    pub uid: u32,
+    /// Command line of the process, when it could be read.
+    pub command: Option<String>,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid} (uid {}", self.uid)?,
+            None => write!(f, "an administrator (uid {}", self.uid)?,
+        }
+        if let Some(cmd) = &self.command {
+            write!(f, ", `{cmd}`")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// The peer of a request, as the kernel reports it (never as the client claims).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The connection the request came on.
+    pub session: SessionId,
+    /// Process id (`SO_PEERCRED`).
+    pub pid: u32,
+    /// User id (`SO_PEERCRED`).
+    pub uid: u32,
+    /// Primary and supplementary group ids (`SO_PEERCRED`, `SO_PEERGROUPS`).
+    pub gids: Vec<u32>,
+    /// Whether the daemon's policy makes this caller an administrator.
+    pub admin: bool,
+}
+
+/// Users and groups, besides administrators, who may consume a persistent reservation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acl {
+    /// User ids.
+    pub users: Vec<u32>,
+    /// Group ids.
+    pub groups: Vec<u32>,
+}
+
+impl Acl {
+    fn allows(&self, caller: &Caller) -> bool {
+        caller.admin
+            || self.users.contains(&caller.uid)
+            || caller.gids.iter().any(|g| self.groups.contains(g))
+    }
+}
+
+/// Runtime or persistent, with what each kind carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Lives as long as its session.
+    Runtime {
+        /// The session that acquired it.
+        session: SessionId,
+    },
+    /// Lives until deleted; survives restarts.
+    Persistent {
+        /// Who else may consume it.
+        acl: Acl,
+    },
+}
+
+/// One live reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Its token.
+    pub token: Token,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its block.
+    pub range: PortRange,
+    /// Runtime or persistent.
+    pub kind: Kind,
+    /// How it is enforced.
+    pub mode: Mode,
+    /// Who made it.
+    pub owner: Owner,
+    /// When, in seconds since the Unix epoch.
+    pub created: u64,
+    handed_out: BTreeSet<u16>,
+}
+
+impl Reservation {
+    /// Whether it is persistent.
+    pub fn is_persistent(&self) -> bool {
+        matches!(self.kind, Kind::Persistent { .. })
+    }
+
+    /// `"runtime"` or `"persistent"`.
+    pub fn kind_str(&self) -> &'static str {
+        if self.is_persistent() {
+            "persistent"
+        } else {
+            "runtime"
+        }
+    }
+
+    /// Ports of the block now handed out to sockets.
+    pub fn handed_out(&self) -> &BTreeSet<u16> {
+        &self.handed_out
+    }
+
+    fn holder(&self) -> Holder {
+        Holder::Reservation {
+            range: self.range,
+            persistent: self.is_persistent(),
+            owner: self.owner.clone(),
+        }
+    }
+}
+
+/// Settings of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Where wildcard blocks come from (by default the kernel's `ip_local_port_range`).
+    pub dynamic_range: PortRange,
+    /// Most runtime ports one non-admin user may hold at once.
+    pub runtime_quota: u32,
+}
+
+/// A source of random 64-bit numbers for tokens (the daemon uses the OS random source).
+pub trait TokenSource {
+    /// A fresh random number.
+    fn random_u64(&mut self) -> u64;
+}
+
+/// A port found in use by a socket outside portres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketInUse {
+    /// The port.
+    pub port: u16,
+    /// Its holder, when known (e.g. `"nginx (pid 4121)"`).
+    pub description: Option<String>,
+}
+
+/// Asks the kernel whether ports are in use.
+pub trait PortProbe {
+    /// The first port of `range` bound by some socket, if any.
+    fn first_in_use(&mut self, protocol: Protocol, range: PortRange) -> Option<SocketInUse>;
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    owner: Owner,
+    tokens: BTreeSet<Token>,
+}
+
+/// The reservation table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    config: TableConfig,
+    reservations: HashMap<Token, Reservation>,
+    /// Per protocol: start port → token, for overlap checks and ordered listing.
+    index: [BTreeMap<u16, Token>; 2],
+    /// Per protocol: free gaps of the dynamic range.
+    free: [FreeGaps; 2],
+    sessions: HashMap<SessionId, Session>,
+    runtime_ports: HashMap<u32, u32>,
+}
+
+/// Candidate blocks a wildcard acquire probes before giving up.
+const WILDCARD_ATTEMPTS: usize = 64;
+
+impl Table {
+    /// An empty table.
+    pub fn new(config: TableConfig) -> Self {
+        let gaps = FreeGaps::new(config.dynamic_range);
+        Table {
+            config,
+            reservations: HashMap::new(),
+            index: [BTreeMap::new(), BTreeMap::new()],
+            free: [gaps.clone(), gaps],
+            sessions: HashMap::new(),
+            runtime_ports: HashMap::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TableConfig {
+        &self.config
+    }
+
+    /// Registers a new connection.
+    pub fn open_session(&mut self, id: SessionId, owner: Owner) {
+        self.sessions.insert(
+            id,
+            Session {
+                owner,
+                tokens: BTreeSet::new(),
+            },
+        );
+    }
+
+    /// Ends a connection: every runtime reservation it acquired ends with it. Returns them.
+    pub fn end_session(&mut self, id: SessionId) -> Vec<Reservation> {
+        let Some(session) = self.sessions.remove(&id) else {
+            return Vec::new();
+        };
+        session
+            .tokens
+            .into_iter()
+            .filter_map(|t| self.remove(t))
+            .collect()
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The reservation with this token.
+    pub fn get(&self, token: Token) -> Option<&Reservation> {
+        self.reservations.get(&token)
+    }
+
+    /// Every reservation, sorted by protocol then start port.
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.index
+            .iter()
+            .flat_map(|m| m.values())
+            .map(|t| &self.reservations[t])
+    }
+
+    /// Number of live reservations.
+    pub fn len(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.reservations.is_empty()
+    }
+
+    /// The reservation covering `port`, if any.
+    pub fn covering(&self, protocol: Protocol, port: u16) -> Option<&Reservation> {
+        let (_, t) = self.index[protocol.index()].range(..=port).next_back()?;
+        let r = &self.reservations[t];
+        r.range.contains(port).then_some(r)
+    }
+
+    /// Runtime ports `uid` holds now.
+    pub fn runtime_ports_of(&self, uid: u32) -> u32 {
+        self.runtime_ports.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// Free ports of the dynamic range for `protocol`, and the largest free block.
+    pub fn dynamic_free(&self, protocol: Protocol) -> (u32, u32) {
+        let g = &self.free[protocol.index()];
+        (g.free_ports(), g.largest())
+    }
+
+    fn first_overlap(&self, protocol: Protocol, range: PortRange) -> Option<&Reservation> {
+        let (_, t) = self.index[protocol.index()]
+            .range(..=range.last())
+            .next_back()?;
+        let r = &self.reservations[t];
+        r.range.overlaps(range).then_some(r)
+    }
+
+    fn fresh_token(&self, tokens: &mut dyn TokenSource) -> Token {
+        loop {
+            if let Some(t) = Token::new(tokens.random_u64())
+                && !self.reservations.contains_key(&t)
+            {
+                return t;
+            }
+        }
+    }
+
+    fn insert(&mut self, r: Reservation) {
+        let p = r.protocol.index();
+        self.free[p].take(r.range);
+        self.index[p].insert(r.range.start(), r.token);
+        if let Kind::Runtime { session } = r.kind {
+            *self.runtime_ports.entry(r.owner.uid).or_default() += u32::from(r.range.count());
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.tokens.insert(r.token);
+            }
+        }
+        self.reservations.insert(r.token, r);
+    }
+
+    fn remove(&mut self, token: Token) -> Option<Reservation> {
+        let r = self.reservations.remove(&token)?;
+        let p = r.protocol.index();
+        self.index[p].remove(&r.range.start());
+        self.free[p].give_back(r.range);
+        if let Kind::Runtime { session } = r.kind {
+            if let Some(n) = self.runtime_ports.get_mut(&r.owner.uid) {
+                *n -= u32::from(r.range.count());
+                if *n == 0 {
+                    self.runtime_ports.remove(&r.owner.uid);
+                }
+            }
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.tokens.remove(&token);
+            }
+        }
+        Some(r)
+    }
+
+    /// Checks a specific block against the table and the kernel; the first conflict wins.
+    fn conflict(
+        &self,
+        protocol: Protocol,
+        range: PortRange,
+        probe: &mut dyn PortProbe,
+    ) -> Option<Conflict> {
+        if let Some(r) = self.first_overlap(protocol, range) {
+            return Some(Conflict {
+                protocol,
+                port: r.range.start().max(range.start()),
+                holder: r.holder(),
+            });
+        }
+        probe
+            .first_in_use(protocol, range)
+            .map(|s| Conflict {
+                protocol,
+                port: s.port,
+                holder: Holder::Socket {
+                    description: s.description,
+                },
+            })
+    }
+
+    /// `SIO_ACQUIRE_PORT_RESERVATION`: a runtime block for `caller`'s session. `start == 0` asks
+    /// for any `count` contiguous free ports of the dynamic range.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acquire(
+        &mut self,
+        caller: &Caller,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+        mode: Mode,
+        now: u64,
+        tokens: &mut dyn TokenSource,
+        probe: &mut dyn PortProbe,
+    ) -> Result<Reservation, Refusal> {
+        let op = Operation::AcquireRuntime;
+        if count == 0 {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot reserve {protocol} ports: the count is 0; ask for at least one port"
+                ),
+            ));
+        }
+        if u64::from(start) + u64::from(count) - 1 > 65535 {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot reserve {count} {protocol} ports from {start}: the block would end at \
+                     port {}, past 65535; choose a lower start or a smaller count",
+                    u64::from(start) + u64::from(count) - 1
+                ),
+            ));
+        }
+        let Some(session) = self.sessions.get(&caller.session) else {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::Internal,
+                "the session is not registered with the table",
+            ));
+        };
+        let owner = session.owner.clone();
+        if !caller.admin {
+            let used = self.runtime_ports_of(caller.uid);
+            if used + count > self.config.runtime_quota {
+                return Err(Refusal::new(
+                    op,
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "cannot reserve {count} {protocol} ports for uid {}: it holds {used} \
+                         runtime ports already and its quota is {}; release reservations it no \
+                         longer needs, or ask an administrator to raise runtime_quota_ports in \
+                         the daemon's configuration",
+                        caller.uid, self.config.runtime_quota
+                    ),
+                ));
+            }
+        }
+        let range = if start == 0 {
+            self.pick_wildcard(protocol, count as u16, probe)?
+        } else {
+            let range = PortRange::new(start, count).expect("checked above");
+            if let Some(c) = self.conflict(protocol, range, probe) {
+                return Err(Refusal::new(
+                    op,
+                    ErrorCode::AddressInUse,
+                    format!(
+                        "cannot reserve {range}/{protocol}: {c}; choose a block that does not \
+                         overlap it, or ask for any free block (a count without a start)"
+                    ),
+                )
+                .with_conflict(c));
+            }
+            range
+        };
+        let r = Reservation {
+            token: self.fresh_token(tokens),
+            protocol,
+            range,
+            kind: Kind::Runtime {
+                session: caller.session,
+            },
+            mode,
+            owner,
+            created: now,
+            handed_out: BTreeSet::new(),
+        };
+        self.insert(r.clone());
+        Ok(r)
+    }
+
+    fn pick_wildcard(
+        &self,
+        protocol: Protocol,
+        count: u16,
+        probe: &mut dyn PortProbe,
+    ) -> Result<PortRange, Refusal> {
+        let gaps = &self.free[protocol.index()];
+        let mut attempts = 0;
+        let mut busy = 0;
+        for (gap_start, gap_len) in gaps.candidates(count) {
+            let gap_end = u32::from(gap_start) + gap_len;
+            let mut s = u32::from(gap_start);
+            while s + u32::from(count) <= gap_end && attempts < WILDCARD_ATTEMPTS {
+                attempts += 1;
+                let r = PortRange::new(s, u32::from(count)).expect("inside the dynamic range");
+                match probe.first_in_use(protocol, r) {
+                    None => return Ok(r),
+                    Some(used) => {
+                        busy += 1;
+                        s = u32::from(used.port) + 1;
+                    }
+                }
+            }
+            if attempts >= WILDCARD_ATTEMPTS {
+                break;
+            }
+        }
+        let (free, largest) = self.dynamic_free(protocol);
+        let why = if busy > 0 {
+            format!(
+                "{busy} candidate blocks had ports bound by other sockets, and {} ports are free \
+                 in the table (largest free block {largest})",
+                free
+            )
+        } else {
+            format!("{free} ports are free there and the largest free block has {largest}")
+        };
+        Err(Refusal::new(
+            Operation::AcquireRuntime,
+            ErrorCode::NoBufferSpace,
+            format!(
+                "cannot reserve {count} contiguous {protocol} ports: no free block of that size \
+                 is left in the dynamic range {} ({why}); ask for fewer ports, release some, or \
+                 widen dynamic_range in the daemon's configuration",
+                self.config.dynamic_range
+            ),
+        ))
+    }
+
+    /// `SIO_RELEASE_PORT_RESERVATION`: ends a runtime reservation of the caller's process.
+    pub fn release(&mut self, caller: &Caller, token: u64) -> Result<Reservation, Refusal> {
+        let op = Operation::ReleaseRuntime;
+        let r = Token::new(token)
+            .and_then(|t| self.reservations.get(&t))
+            .ok_or_else(|| {
+                Refusal::new(
+                    op,
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "cannot release reservation {token}: no live reservation has that token \
+                         (it was never issued, or it ended already)"
+                    ),
+                )
+            })?;
+        if r.is_persistent() {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot release reservation {token}: it is the persistent reservation {}/{}; \
+                     delete persistent reservations by start and count (portres persistent delete)",
+                    r.range, r.protocol
+                ),
+            ));
+        }
+        if r.owner.pid != Some(caller.pid) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AccessDenied,
+                format!(
+                    "cannot release reservation {token}: it belongs to {}, and only the process \
+                     that acquired a runtime reservation may release it",
+                    r.owner
+                ),
+            ));
+        }
+        let t = r.token;
+        Ok(self.remove(t).expect("present"))
+    }
+
+    /// `SIO_ASSOCIATE_PORT_RESERVATION` bookkeeping: hands out `port` (0: the lowest free port)
+    /// of the block of `token` and records it as in use until [`Table::return_port`].
+    pub fn associate(
+        &mut self,
+        caller: &Caller,
+        token: u64,
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<u16, Refusal> {
+        let op = Operation::Associate;
+        let invalid = |why: String| Refusal::new(op, ErrorCode::InvalidArgument, why);
+        let r = Token::new(token)
+            .and_then(|t| self.reservations.get_mut(&t))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "cannot bind from reservation {token}: no live reservation has that token \
+                     (it was never issued, or it ended)"
+                ))
+            })?;
+        if r.protocol != protocol {
+            return Err(invalid(format!(
+                "cannot bind a {protocol} socket from reservation {token}: it reserves {} ports; \
+                 use a {} socket",
+                r.protocol, r.protocol
+            )));
+        }
+        let allowed = match &r.kind {
+            Kind::Runtime { .. } => r.owner.pid == Some(caller.pid),
+            Kind::Persistent { acl } => acl.allows(caller),
+        };
+        if !allowed {
+            let why = if r.is_persistent() {
+                "only administrators and the users and groups on its access list may use it"
+            } else {
+                "only the process that acquired a runtime reservation may use it"
+            };
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AccessDenied,
+                format!(
+                    "cannot bind from reservation {token} ({}/{}): it belongs to {}, and {why}",
+                    r.range, r.protocol, r.owner
+                ),
+            ));
+        }
+        let chosen = if port == 0 {
+            r.range
+                .ports()
+                .find(|p| !r.handed_out.contains(p))
+                .ok_or_else(|| {
+                    Refusal::new(
+                        op,
+                        ErrorCode::AddressInUse,
+                        format!(
+                            "cannot bind from reservation {token}: all {} ports of {}/{} are \
+                             handed out; close a socket bound from it or reserve more ports",
+                            r.range.count(),
+                            r.range,
+                            r.protocol
+                        ),
+                    )
+                })?
+        } else if !r.range.contains(port) {
+            return Err(invalid(format!(
+                "cannot bind port {port} from reservation {token}: the port is outside its block \
+                 {}/{}; ask for a port inside it, or 0 for any free one",
+                r.range, r.protocol
+            )));
+        } else if r.handed_out.contains(&port) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AddressInUse,
+                format!(
+                    "cannot bind port {port}/{} from reservation {token}: it is handed out to \
+                     another socket already; ask for 0 to get a free port of the block",
+                    r.protocol
+                ),
+            ));
+        } else {
+            port
+        };
+        r.handed_out.insert(chosen);
+        Ok(chosen)
+    }
+
+    /// The socket bound to `port` from `token` closed: the port returns to its block.
+    /// Returns whether it was handed out.
+    pub fn return_port(&mut self, token: Token, port: u16) -> bool {
+        self.reservations
+            .get_mut(&token)
+            .is_some_and(|r| r.handed_out.remove(&port))
+    }
+
+    /// `CreatePersistent{Tcp,Udp}PortReservation`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_persistent(
+        &mut self,
+        caller: &Caller,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+        mode: Mode,
+        acl: Acl,
+        command: Option<String>,
+        now: u64,
+        tokens: &mut dyn TokenSource,
+        probe: &mut dyn PortProbe,
+    ) -> Result<Reservation, Refusal> {
+        let op = Operation::CreatePersistent;
+        let range = persistent_range(op, protocol, start, count)?;
+        if !caller.admin {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AccessDenied,
+                format!(
+                    "cannot create persistent reservation {range}/{protocol}: uid {} is not an \
+                     administrator of this daemon; run it as root, or ask for uid {} to be added \
+                     to admin_users in the daemon's configuration",
+                    caller.uid, caller.uid
+                ),
+            ));
+        }
+        if let Some(c) = self.conflict(protocol, range, probe) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::SharingViolation,
+                format!(
+                    "cannot create persistent reservation {range}/{protocol}: {c}; choose a block \
+                     that does not overlap it, or free the port first"
+                ),
+            )
+            .with_conflict(c));
+        }
+        let r = Reservation {
+            token: self.fresh_token(tokens),
+            protocol,
+            range,
+            kind: Kind::Persistent { acl },
+            mode,
+            owner: Owner {
+                pid: None,
+                uid: caller.uid,
+                command,
+            },
+            created: now,
+            handed_out: BTreeSet::new(),
+        };
+        self.insert(r.clone());
+        Ok(r)
+    }
+
+    /// Puts back a persistent reservation read from the store at start-up. Refuses overlaps
+    /// and duplicate tokens (which a sound store never holds).
+    pub fn restore_persistent(&mut self, r: Reservation) -> Result<(), Refusal> {
+        let op = Operation::CreatePersistent;
+        if !r.is_persistent() || self.reservations.contains_key(&r.token) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::Internal,
+                format!("stored reservation {} is not a new persistent one", r.token),
+            ));
+        }
+        if let Some(o) = self.first_overlap(r.protocol, r.range) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::SharingViolation,
+                format!(
+                    "stored reservation {}/{} overlaps {}/{}",
+                    r.range, r.protocol, o.range, o.protocol
+                ),
+            ));
+        }
+        let mut r = r;
+        r.handed_out.clear();
+        self.insert(r);
+        Ok(())
+    }
+
+    fn find_persistent(
+        &self,
+        op: Operation,
+        protocol: Protocol,
+        range: PortRange,
+    ) -> Result<&Reservation, Refusal> {
+        self.index[protocol.index()]
+            .get(&range.start())
+            .map(|t| &self.reservations[t])
+            .filter(|r| r.range == range && r.is_persistent())
+            .ok_or_else(|| {
+                let near = match self.first_overlap(protocol, range) {
+                    Some(o) => format!(
+                        " ({} reservation {}/{} overlaps it; lookup and delete need the exact \
+                         start and count)",
+                        o.kind_str(),
+                        o.range,
+                        o.protocol
+                    ),
+                    None => String::new(),
+                };
+                Refusal::new(
+                    op,
+                    ErrorCode::NotFound,
+                    format!(
+                        "no persistent reservation has exactly start {} and count {} for \
+                         {protocol}{near}; `portres show` lists them all",
+                        range.start(),
+                        range.count()
+                    ),
+                )
+            })
+    }
+
+    /// `LookupPersistent{Tcp,Udp}PortReservation`: anyone may look up.
+    pub fn lookup_persistent(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<&Reservation, Refusal> {
+        let op = Operation::LookupPersistent;
+        let range = persistent_range(op, protocol, start, count)?;
+        self.find_persistent(op, protocol, range)
+    }
+
+    /// The checks of `DeletePersistent{Tcp,Udp}PortReservation`, without removing: the daemon
+    /// deletes from the store first, then calls [`Table::remove_persistent`].
+    pub fn check_delete_persistent(
+        &self,
+        caller: &Caller,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<&Reservation, Refusal> {
+        let op = Operation::DeletePersistent;
+        let range = persistent_range(op, protocol, start, count)?;
+        if !caller.admin {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AccessDenied,
+                format!(
+                    "cannot delete persistent reservation {range}/{protocol}: uid {} is not an \
+                     administrator of this daemon; run it as root, or ask for uid {} to be added \
+                     to admin_users in the daemon's configuration",
+                    caller.uid, caller.uid
+                ),
+            ));
+        }
+        self.find_persistent(op, protocol, range)
+    }
+
+    /// Removes a persistent reservation (after it left the store).
+    pub fn remove_persistent(&mut self, token: Token) -> Option<Reservation> {
+        if self.reservations.get(&token)?.is_persistent() {
+            self.remove(token)
+        } else {
+            None
+        }
+    }
+
+    /// Test hook: checks every invariant, panicking with a description on the first broken one.
+    pub fn check_invariants(&self) {
+        for idx in &self.index {
+            let mut prev_end = 0u32;
+            for (&s, t) in idx {
+                let r = &self.reservations[t];
+                assert_eq!(r.range.start(), s, "index start matches");
+                assert!(u32::from(s) >= prev_end, "blocks overlap at {s}");
+                prev_end = r.range.end();
+            }
+        }
+        assert_eq!(
+            self.index[0].len() + self.index[1].len(),
+            self.reservations.len(),
+            "index covers every reservation"
+        );
+        for p in Protocol::ALL {
+            let dynr = self.config.dynamic_range;
+            let reserved: u32 = self
+                .reservations()
+                .filter(|r| r.protocol == p)
+                .map(|r| {
+                    let s = u32::from(r.range.start()).max(u32::from(dynr.start()));
+                    let e = r.range.end().min(dynr.end());
+                    e.saturating_sub(s)
+                })
+                .sum();
+            assert_eq!(
+                self.free[p.index()].free_ports() + reserved,
+                u32::from(dynr.count()),
+                "free gaps plus reserved ports equal the dynamic range"
+            );
+        }
+        let mut per_uid: HashMap<u32, u32> = HashMap::new();
+        for r in self.reservations.values() {
+            if let Kind::Runtime { session } = r.kind {
+                *per_uid.entry(r.owner.uid).or_default() += u32::from(r.range.count());
+                assert!(
+                    self.sessions
+                        .get(&session)
+                        .is_some_and(|s| s.tokens.contains(&r.token)),
+                    "runtime reservation belongs to a live session"
+                );
+            }
+        }
+        assert_eq!(per_uid, self.runtime_ports, "quota accounting");
+    }
+}
+
+fn persistent_range(
+    op: Operation,
+    protocol: Protocol,
+    start: u32,
+    count: u32,
+) -> Result<PortRange, Refusal> {
+    PortRange::new(start, count).map_err(|e| {
+        Refusal::new(
+            op,
+            ErrorCode::InvalidParameter,
+            format!(
+                "invalid persistent {protocol} range (start {start}, count {count}): {e}; a \
+                 persistent reservation needs a start of 1-65535 and a count of at least 1 that \
+                 stays within port 65535"
+            ),
+        )
+    })
+}
