@@ -1,1 +1,208 @@
-fn main(){}
+//! `portres`: the command line (SPEC §7) and the daemon's entry point. Parsing, dispatch and
+//! exit codes only; the work lives in the library crates.
+
+mod daemon_cmd;
+mod output;
+mod run_cmd;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portres_client::paths::Scope;
+use portres_client::{Client, Error, Mode, PersistentSpec, Protocol};
+
+/// Port reservations for Linux, in the Windows model.
+#[derive(Debug, Parser)]
+#[command(name = "portres", version, about, propagate_version = true)]
+struct Cli {
+    /// The daemon's socket (default: the system socket, or the user's own).
+    #[arg(long, global = true, env = "PORTRES_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print one JSON document on stdout (errors too).
+    #[arg(long, global = true)]
+    json: bool,
+    /// TCP ports (the default).
+    #[arg(long, global = true, conflicts_with = "udp")]
+    tcp: bool,
+    /// UDP ports.
+    #[arg(long, global = true)]
+    udp: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground.
+    Daemon {
+        /// Where persistent reservations are stored.
+        #[arg(long, env = "PORTRES_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Configuration file (TOML); default /etc/portres/config.toml, or
+        /// ~/.config/portres/config.toml for a user daemon.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Write READY on stdout once the socket accepts, then detach stdout (used by autostart).
+        #[arg(long, hide = true)]
+        print_ready: bool,
+    },
+    /// Daemon version, uptime, enforcement layers and counts.
+    Status,
+    /// Every reservation with its owner.
+    Show,
+    /// Hold a runtime reservation while CMD runs.
+    Run {
+        /// Number of ports.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// First port (default: any free block of the dynamic range).
+        #[arg(long)]
+        start: Option<u32>,
+        /// Pass the ports to CMD as bound sockets (systemd's LISTEN_FDS).
+        #[arg(long)]
+        listen: bool,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<OsString>,
+    },
+    /// Persistent reservations (administrators).
+    Persistent {
+        #[command(subcommand)]
+        op: PersistentOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PersistentOp {
+    /// Create one; prints its token.
+    Add {
+        /// First port.
+        #[arg(long)]
+        start: u32,
+        /// Number of ports.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// `exclude` (default: the port's service binds it itself) or `hold`.
+        #[arg(long, default_value = "exclude")]
+        mode: Mode,
+        /// A user (name or uid) who may consume it; repeatable.
+        #[arg(long = "allow-user", value_name = "USER")]
+        allow_users: Vec<String>,
+        /// A group (name or gid) whose members may consume it; repeatable.
+        #[arg(long = "allow-group", value_name = "GROUP")]
+        allow_groups: Vec<String>,
+    },
+    /// Print the token of the one with exactly this start and count.
+    Lookup {
+        /// First port.
+        #[arg(long)]
+        start: u32,
+        /// Number of ports.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Delete the one with exactly this start and count.
+    Delete {
+        /// First port.
+        #[arg(long)]
+        start: u32,
+        /// Number of ports.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+}
+
+impl Cli {
+    fn protocol(&self) -> Protocol {
+        if self.udp {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        }
+    }
+
+    fn client(&self) -> Result<Client, Error> {
+        match &self.socket {
+            Some(s) => Client::connect_or_start(s, Scope::for_current_user()),
+            None => Client::connect(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            output::print_error(&e, json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let protocol = cli.protocol();
+    match &cli.command {
+        Command::Daemon {
+            state_dir,
+            config,
+            print_ready,
+        } => daemon_cmd::run(daemon_cmd::Options {
+            socket: cli.socket.clone(),
+            state_dir: state_dir.clone(),
+            config: config.clone(),
+            print_ready: *print_ready,
+        }),
+        Command::Status => {
+            let status = cli.client()?.status()?;
+            output::status(&status, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show => {
+            let show = cli.client()?.show()?;
+            output::show(&show, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            count,
+            start,
+            listen,
+            cmd,
+        } => run_cmd::run(&cli.client()?, protocol, *start, *count, *listen, cmd),
+        Command::Persistent { op } => {
+            let client = cli.client()?;
+            match op {
+                PersistentOp::Add {
+                    start,
+                    count,
+                    mode,
+                    allow_users,
+                    allow_groups,
+                } => {
+                    let spec = PersistentSpec {
+                        protocol,
+                        start: *start,
+                        count: *count,
+                        mode: *mode,
+                        allow_users: allow_users.clone(),
+                        allow_groups: allow_groups.clone(),
+                    };
+                    let token = client.create_persistent(&spec)?;
+                    output::token(token, protocol, *start, *count, cli.json);
+                }
+                PersistentOp::Lookup { start, count } => {
+                    let token = client.lookup_persistent(protocol, *start, *count)?;
+                    output::token(token, protocol, *start, *count, cli.json);
+                }
+                PersistentOp::Delete { start, count } => {
+                    client.delete_persistent(protocol, *start, *count)?;
+                    output::deleted(protocol, *start, *count, cli.json);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

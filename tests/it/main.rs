@@ -1,1 +1,17 @@
+//! Integration tests: the real daemon (`portres daemon`, in a private network namespace), the
+//! real client library and the real CLI.
+//!
+//! Every test here starts its daemon with `unshare -n` so that port probes never touch the
+//! host's port tables, and several run clients as `nobody`: they need root, and say so by their
+//! module name. Run as root: `cargo test --workspace`.
 
+mod util;
+
+mod needs_root {
+    mod autostart;
+    mod cli;
+    mod lifecycle;
+    mod persistent;
+    mod protocol;
+    mod runtime;
+}

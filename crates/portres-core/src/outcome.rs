@@ -174,9 +174,10 @@ pub struct Conflict {
     pub holder: Holder,
 }
 
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "port {}/{} ", self.port, self.protocol)?;
+impl Conflict {
+    /// What holds the port, in words: "is in runtime reservation 40000-40009/tcp of pid 42
+    /// (uid 1000, `sleep 9`)" or "is in use by nginx (pid 4121)".
+    pub fn holder_text(&self) -> String {
         match &self.holder {
             Holder::Reservation {
                 range,
@@ -184,16 +185,30 @@ impl fmt::Display for Conflict {
                 owner,
             } => {
                 let kind = if *persistent { "persistent" } else { "runtime" };
-                write!(f, "is in {kind} reservation {range}/{} of {owner}", self.protocol)
+                format!(
+                    "is in {kind} reservation {range}/{} of {owner}",
+                    self.protocol
+                )
             }
             Holder::Socket {
                 description: Some(d),
-            } => write!(f, "is in use by {d}"),
-            Holder::Socket { description: None } => write!(
-                f,
-                "is bound by another socket (its process could not be identified)"
-            ),
+            } => format!("is in use by {d}"),
+            Holder::Socket { description: None } => {
+                "is bound by another socket (its process could not be identified)".into()
+            }
         }
+    }
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "port {}/{} {}",
+            self.port,
+            self.protocol,
+            self.holder_text()
+        )
     }
 }
 

@@ -46,7 +46,9 @@ impl FromStr for Protocol {
         match s {
             "tcp" | "TCP" => Ok(Protocol::Tcp),
             "udp" | "UDP" => Ok(Protocol::Udp),
-            other => Err(format!("unknown protocol {other:?} (expected \"tcp\" or \"udp\")")),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected \"tcp\" or \"udp\")"
+            )),
         }
     }
 }
@@ -224,7 +226,9 @@ impl FromStr for Mode {
         match s {
             "hold" => Ok(Mode::Hold),
             "exclude" => Ok(Mode::Exclude),
-            other => Err(format!("unknown mode {other:?} (expected \"hold\" or \"exclude\")")),
+            other => Err(format!(
+                "unknown mode {other:?} (expected \"hold\" or \"exclude\")"
+            )),
         }
     }
 }

@@ -108,6 +108,28 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A persistent reservation as read back from the store (see [`Table::restore_persistent`]).
+    pub fn persistent(
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+        acl: Acl,
+        owner: Owner,
+        created: u64,
+    ) -> Self {
+        Reservation {
+            token,
+            protocol,
+            range,
+            kind: Kind::Persistent { acl },
+            mode,
+            owner,
+            created,
+            handed_out: BTreeSet::new(),
+        }
+    }
+
     /// Whether it is persistent.
     pub fn is_persistent(&self) -> bool {
         matches!(self.kind, Kind::Persistent { .. })
@@ -340,15 +362,13 @@ impl Table {
                 holder: r.holder(),
             });
         }
-        probe
-            .first_in_use(protocol, range)
-            .map(|s| Conflict {
-                protocol,
-                port: s.port,
-                holder: Holder::Socket {
-                    description: s.description,
-                },
-            })
+        probe.first_in_use(protocol, range).map(|s| Conflict {
+            protocol,
+            port: s.port,
+            holder: Holder::Socket {
+                description: s.description,
+            },
+        })
     }
 
     /// `SIO_ACQUIRE_PORT_RESERVATION`: a runtime block for `caller`'s session. `start == 0` asks

@@ -21,10 +21,12 @@ impl TokenSource for Seq {
 struct Busy(BTreeSet<(Protocol, u16)>);
 impl PortProbe for Busy {
     fn first_in_use(&mut self, p: Protocol, r: PortRange) -> Option<SocketInUse> {
-        r.ports().find(|&x| self.0.contains(&(p, x))).map(|port| SocketInUse {
-            port,
-            description: Some("test socket".into()),
-        })
+        r.ports()
+            .find(|&x| self.0.contains(&(p, x)))
+            .map(|port| SocketInUse {
+                port,
+                description: Some("test socket".into()),
+            })
     }
 }
 
@@ -53,8 +55,23 @@ fn caller(t: &mut Table, session: SessionId, pid: u32, uid: u32, admin: bool) ->
     }
 }
 
-fn acq(t: &mut Table, c: &Caller, p: Protocol, start: u32, count: u32) -> Result<Reservation, Refusal> {
-    t.acquire(c, p, start, count, Mode::Hold, 1, &mut Seq(7), &mut Busy::default())
+fn acq(
+    t: &mut Table,
+    c: &Caller,
+    p: Protocol,
+    start: u32,
+    count: u32,
+) -> Result<Reservation, Refusal> {
+    t.acquire(
+        c,
+        p,
+        start,
+        count,
+        Mode::Hold,
+        1,
+        &mut Seq(7),
+        &mut Busy::default(),
+    )
 }
 
 #[test]
@@ -66,9 +83,15 @@ fn acquire_rows_of_the_spec_table() {
     assert_ne!(r.token.get(), 0);
 
     let e = acq(&mut t, &a, Protocol::Tcp, 0, 0).unwrap_err();
-    assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidArgument, 10022));
+    assert_eq!(
+        (e.code, e.windows_code),
+        (ErrorCode::InvalidArgument, 10022)
+    );
     let e = acq(&mut t, &a, Protocol::Tcp, 65530, 7).unwrap_err();
-    assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidArgument, 10022));
+    assert_eq!(
+        (e.code, e.windows_code),
+        (ErrorCode::InvalidArgument, 10022)
+    );
     assert!(e.message.contains("65536"), "{}", e.message);
 
     let e = acq(&mut t, &a, Protocol::Tcp, 50005, 10).unwrap_err();
@@ -81,7 +104,16 @@ fn acquire_rows_of_the_spec_table() {
     let mut busy = Busy::default();
     busy.0.insert((Protocol::Tcp, 51003));
     let e = t
-        .acquire(&a, Protocol::Tcp, 51000, 5, Mode::Hold, 1, &mut Seq(1), &mut busy)
+        .acquire(
+            &a,
+            Protocol::Tcp,
+            51000,
+            5,
+            Mode::Hold,
+            1,
+            &mut Seq(1),
+            &mut busy,
+        )
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::AddressInUse);
     assert_eq!(e.conflict.unwrap().port, 51003);
@@ -100,7 +132,16 @@ fn wildcard_skips_ports_in_use() {
     let mut busy = Busy::default();
     busy.0.insert((Protocol::Udp, 40002));
     let r = t
-        .acquire(&a, Protocol::Udp, 0, 3, Mode::Hold, 1, &mut Seq(1), &mut busy)
+        .acquire(
+            &a,
+            Protocol::Udp,
+            0,
+            3,
+            Mode::Hold,
+            1,
+            &mut Seq(1),
+            &mut busy,
+        )
         .unwrap();
     assert_eq!(r.range, PortRange::new(40003, 3).unwrap());
 }
@@ -132,11 +173,25 @@ fn release_rows() {
     let e = t.release(&b, r.token.get()).unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::AccessDenied, 10013));
     let e = t.release(&a, 12345).unwrap_err();
-    assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidArgument, 10022));
+    assert_eq!(
+        (e.code, e.windows_code),
+        (ErrorCode::InvalidArgument, 10022)
+    );
     let e = t.release(&a, 0).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidArgument);
     let p = t
-        .create_persistent(&admin, Protocol::Tcp, 5000, 1, Mode::Exclude, Acl::default(), None, 1, &mut Seq(3), &mut Busy::default())
+        .create_persistent(
+            &admin,
+            Protocol::Tcp,
+            5000,
+            1,
+            Mode::Exclude,
+            Acl::default(),
+            None,
+            1,
+            &mut Seq(3),
+            &mut Busy::default(),
+        )
         .unwrap();
     let e = t.release(&admin, p.token.get()).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidArgument);
@@ -162,21 +217,47 @@ fn associate_rows() {
     let e = t.associate(&a, tok, Protocol::Tcp, 45001).unwrap_err();
     assert_eq!(e.code, ErrorCode::AddressInUse);
     let e = t.associate(&a, tok, Protocol::Tcp, 45002).unwrap_err();
-    assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidArgument, 10022));
+    assert_eq!(
+        (e.code, e.windows_code),
+        (ErrorCode::InvalidArgument, 10022)
+    );
     let e = t.associate(&a, tok, Protocol::Udp, 0).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidArgument);
     let e = t.associate(&b, tok, Protocol::Tcp, 0).unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::AccessDenied, 10013));
     assert_eq!(t.associate(&a, tok, Protocol::Tcp, 45000).unwrap(), 45000);
 
-    let acl = Acl { users: vec![], groups: vec![1001] };
+    let acl = Acl {
+        users: vec![],
+        groups: vec![1001],
+    };
     let p = t
-        .create_persistent(&admin, Protocol::Udp, 6000, 3, Mode::Exclude, acl, None, 1, &mut Seq(3), &mut Busy::default())
+        .create_persistent(
+            &admin,
+            Protocol::Udp,
+            6000,
+            3,
+            Mode::Exclude,
+            acl,
+            None,
+            1,
+            &mut Seq(3),
+            &mut Busy::default(),
+        )
         .unwrap();
-    assert_eq!(t.associate(&b, p.token.get(), Protocol::Udp, 0).unwrap(), 6000);
-    let e = t.associate(&a, p.token.get(), Protocol::Udp, 0).unwrap_err();
+    assert_eq!(
+        t.associate(&b, p.token.get(), Protocol::Udp, 0).unwrap(),
+        6000
+    );
+    let e = t
+        .associate(&a, p.token.get(), Protocol::Udp, 0)
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::AccessDenied);
-    assert_eq!(t.associate(&admin, p.token.get(), Protocol::Udp, 6002).unwrap(), 6002);
+    assert_eq!(
+        t.associate(&admin, p.token.get(), Protocol::Udp, 6002)
+            .unwrap(),
+        6002
+    );
     t.end_session(1);
     let e = t.associate(&a, tok, Protocol::Tcp, 0).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidArgument);
@@ -188,11 +269,26 @@ fn persistent_rows() {
     let a = caller(&mut t, 1, 100, 1000, false);
     let admin = caller(&mut t, 2, 1, 0, true);
     let mk = |t: &mut Table, c: &Caller, s, n| {
-        t.create_persistent(c, Protocol::Tcp, s, n, Mode::Exclude, Acl::default(), None, 1, &mut Seq(9), &mut Busy::default())
+        t.create_persistent(
+            c,
+            Protocol::Tcp,
+            s,
+            n,
+            Mode::Exclude,
+            Acl::default(),
+            None,
+            1,
+            &mut Seq(9),
+            &mut Busy::default(),
+        )
     };
     for (s, n) in [(0, 1), (1, 0), (65535, 2), (70000, 1)] {
         let e = mk(&mut t, &admin, s, n).unwrap_err();
-        assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidParameter, 87), "{s} {n}");
+        assert_eq!(
+            (e.code, e.windows_code),
+            (ErrorCode::InvalidParameter, 87),
+            "{s} {n}"
+        );
     }
     let e = mk(&mut t, &a, 7000, 1).unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::AccessDenied, 5));
@@ -206,29 +302,59 @@ fn persistent_rows() {
     let mut busy = Busy::default();
     busy.0.insert((Protocol::Tcp, 9001));
     let e = t
-        .create_persistent(&admin, Protocol::Tcp, 9000, 2, Mode::Exclude, Acl::default(), None, 1, &mut Seq(9), &mut busy)
+        .create_persistent(
+            &admin,
+            Protocol::Tcp,
+            9000,
+            2,
+            Mode::Exclude,
+            Acl::default(),
+            None,
+            1,
+            &mut Seq(9),
+            &mut busy,
+        )
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::SharingViolation);
 
-    assert_eq!(t.lookup_persistent(Protocol::Tcp, 7000, 10).unwrap().token, p.token);
+    assert_eq!(
+        t.lookup_persistent(Protocol::Tcp, 7000, 10).unwrap().token,
+        p.token
+    );
     let e = t.lookup_persistent(Protocol::Tcp, 7000, 9).unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::NotFound, 1168));
     let e = t.lookup_persistent(Protocol::Udp, 7000, 10).unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
     let e = t.lookup_persistent(Protocol::Tcp, 8000, 5).unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotFound, "runtime blocks are not persistent");
+    assert_eq!(
+        e.code,
+        ErrorCode::NotFound,
+        "runtime blocks are not persistent"
+    );
     let e = t.lookup_persistent(Protocol::Tcp, 0, 5).unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::InvalidParameter, 87));
 
-    let e = t.check_delete_persistent(&a, Protocol::Tcp, 7000, 10).unwrap_err();
+    let e = t
+        .check_delete_persistent(&a, Protocol::Tcp, 7000, 10)
+        .unwrap_err();
     assert_eq!((e.code, e.windows_code), (ErrorCode::AccessDenied, 5));
-    let e = t.check_delete_persistent(&admin, Protocol::Tcp, 7000, 1).unwrap_err();
+    let e = t
+        .check_delete_persistent(&admin, Protocol::Tcp, 7000, 1)
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
-    let e = t.check_delete_persistent(&admin, Protocol::Tcp, 0, 1).unwrap_err();
+    let e = t
+        .check_delete_persistent(&admin, Protocol::Tcp, 0, 1)
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidParameter);
-    let tok = t.check_delete_persistent(&admin, Protocol::Tcp, 7000, 10).unwrap().token;
+    let tok = t
+        .check_delete_persistent(&admin, Protocol::Tcp, 7000, 10)
+        .unwrap()
+        .token;
     assert!(t.remove_persistent(tok).is_some());
-    assert!(t.remove_persistent(rt.token).is_none(), "runtime blocks are not deleted this way");
+    assert!(
+        t.remove_persistent(rt.token).is_none(),
+        "runtime blocks are not deleted this way"
+    );
     t.end_session(1);
     assert!(t.is_empty());
     t.check_invariants();
@@ -236,7 +362,10 @@ fn persistent_rows() {
 
 #[test]
 fn ranges_parse_and_print() {
-    assert_eq!("32768 60999".parse::<PortRange>().unwrap(), PortRange::inclusive(32768, 60999).unwrap());
+    assert_eq!(
+        "32768 60999".parse::<PortRange>().unwrap(),
+        PortRange::inclusive(32768, 60999).unwrap()
+    );
     assert_eq!("80".parse::<PortRange>().unwrap().to_string(), "80");
     assert_eq!(PortRange::new(80, 3).unwrap().to_string(), "80-82");
     assert!("0-5".parse::<PortRange>().is_err());
@@ -246,8 +375,14 @@ fn ranges_parse_and_print() {
 
 #[test]
 fn windows_codes_depend_on_the_operation() {
-    assert_eq!(ErrorCode::AccessDenied.windows_code(Operation::AcquireRuntime), 10013);
-    assert_eq!(ErrorCode::AccessDenied.windows_code(Operation::DeletePersistent), 5);
+    assert_eq!(
+        ErrorCode::AccessDenied.windows_code(Operation::AcquireRuntime),
+        10013
+    );
+    assert_eq!(
+        ErrorCode::AccessDenied.windows_code(Operation::DeletePersistent),
+        5
+    );
     for c in ErrorCode::ALL {
         assert_eq!(c.as_str().parse::<ErrorCode>(), Ok(c));
     }
@@ -256,12 +391,35 @@ fn windows_codes_depend_on_the_operation() {
 /// One step of a random workload.
 #[derive(Debug, Clone)]
 enum Step {
-    Acquire { who: usize, udp: bool, start: u32, count: u32 },
-    Release { who: usize, pick: usize, raw: u64 },
-    Associate { who: usize, pick: usize, port: u16 },
-    Create { who: usize, udp: bool, start: u32, count: u32 },
-    Delete { who: usize, pick: usize },
-    EndSession { who: usize },
+    Acquire {
+        who: usize,
+        udp: bool,
+        start: u32,
+        count: u32,
+    },
+    Release {
+        who: usize,
+        pick: usize,
+        raw: u64,
+    },
+    Associate {
+        who: usize,
+        pick: usize,
+        port: u16,
+    },
+    Create {
+        who: usize,
+        udp: bool,
+        start: u32,
+        count: u32,
+    },
+    Delete {
+        who: usize,
+        pick: usize,
+    },
+    EndSession {
+        who: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -283,7 +441,9 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 /// Everything observable about a table, in a canonical order.
-fn snapshot(t: &Table) -> (Vec<Reservation>, Vec<u32>, usize, Vec<(u32, u32)>) {
+type Snapshot = (Vec<Reservation>, Vec<u32>, usize, Vec<(u32, u32)>);
+
+fn snapshot(t: &Table) -> Snapshot {
     (
         t.reservations().cloned().collect(),
         (0..4).map(|u| t.runtime_ports_of(1000 + u)).collect(),
@@ -311,8 +471,8 @@ proptest! {
             gids: vec![1000 + who as u32],
             admin: who == 3,
         };
-        for who in 0..4 {
-            t.open_session(session_of[who], Owner { pid: Some(100 + who as u32), uid: 1000 + who as u32, command: None });
+        for (who, &session) in session_of.iter().enumerate() {
+            t.open_session(session, Owner { pid: Some(100 + who as u32), uid: 1000 + who as u32, command: None });
         }
         for s in steps {
             let before = snapshot(&t);

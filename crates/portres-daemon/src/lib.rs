@@ -1,1 +1,140 @@
-//! x
+//! The portres daemon: accepts client sessions on a Unix socket, authorises every request from
+//! the peer's kernel credentials, applies it to the reservation table (`portres-core`), and keeps
+//! persistent reservations in a durable store.
+//!
+//! Like mini-redis, [`Daemon::run`] takes a listener that is already bound, and a shutdown future,
+//! so tests and the binary decide where it listens and when it stops.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration (administrators, quota, dynamic range).
+//! - [`store`]: the redb store of persistent reservations.
+//! - `server`: the accept loop, sessions, framing.
+//! - `handlers`: one function per request, from wire message to table operation and back.
+
+pub mod config;
+mod handlers;
+mod server;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use portres_core::{PortRange, Table, TableConfig};
+
+pub use config::{Config, ConfigError};
+pub use store::{Store, StoreError};
+
+/// Where the daemon lives and in which scope (for status and logs).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// `"system"` (root, socket open to every local user) or `"user"` (private to one user).
+    pub scope: String,
+    /// The socket it listens on.
+    pub socket: PathBuf,
+    /// Its state directory (store, log).
+    pub state_dir: PathBuf,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store failed to open or load.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The dynamic range could not be read and none was configured.
+    #[error(
+        "cannot read the kernel's dynamic port range (/proc/sys/net/ipv4/ip_local_port_range): \
+         {0}; set dynamic_range in the configuration"
+    )]
+    DynamicRange(std::io::Error),
+    /// The store holds something the table refuses (overlapping or duplicate records).
+    #[error("store {path}: {why}")]
+    Inconsistent {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// State shared by every session.
+struct Shared {
+    /// The table. A `std` mutex: it is never held across an `.await`, and every operation under
+    /// it is short (the store is written outside it).
+    table: Mutex<Table>,
+    /// The store; written from the blocking pool, one writer at a time (see `persist_lock`).
+    store: Arc<Store>,
+    /// Serialises persistent create/delete so the store and the table change in the same order.
+    persist_lock: tokio::sync::Mutex<()>,
+    config: Config,
+    placement: Placement,
+    dynamic_source: String,
+    started: Instant,
+    own_uid: u32,
+}
+
+/// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
+pub struct Daemon {
+    shared: Arc<Shared>,
+}
+
+impl Daemon {
+    /// Opens the store in `placement.state_dir` and loads the table.
+    pub fn open(config: Config, placement: Placement) -> Result<Daemon, StartError> {
+        let (dynamic_range, dynamic_source): (PortRange, String) = match config.dynamic_range {
+            Some(r) => (r, "configuration".into()),
+            None => (
+                portres_sys::ports::ip_local_port_range().map_err(StartError::DynamicRange)?,
+                "kernel (net.ipv4.ip_local_port_range)".into(),
+            ),
+        };
+        let store = Store::open(&placement.state_dir)?;
+        let mut table = Table::new(TableConfig {
+            dynamic_range,
+            runtime_quota: config.runtime_quota,
+        });
+        for rec in store.load()? {
+            let r = rec
+                .to_reservation()
+                .map_err(|why| StartError::Inconsistent {
+                    path: store.path().into(),
+                    why: format!("record {}: {why}", rec.token),
+                })?;
+            table
+                .restore_persistent(r)
+                .map_err(|e| StartError::Inconsistent {
+                    path: store.path().into(),
+                    why: e.message,
+                })?;
+        }
+        tracing::info!(
+            persistent = table.len(),
+            dynamic_range = %dynamic_range,
+            store = %store.path().display(),
+            "table loaded"
+        );
+        Ok(Daemon {
+            shared: Arc::new(Shared {
+                table: Mutex::new(table),
+                store: Arc::new(store),
+                persist_lock: tokio::sync::Mutex::new(()),
+                config,
+                placement,
+                dynamic_source,
+                started: Instant::now(),
+                own_uid: portres_sys::creds::effective_uid(),
+            }),
+        })
+    }
+
+    /// Serves `listener` until `shutdown` completes. Sessions still open then are closed, which
+    /// ends their runtime reservations.
+    pub async fn run(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        server::serve(self.shared, listener, shutdown).await
+    }
+}

@@ -1,0 +1,359 @@
+//! [`Client`]: one connection to the daemon (one session); [`Reservation`]: a runtime block that
+//! is released when dropped.
+
+use std::fmt;
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use portres_core::{Mode, PortRange, Protocol, Token};
+use portres_proto::{
+    Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame, ReservationRef,
+    ShowInfo, StatusInfo, Welcome,
+};
+
+use crate::Error;
+use crate::paths::{self, Scope};
+
+struct Conn {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+struct Inner {
+    conn: Mutex<Conn>,
+    socket: PathBuf,
+    welcome: Welcome,
+}
+
+/// A session with the daemon. Cheap to clone (clones share the connection); the session, and
+/// every runtime reservation made on it, ends when the last clone and the last [`Reservation`]
+/// are dropped, or when the process exits.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("socket", &self.inner.socket)
+            .field("daemon_pid", &self.inner.welcome.pid)
+            .finish()
+    }
+}
+
+/// What to create with [`Client::create_persistent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistentSpec {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// First port (1-65535).
+    pub start: u32,
+    /// Number of ports.
+    pub count: u32,
+    /// Default [`Mode::Exclude`].
+    pub mode: Mode,
+    /// User names or numeric uids who may consume it besides administrators.
+    pub allow_users: Vec<String>,
+    /// Group names or numeric gids who may consume it.
+    pub allow_groups: Vec<String>,
+}
+
+impl PersistentSpec {
+    /// An `exclude` reservation of `[start, start + count)` with an empty access list.
+    pub fn new(protocol: Protocol, start: u32, count: u32) -> Self {
+        PersistentSpec {
+            protocol,
+            start,
+            count,
+            mode: Mode::Exclude,
+            allow_users: Vec::new(),
+            allow_groups: Vec::new(),
+        }
+    }
+}
+
+fn parse_ref(r: ReservationRef) -> Result<(Token, Protocol, PortRange, Mode), Error> {
+    let bad = |what: &str| Error::Transport(format!("the daemon sent an invalid {what}"));
+    let token = r
+        .token
+        .parse::<u64>()
+        .ok()
+        .and_then(Token::new)
+        .ok_or_else(|| bad("token"))?;
+    let protocol = r.protocol.parse().map_err(|_| bad("protocol"))?;
+    let range = PortRange::new(r.start.into(), r.count.into()).map_err(|_| bad("range"))?;
+    let mode = r.mode.parse().map_err(|_| bad("mode"))?;
+    Ok((token, protocol, range, mode))
+}
+
+impl Client {
+    /// Connects to the default daemon (SPEC §6): `PORTRES_SOCKET` if set; else, for root, the
+    /// system socket; else the system socket if a daemon answers there, and the user's own socket
+    /// otherwise. When nobody answers, a user-mode daemon is started in the background (unless
+    /// `PORTRES_AUTOSTART=0`) and the call waits until it is ready.
+    pub fn connect() -> Result<Client, Error> {
+        let scope = Scope::for_current_user();
+        if let Some(socket) = paths::socket_override() {
+            return Self::connect_or_start(&socket, scope);
+        }
+        if scope == Scope::User {
+            let system = paths::default_socket(Scope::System);
+            if let Ok(c) = Self::connect_to(&system) {
+                return Ok(c);
+            }
+        }
+        Self::connect_or_start(&paths::default_socket(scope), scope)
+    }
+
+    /// Connects to the daemon at `socket`, starting one there if none answers and autostart is on.
+    pub fn connect_or_start(socket: &Path, scope: Scope) -> Result<Client, Error> {
+        match Self::connect_to(socket) {
+            Err(Error::Connect { source, .. })
+                if paths::autostart_enabled()
+                    && matches!(
+                        source.kind(),
+                        ErrorKind::NotFound | ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                crate::autostart::start_daemon(socket, &paths::state_dir(scope))?;
+                Self::connect_to(socket)
+            }
+            other => other,
+        }
+    }
+
+    /// Connects to the daemon at `socket`; never starts one.
+    pub fn connect_to(socket: &Path) -> Result<Client, Error> {
+        let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+            path: socket.into(),
+            source,
+        })?;
+        let client_name = format!("portres-client {}", env!("CARGO_PKG_VERSION"));
+        portres_proto::write_frame(&mut stream, &Hello::new(client_name))?;
+        let reply: HelloReply = portres_proto::decode(&portres_proto::read_frame(&mut stream)?)?;
+        let welcome = match reply {
+            HelloReply::Welcome(w) => w,
+            HelloReply::Error(e) => return Err(Error::from_body(e)),
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(Conn { stream, next_id: 1 }),
+                socket: socket.into(),
+                welcome,
+            }),
+        })
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.inner.socket
+    }
+
+    /// The daemon's process id and versions, from the handshake.
+    pub fn daemon(&self) -> &Welcome {
+        &self.inner.welcome
+    }
+
+    fn call(&self, request: Request) -> Result<Reply, Error> {
+        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let id = conn.next_id;
+        conn.next_id += 1;
+        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+        let reply: ReplyFrame =
+            portres_proto::decode(&portres_proto::read_frame(&mut conn.stream)?)?;
+        if reply.id != id && reply.id != 0 {
+            return Err(Error::Transport(format!(
+                "reply {} does not answer request {id}",
+                reply.id
+            )));
+        }
+        match reply.body {
+            ReplyBody::Ok(r) => Ok(r),
+            ReplyBody::Error(e) => Err(Error::from_body(e)),
+        }
+    }
+
+    fn expect_reservation(&self, request: Request) -> Result<ReservationRef, Error> {
+        match self.call(request)? {
+            Reply::Reservation(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Acquires any `count` contiguous free ports of the dynamic range (a wildcard reservation).
+    pub fn acquire(&self, protocol: Protocol, count: u32) -> Result<Reservation, Error> {
+        self.acquire_with(protocol, 0, count, Mode::Hold)
+    }
+
+    /// Acquires the specific block `[start, start + count)`.
+    pub fn acquire_at(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<Reservation, Error> {
+        self.acquire_with(protocol, start, count, Mode::Hold)
+    }
+
+    /// Acquires a block with full control: `start` 0 means wildcard.
+    pub fn acquire_with(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+        mode: Mode,
+    ) -> Result<Reservation, Error> {
+        let r = self.expect_reservation(Request::Acquire {
+            protocol: protocol.as_str().into(),
+            start,
+            count,
+            mode: Some(mode.as_str().into()),
+        })?;
+        let (token, protocol, range, mode) = parse_ref(r)?;
+        Ok(Reservation {
+            client: self.clone(),
+            token,
+            protocol,
+            range,
+            mode,
+            live: true,
+        })
+    }
+
+    /// Releases a runtime reservation by token (it must be this process's).
+    pub fn release(&self, token: u64) -> Result<(), Error> {
+        match self.call(Request::Release {
+            token: token.to_string(),
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates a persistent reservation (administrators only); returns its token.
+    pub fn create_persistent(&self, spec: &PersistentSpec) -> Result<Token, Error> {
+        let r = self.expect_reservation(Request::CreatePersistent {
+            protocol: spec.protocol.as_str().into(),
+            start: spec.start,
+            count: spec.count,
+            mode: Some(spec.mode.as_str().into()),
+            allow_users: spec.allow_users.clone(),
+            allow_groups: spec.allow_groups.clone(),
+        })?;
+        Ok(parse_ref(r)?.0)
+    }
+
+    /// The token of the persistent reservation with exactly this start and count.
+    pub fn lookup_persistent(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<Token, Error> {
+        let r = self.expect_reservation(Request::LookupPersistent {
+            protocol: protocol.as_str().into(),
+            start,
+            count,
+        })?;
+        Ok(parse_ref(r)?.0)
+    }
+
+    /// Deletes the persistent reservation with exactly this start and count (administrators).
+    pub fn delete_persistent(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<(), Error> {
+        match self.call(Request::DeletePersistent {
+            protocol: protocol.as_str().into(),
+            start,
+            count,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The daemon's status.
+    pub fn status(&self) -> Result<StatusInfo, Error> {
+        match self.call(Request::Status)? {
+            Reply::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every reservation.
+    pub fn show(&self) -> Result<ShowInfo, Error> {
+        match self.call(Request::Show)? {
+            Reply::Show(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(reply: &Reply) -> Error {
+    Error::Transport(format!("the daemon sent an unexpected reply: {reply:?}"))
+}
+
+/// A runtime reservation. Dropping it releases it; it also ends when its session ends (the
+/// process exits or is killed).
+#[derive(Debug)]
+pub struct Reservation {
+    client: Client,
+    token: Token,
+    protocol: Protocol,
+    range: PortRange,
+    mode: Mode,
+    live: bool,
+}
+
+impl Reservation {
+    /// Its token.
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// Its protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Its block.
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+
+    /// The first port of the block.
+    pub fn port(&self) -> u16 {
+        self.range.start()
+    }
+
+    /// Its mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The session it belongs to.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Releases it now, reporting failure (dropping releases and ignores failure).
+    pub fn release(mut self) -> Result<(), Error> {
+        self.live = false;
+        self.client.release(self.token.get())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.live {
+            // If this fails the connection is gone, and the daemon ended the session already.
+            let _ = self.client.release(self.token.get());
+        }
+    }
+}

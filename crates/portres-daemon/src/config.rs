@@ -1,0 +1,173 @@
+//! The daemon's configuration file (TOML).
+//!
+//! ```toml
+//! # Users and groups (names or numeric ids) who administer this daemon, besides root.
+//! admin_users = ["alice"]
+//! admin_groups = ["portres-admin"]
+//! # Most runtime ports one non-administrator user may hold at once.
+//! runtime_quota_ports = 4096
+//! # Where wildcard blocks come from; default: the kernel's ip_local_port_range.
+//! dynamic_range = "49152-65535"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use portres_core::PortRange;
+use serde::Deserialize;
+
+/// Default per-user runtime quota, in ports.
+pub const DEFAULT_RUNTIME_QUOTA: u32 = 4096;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    admin_users: Vec<String>,
+    #[serde(default)]
+    admin_groups: Vec<String>,
+    runtime_quota_ports: Option<u32>,
+    dynamic_range: Option<String>,
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("configuration {path} is invalid: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        why: String,
+    },
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Uids with administrator rights (besides root and the daemon's own user).
+    pub admin_uids: Vec<u32>,
+    /// Gids whose members have administrator rights.
+    pub admin_gids: Vec<u32>,
+    /// Runtime ports one non-administrator user may hold.
+    pub runtime_quota: u32,
+    /// Override of the dynamic range.
+    pub dynamic_range: Option<PortRange>,
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+            runtime_quota: DEFAULT_RUNTIME_QUOTA,
+            dynamic_range: None,
+            source: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`. When `required` is false a missing file gives the defaults.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    /// Parses the text of a configuration file (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |why: String| ConfigError::Invalid {
+            path: path.into(),
+            why,
+        };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let admin_uids = file
+            .admin_users
+            .iter()
+            .map(|u| {
+                portres_sys::creds::resolve_user(u)
+                    .ok_or_else(|| invalid(format!("admin_users: there is no user named {u:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let admin_gids = file
+            .admin_groups
+            .iter()
+            .map(|g| {
+                portres_sys::creds::resolve_group(g)
+                    .ok_or_else(|| invalid(format!("admin_groups: there is no group named {g:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let dynamic_range = file
+            .dynamic_range
+            .map(|r| {
+                r.parse::<PortRange>()
+                    .map_err(|e| invalid(format!("dynamic_range: {e}; write it as \"FIRST-LAST\"")))
+            })
+            .transpose()?;
+        Ok(Config {
+            admin_uids,
+            admin_gids,
+            runtime_quota: file.runtime_quota_ports.unwrap_or(DEFAULT_RUNTIME_QUOTA),
+            dynamic_range,
+            source: Some(path.into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let p = Path::new("test.toml");
+        let c = Config::parse(
+            "admin_users = [\"root\", \"1234\"]\nadmin_groups = [\"0\"]\nruntime_quota_ports = 7\ndynamic_range = \"40000-40100\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.admin_uids, vec![0, 1234]);
+        assert_eq!(c.admin_gids, vec![0]);
+        assert_eq!(c.runtime_quota, 7);
+        assert_eq!(
+            c.dynamic_range,
+            Some(PortRange::inclusive(40000, 40100).unwrap())
+        );
+        for bad in [
+            "admin_users = [\"no-such-user-xyz\"]",
+            "dynamic_range = \"5-1\"",
+            "quota = 3",
+            "runtime_quota_ports = \"many\"",
+        ] {
+            let e = Config::parse(bad, p).unwrap_err().to_string();
+            assert!(e.contains("test.toml"), "{e}");
+        }
+        assert_eq!(
+            Config::load(Path::new("/nonexistent/x.toml"), false).unwrap(),
+            Config::default()
+        );
+        assert!(Config::load(Path::new("/nonexistent/x.toml"), true).is_err());
+    }
+}

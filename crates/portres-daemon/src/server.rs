@@ -1,0 +1,207 @@
+//! The accept loop and one task per session: handshake, then request frames until the peer goes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use portres_core::{Caller, ErrorCode, Operation, Owner, Refusal};
+use portres_proto::frame::body_len;
+use portres_proto::{
+    ErrorBody, FrameError, Hello, HelloReply, ReplyBody, ReplyFrame, RequestFrame, Welcome,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::Shared;
+use crate::handlers;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { session(shared, stream).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: log, and keep serving the sessions we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::task::yield_now().await;
+                }
+            },
+        }
+    }
+    tracing::info!("shutting down");
+}
+
+async fn read_frame(s: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match s.read(&mut header[got..]).await? {
+            0 if got == 0 => return Err(FrameError::Closed),
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            n => got += n,
+        }
+    }
+    let mut body = vec![0u8; body_len(header)?];
+    s.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn write_msg(s: &mut UnixStream, msg: &impl serde::Serialize) -> std::io::Result<()> {
+    let bytes = portres_proto::encode(msg).map_err(std::io::Error::other)?;
+    s.write_all(&bytes).await
+}
+
+pub(crate) fn error_body(r: &Refusal) -> ErrorBody {
+    ErrorBody {
+        code: r.code.as_str().into(),
+        windows_code: r.windows_code,
+        message: r.message.clone(),
+        conflict: r.conflict.as_ref().map(handlers::conflict_info),
+    }
+}
+
+fn malformed(why: impl std::fmt::Display) -> ErrorBody {
+    error_body(&Refusal::new(
+        Operation::Other,
+        ErrorCode::MalformedRequest,
+        format!("the daemon could not read the request: {why}; the connection is closed"),
+    ))
+}
+
+async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
+    let cred = match portres_sys::creds::peer_cred(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+            return;
+        }
+    };
+    let mut gids = portres_sys::creds::peer_groups(&stream).unwrap_or_default();
+    gids.push(cred.gid);
+    let admin = cred.uid == 0
+        || cred.uid == shared.own_uid
+        || shared.config.admin_uids.contains(&cred.uid)
+        || gids.iter().any(|g| shared.config.admin_gids.contains(g));
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let caller = Caller {
+        session: id,
+        pid: cred.pid,
+        uid: cred.uid,
+        gids,
+        admin,
+    };
+    let owner = Owner {
+        pid: Some(cred.pid),
+        uid: cred.uid,
+        command: portres_sys::process::command_line(cred.pid),
+    };
+    tracing::debug!(
+        session = id,
+        pid = cred.pid,
+        uid = cred.uid,
+        admin,
+        "session opened"
+    );
+    shared.table.lock().unwrap().open_session(id, owner);
+
+    if let Err(why) = converse(&shared, &caller, &mut stream).await {
+        tracing::info!(
+            session = id,
+            pid = cred.pid,
+            uid = cred.uid,
+            "session closed: {why}"
+        );
+    }
+    let ended = shared.table.lock().unwrap().end_session(id);
+    for r in &ended {
+        tracing::info!(
+            session = id, pid = cred.pid, uid = cred.uid, token = %r.token,
+            "runtime reservation {}/{} ended with its session", r.range, r.protocol
+        );
+    }
+}
+
+/// Runs the handshake and the request loop; returns why the session ended.
+async fn converse(shared: &Shared, caller: &Caller, s: &mut UnixStream) -> Result<(), String> {
+    let hello = match read_frame(s).await {
+        Ok(body) => portres_proto::decode::<Hello>(&body).map_err(|e| e.to_string()),
+        Err(FrameError::Closed) => return Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    let refuse = match &hello {
+        Err(why) => Some(malformed(format!("bad handshake: {why}"))),
+        Ok(h) if h.protocol != portres_proto::PROTOCOL_NAME => Some(malformed(format!(
+            "the handshake names protocol {:?}, not {:?}",
+            h.protocol,
+            portres_proto::PROTOCOL_NAME
+        ))),
+        Ok(h) if h.version != portres_proto::VERSION => Some(malformed(format!(
+            "the client speaks protocol version {}, this daemon speaks {}; use a client of \
+             the daemon's version, or restart the daemon from the client's version",
+            h.version,
+            portres_proto::VERSION
+        ))),
+        Ok(_) => None,
+    };
+    if let Some(err) = refuse {
+        let why = err.message.clone();
+        let _ = write_msg(s, &HelloReply::Error(err)).await;
+        return Err(why);
+    }
+    let welcome = HelloReply::Welcome(Welcome {
+        protocol: portres_proto::PROTOCOL_NAME.into(),
+        version: portres_proto::VERSION,
+        daemon_version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+    });
+    write_msg(s, &welcome).await.map_err(|e| e.to_string())?;
+
+    loop {
+        let body = match read_frame(s).await {
+            Ok(b) => b,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e @ FrameError::TooLarge { .. }) => {
+                let reply = ReplyFrame {
+                    id: 0,
+                    body: ReplyBody::Error(malformed(&e)),
+                };
+                let _ = write_msg(s, &reply).await;
+                return Err(e.to_string());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let frame: RequestFrame = match portres_proto::decode(&body) {
+            Ok(f) => f,
+            Err(e) => {
+                // Echo the id when the frame is JSON with an id, so the client can match it.
+                let id = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("id")?.as_u64())
+                    .unwrap_or(0);
+                let reply = ReplyFrame {
+                    id,
+                    body: ReplyBody::Error(malformed(&e)),
+                };
+                let _ = write_msg(s, &reply).await;
+                return Err(format!("malformed request: {e}"));
+            }
+        };
+        let body = match handlers::handle(shared, caller, frame.request).await {
+            Ok(reply) => ReplyBody::Ok(reply),
+            Err(refusal) => ReplyBody::Error(error_body(&refusal)),
+        };
+        write_msg(s, &ReplyFrame { id: frame.id, body })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+}

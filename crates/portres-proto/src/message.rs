@@ -1,0 +1,311 @@
+//! Messages: the handshake, requests, replies and errors, as they are serialised.
+//!
+//! Conventions: field names are `snake_case`; tokens are decimal strings (a u64 does not fit a
+//! JSON number in every language); optional fields may be absent; unknown fields are ignored, so
+//! a newer peer may add fields without breaking an older one.
+
+use serde::{Deserialize, Serialize};
+
+/// First frame from the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::PROTOCOL_NAME`].
+    pub protocol: String,
+    /// The protocol version the client speaks.
+    pub version: u32,
+    /// Free text naming the client (for logs).
+    #[serde(default)]
+    pub client: Option<String>,
+}
+
+impl Hello {
+    /// The hello of this build.
+    pub fn new(client: impl Into<String>) -> Self {
+        Hello {
+            protocol: crate::PROTOCOL_NAME.into(),
+            version: crate::VERSION,
+            client: Some(client.into()),
+        }
+    }
+}
+
+/// The daemon's answer to a good [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Always [`crate::PROTOCOL_NAME`].
+    pub protocol: String,
+    /// The protocol version the daemon will speak on this connection.
+    pub version: u32,
+    /// The daemon's program version.
+    pub daemon_version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// The answer to a [`Hello`]: welcome, or an error after which the daemon closes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelloReply {
+    /// Accepted.
+    Welcome(Welcome),
+    /// Refused (wrong protocol name or version).
+    Error(ErrorBody),
+}
+
+/// A request and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the client; repeated in the reply.
+    pub id: u64,
+    /// What is asked.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Every request, tagged by `"op"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Acquire a runtime reservation (`start` 0: wildcard).
+    Acquire {
+        /// `"tcp"` or `"udp"`.
+        protocol: String,
+        /// First port, or 0 for any block.
+        start: u32,
+        /// Number of ports.
+        count: u32,
+        /// `"hold"` (default) or `"exclude"`.
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    /// Release a runtime reservation of this process.
+    Release {
+        /// Its token.
+        token: String,
+    },
+    /// Create a persistent reservation (administrators).
+    CreatePersistent {
+        /// `"tcp"` or `"udp"`.
+        protocol: String,
+        /// First port.
+        start: u32,
+        /// Number of ports.
+        count: u32,
+        /// `"exclude"` (default) or `"hold"`.
+        #[serde(default)]
+        mode: Option<String>,
+        /// User names or numeric uids who may consume it.
+        #[serde(default)]
+        allow_users: Vec<String>,
+        /// Group names or numeric gids who may consume it.
+        #[serde(default)]
+        allow_groups: Vec<String>,
+    },
+    /// Find the token of the persistent reservation with exactly this start and count.
+    LookupPersistent {
+        /// `"tcp"` or `"udp"`.
+        protocol: String,
+        /// First port.
+        start: u32,
+        /// Number of ports.
+        count: u32,
+    },
+    /// Delete the persistent reservation with exactly this start and count (administrators).
+    DeletePersistent {
+        /// `"tcp"` or `"udp"`.
+        protocol: String,
+        /// First port.
+        start: u32,
+        /// Number of ports.
+        count: u32,
+    },
+    /// Daemon version, uptime, enforcement layers and counts.
+    Status,
+    /// Every reservation.
+    Show,
+}
+
+/// A reply and the id of its request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyFrame {
+    /// The request's id (0 when the request could not be read).
+    pub id: u64,
+    /// The outcome.
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+/// Success or failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyBody {
+    /// Success.
+    Ok(Reply),
+    /// Failure.
+    Error(ErrorBody),
+}
+
+/// Successful replies, tagged by `"reply"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// A reservation was made or found (acquire, create, lookup).
+    Reservation(ReservationRef),
+    /// Done, nothing to report (release, delete).
+    Done,
+    /// Answer to [`Request::Status`].
+    Status(StatusInfo),
+    /// Answer to [`Request::Show`].
+    Show(ShowInfo),
+}
+
+/// A reservation's identity: token, protocol, block, mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRef {
+    /// Decimal token.
+    pub token: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// First port.
+    pub start: u16,
+    /// Number of ports.
+    pub count: u16,
+    /// `"hold"` or `"exclude"`.
+    pub mode: String,
+}
+
+/// A failure: the stable outcome name, the Windows code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Outcome name (SPEC §2), e.g. `"AddressInUse"`.
+    pub code: String,
+    /// The Windows code for the operation, e.g. 10048.
+    pub windows_code: u32,
+    /// What was asked, why it failed and what to do.
+    pub message: String,
+    /// For conflicts: the first conflicting port and its holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<ConflictInfo>,
+}
+
+/// The first conflicting port of a refused request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictInfo {
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// The port.
+    pub port: u16,
+    /// `"reservation"` or `"socket"`.
+    pub holder_kind: String,
+    /// The holder in words.
+    pub holder: String,
+    /// The holder's owner, for reservations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<OwnerInfo>,
+}
+
+/// Who made a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerInfo {
+    /// Process id; null for persistent reservations.
+    pub pid: Option<u32>,
+    /// User id.
+    pub uid: u32,
+    /// User name, when it resolves.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Command line, when known.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// One row of [`ShowInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationInfo {
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// First port.
+    pub start: u16,
+    /// Number of ports.
+    pub count: u16,
+    /// `"runtime"` or `"persistent"`.
+    pub kind: String,
+    /// `"hold"` or `"exclude"`.
+    pub mode: String,
+    /// Decimal token; only shown to administrators and the reservation's owner.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Who made it.
+    pub owner: OwnerInfo,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Ports of the block handed out to sockets.
+    #[serde(default)]
+    pub handed_out: Vec<u16>,
+    /// Users allowed to consume it (persistent only).
+    #[serde(default)]
+    pub allow_users: Vec<String>,
+    /// Groups allowed to consume it (persistent only).
+    #[serde(default)]
+    pub allow_groups: Vec<String>,
+}
+
+/// Answer to [`Request::Show`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowInfo {
+    /// Sorted by protocol, then start port.
+    pub reservations: Vec<ReservationInfo>,
+}
+
+/// One enforcement layer of SPEC §3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// `"hold"`, `"exclude"` or `"deny"`.
+    pub name: String,
+    /// Whether it is in force.
+    pub active: bool,
+    /// Why (not).
+    pub reason: String,
+}
+
+/// Counts reported by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Open client connections.
+    pub sessions: u64,
+    /// Live runtime reservations.
+    pub runtime: u64,
+    /// Persistent reservations.
+    pub persistent: u64,
+    /// Ports in all blocks.
+    pub ports_reserved: u64,
+}
+
+/// Answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// The daemon's program version.
+    pub daemon_version: String,
+    /// Protocol version in use.
+    pub protocol_version: u32,
+    /// The daemon's pid.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// `"system"` or `"user"`.
+    pub scope: String,
+    /// Its socket path.
+    pub socket: String,
+    /// Its state directory.
+    pub state_dir: String,
+    /// Where wildcard blocks come from, `"FIRST-LAST"`.
+    pub dynamic_range: String,
+    /// Where the dynamic range came from.
+    pub dynamic_range_source: String,
+    /// Runtime ports a non-admin user may hold.
+    pub runtime_quota_ports: u32,
+    /// Enforcement layers.
+    pub layers: Vec<LayerInfo>,
+    /// Counts.
+    pub counts: Counts,
+}

@@ -1,0 +1,118 @@
+//! Who is on the other end of a Unix socket, and names for user and group ids.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+/// The peer's pid, uid and gid as the kernel recorded them at `connect()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id.
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// `getsockopt(SO_PEERCRED)`: the peer's credentials.
+pub fn peer_cred(sock: impl AsFd) -> io::Result<PeerCred> {
+    let c = rustix::net::sockopt::socket_peercred(sock)?;
+    Ok(PeerCred {
+        pid: c.pid.as_raw_nonzero().get() as u32,
+        uid: c.uid.as_raw(),
+        gid: c.gid.as_raw(),
+    })
+}
+
+/// `getsockopt(SO_PEERGROUPS)` (Linux 4.13): the peer's supplementary groups at `connect()`.
+pub fn peer_groups(sock: impl AsFd) -> io::Result<Vec<u32>> {
+    let fd = sock.as_fd().as_raw_fd();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `fd` is a valid descriptor borrowed for the call; the buffer pointer and `len`
+        // describe `groups`' allocation exactly, and the kernel writes at most `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        // ERANGE: the buffer was too small; `len` now holds the size needed.
+        if err.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
+            groups.resize(n, 0);
+        } else {
+            return Err(err);
+        }
+    }
+}
+
+/// `getpwuid_r(3)`: the user name of `uid`, if it has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// `getgrgid_r(3)`: the group name of `gid`, if it has one.
+pub fn group_name(gid: u32) -> Option<String> {
+    nix::unistd::Group::from_gid(gid.into())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+}
+
+/// `getpwnam_r(3)`, or a plain number: the uid a user name or numeric string stands for.
+pub fn resolve_user(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Some(n);
+    }
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
+/// `getgrnam_r(3)`, or a plain number: the gid a group name or numeric string stands for.
+pub fn resolve_group(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Some(n);
+    }
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+/// `geteuid(2)`.
+pub fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn peer_of_a_socketpair_is_us() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let c = peer_cred(&a).unwrap();
+        assert_eq!(c.pid, std::process::id());
+        assert_eq!(c.uid, effective_uid());
+        peer_groups(&a).unwrap();
+        assert_eq!(resolve_user("0"), Some(0));
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+        assert_eq!(resolve_group("root"), Some(0));
+    }
+}

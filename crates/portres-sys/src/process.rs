@@ -1,0 +1,88 @@
+//! Processes and files: command lines, the OS random source, locks, stdio.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+
+/// Reads `/proc/PID/cmdline` and joins its arguments with spaces (at most 256 characters).
+pub fn command_line(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut s: String = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if s.is_empty() {
+        // Kernel threads and zombies have no command line; fall back to the name.
+        s = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        s = format!("[{}]", s.trim());
+    }
+    if s.chars().count() > 256 {
+        s = s.chars().take(255).collect::<String>() + "…";
+    }
+    Some(s)
+}
+
+/// `getrandom(2)`: 64 bits from the OS random source (blocks only before the pool is ready).
+pub fn random_u64() -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty())?;
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// `flock(LOCK_EX)`: waits for an exclusive lock on `file`; it is released when the file (its
+/// open file description) is closed.
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
+    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(())
+}
+
+/// `flock(LOCK_UN)`.
+pub fn unlock(file: &File) -> io::Result<()> {
+    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::Unlock)?;
+    Ok(())
+}
+
+/// `dup2(/dev/null, 1)`: detaches standard output (after a readiness line was written to it).
+pub fn stdout_to_dev_null() -> io::Result<()> {
+    let null = File::options().write(true).open("/dev/null")?;
+    rustix::stdio::dup2_stdout(&null)?;
+    Ok(())
+}
+
+/// `setns(2)` on `/proc/PID/ns/net` for the calling thread only: later sockets of this thread
+/// live in `pid`'s network namespace. Needs CAP_SYS_ADMIN. Used by tests to place sockets beside
+/// a daemon started in a private namespace.
+pub fn enter_net_namespace_of(pid: u32) -> io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(())
+}
+
+/// `signal(SIGINT, SIG_IGN)` and the same for `SIGQUIT`: used by `portres run` after it started
+/// its command, so a terminal's Ctrl-C stops the command, and `portres run` outlives it to report
+/// its exit status and release the reservation after it.
+pub fn ignore_terminal_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: installing SIG_IGN runs no code in signal context and touches no memory.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_command_line() {
+        let me = command_line(std::process::id()).unwrap();
+        assert!(me.contains("portres_sys"), "{me}");
+        assert_ne!(random_u64().unwrap(), random_u64().unwrap());
+    }
+}

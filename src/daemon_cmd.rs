@@ -1,0 +1,147 @@
+//! `portres daemon`: find the paths, make sure exactly one daemon serves the socket, open the
+//! store, bind, announce readiness, serve until SIGINT/SIGTERM.
+
+use std::fs::{self, File};
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use portres_client::paths::{self, Scope};
+use portres_daemon::{Config, Daemon, Placement};
+
+pub struct Options {
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub print_ready: bool,
+}
+
+fn lock_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lock");
+    p.into()
+}
+
+pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PORTRES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let scope = Scope::for_current_user();
+    let socket = opts.socket.unwrap_or_else(|| paths::default_socket(scope));
+    let state_dir = opts.state_dir.unwrap_or_else(|| paths::state_dir(scope));
+    let config = match &opts.config {
+        Some(path) => Config::load(path, true)?,
+        None => Config::load(&paths::config_file(scope), false)?,
+    };
+
+    // The socket's directory: world-traversable for the system daemon, private for a user's.
+    let dir_mode = if scope == Scope::System { 0o755 } else { 0o700 };
+    if let Some(dir) = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+
+    // One daemon per socket: under the lock, a live daemon means we step aside.
+    let lock_file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(&socket))
+        .with_context(|| format!("cannot open lock file {}", lock_path(&socket).display()))?;
+    portres_sys::process::lock_exclusive(&lock_file).context("cannot lock the socket")?;
+    if UnixStream::connect(&socket).is_ok() {
+        if opts.print_ready {
+            // Autostart race lost: exit without READY; the starter finds the winner answering.
+            tracing::info!(socket = %socket.display(), "another daemon serves this socket already");
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!(
+            "a portres daemon already serves {}; stop it first, or give this one another --socket",
+            socket.display()
+        );
+    }
+    match fs::remove_file(&socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).context(format!("cannot remove stale socket {}", socket.display()));
+        }
+    }
+
+    let placement = Placement {
+        scope: scope.as_str().into(),
+        socket: socket.clone(),
+        state_dir: state_dir.clone(),
+    };
+    let daemon = Daemon::open(config, placement)?;
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    // Anyone may connect to the system daemon (SPEC §4: authorisation is per request, from
+    // SO_PEERCRED); a user daemon's socket is its user's alone.
+    let sock_mode = if scope == Scope::System { 0o666 } else { 0o600 };
+    fs::set_permissions(&socket, fs::Permissions::from_mode(sock_mode))
+        .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
+    listener.set_nonblocking(true)?;
+    portres_sys::process::unlock(&lock_file)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tracing::info!(socket = %socket.display(), scope = scope.as_str(), pid = std::process::id(), "ready");
+        if opts.print_ready {
+            ready_line();
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        daemon.run(listener, shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+
+    // Remove the socket under the lock, so a daemon starting now sees a clean slate.
+    portres_sys::process::lock_exclusive(&lock_file)?;
+    let _ = fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The readiness line for whoever started us with `--print-ready`; then stdout is detached so
+/// the starter's pipe sees EOF.
+fn ready_line() {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "READY");
+    let _ = out.flush();
+    drop(out);
+    let _ = portres_sys::process::stdout_to_dev_null();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,223 @@
+//! Test harness: a daemon in a private network namespace on a temporary socket, and helpers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use portres_client::Client;
+
+/// The `portres` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_portres");
+
+/// uid/gid of `nobody`.
+pub const NOBODY: u32 = 65534;
+
+pub fn require_root() {
+    let euid = rustix::process::geteuid().as_raw();
+    assert_eq!(
+        euid, 0,
+        "this test needs root: it runs the daemon in a private network namespace (unshare -n), \
+         enters it with setns(2), and runs clients as uid {NOBODY}; run the suite as root"
+    );
+}
+
+/// A daemon on a temporary socket, in its own network namespace; stopped (SIGTERM) on drop.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub child: Option<Child>,
+    pub pid: u32,
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        Self::with_config("")
+    }
+
+    /// Starts a daemon whose configuration file holds `config` (TOML).
+    pub fn with_config(config: &str) -> TestDaemon {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        // Traversable by `nobody`, like /run/portres.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut d = TestDaemon {
+            socket: dir.path().join("portres.sock"),
+            state_dir: dir.path().join("state"),
+            config: Some(config_path),
+            dir,
+            child: None,
+            pid: 0,
+        };
+        d.launch();
+        d
+    }
+
+    /// Starts (again) on the same socket and state directory, in a fresh network namespace.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-n", "--"])
+            .arg(BIN)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--print-ready");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd
+            .env("PORTRES_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn unshare -n portres daemon");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "READY",
+            "daemon did not start; log:\n{}",
+            self.log()
+        );
+        self.pid = child.id(); // unshare execs the daemon in place
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect_to(&self.socket).expect("connect to test daemon")
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), rustix::process::Signal::TERM);
+        child.wait().unwrap()
+    }
+
+    /// A `portres` command aimed at this daemon, never autostarting.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("PORTRES_SOCKET", &self.socket)
+            .env("PORTRES_AUTOSTART", "0")
+            .env_remove("PORTRES_STATE_DIR");
+        c
+    }
+
+    /// The same as `nobody`, using a copy of the binary that `nobody` can execute.
+    pub fn cli_as_nobody(&self) -> Command {
+        let bin = self.dir.path().join("portres-bin");
+        if !bin.exists() {
+            std::fs::copy(BIN, &bin).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut c = Command::new(&bin);
+        c.env("PORTRES_SOCKET", &self.socket)
+            .env("PORTRES_AUTOSTART", "0")
+            .env("HOME", "/nonexistent")
+            .current_dir("/")
+            .uid(NOBODY)
+            .gid(NOBODY); // std drops the supplementary groups when root sets a uid
+        c
+    }
+
+    /// Runs `f` on a thread inside the daemon's network namespace (e.g. to bind a port there).
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let pid = self.pid;
+        std::thread::spawn(move || {
+            portres_sys::process::enter_net_namespace_of(pid).expect("setns into daemon netns");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Binds `[::]:port` (dual-stack) in the daemon's namespace and keeps it bound.
+    pub fn bind_tcp(&self, port: u16) -> OwnedFd {
+        self.in_netns(move || {
+            OwnedFd::from(std::net::TcpListener::bind(("::", port)).expect("bind in netns"))
+        })
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), rustix::process::Signal::TERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+use std::os::unix::process::CommandExt;
+
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+/// Runs a command, returning its output; panics if it could not run.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// Parses stdout as one JSON document.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Waits for `cond` to hold, checking until `limit` passes; panics with `what` otherwise.
+/// For effects of another process that no reply orders (e.g. a killed client's session end).
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The raw-protocol client written in Python (`tests/it/raw_client.py`): proves the protocol
+/// documentation suffices for another language, and lets a separate process send requests.
+pub fn raw_client(socket: &Path) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/raw_client.py"
+    ))
+    .arg(socket);
+    c
+}
