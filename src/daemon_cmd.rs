@@ -110,12 +110,14 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)?;
+        // Handlers first: a SIGTERM that arrives right after READY must stop us gracefully.
+        let shutdown = shutdown_signal()?;
         tracing::info!(socket = %socket.display(), scope = scope.as_str(), pid = std::process::id(), "ready");
         if opts.print_ready {
             ready_line();
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        daemon.run(listener, shutdown_signal()).await;
+        daemon.run(listener, shutdown).await;
         anyhow::Ok(())
     })?;
 
@@ -136,12 +138,15 @@ fn ready_line() {
     let _ = portres_sys::process::stdout_to_dev_null();
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now; the future completes on the first signal.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
 }
