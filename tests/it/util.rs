@@ -134,11 +134,7 @@ impl TestDaemon {
 
     /// The same as `nobody`, using a copy of the binary that `nobody` can execute.
     pub fn cli_as_nobody(&self) -> Command {
-        let bin = self.dir.path().join("portres-bin");
-        if !bin.exists() {
-            std::fs::copy(BIN, &bin).unwrap();
-            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        let bin = nobody_binary();
         let mut c = Command::new(&bin);
         c.env("PORTRES_SOCKET", &self.socket)
             .env("PORTRES_AUTOSTART", "0")
@@ -178,6 +174,27 @@ impl Drop for TestDaemon {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// A copy of the binary under test in a directory every user can reach (the build directory
+/// may be under a private home). Copied once, by `install(1)`: if this process held the file
+/// open for writing, a concurrent fork in another test thread could inherit that descriptor and
+/// make exec fail with ETXTBSY.
+pub fn nobody_binary() -> &'static Path {
+    static BIN_COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN_COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("portres-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dest = dir.join("portres");
+        let ok = Command::new("install")
+            .args(["-m", "755", BIN])
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "install the test binary");
+        dest
+    })
+}
 
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();

@@ -177,18 +177,18 @@ fn quota_limits_non_admins_only() {
     );
 
     // Holding 3, nobody cannot get 3 more (a nested run inside the first one), but can get 2.
-    let bin = d.dir.path().join("portres-bin");
+    let bin = nobody_binary();
     let out = run(d
         .cli_as_nobody()
         .args(["run", "--count", "3", "--"])
-        .arg(&bin)
+        .arg(bin)
         .args(["--json", "run", "--count", "3", "--", "true"]));
     assert!(!out.status.success());
     assert_eq!(json(&out)["error"]["code"], "QuotaExceeded");
     let out = run(d
         .cli_as_nobody()
         .args(["run", "--count", "3", "--"])
-        .arg(&bin)
+        .arg(bin)
         .args(["run", "--count", "2", "--", "true"]));
     assert!(out.status.success(), "{out:?}");
 
