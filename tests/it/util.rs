@@ -27,6 +27,10 @@ pub fn require_root() {
 }
 
 /// A daemon on a temporary socket, in its own network namespace; stopped (SIGTERM) on drop.
+///
+/// The namespace is kept by a `sleep` process (`unshare -n`, loopback up), so it outlives the
+/// daemon: restarts happen in the same namespace, and what the daemon leaves behind in it (the
+/// sysctl) can be read after it stops.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -34,6 +38,29 @@ pub struct TestDaemon {
     pub config: Option<PathBuf>,
     pub child: Option<Child>,
     pub pid: u32,
+    netns: Child,
+    /// A process in the namespace, for `/proc/PID/ns/net`.
+    pub ns_pid: u32,
+}
+
+/// Starts `sleep` in a new network namespace with loopback up, after running `setup` (shell)
+/// there.
+fn new_netns(setup: &str) -> Child {
+    let mut child = Command::new("unshare")
+        .args(["-n", "--", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && {setup} echo ready && exec sleep 1000000"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("unshare -n");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "network namespace setup failed");
+    child
 }
 
 impl TestDaemon {
@@ -43,7 +70,13 @@ impl TestDaemon {
 
     /// Starts a daemon whose configuration file holds `config` (TOML).
     pub fn with_config(config: &str) -> TestDaemon {
+        Self::with_setup(config, "")
+    }
+
+    /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.
+    pub fn with_setup(config: &str, setup: &str) -> TestDaemon {
         require_root();
+        let netns = new_netns(setup);
         let dir = tempfile::tempdir().unwrap();
         // Traversable by `nobody`, like /run/portres.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -56,21 +89,38 @@ impl TestDaemon {
             dir,
             child: None,
             pid: 0,
+            ns_pid: netns.id(),
+            netns,
         };
         d.launch();
         d
     }
 
-    /// Starts (again) on the same socket and state directory, in a fresh network namespace.
+    /// A command prefix that runs in the daemon's network namespace (as root).
+    pub fn nsenter(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.ns_pid))
+            .arg("--");
+        c
+    }
+
+    /// The namespace's `net.ipv4.ip_local_reserved_ports`.
+    pub fn reserved_ports(&self) -> String {
+        let out = run(self
+            .nsenter()
+            .args(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts (again) on the same socket and state directory, in the same network namespace.
     pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let mut cmd = Command::new("unshare");
-        cmd.args(["-n", "--"])
-            .arg(BIN)
+        let mut cmd = self.nsenter();
+        cmd.arg(BIN)
             .arg("daemon")
             .arg("--socket")
             .arg(&self.socket)
@@ -97,7 +147,7 @@ impl TestDaemon {
             "daemon did not start; log:\n{}",
             self.log()
         );
-        self.pid = child.id(); // unshare execs the daemon in place
+        self.pid = child.id(); // nsenter execs the daemon in place
         self.child = Some(child);
     }
 
@@ -135,7 +185,7 @@ impl TestDaemon {
     /// The same as `nobody`, using a copy of the binary that `nobody` can execute.
     pub fn cli_as_nobody(&self) -> Command {
         let bin = nobody_binary();
-        let mut c = Command::new(&bin);
+        let mut c = Command::new(bin);
         c.env("PORTRES_SOCKET", &self.socket)
             .env("PORTRES_AUTOSTART", "0")
             .env("HOME", "/nonexistent")
@@ -147,7 +197,7 @@ impl TestDaemon {
 
     /// Runs `f` on a thread inside the daemon's network namespace (e.g. to bind a port there).
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let pid = self.pid;
+        let pid = self.ns_pid;
         std::thread::spawn(move || {
             portres_sys::process::enter_net_namespace_of(pid).expect("setns into daemon netns");
             f()
@@ -170,6 +220,8 @@ impl Drop for TestDaemon {
             signal(child.id(), rustix::process::Signal::TERM);
             let _ = child.wait();
         }
+        let _ = self.netns.kill();
+        let _ = self.netns.wait();
     }
 }
 

@@ -2,7 +2,9 @@
 //! is released when dropped.
 
 use std::fmt;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use portres_core::{Mode, PortRange, Protocol, Token};
 use portres_proto::{
     Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame, ReservationRef,
-    ShowInfo, StatusInfo, Welcome,
+    ShowInfo, SocketRef, StatusInfo, Welcome,
 };
+pub use portres_sys::hold::SocketKind;
 
 use crate::Error;
 use crate::paths::{self, Scope};
@@ -158,12 +161,17 @@ impl Client {
     }
 
     fn call(&self, request: Request) -> Result<Reply, Error> {
+        self.call_with_fds(request).map(|(reply, _)| reply)
+    }
+
+    /// Sends a request and reads its reply with any descriptors that came with it.
+    fn call_with_fds(&self, request: Request) -> Result<(Reply, Vec<OwnedFd>), Error> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
         let id = conn.next_id;
         conn.next_id += 1;
         portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
-        let reply: ReplyFrame =
-            portres_proto::decode(&portres_proto::read_frame(&mut conn.stream)?)?;
+        let (body, fds) = read_frame_with_fds(&mut conn.stream)?;
+        let reply: ReplyFrame = portres_proto::decode(&body)?;
         if reply.id != id && reply.id != 0 {
             return Err(Error::Transport(format!(
                 "reply {} does not answer request {id}",
@@ -171,8 +179,44 @@ impl Client {
             )));
         }
         match reply.body {
-            ReplyBody::Ok(r) => Ok(r),
+            ReplyBody::Ok(r) => Ok((r, fds)),
             ReplyBody::Error(e) => Err(Error::from_body(e)),
+        }
+    }
+
+    /// `SIO_ASSOCIATE_PORT_RESERVATION` and bind: a socket of `kind` bound to `port` of the
+    /// reservation `token` (0: the lowest free port of the block) on `address` (default: every
+    /// address, IPv4 and IPv6). Works for runtime tokens of this process and persistent tokens
+    /// the caller may use. For a held block the port never becomes free in between: no other
+    /// process can take it.
+    pub fn associate(
+        &self,
+        token: Token,
+        kind: SocketKind,
+        address: Option<IpAddr>,
+        port: u16,
+    ) -> Result<(OwnedFd, u16), Error> {
+        let (socket, backlog) = match kind {
+            SocketKind::Listener { backlog } => ("listener", Some(backlog)),
+            SocketKind::Stream => ("stream", None),
+            SocketKind::Datagram => ("datagram", None),
+        };
+        let (reply, mut fds) = self.call_with_fds(Request::Associate {
+            token: token.to_string(),
+            socket: socket.into(),
+            port,
+            address: address.map(|a| a.to_string()),
+            backlog,
+        })?;
+        match reply {
+            Reply::Socket(SocketRef { port, .. }) if fds.len() == 1 => {
+                Ok((fds.pop().expect("one"), port))
+            }
+            Reply::Socket(_) => Err(Error::Transport(format!(
+                "the daemon sent {} descriptors with a socket reply, expected 1",
+                fds.len()
+            ))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -295,6 +339,67 @@ impl Client {
     }
 }
 
+/// Reads one frame, collecting descriptors attached to it (`SCM_RIGHTS` on its first byte).
+fn read_frame_with_fds(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    let mut fds = Vec::new();
+    while got < 4 {
+        match portres_sys::fdpass::recv_with_fds(&*stream, &mut header[got..]) {
+            Ok((0, _)) => return Err(portres_proto::FrameError::Closed.into()),
+            Ok((n, more)) => {
+                got += n;
+                fds.extend(more);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Transport(e.to_string())),
+        }
+    }
+    let mut body = vec![0u8; portres_proto::frame::body_len(header)?];
+    stream
+        .read_exact(&mut body)
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    Ok((body, fds))
+}
+
+/// A TCP socket bound to a reserved port, not yet connected: [`TcpSocket::connect`] makes it a
+/// `TcpStream` whose source port is the reserved one.
+#[derive(Debug)]
+pub struct TcpSocket {
+    fd: OwnedFd,
+}
+
+impl TcpSocket {
+    /// `connect(2)` to `to`; the connection's source port is the reserved port.
+    pub fn connect(self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        portres_sys::hold::connect(&self.fd, to)?;
+        Ok(TcpStream::from(self.fd))
+    }
+
+    /// The bound local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        portres_sys::hold::local_addr(&self.fd)
+    }
+}
+
+impl AsFd for TcpSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for TcpSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<TcpSocket> for OwnedFd {
+    fn from(s: TcpSocket) -> OwnedFd {
+        s.fd
+    }
+}
+
 fn unexpected(reply: &Reply) -> Error {
     Error::Transport(format!("the daemon sent an unexpected reply: {reply:?}"))
 }
@@ -340,6 +445,41 @@ impl Reservation {
     /// The session it belongs to.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// A TCP listener on `port` of the block (0: the lowest free one), on every address (IPv4
+    /// and IPv6), backlog 128.
+    pub fn listen(&self, port: u16) -> Result<TcpListener, Error> {
+        self.listen_on(None, port, 128)
+    }
+
+    /// A TCP listener on `address` (e.g. `127.0.0.1` for loopback only; `None` for every address).
+    pub fn listen_on(
+        &self,
+        address: Option<IpAddr>,
+        port: u16,
+        backlog: i32,
+    ) -> Result<TcpListener, Error> {
+        let (fd, _) =
+            self.client
+                .associate(self.token, SocketKind::Listener { backlog }, address, port)?;
+        Ok(TcpListener::from(fd))
+    }
+
+    /// A TCP socket bound to `port` of the block, ready to `connect()` from it.
+    pub fn tcp_socket(&self, address: Option<IpAddr>, port: u16) -> Result<TcpSocket, Error> {
+        let (fd, _) = self
+            .client
+            .associate(self.token, SocketKind::Stream, address, port)?;
+        Ok(TcpSocket { fd })
+    }
+
+    /// A UDP socket bound to `port` of the block.
+    pub fn udp_socket(&self, address: Option<IpAddr>, port: u16) -> Result<UdpSocket, Error> {
+        let (fd, _) = self
+            .client
+            .associate(self.token, SocketKind::Datagram, address, port)?;
+        Ok(UdpSocket::from(fd))
     }
 
     /// Releases it now, reporting failure (dropping releases and ignores failure).

@@ -24,7 +24,7 @@ mod error;
 pub mod paths;
 pub mod windows;
 
-pub use client::{Client, PersistentSpec, Reservation};
+pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket};
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
 pub use portres_proto::{

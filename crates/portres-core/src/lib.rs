@@ -10,15 +10,18 @@
 //! - [`outcome`]: the error codes of SPEC §2 with their Windows numbers, and [`Refusal`], the
 //!   error every operation returns.
 //! - [`gaps`]: the free-space index of the dynamic range that makes wildcard acquires O(log n).
+//! - [`portset`]: a set of ports with the text form of `ip_local_reserved_ports`.
 //! - [`table`]: [`Table`], the set of live reservations, sessions and quotas, and the operations.
 #![deny(missing_docs)]
 
 pub mod gaps;
 pub mod outcome;
+pub mod portset;
 pub mod range;
 pub mod table;
 
 pub use outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
+pub use portset::PortSet;
 pub use range::{Mode, PortRange, Protocol, Token};
 pub use table::{
     Acl, Caller, Kind, Owner, PortProbe, Reservation, SessionId, SocketInUse, Table, TableConfig,

@@ -803,6 +803,12 @@ impl Table {
         self.find_persistent(op, protocol, range)
     }
 
+    /// Takes back a reservation this table just granted (runtime or persistent), when enforcing
+    /// it in the kernel or storing it failed. Returns it.
+    pub fn cancel(&mut self, token: Token) -> Option<Reservation> {
+        self.remove(token)
+    }
+
     /// Removes a persistent reservation (after it left the store).
     pub fn remove_persistent(&mut self, token: Token) -> Option<Reservation> {
         if self.reservations.get(&token)?.is_persistent() {

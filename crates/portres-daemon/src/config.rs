@@ -8,6 +8,9 @@
 //! runtime_quota_ports = 4096
 //! # Where wildcard blocks come from; default: the kernel's ip_local_port_range.
 //! dynamic_range = "49152-65535"
+//! # The uid that owns placeholder and handed-out sockets (system daemon only): a uid no process
+//! # runs as. Only sockets of the same uid can share a held port.
+//! holder_uid = 2147483646
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,6 +21,9 @@ use serde::Deserialize;
 /// Default per-user runtime quota, in ports.
 pub const DEFAULT_RUNTIME_QUOTA: u32 = 4096;
 
+/// Default holder uid: high, unassigned, and not `(uid_t)-1` or `-2`.
+pub const DEFAULT_HOLDER_UID: u32 = 2_147_483_646;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
@@ -27,6 +33,7 @@ struct ConfigFile {
     admin_groups: Vec<String>,
     runtime_quota_ports: Option<u32>,
     dynamic_range: Option<String>,
+    holder_uid: Option<u32>,
 }
 
 /// Why the configuration could not be used.
@@ -62,6 +69,8 @@ pub struct Config {
     pub runtime_quota: u32,
     /// Override of the dynamic range.
     pub dynamic_range: Option<PortRange>,
+    /// The uid that owns held and handed-out sockets (system daemon).
+    pub holder_uid: u32,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -73,6 +82,7 @@ impl Default for Config {
             admin_gids: Vec::new(),
             runtime_quota: DEFAULT_RUNTIME_QUOTA,
             dynamic_range: None,
+            holder_uid: DEFAULT_HOLDER_UID,
             source: None,
         }
     }
@@ -126,11 +136,18 @@ impl Config {
                     .map_err(|e| invalid(format!("dynamic_range: {e}; write it as \"FIRST-LAST\"")))
             })
             .transpose()?;
+        let holder_uid = file.holder_uid.unwrap_or(DEFAULT_HOLDER_UID);
+        if holder_uid == 0 || holder_uid == u32::MAX {
+            return Err(invalid(format!(
+                "holder_uid = {holder_uid}: it must be a uid no process runs as (not root, not                  (uid_t)-1)"
+            )));
+        }
         Ok(Config {
             admin_uids,
             admin_gids,
             runtime_quota: file.runtime_quota_ports.unwrap_or(DEFAULT_RUNTIME_QUOTA),
             dynamic_range,
+            holder_uid,
             source: Some(path.into()),
         })
     }
@@ -160,6 +177,7 @@ mod tests {
             "dynamic_range = \"5-1\"",
             "quota = 3",
             "runtime_quota_ports = \"many\"",
+            "holder_uid = 0",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

@@ -1,18 +1,22 @@
 //! One function per request: wire message in, table operation, wire reply out.
 
+use std::net::{IpAddr, Ipv6Addr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portres_core::{
     Acl, Caller, Conflict, ErrorCode, Holder, Kind, Mode, Operation, Owner, PortProbe, PortRange,
-    Protocol, Refusal, Reservation, SocketInUse, TokenSource,
+    Protocol, Refusal, Reservation, SocketInUse, Token, TokenSource,
 };
 use portres_proto::{
-    ConflictInfo, Counts, LayerInfo, OwnerInfo, Reply, Request, ReservationInfo, ReservationRef,
-    ShowInfo, StatusInfo,
+    ConflictInfo, Counts, OwnerInfo, Reply, Request, ReservationInfo, ReservationRef, ShowInfo,
+    SocketRef, StatusInfo,
 };
+use portres_sys::hold::SocketKind;
 
-use crate::Shared;
+use crate::enforce::HoldError;
 use crate::store::StoredReservation;
+use crate::{Shared, State};
 
 /// Tokens from `getrandom(2)`.
 struct OsRandom;
@@ -136,11 +140,57 @@ fn internal(op: Operation, what: &str, e: impl std::fmt::Display) -> Refusal {
     )
 }
 
-pub(crate) async fn handle(
-    shared: &Shared,
-    caller: &Caller,
-    request: Request,
-) -> Result<Reply, Refusal> {
+/// Enforces a block the table just granted; on failure the grant is taken back.
+fn admit(st: &mut State, r: Reservation, op: Operation) -> Result<Reservation, Refusal> {
+    let Err(e) = st.enforcer.admit(&r) else {
+        return Ok(r);
+    };
+    st.table.cancel(r.token);
+    let asked = format!("{}/{}", r.range, r.protocol);
+    let what = if op.is_persistent() {
+        "create persistent reservation"
+    } else {
+        "reserve"
+    };
+    Err(match e {
+        HoldError::Port { port, error } if error.raw_os_error() == Some(98) => {
+            let c = Conflict {
+                protocol: r.protocol,
+                port,
+                holder: Holder::Socket { description: None },
+            };
+            let code = if op.is_persistent() {
+                ErrorCode::SharingViolation
+            } else {
+                ErrorCode::AddressInUse
+            };
+            Refusal::new(
+                op,
+                code,
+                format!("cannot {what} {asked}: {c}; choose another block, or free the port first"),
+            )
+            .with_conflict(c)
+        }
+        HoldError::Port { port, error } => Refusal::new(
+            op,
+            ErrorCode::Internal,
+            format!(
+                "cannot {what} {asked}: holding port {port} failed: {error}; nothing was                  reserved; see the daemon's log"
+            ),
+        ),
+        HoldError::NoDescriptors { held, limit } => Refusal::new(
+            op,
+            ErrorCode::NoBufferSpace,
+            format!(
+                "cannot {what} {asked}: holding it needs one open file per port, and the daemon                  holds {held} ports already with an open-file limit of {limit}; ask for an                  exclude-mode block (not held, the kernel still never hands its ports out),                  release blocks, or raise the daemon's LimitNOFILE"
+            ),
+        ),
+    })
+}
+
+type Handled = Result<(Reply, Option<OwnedFd>), Refusal>;
+
+pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -> Handled {
     match request {
         Request::Acquire {
             protocol: p,
@@ -151,26 +201,41 @@ pub(crate) async fn handle(
             let op = Operation::AcquireRuntime;
             let p = protocol(op, &p)?;
             let m = mode(op, m.as_deref(), Mode::Hold)?;
-            let result = shared.table.lock().unwrap().acquire(
-                caller,
-                p,
-                start,
-                count,
-                m,
-                now(),
-                &mut OsRandom,
-                &mut KernelProbe,
-            );
+            let mut st = shared.state.lock().unwrap();
+            let result = st
+                .table
+                .acquire(
+                    caller,
+                    p,
+                    start,
+                    count,
+                    m,
+                    now(),
+                    &mut OsRandom,
+                    &mut KernelProbe,
+                )
+                .and_then(|r| admit(&mut st, r, op));
             log_outcome(caller, "acquire", &result);
-            result.map(|r| reservation_ref(&r))
+            result.map(|r| (reservation_ref(&r), None))
         }
         Request::Release { token } => {
             let op = Operation::ReleaseRuntime;
             let t = parse_token(op, &token)?;
-            let result = shared.table.lock().unwrap().release(caller, t);
+            let mut st = shared.state.lock().unwrap();
+            let result = st.table.release(caller, t);
+            if let Ok(r) = &result {
+                st.enforcer.retire(r);
+            }
             log_outcome(caller, "release", &result);
-            result.map(|_| Reply::Done)
+            result.map(|_| (Reply::Done, None))
         }
+        Request::Associate {
+            token,
+            socket,
+            port,
+            address,
+            backlog,
+        } => associate(shared, caller, &token, &socket, port, address, backlog),
         Request::CreatePersistent {
             protocol: p,
             start,
@@ -185,18 +250,23 @@ pub(crate) async fn handle(
             let acl = resolve_acl(&allow_users, &allow_groups)?;
             let _serial = shared.persist_lock.lock().await;
             let command = portres_sys::process::command_line(caller.pid);
-            let created = shared.table.lock().unwrap().create_persistent(
-                caller,
-                p,
-                start,
-                count,
-                m,
-                acl,
-                command,
-                now(),
-                &mut OsRandom,
-                &mut KernelProbe,
-            );
+            let created = {
+                let mut st = shared.state.lock().unwrap();
+                st.table
+                    .create_persistent(
+                        caller,
+                        p,
+                        start,
+                        count,
+                        m,
+                        acl,
+                        command,
+                        now(),
+                        &mut OsRandom,
+                        &mut KernelProbe,
+                    )
+                    .and_then(|r| admit(&mut st, r, op))
+            };
             let r = match created {
                 Ok(r) => r,
                 Err(e) => {
@@ -213,7 +283,9 @@ pub(crate) async fn handle(
                 .map_err(|e| e.to_string())
                 .and_then(|w| w.map_err(|e| e.to_string()));
             if let Err(e) = written {
-                shared.table.lock().unwrap().remove_persistent(r.token);
+                let mut st = shared.state.lock().unwrap();
+                st.table.cancel(r.token);
+                st.enforcer.retire(&r);
                 tracing::error!(error = %e, "store write failed");
                 return Err(internal(op, "writing the store", e));
             }
@@ -221,7 +293,7 @@ pub(crate) async fn handle(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
             );
-            Ok(reservation_ref(&r))
+            Ok((reservation_ref(&r), None))
         }
         Request::LookupPersistent {
             protocol: p,
@@ -229,10 +301,10 @@ pub(crate) async fn handle(
             count,
         } => {
             let p = protocol(Operation::LookupPersistent, &p)?;
-            let table = shared.table.lock().unwrap();
-            table
+            let st = shared.state.lock().unwrap();
+            st.table
                 .lookup_persistent(p, start, count)
-                .map(reservation_ref)
+                .map(|r| (reservation_ref(r), None))
         }
         Request::DeletePersistent {
             protocol: p,
@@ -243,9 +315,10 @@ pub(crate) async fn handle(
             let p = protocol(op, &p)?;
             let _serial = shared.persist_lock.lock().await;
             let found = shared
-                .table
+                .state
                 .lock()
                 .unwrap()
+                .table
                 .check_delete_persistent(caller, p, start, count)
                 .map(|r| (r.token, r.range));
             let (token, range) = match found {
@@ -266,15 +339,18 @@ pub(crate) async fn handle(
                 tracing::error!(error = %e, "store delete failed");
                 return Err(internal(op, "writing the store", e));
             }
-            shared.table.lock().unwrap().remove_persistent(token);
+            let mut st = shared.state.lock().unwrap();
+            if let Some(r) = st.table.remove_persistent(token) {
+                st.enforcer.retire(&r);
+            }
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %token,
                 "deleted persistent reservation {range}/{p}"
             );
-            Ok(Reply::Done)
+            Ok((Reply::Done, None))
         }
-        Request::Status => Ok(Reply::Status(status(shared))),
-        Request::Show => Ok(Reply::Show(show(shared, caller))),
+        Request::Status => Ok((Reply::Status(status(shared)), None)),
+        Request::Show => Ok((Reply::Show(show(shared, caller)), None)),
     }
 }
 
@@ -320,7 +396,8 @@ impl LogGrant for Reservation {
 }
 
 fn status(shared: &Shared) -> StatusInfo {
-    let table = shared.table.lock().unwrap();
+    let st = shared.state.lock().unwrap();
+    let table = &st.table;
     let mut counts = Counts {
         sessions: table.session_count() as u64,
         ..Counts::default()
@@ -332,9 +409,9 @@ fn status(shared: &Shared) -> StatusInfo {
             counts.runtime += 1;
         }
         counts.ports_reserved += u64::from(r.range.count());
+        counts.ports_handed_out += r.handed_out().len() as u64;
     }
-    let not_yet = "not implemented in this version: reservations are recorded and checked \
-                   against ports in use, but the kernel does not yet keep other programs off them";
+    counts.ports_held = st.enforcer.held_ports();
     StatusInfo {
         daemon_version: env!("CARGO_PKG_VERSION").into(),
         protocol_version: portres_proto::VERSION,
@@ -346,20 +423,15 @@ fn status(shared: &Shared) -> StatusInfo {
         dynamic_range: table.config().dynamic_range.to_string(),
         dynamic_range_source: shared.dynamic_source.clone(),
         runtime_quota_ports: table.config().runtime_quota,
-        layers: ["hold", "exclude", "deny"]
-            .into_iter()
-            .map(|name| LayerInfo {
-                name: name.into(),
-                active: false,
-                reason: not_yet.into(),
-            })
-            .collect(),
+        layers: st.enforcer.layers(),
         counts,
     }
 }
 
 fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
-    let table = shared.table.lock().unwrap();
+    let mut st = shared.state.lock().unwrap();
+    reclaim_all(&mut st);
+    let table = &st.table;
     let names = |ids: &[u32], f: fn(u32) -> Option<String>| {
         ids.iter()
             .map(|&i| f(i).unwrap_or_else(|| i.to_string()))
@@ -391,5 +463,135 @@ fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
                 }
             })
             .collect(),
+    }
+}
+
+/// Returns to their blocks the ports whose handed-out sockets have closed.
+fn reclaim(st: &mut State, token: Token) {
+    let Some(r) = st.table.get(token) else { return };
+    for port in st.enforcer.closed_handouts(r) {
+        st.table.return_port(token, port);
+    }
+}
+
+fn reclaim_all(st: &mut State) {
+    let tokens: Vec<Token> = st
+        .table
+        .reservations()
+        .filter(|r| !r.handed_out().is_empty())
+        .map(|r| r.token)
+        .collect();
+    for t in tokens {
+        reclaim(st, t);
+    }
+}
+
+/// `SIO_ASSOCIATE_PORT_RESERVATION` + bind: a socket on a port of the block, for the caller.
+fn associate(
+    shared: &Shared,
+    caller: &Caller,
+    token: &str,
+    socket: &str,
+    port: u16,
+    address: Option<String>,
+    backlog: Option<i32>,
+) -> Handled {
+    let op = Operation::Associate;
+    let invalid = |m: String| Refusal::new(op, ErrorCode::InvalidArgument, m);
+    let t = parse_token(op, token)?;
+    let kind = match socket {
+        "listener" => SocketKind::Listener {
+            backlog: backlog.unwrap_or(128).clamp(1, 65535),
+        },
+        "stream" => SocketKind::Stream,
+        "datagram" => SocketKind::Datagram,
+        other => {
+            return Err(invalid(format!(
+                "unknown socket kind {other:?}; ask for \"listener\", \"stream\" or \"datagram\""
+            )));
+        }
+    };
+    let addr: IpAddr = match &address {
+        None => Ipv6Addr::UNSPECIFIED.into(),
+        Some(a) => a.parse().map_err(|_| {
+            invalid(format!(
+                "{a:?} is not an IP address; give a local address such as 127.0.0.1 or ::1, or \
+                 none for every address"
+            ))
+        })?,
+    };
+    let mut st = shared.state.lock().unwrap();
+    // Ports whose sockets closed go back to the block first, so "lowest free port" is true.
+    if let Some(r) = Token::new(t).and_then(|tk| st.table.get(tk))
+        && (port == 0 && !r.handed_out().is_empty() || r.handed_out().contains(&port))
+    {
+        let tk = r.token;
+        reclaim(&mut st, tk);
+    }
+    let chosen = match st.table.associate(caller, t, kind.protocol(), port) {
+        Ok(p) => p,
+        Err(e) => {
+            log_outcome::<()>(caller, "associate", &Err(e.clone()));
+            return Err(e);
+        }
+    };
+    let tk = Token::new(t).expect("associate succeeded");
+    let r = st.table.get(tk).expect("live").clone();
+    match st.enforcer.hand_over(&r, chosen, kind, addr) {
+        Ok(fd) => {
+            let local = portres_sys::hold::local_addr(fd.as_fd())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| addr.to_string());
+            tracing::info!(
+                pid = caller.pid, uid = caller.uid, token = %tk,
+                "handed out {socket} socket on [{local}]:{chosen}/{}", r.protocol
+            );
+            Ok((
+                Reply::Socket(SocketRef {
+                    port: chosen,
+                    address: local,
+                    fds: 1,
+                }),
+                Some(fd),
+            ))
+        }
+        Err(e) => {
+            st.table.return_port(tk, chosen);
+            let refusal = match e.raw_os_error() {
+                Some(98) => {
+                    let c = Conflict {
+                        protocol: r.protocol,
+                        port: chosen,
+                        holder: Holder::Socket { description: None },
+                    };
+                    Refusal::new(
+                        op,
+                        ErrorCode::AddressInUse,
+                        format!(
+                            "cannot bind port {chosen}/{} from reservation {tk}: {c} (blocks in \
+                             exclude mode are not held, so a program may bind their ports \
+                             itself); close that socket, or use a hold-mode reservation",
+                            r.protocol
+                        ),
+                    )
+                    .with_conflict(c)
+                }
+                Some(99) => invalid(format!(
+                    "cannot bind port {chosen} on {addr}: it is not an address of this machine \
+                     (in the daemon's network namespace); give a local address, or none"
+                )),
+                _ => Refusal::new(
+                    op,
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot bind port {chosen}/{} on {addr} from reservation {tk}: {e}; see \
+                         the daemon's log",
+                        r.protocol
+                    ),
+                ),
+            };
+            log_outcome::<()>(caller, "associate", &Err(refusal.clone()));
+            Err(refusal)
+        }
     }
 }

@@ -10,8 +10,10 @@
 //! - [`store`]: the redb store of persistent reservations.
 //! - `server`: the accept loop, sessions, framing.
 //! - `handlers`: one function per request, from wire message to table operation and back.
+//! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 
 pub mod config;
+mod enforce;
 mod handlers;
 mod server;
 pub mod store;
@@ -58,11 +60,17 @@ pub enum StartError {
     },
 }
 
+/// The table and the kernel's enforcement of it, changed together.
+pub(crate) struct State {
+    pub(crate) table: Table,
+    pub(crate) enforcer: enforce::Enforcer,
+}
+
 /// State shared by every session.
 struct Shared {
-    /// The table. A `std` mutex: it is never held across an `.await`, and every operation under
-    /// it is short (the store is written outside it).
-    table: Mutex<Table>,
+    /// A `std` mutex: it is never held across an `.await`, and every operation under it is
+    /// short (the store is written outside it).
+    state: Mutex<State>,
     /// The store; written from the blocking pool, one writer at a time (see `persist_lock`).
     store: Arc<Store>,
     /// Serialises persistent create/delete so the store and the table change in the same order.
@@ -94,6 +102,7 @@ impl Daemon {
             dynamic_range,
             runtime_quota: config.runtime_quota,
         });
+        let mut enforcer = enforce::Enforcer::new(&placement.state_dir, config.holder_uid);
         for rec in store.load()? {
             let r = rec
                 .to_reservation()
@@ -102,11 +111,12 @@ impl Daemon {
                     why: format!("record {}: {why}", rec.token),
                 })?;
             table
-                .restore_persistent(r)
+                .restore_persistent(r.clone())
                 .map_err(|e| StartError::Inconsistent {
                     path: store.path().into(),
                     why: e.message,
                 })?;
+            enforcer.admit_at_start(&r);
         }
         tracing::info!(
             persistent = table.len(),
@@ -116,7 +126,7 @@ impl Daemon {
         );
         Ok(Daemon {
             shared: Arc::new(Shared {
-                table: Mutex::new(table),
+                state: Mutex::new(State { table, enforcer }),
                 store: Arc::new(store),
                 persist_lock: tokio::sync::Mutex::new(()),
                 config,
@@ -135,6 +145,7 @@ impl Daemon {
         listener: tokio::net::UnixListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        server::serve(self.shared, listener, shutdown).await
+        server::serve(self.shared.clone(), listener, shutdown).await;
+        self.shared.state.lock().unwrap().enforcer.shutdown();
     }
 }

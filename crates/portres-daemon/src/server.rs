@@ -8,7 +8,9 @@ use portres_proto::frame::body_len;
 use portres_proto::{
     ErrorBody, FrameError, Hello, HelloReply, ReplyBody, ReplyFrame, RequestFrame, Welcome,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::{AsFd, OwnedFd};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::Shared;
@@ -59,6 +61,26 @@ async fn read_frame(s: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
 async fn write_msg(s: &mut UnixStream, msg: &impl serde::Serialize) -> std::io::Result<()> {
     let bytes = portres_proto::encode(msg).map_err(std::io::Error::other)?;
     s.write_all(&bytes).await
+}
+
+/// Writes a frame with a descriptor attached to its first byte (`SCM_RIGHTS`).
+async fn write_msg_with_fd(
+    s: &mut UnixStream,
+    msg: &impl serde::Serialize,
+    fd: &OwnedFd,
+) -> std::io::Result<()> {
+    let bytes = portres_proto::encode(msg).map_err(std::io::Error::other)?;
+    let sent = loop {
+        s.writable().await?;
+        match s.try_io(Interest::WRITABLE, || {
+            portres_sys::fdpass::send_with_fds(&*s, &bytes, &[fd.as_fd()])
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    s.write_all(&bytes[sent..]).await
 }
 
 pub(crate) fn error_body(r: &Refusal) -> ErrorBody {
@@ -112,7 +134,7 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         admin,
         "session opened"
     );
-    shared.table.lock().unwrap().open_session(id, owner);
+    shared.state.lock().unwrap().table.open_session(id, owner);
 
     if let Err(why) = converse(&shared, &caller, &mut stream).await {
         tracing::info!(
@@ -122,8 +144,10 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
             "session closed: {why}"
         );
     }
-    let ended = shared.table.lock().unwrap().end_session(id);
+    let mut state = shared.state.lock().unwrap();
+    let ended = state.table.end_session(id);
     for r in &ended {
+        state.enforcer.retire(r);
         tracing::info!(
             session = id, pid = cred.pid, uid = cred.uid, token = %r.token,
             "runtime reservation {}/{} ended with its session", r.range, r.protocol
@@ -196,12 +220,15 @@ async fn converse(shared: &Shared, caller: &Caller, s: &mut UnixStream) -> Resul
                 return Err(format!("malformed request: {e}"));
             }
         };
-        let body = match handlers::handle(shared, caller, frame.request).await {
-            Ok(reply) => ReplyBody::Ok(reply),
-            Err(refusal) => ReplyBody::Error(error_body(&refusal)),
+        let (body, fd) = match handlers::handle(shared, caller, frame.request).await {
+            Ok((reply, fd)) => (ReplyBody::Ok(reply), fd),
+            Err(refusal) => (ReplyBody::Error(error_body(&refusal)), None),
         };
-        write_msg(s, &ReplyFrame { id: frame.id, body })
-            .await
-            .map_err(|e| e.to_string())?;
+        let reply = ReplyFrame { id: frame.id, body };
+        match fd {
+            Some(fd) => write_msg_with_fd(s, &reply, &fd).await,
+            None => write_msg(s, &reply).await,
+        }
+        .map_err(|e| e.to_string())?;
     }
 }

@@ -119,6 +119,23 @@ pub enum Request {
         /// Number of ports.
         count: u32,
     },
+    /// A socket bound to a port of a reservation, passed back with `SCM_RIGHTS`.
+    Associate {
+        /// The reservation's token.
+        token: String,
+        /// `"listener"` (TCP, listening), `"stream"` (TCP, ready for `connect()`) or
+        /// `"datagram"` (UDP).
+        socket: String,
+        /// A port of the block, or 0 for the lowest free one.
+        #[serde(default)]
+        port: u16,
+        /// Local address to bind; default `"::"` (every address, IPv4 and IPv6).
+        #[serde(default)]
+        address: Option<String>,
+        /// `listen()` backlog for listeners; default 128.
+        #[serde(default)]
+        backlog: Option<i32>,
+    },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation.
@@ -153,6 +170,8 @@ pub enum Reply {
     Reservation(ReservationRef),
     /// Done, nothing to report (release, delete).
     Done,
+    /// A socket was bound from a reservation; it travels as `SCM_RIGHTS` on this frame.
+    Socket(SocketRef),
     /// Answer to [`Request::Status`].
     Status(StatusInfo),
     /// Answer to [`Request::Show`].
@@ -172,6 +191,17 @@ pub struct ReservationRef {
     pub count: u16,
     /// `"hold"` or `"exclude"`.
     pub mode: String,
+}
+
+/// The socket of an [`Request::Associate`] reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketRef {
+    /// The port it is bound to.
+    pub port: u16,
+    /// The local address it is bound to.
+    pub address: String,
+    /// Descriptors attached to this frame (1).
+    pub fds: u32,
 }
 
 /// A failure: the stable outcome name, the Windows code and a message for people.
@@ -279,6 +309,12 @@ pub struct Counts {
     pub persistent: u64,
     /// Ports in all blocks.
     pub ports_reserved: u64,
+    /// Ports kept bound by placeholders (hold layer).
+    #[serde(default)]
+    pub ports_held: u64,
+    /// Ports handed out to sockets.
+    #[serde(default)]
+    pub ports_handed_out: u64,
 }
 
 /// Answer to [`Request::Status`].

@@ -4,11 +4,19 @@
 //!
 //! # Layout
 //! - [`creds`]: peer credentials and supplementary groups of a Unix socket, user and group names.
+//! - [`fdpass`]: descriptors over Unix sockets (`SCM_RIGHTS`).
+//! - [`hold`]: placeholder sockets and the sockets handed out from reservations.
 //! - [`ports`]: the dynamic port range, and probing whether a port is bound.
 //! - [`process`]: command lines of processes, the OS random source, file locks, stdio.
+//! - [`reserved_ports`]: the `net.ipv4.ip_local_reserved_ports` sysctl.
+//! - [`sockdiag`]: the kernel's socket table (netlink `sock_diag`).
 #![allow(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod creds;
+pub mod fdpass;
+pub mod hold;
 pub mod ports;
 pub mod process;
+pub mod reserved_ports;
+pub mod sockdiag;

@@ -63,6 +63,17 @@ pub fn enter_net_namespace_of(pid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// `unshare(CLONE_NEWNET)` for the calling thread: it moves to a new, empty network namespace
+/// (loopback down). Needs CAP_SYS_ADMIN. Used by tests that bind ports, so they never touch the
+/// host's port tables.
+pub fn enter_private_net_namespace() -> io::Result<()> {
+    // SAFETY: only CLONE_NEWNET is passed; it changes this thread's network namespace and nothing
+    // that other threads or Rust's descriptor ownership depend on (the danger the rustix docs
+    // name is CLONE_FILES).
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET)? };
+    Ok(())
+}
+
 /// `signal(SIGINT, SIG_IGN)` and the same for `SIGQUIT`: used by `portres run` after it started
 /// its command, so a terminal's Ctrl-C stops the command, and `portres run` outlives it to report
 /// its exit status and release the reservation after it.

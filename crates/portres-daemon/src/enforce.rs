@@ -1,0 +1,364 @@
+//! Kernel enforcement (SPEC §3): the hold layer (placeholder sockets), the exclude layer
+//! (`net.ipv4.ip_local_reserved_ports`), and the sockets handed out from reservations.
+//!
+//! Everything here runs under the state mutex together with the table, so the kernel's view and
+//! the table change together: a block is in the table only if its placeholders are bound, and
+//! the sysctl is rewritten before the reply that created or ended a block.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use portres_core::{Mode, PortRange, PortSet, Reservation, Token};
+use portres_proto::LayerInfo;
+use portres_sys::hold::{self, SocketKind};
+use portres_sys::reserved_ports;
+
+/// Why holding a block failed.
+#[derive(Debug)]
+pub(crate) enum HoldError {
+    /// A port could not be bound: someone else has it (or the kernel refused).
+    Port { port: u16, error: io::Error },
+    /// The daemon ran out of descriptors.
+    NoDescriptors { held: u64, limit: u64 },
+}
+
+/// The exclude layer's bookkeeping.
+struct Exclude {
+    /// Why it is off, if it is.
+    off: Option<String>,
+    /// Blocks per port (TCP and UDP blocks may share a port number; the sysctl does not care).
+    count: Vec<u8>,
+    /// Ports in any block.
+    ours: PortSet,
+    /// Ports this daemon added to the sysctl (not there before): removed again at shutdown.
+    added: PortSet,
+    /// The value before we started, kept on disk while we run, so that after a crash the next
+    /// daemon can tell its predecessor's entries from everybody else's.
+    journal: PathBuf,
+}
+
+impl Exclude {
+    fn open(state_dir: &std::path::Path) -> Exclude {
+        let journal = state_dir.join("reserved_ports.before");
+        let mut x = Exclude {
+            off: None,
+            count: vec![0; 65536],
+            ours: PortSet::new(),
+            added: PortSet::new(),
+            journal,
+        };
+        let current = match reserved_ports::read() {
+            Ok(c) => c,
+            Err(e) => {
+                x.off = Some(format!(
+                    "cannot read /proc/sys/net/ipv4/ip_local_reserved_ports: {e}"
+                ));
+                return x;
+            }
+        };
+        // A journal left behind means the previous daemon died without restoring: its entries
+        // are the difference, and the journal holds the value to go back to.
+        let before = match std::fs::read_to_string(&x.journal) {
+            Ok(text) => match text.trim().parse::<PortSet>() {
+                Ok(prev) => {
+                    tracing::warn!(
+                        "previous daemon did not restore ip_local_reserved_ports; restoring {:?}",
+                        prev.to_string()
+                    );
+                    prev
+                }
+                Err(_) => current.clone(),
+            },
+            Err(_) => current.clone(),
+        };
+        if let Err(e) = reserved_ports::write(&before) {
+            x.off = Some(format!(
+                "cannot write /proc/sys/net/ipv4/ip_local_reserved_ports: {e} (it needs \
+                 CAP_NET_ADMIN in the daemon's network namespace: run the daemon as root)"
+            ));
+            return x;
+        }
+        if let Err(e) = std::fs::write(&x.journal, format!("{before}\n")) {
+            tracing::warn!(error = %e, "cannot write {}", x.journal.display());
+        }
+        x
+    }
+
+    fn add(&mut self, r: PortRange) {
+        for p in r.ports() {
+            let c = &mut self.count[usize::from(p)];
+            *c += 1;
+            if *c == 1 {
+                self.ours.insert(p);
+            }
+        }
+    }
+
+    fn remove(&mut self, r: PortRange) {
+        let mut gone = PortSet::new();
+        for p in r.ports() {
+            let c = &mut self.count[usize::from(p)];
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                gone.insert(p);
+            }
+        }
+        self.ours = self.ours.difference(&gone);
+    }
+
+    /// Mirrors our blocks into the sysctl, keeping everyone else's entries (read fresh each
+    /// time, so entries added while we run survive too).
+    fn sync(&mut self) {
+        if self.off.is_some() {
+            return;
+        }
+        let result = reserved_ports::read().and_then(|current| {
+            let foreign = current.difference(&self.added);
+            let desired = foreign.union(&self.ours);
+            if desired != current {
+                reserved_ports::write(&desired)?;
+            }
+            self.added = self.ours.difference(&foreign);
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot update ip_local_reserved_ports; exclude layer off");
+            self.off = Some(format!("updating ip_local_reserved_ports failed: {e}"));
+        }
+    }
+
+    fn restore(&mut self) {
+        if self.off.is_some() {
+            return;
+        }
+        match reserved_ports::read().and_then(|c| reserved_ports::write(&c.difference(&self.added)))
+        {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.journal);
+                tracing::info!("ip_local_reserved_ports restored");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot restore ip_local_reserved_ports"),
+        }
+    }
+}
+
+/// The enforcement state of the daemon.
+pub(crate) struct Enforcer {
+    /// The uid placeholders and handed-out sockets are created under (root only).
+    holder_uid: Option<u32>,
+    own_uid: u32,
+    holds: HashMap<Token, Vec<OwnedFd>>,
+    held_ports: u64,
+    /// Blocks that could not be held at start-up, and why.
+    unheld: HashMap<Token, String>,
+    /// Inode of each handed-out socket, by (token, port).
+    handed: HashMap<(Token, u16), u64>,
+    exclude: Exclude,
+    nofile: u64,
+}
+
+impl Enforcer {
+    pub(crate) fn new(state_dir: &std::path::Path, holder_uid: u32) -> Enforcer {
+        let nofile = hold::raise_nofile_limit();
+        let own_uid = portres_sys::creds::effective_uid();
+        let holder_uid = hold::can_use_holder_uid(holder_uid).then_some(holder_uid);
+        Enforcer {
+            holder_uid,
+            own_uid,
+            holds: HashMap::new(),
+            held_ports: 0,
+            unheld: HashMap::new(),
+            handed: HashMap::new(),
+            exclude: Exclude::open(state_dir),
+            nofile,
+        }
+    }
+
+    /// Enforces a new block: placeholders for `hold` blocks (all or nothing), and the block into
+    /// the exclude layer.
+    pub(crate) fn admit(&mut self, r: &Reservation) -> Result<(), HoldError> {
+        if r.mode == Mode::Hold {
+            let mut fds = Vec::with_capacity(usize::from(r.range.count()));
+            for port in r.range.ports() {
+                match hold::placeholder(r.protocol, port, self.holder_uid) {
+                    Ok(fd) => fds.push(fd),
+                    // EMFILE, ENFILE: out of descriptors.
+                    Err(e) if matches!(e.raw_os_error(), Some(24 | 23)) => {
+                        return Err(HoldError::NoDescriptors {
+                            held: self.held_ports,
+                            limit: self.nofile,
+                        });
+                    }
+                    Err(error) => return Err(HoldError::Port { port, error }),
+                }
+            }
+            self.held_ports += fds.len() as u64;
+            self.holds.insert(r.token, fds);
+        }
+        self.exclude.add(r.range);
+        self.exclude.sync();
+        Ok(())
+    }
+
+    /// Like [`Enforcer::admit`] for persistent blocks at start-up: a block that cannot be held
+    /// is kept (the exclude layer still covers it) and reported.
+    pub(crate) fn admit_at_start(&mut self, r: &Reservation) {
+        if let Err(e) = self.admit(r) {
+            let why = match e {
+                HoldError::Port { port, error } => {
+                    format!("port {port} could not be held: {error}")
+                }
+                HoldError::NoDescriptors { limit, .. } => {
+                    format!("the open-file limit ({limit}) is reached")
+                }
+            };
+            tracing::warn!(
+                token = %r.token,
+                "persistent reservation {}/{} is not held: {why}", r.range, r.protocol
+            );
+            self.unheld.insert(r.token, why);
+            self.exclude.add(r.range);
+            self.exclude.sync();
+        }
+    }
+
+    /// A block ended: its placeholders close (handed-out sockets keep their ports until they
+    /// close), and it leaves the exclude layer.
+    pub(crate) fn retire(&mut self, r: &Reservation) {
+        if let Some(fds) = self.holds.remove(&r.token) {
+            self.held_ports -= fds.len() as u64;
+        }
+        self.unheld.remove(&r.token);
+        self.handed.retain(|(t, _), _| *t != r.token);
+        self.exclude.remove(r.range);
+        self.exclude.sync();
+    }
+
+    /// A socket bound to `addr:port` of `r`'s block for a client. Held blocks hand out a socket
+    /// that joins the placeholder's group, so the port never becomes free.
+    pub(crate) fn hand_over(
+        &mut self,
+        r: &Reservation,
+        port: u16,
+        kind: SocketKind,
+        addr: IpAddr,
+    ) -> io::Result<OwnedFd> {
+        let held = self.holds.contains_key(&r.token);
+        let owner = if held { self.holder_uid } else { None };
+        let fd = match hold::handover_socket(kind, addr, port, held, owner) {
+            Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
+                // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.
+                hold::handover_socket(kind, IpAddr::from([0, 0, 0, 0]), port, held, owner)?
+            }
+            other => other?,
+        };
+        if let Ok(ino) = hold::inode(fd.as_fd()) {
+            self.handed.insert((r.token, port), ino);
+        }
+        Ok(fd)
+    }
+
+    /// Ports of `r` recorded as handed out whose socket is gone (closed by every holder).
+    pub(crate) fn closed_handouts(&mut self, r: &Reservation) -> Vec<u16> {
+        if r.handed_out().is_empty() {
+            return Vec::new();
+        }
+        let live = match portres_sys::sockdiag::sockets_on_ports(
+            r.protocol,
+            r.range.start(),
+            r.range.last(),
+        ) {
+            Ok(s) => s,
+            // Cannot see: assume they are all still in use.
+            Err(_) => return Vec::new(),
+        };
+        let gone: Vec<u16> = r
+            .handed_out()
+            .iter()
+            .copied()
+            .filter(|p| match self.handed.get(&(r.token, *p)) {
+                Some(ino) => !live.iter().any(|s| s.inode == *ino),
+                None => true,
+            })
+            .collect();
+        for p in &gone {
+            self.handed.remove(&(r.token, *p));
+        }
+        gone
+    }
+
+    /// Restores the sysctl (at shutdown).
+    pub(crate) fn shutdown(&mut self) {
+        self.exclude.restore();
+    }
+
+    /// Ports held by placeholders now.
+    pub(crate) fn held_ports(&self) -> u64 {
+        self.held_ports
+    }
+
+    /// Status of each layer, with the reason.
+    pub(crate) fn layers(&self) -> Vec<LayerInfo> {
+        let room = self.nofile.saturating_sub(hold::open_fd_count());
+        let limits = format!(
+            "{} ports held; about {room} more can be held (open-file limit {})",
+            self.held_ports, self.nofile
+        );
+        let unheld = if self.unheld.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} persistent blocks could not be held (see the log)",
+                self.unheld.len()
+            )
+        };
+        let hold = match self.holder_uid {
+            Some(h) => LayerInfo {
+                name: "hold".into(),
+                active: true,
+                reason: format!(
+                    "placeholders owned by holder uid {h}: no other process can bind a held port \
+                     or be given one automatically; {limits}{unheld}"
+                ),
+            },
+            None => LayerInfo {
+                name: "hold".into(),
+                active: true,
+                reason: format!(
+                    "placeholders owned by uid {} (a per-user daemon cannot use a holder uid): \
+                     other users cannot bind held ports, but processes of uid {} that set \
+                     SO_REUSEPORT can share them; run the system daemon as root to close \
+                     this; {limits}{unheld}",
+                    self.own_uid, self.own_uid
+                ),
+            },
+        };
+        let exclude = match &self.exclude.off {
+            None => LayerInfo {
+                name: "exclude".into(),
+                active: true,
+                reason: format!(
+                    "{} reserved ports mirrored into net.ipv4.ip_local_reserved_ports: the kernel \
+                     never hands them out as ephemeral ports",
+                    self.exclude.ours.len()
+                ),
+            },
+            Some(why) => LayerInfo {
+                name: "exclude".into(),
+                active: false,
+                reason: why.clone(),
+            },
+        };
+        let deny = LayerInfo {
+            name: "deny".into(),
+            active: false,
+            reason: "the BPF bind hook is not implemented in this version; held ports are \
+                     protected by the hold layer"
+                .into(),
+        };
+        vec![hold, exclude, deny]
+    }
+}

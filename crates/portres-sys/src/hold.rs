@@ -1,0 +1,218 @@
+//! Placeholder sockets that keep ports bound, and the sockets handed out from a reservation.
+//!
+//! The design (lab notes §7, re-measured by `tests/it/needs_root/enforcement.rs`): every port of
+//! a held block has one placeholder of the block's protocol, bound to the dual-stack wildcard
+//! `[::]:P` (`IPV6_V6ONLY=0`), never listening, with `SO_REUSEPORT`, created while the thread's
+//! filesystem uid is a dedicated *holder uid* that no process runs as. The kernel lets a socket
+//! join a port's `SO_REUSEPORT` group only if it was created by the same uid, so no process can
+//! bind the port — on any address, either family, with or without `SO_REUSEADDR`/`SO_REUSEPORT`,
+//! `SO_BINDTODEVICE` or `IP_FREEBIND` — and autobind (`bind(port 0)`, `connect()`) skips it.
+//! A socket handed to a client is created the same way (holder uid, `SO_REUSEPORT`) and bound
+//! beside the placeholder, so the port is never unbound: no window, and nothing to reclaim (not
+//! even TIME_WAIT) when the client closes it.
+//!
+//! UDP placeholders carry two classic BPF programs: a socket filter that drops everything that
+//! reaches the placeholder, and a reuseport program that steers datagrams to the group's second
+//! member (the handed-out socket), falling back to the placeholder (which drops) when there is none.
+//!
+//! Without the privilege to change the filesystem uid (a per-user daemon), sockets belong to the
+//! daemon's own uid, and other processes of that same user setting `SO_REUSEPORT` can share held
+//! ports: a documented limit of user mode.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use portres_core::Protocol;
+use rustix::net::{AddressFamily, SocketFlags, SocketType, bind, listen, socket_with, sockopt};
+
+/// `setfsuid(2)` for the calling thread only; returns the previous filesystem uid.
+fn set_fsuid(uid: u32) -> u32 {
+    // SAFETY: setfsuid takes a plain integer, touches no memory, and affects only this thread.
+    unsafe { libc::setfsuid(uid) as u32 }
+}
+
+/// Whether this process may switch its filesystem uid (needs CAP_SETUID): tries and undoes it.
+pub fn can_use_holder_uid(holder_uid: u32) -> bool {
+    let before = set_fsuid(holder_uid);
+    // setfsuid reports the previous value; calling it again with an invalid id reads the current.
+    let now = set_fsuid(u32::MAX);
+    set_fsuid(before);
+    now == holder_uid
+}
+
+/// Creates a socket, under the holder uid when one is given.
+fn new_socket(
+    family: AddressFamily,
+    ty: SocketType,
+    holder_uid: Option<u32>,
+) -> io::Result<OwnedFd> {
+    let prev = holder_uid.map(set_fsuid);
+    let fd = socket_with(family, ty, SocketFlags::CLOEXEC, None);
+    if let Some(prev) = prev {
+        set_fsuid(prev);
+    }
+    Ok(fd?)
+}
+
+fn sock_type(protocol: Protocol) -> SocketType {
+    match protocol {
+        Protocol::Tcp => SocketType::STREAM,
+        Protocol::Udp => SocketType::DGRAM,
+    }
+}
+
+/// A one-instruction classic BPF program: `ret #value`.
+fn attach_cbpf(fd: &OwnedFd, option: libc::c_int, value: u32) -> io::Result<()> {
+    let mut insn = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: value,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: insn.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `insn`, both alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A placeholder holding `port` for `protocol`: `socket()` under the holder uid,
+/// `SO_REUSEPORT`, `bind([::]:port)` dual-stack (or `0.0.0.0:port` when IPv6 is unavailable),
+/// never `listen()`; UDP gets the drop filter and the steering program.
+pub fn placeholder(protocol: Protocol, port: u16, holder_uid: Option<u32>) -> io::Result<OwnedFd> {
+    let ty = sock_type(protocol);
+    let fd = match new_socket(AddressFamily::INET6, ty, holder_uid) {
+        Ok(fd) => {
+            sockopt::set_ipv6_v6only(&fd, false)?;
+            sockopt::set_socket_reuseport(&fd, true)?;
+            bind(
+                &fd,
+                &SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            )?;
+            fd
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let fd = new_socket(AddressFamily::INET, ty, holder_uid)?;
+            sockopt::set_socket_reuseport(&fd, true)?;
+            bind(
+                &fd,
+                &SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            )?;
+            fd
+        }
+        Err(e) => return Err(e),
+    };
+    if protocol == Protocol::Udp {
+        attach_cbpf(&fd, libc::SO_ATTACH_FILTER, 0)?;
+        attach_cbpf(&fd, libc::SO_ATTACH_REUSEPORT_CBPF, 1)?;
+    }
+    Ok(fd)
+}
+
+/// What kind of socket a client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// TCP, listening with this backlog.
+    Listener {
+        /// `listen(2)` backlog.
+        backlog: i32,
+    },
+    /// TCP, bound, ready for `connect()` from the port.
+    Stream,
+    /// UDP, bound.
+    Datagram,
+}
+
+impl SocketKind {
+    /// The protocol of the socket.
+    pub fn protocol(self) -> Protocol {
+        match self {
+            SocketKind::Listener { .. } | SocketKind::Stream => Protocol::Tcp,
+            SocketKind::Datagram => Protocol::Udp,
+        }
+    }
+}
+
+/// A socket for a client: `socket()` (under the holder uid if given), `SO_REUSEPORT` when the
+/// port is held by a placeholder, `bind(addr:port)` (dual-stack when `addr` is `::`), `listen()`
+/// for listeners.
+pub fn handover_socket(
+    kind: SocketKind,
+    addr: IpAddr,
+    port: u16,
+    reuseport: bool,
+    holder_uid: Option<u32>,
+) -> io::Result<OwnedFd> {
+    let family = match addr {
+        IpAddr::V4(_) => AddressFamily::INET,
+        IpAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = new_socket(family, sock_type(kind.protocol()), holder_uid)?;
+    if addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        sockopt::set_ipv6_v6only(&fd, false)?;
+    }
+    if reuseport {
+        sockopt::set_socket_reuseport(&fd, true)?;
+    }
+    bind(&fd, &SocketAddr::new(addr, port))?;
+    if let SocketKind::Listener { backlog } = kind {
+        listen(&fd, backlog)?;
+    }
+    Ok(fd)
+}
+
+/// `fstat(2)`: the socket's inode number (what `sock_diag` and `/proc/PID/fd` report).
+pub fn inode(fd: impl AsFd) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_ino)
+}
+
+/// `getsockname(2)`: the local address of a socket.
+pub fn local_addr(fd: impl AsFd) -> io::Result<SocketAddr> {
+    let addr = rustix::net::getsockname(fd)?;
+    SocketAddr::try_from(addr).map_err(|_| io::Error::other("not an inet socket"))
+}
+
+/// `connect(2)`.
+pub fn connect(fd: impl AsFd, to: SocketAddr) -> io::Result<()> {
+    rustix::net::connect(fd, &to)?;
+    Ok(())
+}
+
+/// Open-file limits: raises the soft `RLIMIT_NOFILE` to the hard limit (`setrlimit(2)`) and
+/// returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// The soft `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Number of open descriptors of this process (entries of `/proc/self/fd`).
+pub fn open_fd_count() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}

@@ -1,0 +1,225 @@
+//! The kernel's socket table through netlink `sock_diag` (`NETLINK_SOCK_DIAG`,
+//! `SOCK_DIAG_BY_FAMILY`, `inet_diag_req_v2`), filtered in the kernel by local port.
+//!
+//! Unlike `ss` from older iproute2, the request asks for every TCP state including
+//! `TCP_BOUND_INACTIVE` (13, Linux 6.5), so sockets that are bound but neither listening nor
+//! connected (placeholders, connect-ready sockets) are seen too. Works unprivileged.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use portres_core::Protocol;
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, recv, send};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_S_GE: u8 = 2;
+const INET_DIAG_BC_S_LE: u8 = 3;
+
+/// One socket of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketEntry {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Kernel state (`TCP_LISTEN` = 10, `TCP_ESTABLISHED` = 1, `TCP_TIME_WAIT` = 6, ...).
+    pub state: u8,
+    /// Local address and port.
+    pub local: SocketAddr,
+    /// Remote address and port (unspecified when not connected).
+    pub remote: SocketAddr,
+    /// Owner uid (the creator's filesystem uid).
+    pub uid: u32,
+    /// Inode number (0 for TIME_WAIT and request sockets).
+    pub inode: u64,
+}
+
+impl SocketEntry {
+    /// The state in words: `listening`, `connected`, `bound`, `time-wait`, ...
+    pub fn state_name(&self) -> &'static str {
+        match (self.protocol, self.state) {
+            (Protocol::Udp, 1) => "connected",
+            (Protocol::Udp, _) => "bound",
+            (Protocol::Tcp, 1) => "connected",
+            (Protocol::Tcp, 2) => "syn-sent",
+            (Protocol::Tcp, 3) => "syn-recv",
+            (Protocol::Tcp, 4 | 5 | 8 | 9 | 11) => "closing",
+            (Protocol::Tcp, 6) => "time-wait",
+            (Protocol::Tcp, 7 | 13) => "bound",
+            (Protocol::Tcp, 10) => "listening",
+            (Protocol::Tcp, 12) => "syn-recv",
+            _ => "unknown",
+        }
+    }
+}
+
+fn push_u16(buf: &mut Vec<u8>, v: u16) {
+    buf.extend_from_slice(&v.to_ne_bytes());
+}
+fn push_u32(buf: &mut Vec<u8>, v: u32) {
+    buf.extend_from_slice(&v.to_ne_bytes());
+}
+
+fn request(family: u8, protocol: Protocol, first: u16, last: u16) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(96);
+    // nlmsghdr, length patched below.
+    push_u32(&mut msg, 0);
+    push_u16(&mut msg, SOCK_DIAG_BY_FAMILY);
+    push_u16(&mut msg, NLM_F_REQUEST | NLM_F_DUMP);
+    push_u32(&mut msg, 1);
+    push_u32(&mut msg, 0);
+    // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
+    msg.push(family);
+    msg.push(match protocol {
+        Protocol::Tcp => libc::IPPROTO_TCP as u8,
+        Protocol::Udp => libc::IPPROTO_UDP as u8,
+    });
+    msg.push(0);
+    msg.push(0);
+    push_u32(&mut msg, u32::MAX); // every state, TCP_BOUND_INACTIVE included
+    msg.extend_from_slice(&[0u8; 48]);
+    // Bytecode: sport >= first && sport <= last. Each comparison is an op and a port op of 4
+    // bytes; "no" jumps past the end (reject), "yes" goes to the next comparison.
+    let ops: [(u8, u8, u16); 4] = [
+        (INET_DIAG_BC_S_GE, 8, 20),
+        (0, 0, first),
+        (INET_DIAG_BC_S_LE, 8, 12),
+        (0, 0, last),
+    ];
+    push_u16(&mut msg, 4 + 16);
+    push_u16(&mut msg, INET_DIAG_REQ_BYTECODE);
+    for (code, yes, no) in ops {
+        msg.push(code);
+        msg.push(yes);
+        push_u16(&mut msg, no);
+    }
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    msg
+}
+
+fn addr(family: u8, raw: &[u8], port_be: [u8; 2]) -> SocketAddr {
+    let port = u16::from_be_bytes(port_be);
+    let ip = if i32::from(family) == libc::AF_INET {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&raw[..16]);
+        IpAddr::V6(Ipv6Addr::from(b))
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn dump(
+    family: u8,
+    protocol: Protocol,
+    first: u16,
+    last: u16,
+    out: &mut Vec<SocketEntry>,
+) -> io::Result<()> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        Some(rustix::net::netlink::SOCK_DIAG),
+    )?;
+    send(
+        &fd,
+        &request(family, protocol, first, last),
+        SendFlags::empty(),
+    )?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (n, _) = recv(&fd, &mut buf, RecvFlags::empty())?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let h = &buf[off..];
+            let len = u32::from_ne_bytes(h[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(h[4..6].try_into().unwrap());
+            if len < 16 || off + len > n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(h[16..20].try_into().unwrap());
+                    return if errno == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-errno))
+                    };
+                }
+                SOCK_DIAG_BY_FAMILY if len >= 16 + 72 => {
+                    let m = &h[16..];
+                    // inet_diag_msg: family, state, timer, retrans, sockid (48), expires,
+                    // rqueue, wqueue, uid, inode.
+                    let sid = &m[4..52];
+                    out.push(SocketEntry {
+                        protocol,
+                        state: m[1],
+                        local: addr(m[0], &sid[4..20], [sid[0], sid[1]]),
+                        remote: addr(m[0], &sid[20..36], [sid[2], sid[3]]),
+                        uid: u32::from_ne_bytes(m[64..68].try_into().unwrap()),
+                        inode: u64::from(u32::from_ne_bytes(m[68..72].try_into().unwrap())),
+                    });
+                }
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Every socket of `protocol` in this network namespace whose local port is in
+/// `first..=last`, IPv4 and IPv6.
+pub fn sockets_on_ports(protocol: Protocol, first: u16, last: u16) -> io::Result<Vec<SocketEntry>> {
+    let mut out = Vec::new();
+    dump(libc::AF_INET as u8, protocol, first, last, &mut out)?;
+    match dump(libc::AF_INET6 as u8, protocol, first, last, &mut out) {
+        // No IPv6 in this kernel: nothing to list there.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        other => other?,
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn needs_root_finds_a_listener_and_a_udp_socket_by_port() {
+        // Binds ports, so it runs on a thread in a private network namespace.
+        std::thread::spawn(finds_sockets).join().unwrap();
+    }
+
+    fn finds_sockets() {
+        crate::process::enter_private_net_namespace()
+            .expect("needs root (CAP_SYS_ADMIN) for a private network namespace");
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ino = crate::hold::inode(l.as_fd()).unwrap();
+        let found = sockets_on_ports(Protocol::Tcp, port, port).unwrap();
+        let me = found.iter().find(|s| s.inode == ino).expect("our listener");
+        assert_eq!((me.state_name(), me.local.port()), ("listening", port));
+        assert!(found.iter().all(|s| s.local.port() == port), "{found:?}");
+
+        let u = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let uport = u.local_addr().unwrap().port();
+        let uino = crate::hold::inode(u.as_fd()).unwrap();
+        let found = sockets_on_ports(Protocol::Udp, uport, uport).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|s| s.inode == uino && s.state_name() == "bound"),
+            "{found:?}"
+        );
+    }
+}
