@@ -4,8 +4,8 @@ use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context, bail};
-use portres_client::{Client, Mode, Protocol};
+use anyhow::Context;
+use portres_client::{Client, Mode, Protocol, SocketKind};
 
 pub fn run(
     client: &Client,
@@ -15,26 +15,50 @@ pub fn run(
     listen: bool,
     cmd: &[OsString],
 ) -> anyhow::Result<ExitCode> {
-    if listen {
-        bail!(
-            "`portres run --listen` hands the reserved ports to the command as bound sockets, \
-             which needs socket handover; this version of portres does not have it yet. Run \
-             without --listen: the command gets the port numbers in PORTRES_PORTS and binds \
-             them itself"
-        );
-    }
-    // Without --listen the command binds the ports itself, so the block is in `exclude` mode.
-    let block = client.acquire_with(protocol, start.unwrap_or(0), count, Mode::Exclude)?;
+    // With --listen the ports arrive as sockets, so the block is held; without, the command
+    // binds the ports itself, so the block is in `exclude` mode.
+    let mode = if listen { Mode::Hold } else { Mode::Exclude };
+    let block = client.acquire_with(protocol, start.unwrap_or(0), count, mode)?;
     let r = block.range();
     let (program, args) = cmd.split_first().expect("clap requires CMD");
-    let mut child = Command::new(program)
-        .args(args)
+    let mut command = if listen {
+        let kind = match protocol {
+            Protocol::Tcp => SocketKind::Listener { backlog: 4096 },
+            Protocol::Udp => SocketKind::Datagram,
+        };
+        let mut fds = Vec::new();
+        for port in r.ports() {
+            let (fd, _) = client
+                .associate(block.token(), kind, None, port)
+                .with_context(|| format!("binding port {port} for the command"))?;
+            fds.push(fd);
+        }
+        let names: Vec<String> = r.ports().map(|p| p.to_string()).collect();
+        // systemd's protocol: LISTEN_PID must be the command's own pid, which only a shell that
+        // then execs the command knows.
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c")
+            .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+            .arg(program)
+            .args(args)
+            .env("LISTEN_FDS", fds.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        portres_sys::process::pass_fds(&mut c, &fds).context("passing the sockets")?;
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    };
+    let mut child = command
         .env("PORTRES_TOKEN", block.token().to_string())
         .env("PORTRES_PROTOCOL", protocol.as_str())
         .env("PORTRES_PORTS", format!("{}-{}", r.start(), r.last()))
         .env("PORTRES_PORT", r.start().to_string())
         .spawn()
         .with_context(|| format!("cannot run {:?}", program))?;
+    // Our copies of the sockets close with `command`; the command holds them now.
+    drop(command);
     // Ctrl-C reaches the command (same process group); we stay to release after it exits.
     portres_sys::process::ignore_terminal_interrupts();
     let status = child.wait().context("waiting for the command")?;

@@ -10,6 +10,8 @@ mod util;
 mod needs_root {
     mod autostart;
     mod cli;
+    mod enforcement;
+    mod handover;
     mod lifecycle;
     mod persistent;
     mod protocol;

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A portres client in 30 lines of Python, written from docs/protocol.md.
 
-usage: raw_client.py SOCKET 'REQUEST-JSON' ['REQUEST-JSON' ...]
+usage: raw_client.py SOCKET 'REQUEST-JSON' ['REQUEST-JSON' ...] [--wait]
 Sends the handshake, then each request (an "id" is added), and prints each reply as one JSON
-line. Used by the test suite to act as a separate process.
+line. With --wait, it then keeps the connection (the session) open until stdin closes. Used by
+the test suite to act as a separate process.
 """
 import json
 import socket
@@ -34,8 +35,14 @@ sock.connect(sys.argv[1])
 send(sock, {"protocol": "portres", "version": 1, "client": "raw_client.py"})
 hello = recv(sock)
 assert "welcome" in hello, hello
-for i, req in enumerate(sys.argv[2:], start=1):
+args = sys.argv[2:]
+wait = args[-1:] == ["--wait"]
+if wait:
+    args = args[:-1]
+for i, req in enumerate(args, start=1):
     msg = json.loads(req)
     msg["id"] = i
     send(sock, msg)
     print(json.dumps(recv(sock)), flush=True)
+if wait:
+    sys.stdin.read()

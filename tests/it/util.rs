@@ -46,15 +46,15 @@ pub struct TestDaemon {
 /// Starts `sleep` in a new network namespace with loopback up, after running `setup` (shell)
 /// there.
 fn new_netns(setup: &str) -> Child {
-    let mut child = Command::new("unshare")
+    let mut child = Command::new("unshare");
+    child
         .args(["-n", "--", "sh", "-c"])
         .arg(format!(
             "ip link set lo up && {setup} echo ready && exec sleep 1000000"
         ))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("unshare -n");
+        .stdout(Stdio::piped());
+    let mut child = spawn(&mut child);
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -96,6 +96,33 @@ impl TestDaemon {
         d
     }
 
+    /// A command prefix that runs in the daemon's network namespace as `uid` (and gid `uid`).
+    pub fn nsenter_as(&self, uid: u32) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.ns_pid))
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={uid}"))
+            .arg("--");
+        c
+    }
+
+    /// The adversary (`tests/it/adversary.py`) in the daemon's namespace, as `uid`.
+    pub fn adversary(&self, uid: u32) -> Command {
+        let mut c = self.nsenter_as(uid);
+        c.arg("python3").arg(world_readable("adversary.py"));
+        c
+    }
+
+    /// The raw-protocol client as `uid` (in the host namespace; only the Unix socket matters).
+    pub fn raw_client_as(&self, uid: u32) -> Command {
+        let mut c = Command::new("python3");
+        c.arg(world_readable("raw_client.py"))
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid);
+        c
+    }
+
     /// A command prefix that runs in the daemon's network namespace (as root).
     pub fn nsenter(&self) -> Command {
         let mut c = Command::new("nsenter");
@@ -130,13 +157,11 @@ impl TestDaemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        let mut child = cmd
-            .env("PORTRES_LOG", "debug")
+        cmd.env("PORTRES_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn unshare -n portres daemon");
+            .stderr(log);
+        let mut child = spawn(&mut cmd);
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -227,6 +252,22 @@ impl Drop for TestDaemon {
 
 use std::os::unix::process::CommandExt;
 
+/// A copy of a file of `tests/it/` that every user can read (see [`nobody_binary`]).
+pub fn world_readable(name: &str) -> PathBuf {
+    let dest = nobody_binary().parent().unwrap().join(name);
+    if !dest.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/it")
+            .join(name);
+        let out = run(Command::new("install")
+            .args(["-m", "644"])
+            .arg(src)
+            .arg(&dest));
+        assert!(out.status.success(), "install {name}: {out:?}");
+    }
+    dest
+}
+
 /// A copy of the binary under test in a directory every user can reach (the build directory
 /// may be under a private home). Copied once, by `install(1)`: if this process held the file
 /// open for writing, a concurrent fork in another test thread could inherit that descriptor and
@@ -238,12 +279,8 @@ pub fn nobody_binary() -> &'static Path {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dest = dir.join("portres");
-        let ok = Command::new("install")
-            .args(["-m", "755", BIN])
-            .arg(&dest)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "install the test binary");
+        let out = run(Command::new("install").args(["-m", "755", BIN]).arg(&dest));
+        assert!(out.status.success(), "install the test binary: {out:?}");
         dest
     })
 }
@@ -253,9 +290,35 @@ pub fn signal(pid: u32, sig: rustix::process::Signal) {
     let _ = rustix::process::kill_process(pid, sig);
 }
 
+/// Forks of this (multi-threaded) test process, against closes that must really close.
+///
+/// Between fork and exec a child holds copies of every descriptor of the process, close-on-exec
+/// or not; a socket handed out by the daemon and dropped by a test at that moment stays open in
+/// the child for a few microseconds, and the daemon rightly sees its port as still in use.
+/// Spawning takes this lock shared (std's spawn returns after the child's exec); [`close`] takes
+/// it exclusively.
+static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Spawns a command (see [`FORKS`]).
+pub fn spawn(cmd: &mut Command) -> Child {
+    let _g = FORKS.read().unwrap_or_else(|p| p.into_inner());
+    cmd.spawn().expect("spawn command")
+}
+
+/// Drops `x` (e.g. a handed-out socket) while no fork is in progress, so it is really closed.
+pub fn close<T>(x: T) {
+    let _g = FORKS.write().unwrap_or_else(|p| p.into_inner());
+    drop(x);
+}
+
 /// Runs a command, returning its output; panics if it could not run.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().expect("run command")
+    let child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    child.wait_with_output().expect("run command")
 }
 
 /// Parses stdout as one JSON document.

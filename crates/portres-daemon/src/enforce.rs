@@ -273,7 +273,10 @@ impl Enforcer {
         ) {
             Ok(s) => s,
             // Cannot see: assume they are all still in use.
-            Err(_) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "sock_diag failed; handed-out ports stay marked");
+                return Vec::new();
+            }
         };
         let gone: Vec<u16> = r
             .handed_out()

@@ -74,6 +74,36 @@ pub fn enter_private_net_namespace() -> io::Result<()> {
     Ok(())
 }
 
+/// Arranges for `fds` to be descriptors 3, 4, ... of the program `cmd` runs (systemd's
+/// `LISTEN_FDS` convention). The descriptors are first duplicated above the targets
+/// (`fcntl(F_DUPFD_CLOEXEC)`), then `dup2(2)`'d into place in the child between fork and exec
+/// (which also clears close-on-exec on the targets).
+pub fn pass_fds(cmd: &mut std::process::Command, fds: &[std::os::fd::OwnedFd]) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let above = 3 + fds.len() as i32;
+    let high: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, above).map_err(io::Error::from))
+        .collect::<io::Result<_>>()?;
+    let raw: Vec<i32> = high.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the child between fork and exec and calls only dup2, which is
+    // async-signal-safe; `raw` was allocated before the fork and is only read. `high` moves into
+    // the closure so the descriptors stay open until the Command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &high;
+            for (i, &fd) in raw.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// `signal(SIGINT, SIG_IGN)` and the same for `SIGQUIT`: used by `portres run` after it started
 /// its command, so a terminal's Ctrl-C stops the command, and `portres run` outlives it to report
 /// its exit status and release the reservation after it.

@@ -38,7 +38,7 @@ fn racing_clients_start_exactly_one_daemon() {
     assert!(!out.status.success());
     assert!(daemons_serving(&socket).is_empty());
 
-    let racers: Vec<_> = (0..8).map(|_| cli().spawn().unwrap()).collect();
+    let racers: Vec<_> = (0..8).map(|_| spawn(&mut cli())).collect();
     let pids: Vec<u64> = racers
         .into_iter()
         .map(|r| {

@@ -73,10 +73,6 @@ fn run_passes_the_ports_and_returns_the_exit_status() {
         "{err}"
     );
     assert!(!d.dir.path().join("ran").exists());
-
-    let out = run(d.cli().args(["run", "--listen", "--", "true"]));
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }
 
 #[test]

@@ -12,13 +12,12 @@ use crate::util::*;
 #[test]
 fn sigkill_of_the_client_ends_its_reservations() {
     let d = TestDaemon::start();
-    let mut holder = d
-        .cli()
-        .args(["run", "--start", "48000", "--count", "4", "--", "sh", "-c"])
-        .arg("echo \"$$ $PORTRES_PORTS\"; exec sleep 600")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut holder = spawn(
+        d.cli()
+            .args(["run", "--start", "48000", "--count", "4", "--", "sh", "-c"])
+            .arg("echo \"$$ $PORTRES_PORTS\"; exec sleep 600")
+            .stdout(Stdio::piped()),
+    );
     let mut line = String::new();
     BufReader::new(holder.stdout.take().unwrap())
         .read_line(&mut line)
@@ -110,16 +109,15 @@ fn system_socket_is_open_to_all_and_user_socket_is_private() {
     std::fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
     let socket = home.join("run/portres.sock");
-    let mut user_daemon = d
-        .cli_as_nobody()
-        .args(["daemon", "--print-ready", "--socket"])
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(home.join("state"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut user_daemon = spawn(
+        d.cli_as_nobody()
+            .args(["daemon", "--print-ready", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(home.join("state"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let mut line = String::new();
     BufReader::new(user_daemon.stdout.take().unwrap())
         .read_line(&mut line)

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""A process that tries to take reserved ports, for the enforcement tests.
+
+Run inside the daemon's network namespace (nsenter), as any uid.
+
+  adversary.py matrix PROTO PORT [PORT...]
+      Tries every way to bind each port: addresses 0.0.0.0, 127.0.0.1, ::, ::1, ::ffff:127.0.0.1,
+      10.99.99.99 (IP_FREEBIND), with no option, SO_REUSEADDR, SO_REUSEPORT, both, and
+      SO_BINDTODEVICE=lo. Prints a JSON list of the binds that succeeded (should be []).
+
+  adversary.py loop PROTO PORT
+      Binds PORT in a tight loop, cycling through those ways, until stdin closes; prints
+      {"attempts": N, "stolen": M} (M should be 0). Prints "started" first.
+
+  adversary.py storm PROTO LOW HIGH COUNT
+      Sets ip_local_port_range to LOW HIGH (needs root in the namespace) and asks the kernel for
+      COUNT automatic ports per way: bind(port 0) and connect() autobind, IPv4 and IPv6, keeping
+      each socket until the next round. Prints a JSON object of way -> sorted distinct ports got.
+"""
+import json
+import socket
+import sys
+
+SO_BINDTODEVICE = 25
+IP_FREEBIND = 15
+ADDRS = [
+    (socket.AF_INET, "0.0.0.0"),
+    (socket.AF_INET, "127.0.0.1"),
+    (socket.AF_INET6, "::"),
+    (socket.AF_INET6, "::1"),
+    (socket.AF_INET6, "::ffff:127.0.0.1"),
+    (socket.AF_INET, "10.99.99.99"),
+]
+OPTIONS = ["none", "reuseaddr", "reuseport", "both", "bindtodevice"]
+
+
+def sock_type(proto):
+    return socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+
+
+def try_bind(proto, family, addr, option, port):
+    s = socket.socket(family, sock_type(proto))
+    try:
+        if option in ("reuseaddr", "both", "bindtodevice"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if option in ("reuseport", "both", "bindtodevice"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if option == "bindtodevice":
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, b"lo")
+            except PermissionError:
+                pass  # needs CAP_NET_RAW: the unprivileged adversary tries without it
+        if addr == "10.99.99.99":
+            s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        if family == socket.AF_INET6 and addr == "::":
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((addr, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def matrix(proto, ports):
+    won = []
+    for port in ports:
+        for family, addr in ADDRS:
+            for option in OPTIONS:
+                if try_bind(proto, family, addr, option, port):
+                    won.append(f"{proto} [{addr}]:{port} {option}")
+    print(json.dumps(won))
+
+
+def loop(proto, port):
+    import os
+    import select
+    import threading
+
+    stop = threading.Event()
+
+    def watch():
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    print("started", flush=True)
+    ways = [(f, a, o) for f, a in ADDRS[:4] for o in OPTIONS[:4]]
+    attempts = stolen = 0
+    while not stop.is_set():
+        for family, addr, option in ways:
+            attempts += 1
+            if try_bind(proto, family, addr, option, port):
+                stolen += 1
+    print(json.dumps({"attempts": attempts, "stolen": stolen}), flush=True)
+
+
+def storm(proto, low, high, count):
+    with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+        f.write(f"{low} {high}\n")
+    got = {}
+    # Something to connect to, outside the range.
+    if proto == "tcp":
+        server4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server4.bind(("127.0.0.1", 9))
+        server4.listen(4096)
+        server6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        server6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        server6.bind(("::1", 9))
+        server6.listen(4096)
+    ways = {
+        "bind4": (socket.AF_INET, lambda s: s.bind(("0.0.0.0", 0))),
+        "bind6": (socket.AF_INET6, lambda s: s.bind(("::", 0))),
+        "connect4": (socket.AF_INET, lambda s: s.connect(("127.0.0.1", 9))),
+        "connect6": (socket.AF_INET6, lambda s: s.connect(("::1", 9))),
+    }
+    for name, (family, action) in ways.items():
+        ports = set()
+        held = []
+        for _ in range(count):
+            s = socket.socket(family, sock_type(proto))
+            try:
+                action(s)
+                ports.add(s.getsockname()[1])
+                held.append(s)
+            except OSError:
+                s.close()
+                # The range is used up: let go and go on.
+                for h in held:
+                    h.close()
+                held = []
+        for h in held:
+            h.close()
+        got[name] = sorted(ports)
+    print(json.dumps(got))
+
+
+if __name__ == "__main__":
+    mode, proto = sys.argv[1], sys.argv[2]
+    args = [int(a) for a in sys.argv[3:]]
+    if mode == "matrix":
+        matrix(proto, args)
+    elif mode == "loop":
+        loop(proto, args[0])
+    elif mode == "storm":
+        storm(proto, args[0], args[1], args[2])

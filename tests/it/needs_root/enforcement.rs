@@ -1,0 +1,188 @@
+//! The kernel honours reservations (SPEC §3): held ports cannot be bound by anyone else,
+//! automatic port selection never lands in a block, the sysctl is merged and restored, and a
+//! holder's death frees its ports at once.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use portres_client::{Mode, PersistentSpec, Protocol};
+
+use crate::util::*;
+
+fn matrix(d: &TestDaemon, uid: u32, proto: &str, ports: &[u16]) -> Vec<String> {
+    let out = run(d
+        .adversary(uid)
+        .args(["matrix", proto])
+        .args(ports.iter().map(u16::to_string)));
+    assert!(out.status.success(), "adversary failed: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn held_ports_cannot_be_bound_by_any_means() {
+    let d = TestDaemon::start();
+    let c = d.client();
+    let tcp = c.acquire_at(Protocol::Tcp, 45000, 3).unwrap();
+    let udp = c.acquire_at(Protocol::Udp, 45000, 3).unwrap();
+    // A handed-out port is as protected as the others.
+    let _listener = tcp
+        .listen_on(Some([127, 0, 0, 1].into()), 45001, 8)
+        .unwrap();
+    let _datagram = udp.udp_socket(None, 45001).unwrap();
+    for uid in [0, NOBODY] {
+        for proto in ["tcp", "udp"] {
+            let won = matrix(&d, uid, proto, &[45000, 45001, 45002]);
+            assert!(won.is_empty(), "uid {uid} took held ports: {won:?}");
+        }
+    }
+    // The same adversary does take a port nobody reserved: the test can fail.
+    let won = matrix(&d, NOBODY, "tcp", &[45100]);
+    assert!(won.len() >= 6, "control: {won:?}");
+}
+
+fn storm(d: &TestDaemon, proto: &str, low: u16, high: u16) -> Vec<u16> {
+    let out = run(d
+        .adversary(0)
+        .args(["storm", proto, &low.to_string(), &high.to_string(), "80"]));
+    assert!(out.status.success(), "storm failed: {out:?}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut ports = Vec::new();
+    for (way, list) in got.as_object().unwrap() {
+        let list: Vec<u16> = serde_json::from_value(list.clone()).unwrap();
+        assert!(
+            !list.is_empty(),
+            "{proto} {way} got no port at all: the storm did not run"
+        );
+        ports.extend(list);
+    }
+    ports
+}
+
+#[test]
+fn autobind_storm_never_lands_in_a_hold_or_exclude_block() {
+    let d = TestDaemon::start();
+    let c = d.client();
+    let mut blocks = Vec::new();
+    for p in [Protocol::Tcp, Protocol::Udp] {
+        blocks.push(c.acquire_with(p, 42000, 10, Mode::Hold).unwrap());
+        blocks.push(c.acquire_with(p, 42020, 10, Mode::Exclude).unwrap());
+    }
+    for proto in ["tcp", "udp"] {
+        let got = storm(&d, proto, 41995, 42034);
+        let inside: Vec<u16> = got
+            .iter()
+            .copied()
+            .filter(|p| (42000..42010).contains(p) || (42020..42030).contains(p))
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "{proto} autobind landed in a block: {inside:?}"
+        );
+    }
+}
+
+#[test]
+fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
+    let mut d = TestDaemon::with_setup(
+        "",
+        "echo 1000,2000-2010 > /proc/sys/net/ipv4/ip_local_reserved_ports &&",
+    );
+    assert_eq!(d.reserved_ports(), "1000,2000-2010");
+    let c = d.client();
+    let _held = c.acquire_at(Protocol::Tcp, 45000, 10).unwrap();
+    let excl = c
+        .acquire_with(Protocol::Udp, 46000, 1, Mode::Exclude)
+        .unwrap();
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,45000-45009,46000");
+    // Someone else adds an entry while the daemon runs: it is kept.
+    let out = run(d.nsenter().args(["sh", "-c"]).arg(
+        "echo 1000,2000-2010,3000,45000-45009,46000 > /proc/sys/net/ipv4/ip_local_reserved_ports",
+    ));
+    assert!(out.status.success());
+    excl.release().unwrap();
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,45000-45009");
+    // A TCP and a UDP block on the same ports: the entry stays until both end.
+    let t = c.acquire_at(Protocol::Tcp, 47000, 2).unwrap();
+    let u = c.acquire_at(Protocol::Udp, 47000, 2).unwrap();
+    drop(t);
+    assert!(d.reserved_ports().contains("47000-47001"));
+    drop(u);
+    assert!(!d.reserved_ports().contains("47000"));
+    drop(c);
+    assert!(d.terminate().success());
+    assert_eq!(
+        d.reserved_ports(),
+        "1000,2000-2010,3000",
+        "restored at shutdown"
+    );
+
+    // After a crash, the next daemon removes what its predecessor left behind, and holds the
+    // persistent blocks again.
+    d.launch();
+    let c = d.client();
+    let mut spec = PersistentSpec::new(Protocol::Tcp, 48000, 2);
+    spec.mode = Mode::Hold;
+    c.create_persistent(&spec).unwrap();
+    let _rt = c.acquire_at(Protocol::Udp, 49000, 1).unwrap();
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001,49000");
+    drop(c);
+    d.kill9();
+    assert_eq!(
+        d.reserved_ports(),
+        "1000,2000-2010,3000,48000-48001,49000",
+        "left behind"
+    );
+    d.launch();
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001");
+    let won = matrix(&d, NOBODY, "tcp", &[48000, 48001]);
+    assert!(
+        won.is_empty(),
+        "persistent hold block is held again: {won:?}"
+    );
+}
+
+#[test]
+fn a_holders_death_frees_its_ports_within_100_ms() {
+    let d = TestDaemon::start();
+    let mut holder = spawn(
+        d.raw_client_as(0)
+            .arg(r#"{"op":"acquire","protocol":"tcp","start":44000,"count":4}"#)
+            .arg("--wait")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"ok\""), "{line}");
+    assert!(matrix(&d, NOBODY, "tcp", &[44000, 44003]).is_empty());
+
+    holder.kill().unwrap(); // SIGKILL: the kernel closes its connection
+    holder.wait().unwrap();
+    let t0 = Instant::now();
+    let took = d.in_netns(move || {
+        let deadline = t0 + Duration::from_millis(100);
+        loop {
+            if std::net::TcpListener::bind(("::", 44000)).is_ok() {
+                return Some(t0.elapsed());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    });
+    assert!(
+        took.is_some(),
+        "port 44000 was not free 100 ms after its holder died"
+    );
+    let won = matrix(&d, NOBODY, "tcp", &[44001, 44002, 44003]);
+    for port in [44001, 44002, 44003] {
+        assert!(
+            won.iter().any(|w| w.contains(&format!(":{port} "))),
+            "{port} is free: {won:?}"
+        );
+    }
+}
