@@ -74,8 +74,13 @@ pub fn status(s: &StatusInfo, json: bool) {
     );
     println!("  runtime quota:  {} ports per user", s.runtime_quota_ports);
     println!(
-        "  reservations:   {} runtime, {} persistent, {} ports; {} sessions",
-        s.counts.runtime, s.counts.persistent, s.counts.ports_reserved, s.counts.sessions
+        "  reservations:   {} runtime, {} persistent, {} ports ({} held, {} handed out); {} sessions",
+        s.counts.runtime,
+        s.counts.persistent,
+        s.counts.ports_reserved,
+        s.counts.ports_held,
+        s.counts.ports_handed_out,
+        s.counts.sessions
     );
     println!("  enforcement:");
     for l in &s.layers {
