@@ -51,7 +51,17 @@ enum Command {
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation with its owner.
-    Show,
+    Show {
+        /// `table` (default) or `netsh` (the layout of Windows'
+        /// `netsh int ipv4 show excludedportrange`, for the protocol of --tcp/--udp).
+        #[arg(long, default_value = "table", value_parser = ["table", "netsh"])]
+        format: String,
+    },
+    /// Who has this port: reservation, live sockets and their processes, or nobody.
+    Who {
+        /// The port.
+        port: u32,
+    },
     /// Hold a runtime reservation while CMD runs.
     Run {
         /// Number of ports.
@@ -161,9 +171,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             output::status(&status, cli.json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show => {
+        Command::Show { format } => {
             let show = cli.client()?.show()?;
-            output::show(&show, cli.json);
+            if format == "netsh" && !cli.json {
+                print!("{}", output::netsh(&show, protocol));
+            } else {
+                output::show(&show, cli.json);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Who { port } => {
+            let who = cli.client()?.who(protocol, *port)?;
+            output::who(&who, cli.json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use portres_client::{Error, Protocol, ShowInfo, StatusInfo, Token};
+use portres_client::{Error, Protocol, ReservationInfo, ShowInfo, StatusInfo, Token, WhoInfo};
 use serde_json::json;
 
 /// Prints an error: `{"error": {...}}` on stdout with `--json`, else `portres: ...` on stderr.
@@ -73,15 +73,21 @@ pub fn status(s: &StatusInfo, json: bool) {
         s.dynamic_range, s.dynamic_range_source
     );
     println!("  runtime quota:  {} ports per user", s.runtime_quota_ports);
+    let c = &s.counts;
     println!(
-        "  reservations:   {} runtime, {} persistent, {} ports ({} held, {} handed out); {} sessions",
-        s.counts.runtime,
-        s.counts.persistent,
-        s.counts.ports_reserved,
-        s.counts.ports_held,
-        s.counts.ports_handed_out,
-        s.counts.sessions
+        "  reservations:   {} runtime ({} hold, {} exclude), {} persistent ({} hold, {} exclude)",
+        c.runtime,
+        c.runtime_hold,
+        c.runtime_exclude,
+        c.persistent,
+        c.persistent_hold,
+        c.persistent_exclude
     );
+    println!(
+        "  ports:          {} reserved, {} held, {} handed out",
+        c.ports_reserved, c.ports_held, c.ports_handed_out
+    );
+    println!("  sessions:       {}", c.sessions);
     println!("  enforcement:");
     for l in &s.layers {
         let state = if l.active { "active" } else { "off" };
@@ -99,49 +105,32 @@ pub fn show(s: &ShowInfo, json: bool) {
         println!("no reservations");
         return;
     }
-    let rows: Vec<[String; 6]> = s
+    let rows: Vec<[String; 7]> = s
         .reservations
         .iter()
         .map(|r| {
-            let last = u32::from(r.start) + u32::from(r.count) - 1;
-            let ports = if r.count == 1 {
-                r.start.to_string()
-            } else {
-                format!("{}-{last}", r.start)
-            };
-            let who = r
-                .owner
-                .user
-                .clone()
-                .unwrap_or_else(|| format!("uid {}", r.owner.uid));
-            let owner = match r.owner.pid {
-                Some(pid) => format!(
-                    "{who} pid {pid} {}",
-                    r.owner.command.as_deref().unwrap_or("")
-                ),
-                None => who,
-            };
             [
                 r.protocol.clone(),
-                ports,
+                ports(r),
                 r.kind.clone(),
                 r.mode.clone(),
+                format!("{}/{}", r.handed_out.len(), r.count),
                 ago(r.created),
-                owner,
+                owner(r),
             ]
         })
         .collect();
-    let head = ["PROTO", "PORTS", "KIND", "MODE", "CREATED", "OWNER"];
+    let head = ["PROTO", "PORTS", "KIND", "MODE", "USED", "CREATED", "OWNER"];
     let mut widths = head.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 7]| {
         let mut out = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i == 5 {
+            if i == 6 {
                 out.push_str(c);
             } else {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
@@ -154,7 +143,121 @@ pub fn show(s: &ShowInfo, json: bool) {
         println!("{}", out.trim_end());
     };
     line(head);
-    for row in &rows {
+    for (row, r) in rows.iter().zip(&s.reservations) {
         line(row.each_ref().map(String::as_str));
+        for h in &r.handed_out_to {
+            let to = match (h.pid, &h.command) {
+                (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
+                (Some(pid), None) => format!("pid {pid}"),
+                _ => "a process the daemon cannot see".into(),
+            };
+            line_80(&format!("    port {} handed out to {to}", h.port));
+        }
+    }
+}
+
+fn line_80(text: &str) {
+    if text.chars().count() > 79 {
+        println!("{}…", text.chars().take(78).collect::<String>());
+    } else {
+        println!("{text}");
+    }
+}
+
+fn ports(r: &ReservationInfo) -> String {
+    let last = u32::from(r.start) + u32::from(r.count) - 1;
+    if r.count == 1 {
+        r.start.to_string()
+    } else {
+        format!("{}-{last}", r.start)
+    }
+}
+
+/// Like [`owner`], with the command line cut to `max` characters.
+fn owner_short(r: &ReservationInfo, max: usize) -> String {
+    let full = owner(r);
+    if full.chars().count() > max {
+        full.chars().take(max - 1).collect::<String>() + "…"
+    } else {
+        full
+    }
+}
+
+fn owner(r: &ReservationInfo) -> String {
+    let who = r
+        .owner
+        .user
+        .clone()
+        .unwrap_or_else(|| format!("uid {}", r.owner.uid));
+    match r.owner.pid {
+        Some(pid) => format!(
+            "{who} pid {pid} {}",
+            r.owner.command.as_deref().unwrap_or("")
+        ),
+        None => who,
+    }
+}
+
+/// `show --format netsh`: the layout of Windows' `netsh int ipv4 show excludedportrange
+/// protocol=tcp`, persistent (administered) rows marked `*`.
+pub fn netsh(s: &ShowInfo, protocol: Protocol) -> String {
+    let mut out = format!(
+        "\nProtocol {protocol} Port Exclusion Ranges\n\nStart Port    End Port\n----------    --------\n"
+    );
+    for r in s
+        .reservations
+        .iter()
+        .filter(|r| r.protocol == protocol.as_str())
+    {
+        let last = u32::from(r.start) + u32::from(r.count) - 1;
+        // As netsh prints it: start right-aligned under "Start Port", end under "End Port".
+        out.push_str(&format!("{:>10}    {:>8}", r.start, last));
+        if r.kind == "persistent" {
+            out.push_str("     *");
+        }
+        out.push('\n');
+    }
+    out.push_str("\n* - Administered port exclusions.\n\n");
+    out
+}
+
+/// `who PORT`.
+pub fn who(w: &WhoInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(w).expect("serialisable"));
+        return;
+    }
+    let head = format!("port {}/{}", w.port, w.protocol);
+    if w.reservation.is_none() && w.sockets.is_empty() {
+        println!("{head}: nobody (no reservation covers it and no socket uses it)");
+        if let Some(n) = &w.not_visible {
+            println!("  note: {n}");
+        }
+        return;
+    }
+    println!("{head}");
+    match &w.reservation {
+        Some(r) => {
+            println!(
+                "  in {} reservation {}/{} ({}), made {}",
+                r.kind,
+                ports(r),
+                r.protocol,
+                r.mode,
+                ago(r.created)
+            );
+            let by = match r.owner.pid {
+                Some(_) => owner_short(r, 66),
+                None => format!("administrator {}", owner_short(r, 52)),
+            };
+            println!("    by {by}");
+        }
+        None => println!("  no reservation covers it"),
+    }
+    for s in &w.sockets {
+        println!("  {}", s.description);
+    }
+    if let Some(n) = &w.not_visible {
+        println!("  note: {n}");
     }
 }

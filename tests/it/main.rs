@@ -16,4 +16,5 @@ mod needs_root {
     mod persistent;
     mod protocol;
     mod runtime;
+    mod visibility;
 }

@@ -241,6 +241,15 @@ impl TestDaemon {
 
 impl Drop for TestDaemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- daemon log (last 40 lines) ---\n{}\n---",
+                tail.join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             signal(child.id(), rustix::process::Signal::TERM);
             let _ = child.wait();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use portres_core::{Mode, PortRange, Protocol, Token};
 use portres_proto::{
     Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame, ReservationRef,
-    ShowInfo, SocketRef, StatusInfo, Welcome,
+    ShowInfo, SocketRef, StatusInfo, Welcome, WhoInfo,
 };
 pub use portres_sys::hold::SocketKind;
 
@@ -326,6 +326,18 @@ impl Client {
     pub fn status(&self) -> Result<StatusInfo, Error> {
         match self.call(Request::Status)? {
             Reply::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Who has `port`: the reservation covering it and every live socket on it (in the
+    /// daemon's network namespace), with their processes.
+    pub fn who(&self, protocol: Protocol, port: u32) -> Result<WhoInfo, Error> {
+        match self.call(Request::Who {
+            protocol: protocol.as_str().into(),
+            port,
+        })? {
+            Reply::Who(w) => Ok(w),
             other => Err(unexpected(&other)),
         }
     }

@@ -28,5 +28,6 @@ pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket};
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
 pub use portres_proto::{
-    ConflictInfo, Counts, LayerInfo, OwnerInfo, ReservationInfo, ShowInfo, StatusInfo,
+    ConflictInfo, Counts, HandedOutInfo, LayerInfo, OwnerInfo, ReservationInfo, ShowInfo,
+    SocketInfo, StatusInfo, WhoInfo,
 };

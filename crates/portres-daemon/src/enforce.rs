@@ -293,6 +293,18 @@ impl Enforcer {
         gone
     }
 
+    /// Inode of the placeholder holding `port` of `token`'s block, if held.
+    pub(crate) fn placeholder_inode(&self, r: &Reservation, port: u16) -> Option<u64> {
+        let fds = self.holds.get(&r.token)?;
+        let fd = fds.get(usize::from(port.checked_sub(r.range.start())?))?;
+        hold::inode(fd.as_fd()).ok()
+    }
+
+    /// Inode of the socket handed out on `port` of `token`'s block, if any.
+    pub(crate) fn handed_inode(&self, token: Token, port: u16) -> Option<u64> {
+        self.handed.get(&(token, port)).copied()
+    }
+
     /// Restores the sysctl (at shutdown).
     pub(crate) fn shutdown(&mut self) {
         self.exclude.restore();

@@ -1,5 +1,6 @@
 //! One function per request: wire message in, table operation, wire reply out.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,8 +10,8 @@ use portres_core::{
     Protocol, Refusal, Reservation, SocketInUse, Token, TokenSource,
 };
 use portres_proto::{
-    ConflictInfo, Counts, OwnerInfo, Reply, Request, ReservationInfo, ReservationRef, ShowInfo,
-    SocketRef, StatusInfo,
+    ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
+    ReservationRef, ShowInfo, SocketRef, StatusInfo, WhoInfo,
 };
 use portres_sys::hold::SocketKind;
 
@@ -38,7 +39,7 @@ impl PortProbe for KernelProbe {
     fn first_in_use(&mut self, protocol: Protocol, range: PortRange) -> Option<SocketInUse> {
         portres_sys::ports::first_port_in_use(protocol, range).map(|port| SocketInUse {
             port,
-            description: None,
+            description: crate::visibility::describe_holder(protocol, port),
         })
     }
 }
@@ -157,7 +158,9 @@ fn admit(st: &mut State, r: Reservation, op: Operation) -> Result<Reservation, R
             let c = Conflict {
                 protocol: r.protocol,
                 port,
-                holder: Holder::Socket { description: None },
+                holder: Holder::Socket {
+                    description: crate::visibility::describe_holder(r.protocol, port),
+                },
             };
             let code = if op.is_persistent() {
                 ErrorCode::SharingViolation
@@ -267,13 +270,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
                     )
                     .and_then(|r| admit(&mut st, r, op))
             };
-            let r = match created {
-                Ok(r) => r,
-                Err(e) => {
-                    log_outcome::<()>(caller, "create persistent", &Err(e.clone()));
-                    return Err(e);
-                }
-            };
+            let r = created?;
             // The reservation is in the table (so nobody else can take the block meanwhile);
             // the reply waits for the store's fsync, and a failed write takes it out again.
             let store = shared.store.clone();
@@ -321,13 +318,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
                 .table
                 .check_delete_persistent(caller, p, start, count)
                 .map(|r| (r.token, r.range));
-            let (token, range) = match found {
-                Ok(x) => x,
-                Err(e) => {
-                    log_outcome::<()>(caller, "delete persistent", &Err(e.clone()));
-                    return Err(e);
-                }
-            };
+            let (token, range) = found?;
             // Off the disk first: a crash after this and before the reply leaves it deleted,
             // never half-deleted.
             let store = shared.store.clone();
@@ -349,6 +340,10 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             );
             Ok((Reply::Done, None))
         }
+        Request::Who { protocol: p, port } => {
+            let p = protocol(Operation::Other, &p)?;
+            Ok((Reply::Who(who(shared, caller, p, port)?), None))
+        }
         Request::Status => Ok((Reply::Status(status(shared)), None)),
         Request::Show => Ok((Reply::Show(show(shared, caller)), None)),
     }
@@ -364,33 +359,12 @@ fn parse_token(op: Operation, s: &str) -> Result<u64, Refusal> {
     })
 }
 
-fn log_outcome<T>(caller: &Caller, what: &str, result: &Result<T, Refusal>)
-where
-    T: LogGrant,
-{
-    match result {
-        Ok(v) => v.log(caller, what),
-        Err(e) => tracing::info!(
-            pid = caller.pid,
-            uid = caller.uid,
-            code = e.code.as_str(),
-            "denied {what}: {}",
-            e.message
-        ),
-    }
-}
-
-trait LogGrant {
-    fn log(&self, caller: &Caller, what: &str);
-}
-impl LogGrant for () {
-    fn log(&self, _: &Caller, _: &str) {}
-}
-impl LogGrant for Reservation {
-    fn log(&self, caller: &Caller, what: &str) {
+/// Logs a grant (refusals are logged for every request in one place, in server.rs).
+fn log_outcome(caller: &Caller, what: &str, result: &Result<Reservation, Refusal>) {
+    if let Ok(r) = result {
         tracing::info!(
-            pid = caller.pid, uid = caller.uid, token = %self.token,
-            "{what}: {}/{} ({})", self.range, self.protocol, self.mode
+            pid = caller.pid, uid = caller.uid, token = %r.token,
+            "{what}: {}/{} ({})", r.range, r.protocol, r.mode
         );
     }
 }
@@ -403,6 +377,12 @@ fn status(shared: &Shared) -> StatusInfo {
         ..Counts::default()
     };
     for r in table.reservations() {
+        match (r.is_persistent(), r.mode) {
+            (true, Mode::Hold) => counts.persistent_hold += 1,
+            (true, Mode::Exclude) => counts.persistent_exclude += 1,
+            (false, Mode::Hold) => counts.runtime_hold += 1,
+            (false, Mode::Exclude) => counts.runtime_exclude += 1,
+        }
         if r.is_persistent() {
             counts.persistent += 1;
         } else {
@@ -428,42 +408,157 @@ fn status(shared: &Shared) -> StatusInfo {
     }
 }
 
-fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
-    let mut st = shared.state.lock().unwrap();
-    reclaim_all(&mut st);
-    let table = &st.table;
+/// The wire form of a reservation, for `caller` (tokens only to administrators and owners).
+/// `holders` maps handed-out socket inodes to processes.
+fn reservation_info(
+    st: &State,
+    r: &Reservation,
+    caller: &Caller,
+    holders: &HashMap<u64, Vec<u32>>,
+) -> ReservationInfo {
     let names = |ids: &[u32], f: fn(u32) -> Option<String>| {
         ids.iter()
             .map(|&i| f(i).unwrap_or_else(|| i.to_string()))
             .collect()
     };
+    let (allow_users, allow_groups) = match &r.kind {
+        Kind::Persistent { acl } => (
+            names(&acl.users, portres_sys::creds::user_name),
+            names(&acl.groups, portres_sys::creds::group_name),
+        ),
+        Kind::Runtime { .. } => (Vec::new(), Vec::new()),
+    };
+    let handed_out_to = r
+        .handed_out()
+        .iter()
+        .map(|&port| {
+            let pid = st
+                .enforcer
+                .handed_inode(r.token, port)
+                .and_then(|ino| holders.get(&ino))
+                .and_then(|pids| pids.first().copied());
+            HandedOutInfo {
+                port,
+                pid,
+                command: pid.and_then(portres_sys::process::command_line),
+            }
+        })
+        .collect();
+    ReservationInfo {
+        protocol: r.protocol.as_str().into(),
+        start: r.range.start(),
+        count: r.range.count(),
+        kind: r.kind_str().into(),
+        mode: r.mode.as_str().into(),
+        token: (caller.admin || caller.uid == r.owner.uid).then(|| r.token.to_string()),
+        owner: owner_info(&r.owner),
+        created: r.created,
+        handed_out: r.handed_out().iter().copied().collect(),
+        handed_out_to,
+        allow_users,
+        allow_groups,
+    }
+}
+
+/// Processes holding the handed-out sockets of `rs`.
+fn handout_holders<'a>(
+    st: &State,
+    rs: impl Iterator<Item = &'a Reservation>,
+) -> HashMap<u64, Vec<u32>> {
+    let inodes: HashSet<u64> = rs
+        .flat_map(|r| {
+            r.handed_out()
+                .iter()
+                .filter_map(|&p| st.enforcer.handed_inode(r.token, p))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    portres_sys::procfs::socket_owners(&inodes).0
+}
+
+fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
+    let mut st = shared.state.lock().unwrap();
+    reclaim_all(&mut st);
+    let holders = handout_holders(&st, st.table.reservations());
     ShowInfo {
-        reservations: table
+        reservations: st
+            .table
             .reservations()
-            .map(|r| {
-                let (allow_users, allow_groups) = match &r.kind {
-                    Kind::Persistent { acl } => (
-                        names(&acl.users, portres_sys::creds::user_name),
-                        names(&acl.groups, portres_sys::creds::group_name),
-                    ),
-                    Kind::Runtime { .. } => (Vec::new(), Vec::new()),
-                };
-                ReservationInfo {
-                    protocol: r.protocol.as_str().into(),
-                    start: r.range.start(),
-                    count: r.range.count(),
-                    kind: r.kind_str().into(),
-                    mode: r.mode.as_str().into(),
-                    token: (caller.admin || caller.uid == r.owner.uid).then(|| r.token.to_string()),
-                    owner: owner_info(&r.owner),
-                    created: r.created,
-                    handed_out: r.handed_out().iter().copied().collect(),
-                    allow_users,
-                    allow_groups,
-                }
-            })
+            .map(|r| reservation_info(&st, r, caller, &holders))
             .collect(),
     }
+}
+
+fn who(shared: &Shared, caller: &Caller, p: Protocol, port: u32) -> Result<WhoInfo, Refusal> {
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| {
+            Refusal::new(
+                Operation::Other,
+                ErrorCode::InvalidArgument,
+                format!("{port} is not a port; give a number from 1 to 65535"),
+            )
+        })?;
+    // The kernel's view first, outside the lock (it reads /proc).
+    let (seen, hidden) = crate::visibility::sockets_on(p, port);
+    let mut st = shared.state.lock().unwrap();
+    if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
+        reclaim(&mut st, t);
+    }
+    let covering = st.table.covering(p, port).cloned();
+    let (placeholder, handed) = match &covering {
+        Some(r) => (
+            st.enforcer.placeholder_inode(r, port),
+            st.enforcer.handed_inode(r.token, port),
+        ),
+        None => (None, None),
+    };
+    let holders = handout_holders(&st, covering.iter());
+    let reservation = covering
+        .as_ref()
+        .map(|r| reservation_info(&st, r, caller, &holders));
+    drop(st);
+    let sockets = seen
+        .iter()
+        .map(|s| {
+            let role = if Some(s.entry.inode) == placeholder {
+                Some("portres placeholder (hold layer)")
+            } else if Some(s.entry.inode) == handed {
+                Some("handed out by portres")
+            } else {
+                None
+            };
+            let mut info = crate::visibility::socket_info(s, role);
+            if role == Some("handed out by portres") {
+                // Described by the process that has it, not by the role.
+                info.description = format!(
+                    "{} (handed out by portres)",
+                    crate::visibility::describe(s, None)
+                );
+            }
+            info
+        })
+        .collect::<Vec<_>>();
+    let unseen = sockets
+        .iter()
+        .filter(|s| s.inode != 0 && s.pids.is_empty())
+        .count();
+    let not_visible = (unseen > 0 && hidden > 0).then(|| {
+        format!(
+            "{unseen} sockets belong to processes the daemon cannot see ({hidden} processes \
+             were not readable: the daemon runs as uid {}; run the system daemon as root to \
+             see every process)",
+            portres_sys::creds::effective_uid()
+        )
+    });
+    Ok(WhoInfo {
+        protocol: p.as_str().into(),
+        port,
+        reservation,
+        sockets,
+        not_visible,
+    })
 }
 
 /// Returns to their blocks the ports whose handed-out sockets have closed.
@@ -528,13 +623,7 @@ fn associate(
         let tk = r.token;
         reclaim(&mut st, tk);
     }
-    let chosen = match st.table.associate(caller, t, kind.protocol(), port) {
-        Ok(p) => p,
-        Err(e) => {
-            log_outcome::<()>(caller, "associate", &Err(e.clone()));
-            return Err(e);
-        }
-    };
+    let chosen = st.table.associate(caller, t, kind.protocol(), port)?;
     let tk = Token::new(t).expect("associate succeeded");
     let r = st.table.get(tk).expect("live").clone();
     match st.enforcer.hand_over(&r, chosen, kind, addr) {
@@ -562,7 +651,9 @@ fn associate(
                     let c = Conflict {
                         protocol: r.protocol,
                         port: chosen,
-                        holder: Holder::Socket { description: None },
+                        holder: Holder::Socket {
+                            description: crate::visibility::describe_holder(r.protocol, chosen),
+                        },
                     };
                     Refusal::new(
                         op,
@@ -590,7 +681,6 @@ fn associate(
                     ),
                 ),
             };
-            log_outcome::<()>(caller, "associate", &Err(refusal.clone()));
             Err(refusal)
         }
     }

@@ -10,6 +10,7 @@
 //! - [`store`]: the redb store of persistent reservations.
 //! - `server`: the accept loop, sessions, framing.
 //! - `handlers`: one function per request, from wire message to table operation and back.
+//! - `visibility`: who has a port (sockets, processes), in words.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 
 pub mod config;
@@ -17,6 +18,7 @@ mod enforce;
 mod handlers;
 mod server;
 pub mod store;
+mod visibility;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

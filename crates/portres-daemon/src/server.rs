@@ -136,16 +136,19 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
     );
     shared.state.lock().unwrap().table.open_session(id, owner);
 
-    if let Err(why) = converse(&shared, &caller, &mut stream).await {
-        tracing::info!(
-            session = id,
-            pid = cred.pid,
-            uid = cred.uid,
-            "session closed: {why}"
-        );
-    }
+    let why = match converse(&shared, &caller, &mut stream).await {
+        Ok(()) => "closed by the client".to_string(),
+        Err(why) => why,
+    };
     let mut state = shared.state.lock().unwrap();
     let ended = state.table.end_session(id);
+    tracing::info!(
+        session = id,
+        pid = cred.pid,
+        uid = cred.uid,
+        reservations_ended = ended.len(),
+        "session ended: {why}"
+    );
     for r in &ended {
         state.enforcer.retire(r);
         tracing::info!(
@@ -220,9 +223,19 @@ async fn converse(shared: &Shared, caller: &Caller, s: &mut UnixStream) -> Resul
                 return Err(format!("malformed request: {e}"));
             }
         };
+        let op = frame.request.op_name();
         let (body, fd) = match handlers::handle(shared, caller, frame.request).await {
             Ok((reply, fd)) => (ReplyBody::Ok(reply), fd),
-            Err(refusal) => (ReplyBody::Error(error_body(&refusal)), None),
+            Err(refusal) => {
+                tracing::info!(
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    code = refusal.code.as_str(),
+                    "refused {op}: {}",
+                    refusal.message
+                );
+                (ReplyBody::Error(error_body(&refusal)), None)
+            }
         };
         let reply = ReplyFrame { id: frame.id, body };
         match fd {

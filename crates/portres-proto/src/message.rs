@@ -136,10 +136,34 @@ pub enum Request {
         #[serde(default)]
         backlog: Option<i32>,
     },
+    /// Who has a port: the reservation covering it and every live socket on it.
+    Who {
+        /// `"tcp"` or `"udp"`.
+        protocol: String,
+        /// The port.
+        port: u32,
+    },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation.
     Show,
+}
+
+impl Request {
+    /// The `op` name, for logs.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Acquire { .. } => "acquire",
+            Request::Release { .. } => "release",
+            Request::CreatePersistent { .. } => "create_persistent",
+            Request::LookupPersistent { .. } => "lookup_persistent",
+            Request::DeletePersistent { .. } => "delete_persistent",
+            Request::Associate { .. } => "associate",
+            Request::Who { .. } => "who",
+            Request::Status => "status",
+            Request::Show => "show",
+        }
+    }
 }
 
 /// A reply and the id of its request.
@@ -176,6 +200,69 @@ pub enum Reply {
     Status(StatusInfo),
     /// Answer to [`Request::Show`].
     Show(ShowInfo),
+    /// Answer to [`Request::Who`].
+    Who(WhoInfo),
+}
+
+/// One live socket on a port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketInfo {
+    /// `listening`, `bound`, `connected`, `time-wait`, ...
+    pub state: String,
+    /// Local address, e.g. `[::]:8080`.
+    pub local: String,
+    /// Remote address, for connected sockets.
+    #[serde(default)]
+    pub remote: Option<String>,
+    /// Owner uid of the socket.
+    pub uid: u32,
+    /// Its user name.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Socket inode (0 for TIME_WAIT).
+    pub inode: u64,
+    /// The (first) process holding it; null when none or not visible.
+    pub pid: Option<u32>,
+    /// Every process holding it.
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// Command line of `pid`.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// What portres knows of it: `"placeholder"` (hold layer) or `"handed out"`.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The socket in words, as in conflict messages.
+    pub description: String,
+}
+
+/// Answer to [`Request::Who`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoInfo {
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// The port.
+    pub port: u16,
+    /// The reservation covering it, if any.
+    pub reservation: Option<ReservationInfo>,
+    /// Live sockets on it, in the daemon's network namespace.
+    pub sockets: Vec<SocketInfo>,
+    /// What the daemon could not see, if anything (e.g. processes of other users when it is not
+    /// root).
+    #[serde(default)]
+    pub not_visible: Option<String>,
+}
+
+/// A handed-out port of a reservation and the process holding its socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedOutInfo {
+    /// The port.
+    pub port: u16,
+    /// The (first) process holding the socket, when visible.
+    pub pid: Option<u32>,
+    /// Its command line.
+    #[serde(default)]
+    pub command: Option<String>,
 }
 
 /// A reservation's identity: token, protocol, block, mode.
@@ -272,6 +359,9 @@ pub struct ReservationInfo {
     /// Ports of the block handed out to sockets.
     #[serde(default)]
     pub handed_out: Vec<u16>,
+    /// The same, with the process holding each socket.
+    #[serde(default)]
+    pub handed_out_to: Vec<HandedOutInfo>,
     /// Users allowed to consume it (persistent only).
     #[serde(default)]
     pub allow_users: Vec<String>,
@@ -307,6 +397,18 @@ pub struct Counts {
     pub runtime: u64,
     /// Persistent reservations.
     pub persistent: u64,
+    /// Runtime reservations in hold mode.
+    #[serde(default)]
+    pub runtime_hold: u64,
+    /// Runtime reservations in exclude mode.
+    #[serde(default)]
+    pub runtime_exclude: u64,
+    /// Persistent reservations in hold mode.
+    #[serde(default)]
+    pub persistent_hold: u64,
+    /// Persistent reservations in exclude mode.
+    #[serde(default)]
+    pub persistent_exclude: u64,
     /// Ports in all blocks.
     pub ports_reserved: u64,
     /// Ports kept bound by placeholders (hold layer).

@@ -8,6 +8,7 @@
 //! - [`hold`]: placeholder sockets and the sockets handed out from reservations.
 //! - [`ports`]: the dynamic port range, and probing whether a port is bound.
 //! - [`process`]: command lines of processes, the OS random source, file locks, stdio.
+//! - [`procfs`]: which processes hold which sockets.
 //! - [`reserved_ports`]: the `net.ipv4.ip_local_reserved_ports` sysctl.
 //! - [`sockdiag`]: the kernel's socket table (netlink `sock_diag`).
 #![allow(unsafe_code)]
@@ -18,5 +19,6 @@ pub mod fdpass;
 pub mod hold;
 pub mod ports;
 pub mod process;
+pub mod procfs;
 pub mod reserved_ports;
 pub mod sockdiag;

@@ -60,8 +60,11 @@ fn twenty_thousand_handovers_against_tight_loop_adversaries_lose_nothing() {
             start_adversary(&d, NOBODY, proto, port),
         ];
         for i in 0..5000 {
-            let fail =
-                |e: Error| -> ! { panic!("{proto} handover {i} on {address:?} failed: {e}") };
+            let fail = |e: Error| -> ! {
+                // Who still has the port, to tell a real bug from a socket kept open elsewhere.
+                let who = c.who(protocol, port.into());
+                panic!("{proto} handover {i} on {address:?} failed: {e}\nwho: {who:#?}")
+            };
             match protocol {
                 Protocol::Tcp => {
                     let l = r.listen_on(address, port, 8).unwrap_or_else(|e| fail(e));
