@@ -218,7 +218,7 @@ fn the_log_tells_who_had_what() {
         log.lines()
             .any(|l| l.contains(needle) && l.contains(&me) && l.contains("INFO"))
     };
-    assert!(has(&format!("acquire: 9100-9101/tcp")), "{log}");
+    assert!(has("acquire: 9100-9101/tcp"), "{log}");
     assert!(has(&format!("token={token}")), "{log}");
     assert!(has("release: 9100-9101/tcp"), "{log}");
     assert!(has("refused acquire"), "{log}");
