@@ -9,6 +9,7 @@ mod util;
 
 mod needs_root {
     mod autostart;
+    mod capi;
     mod cli;
     mod enforcement;
     mod handover;

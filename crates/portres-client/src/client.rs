@@ -196,6 +196,19 @@ impl Client {
         address: Option<IpAddr>,
         port: u16,
     ) -> Result<(OwnedFd, u16), Error> {
+        self.associate_with(token, kind, address, port, None)
+    }
+
+    /// [`Client::associate`] with `IPV6_V6ONLY` chosen for an IPv6 address (`None`: dual-stack
+    /// for `::`).
+    pub fn associate_with(
+        &self,
+        token: Token,
+        kind: SocketKind,
+        address: Option<IpAddr>,
+        port: u16,
+        v6only: Option<bool>,
+    ) -> Result<(OwnedFd, u16), Error> {
         let (socket, backlog) = match kind {
             SocketKind::Listener { backlog } => ("listener", Some(backlog)),
             SocketKind::Stream => ("stream", None),
@@ -207,6 +220,7 @@ impl Client {
             port,
             address: address.map(|a| a.to_string()),
             backlog,
+            v6only,
         })?;
         match reply {
             Reply::Socket(SocketRef { port, .. }) if fds.len() == 1 => {

@@ -245,13 +245,15 @@ impl Enforcer {
         port: u16,
         kind: SocketKind,
         addr: IpAddr,
+        v6only: Option<bool>,
     ) -> io::Result<OwnedFd> {
         let held = self.holds.contains_key(&r.token);
         let owner = if held { self.holder_uid } else { None };
-        let fd = match hold::handover_socket(kind, addr, port, held, owner) {
+        let fd = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
             Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
                 // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.
-                hold::handover_socket(kind, IpAddr::from([0, 0, 0, 0]), port, held, owner)?
+                let v4 = IpAddr::from([0, 0, 0, 0]);
+                hold::handover_socket(kind, v4, port, held, owner, None)?
             }
             other => other?,
         };

@@ -238,7 +238,10 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             port,
             address,
             backlog,
-        } => associate(shared, caller, &token, &socket, port, address, backlog),
+            v6only,
+        } => associate(
+            shared, caller, &token, &socket, port, address, backlog, v6only,
+        ),
         Request::CreatePersistent {
             protocol: p,
             start,
@@ -582,6 +585,7 @@ fn reclaim_all(st: &mut State) {
 }
 
 /// `SIO_ASSOCIATE_PORT_RESERVATION` + bind: a socket on a port of the block, for the caller.
+#[allow(clippy::too_many_arguments)]
 fn associate(
     shared: &Shared,
     caller: &Caller,
@@ -590,6 +594,7 @@ fn associate(
     port: u16,
     address: Option<String>,
     backlog: Option<i32>,
+    v6only: Option<bool>,
 ) -> Handled {
     let op = Operation::Associate;
     let invalid = |m: String| Refusal::new(op, ErrorCode::InvalidArgument, m);
@@ -626,7 +631,7 @@ fn associate(
     let chosen = st.table.associate(caller, t, kind.protocol(), port)?;
     let tk = Token::new(t).expect("associate succeeded");
     let r = st.table.get(tk).expect("live").clone();
-    match st.enforcer.hand_over(&r, chosen, kind, addr) {
+    match st.enforcer.hand_over(&r, chosen, kind, addr, v6only) {
         Ok(fd) => {
             let local = portres_sys::hold::local_addr(fd.as_fd())
                 .map(|a| a.ip().to_string())

@@ -135,6 +135,9 @@ pub enum Request {
         /// `listen()` backlog for listeners; default 128.
         #[serde(default)]
         backlog: Option<i32>,
+        /// For an IPv6 address: `IPV6_V6ONLY`. Default: dual-stack for `::`, else unset.
+        #[serde(default)]
+        v6only: Option<bool>,
     },
     /// Who has a port: the reservation covering it and every live socket on it.
     Who {

@@ -149,22 +149,27 @@ impl SocketKind {
 }
 
 /// A socket for a client: `socket()` (under the holder uid if given), `SO_REUSEPORT` when the
-/// port is held by a placeholder, `bind(addr:port)` (dual-stack when `addr` is `::`), `listen()`
-/// for listeners.
+/// port is held by a placeholder, `IPV6_V6ONLY` as asked (dual-stack by default when `addr` is
+/// `::`), `bind(addr:port)`, `listen()` for listeners.
 pub fn handover_socket(
     kind: SocketKind,
     addr: IpAddr,
     port: u16,
     reuseport: bool,
     holder_uid: Option<u32>,
+    v6only: Option<bool>,
 ) -> io::Result<OwnedFd> {
     let family = match addr {
         IpAddr::V4(_) => AddressFamily::INET,
         IpAddr::V6(_) => AddressFamily::INET6,
     };
     let fd = new_socket(family, sock_type(kind.protocol()), holder_uid)?;
-    if addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
-        sockopt::set_ipv6_v6only(&fd, false)?;
+    if addr.is_ipv6() {
+        match v6only {
+            Some(v) => sockopt::set_ipv6_v6only(&fd, v)?,
+            None if addr.is_unspecified() => sockopt::set_ipv6_v6only(&fd, false)?,
+            None => {}
+        }
     }
     if reuseport {
         sockopt::set_socket_reuseport(&fd, true)?;

@@ -9,6 +9,7 @@
 //! - [`ports`]: the dynamic port range, and probing whether a port is bound.
 //! - [`process`]: command lines of processes, the OS random source, file locks, stdio.
 //! - [`procfs`]: which processes hold which sockets.
+//! - [`rawfd`]: calls on raw descriptor numbers from C callers (socket kind, bind, dup3).
 //! - [`reserved_ports`]: the `net.ipv4.ip_local_reserved_ports` sysctl.
 //! - [`sockdiag`]: the kernel's socket table (netlink `sock_diag`).
 #![allow(unsafe_code)]
@@ -20,5 +21,6 @@ pub mod hold;
 pub mod ports;
 pub mod process;
 pub mod procfs;
+pub mod rawfd;
 pub mod reserved_ports;
 pub mod sockdiag;

@@ -138,10 +138,25 @@ fn system_socket_is_open_to_all_and_user_socket_is_private() {
     assert_eq!((sock_mode, dir_mode), (0o600, 0o700));
     assert_eq!(status.scope, "user");
     // Without privilege the exclude layer is off, and says why; the hold layer names its limit.
-    let layer = |name: &str| status.layers.iter().find(|l| l.name == name).unwrap().clone();
+    let layer = |name: &str| {
+        status
+            .layers
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap()
+            .clone()
+    };
     let exclude = layer("exclude");
     assert!(!exclude.active);
-    assert!(exclude.reason.contains("CAP_NET_ADMIN"), "{}", exclude.reason);
+    assert!(
+        exclude.reason.contains("CAP_NET_ADMIN"),
+        "{}",
+        exclude.reason
+    );
     let hold = layer("hold");
-    assert!(hold.active && hold.reason.contains("SO_REUSEPORT"), "{}", hold.reason);
+    assert!(
+        hold.active && hold.reason.contains("SO_REUSEPORT"),
+        "{}",
+        hold.reason
+    );
 }
