@@ -12,6 +12,11 @@ Run inside the daemon's network namespace (nsenter), as any uid.
       Binds PORT in a tight loop, cycling through those ways, until stdin closes; prints
       {"attempts": N, "stolen": M} (M should be 0). Prints "started" first.
 
+  adversary.py intrude PROTO
+      Asks the kernel for automatic ports (bind(port 0), connect() autobind, IPv4 and IPv6) in a
+      loop, keeping the last hundred sockets open, until stdin closes; prints
+      {"sockets": N}. Prints "started" first.
+
   adversary.py storm PROTO LOW HIGH COUNT
       Sets ip_local_port_range to LOW HIGH (needs root in the namespace) and asks the kernel for
       COUNT automatic ports per way: bind(port 0) and connect() autobind, IPv4 and IPv6, keeping
@@ -135,6 +140,50 @@ def storm(proto, low, high, count):
     print(json.dumps(got))
 
 
+def intrude(proto):
+    import threading
+    from collections import deque
+
+    stop = threading.Event()
+
+    def watch():
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    if proto == "tcp":
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 39999))
+        server.listen(4096)
+    print("started", flush=True)
+    held = deque()
+    made = 0
+    while not stop.is_set():
+        for family, action in (
+            (socket.AF_INET, lambda s: s.bind(("0.0.0.0", 0))),
+            (socket.AF_INET6, lambda s: s.bind(("::", 0))),
+            (socket.AF_INET, lambda s: s.connect(("127.0.0.1", 39999))),
+        ):
+            s = socket.socket(family, sock_type(proto))
+            try:
+                action(s)
+                made += 1
+                held.append(s)
+            except OSError:
+                s.close()
+            while len(held) > 100:
+                held.popleft().close()
+            if proto == "tcp":
+                try:
+                    server.setblocking(False)
+                    while True:
+                        server.accept()[0].close()
+                except OSError:
+                    pass
+    print(json.dumps({"sockets": made}), flush=True)
+
+
 if __name__ == "__main__":
     mode, proto = sys.argv[1], sys.argv[2]
     args = [int(a) for a in sys.argv[3:]]
@@ -142,5 +191,7 @@ if __name__ == "__main__":
         matrix(proto, args)
     elif mode == "loop":
         loop(proto, args[0])
+    elif mode == "intrude":
+        intrude(proto)
     elif mode == "storm":
         storm(proto, args[0], args[1], args[2])

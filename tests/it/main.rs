@@ -16,6 +16,7 @@ mod needs_root {
     mod lifecycle;
     mod persistent;
     mod protocol;
+    mod reliability;
     mod runtime;
     mod visibility;
 }

@@ -1,8 +1,8 @@
 //! The heart of portres: the reservation table and the rules of SPEC §1 and §2, with no I/O.
 //!
 //! Everything here is plain data and pure functions over it. The daemon feeds in who is asking
-//! ([`Caller`]), the time, fresh random numbers ([`TokenSource`]) and what the kernel says about
-//! ports in use ([`PortProbe`]); this crate decides and records the outcome. Because it never
+//! ([`Caller`]), the time, fresh random numbers ([`TokenSource`]) and the kernel's side of taking
+//! a block ([`PortClaim`]); this crate decides and records the outcome. Because it never
 //! touches the outside world it is exhaustively property-tested (see `src/tests.rs`).
 //!
 //! # Layout
@@ -24,8 +24,8 @@ pub use outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
 pub use portset::PortSet;
 pub use range::{Mode, PortRange, Protocol, Token};
 pub use table::{
-    Acl, Caller, Kind, Owner, PortProbe, Reservation, SessionId, SocketInUse, Table, TableConfig,
-    TokenSource,
+    Acl, Caller, ClaimError, Kind, Owner, PortClaim, Reservation, SessionId, SocketInUse, Table,
+    TableConfig, TokenSource,
 };
 
 #[cfg(test)]

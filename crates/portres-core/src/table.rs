@@ -182,10 +182,35 @@ pub struct SocketInUse {
     pub description: Option<String>,
 }
 
-/// Asks the kernel whether ports are in use.
-pub trait PortProbe {
-    /// The first port of `range` bound by some socket, if any.
-    fn first_in_use(&mut self, protocol: Protocol, range: PortRange) -> Option<SocketInUse>;
+/// Why the kernel side could not take a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimError {
+    /// A port of the block is used by a socket outside portres.
+    InUse(SocketInUse),
+    /// Something else failed (e.g. no descriptors left to hold the block): refuse with this.
+    Failed {
+        /// Outcome to report.
+        code: ErrorCode,
+        /// Why, for people (the core prefixes what was asked).
+        why: String,
+    },
+}
+
+/// The kernel side of granting a block (the daemon's enforcement): makes `range` the block of
+/// `token`, or says why not and leaves nothing behind. The table calls it once per candidate
+/// block, after its own checks and just before recording the grant, so the kernel can exclude
+/// the block from automatic port selection *before* checking that it is free (no window in
+/// which autobind can land inside), and a wildcard acquire moves on to the next candidate when
+/// a port turns out to be in use.
+pub trait PortClaim {
+    /// Takes `range` for `token` in `mode`.
+    fn claim(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+    ) -> Result<(), ClaimError>;
 }
 
 #[derive(Debug, Clone)]
@@ -348,27 +373,49 @@ impl Table {
         Some(r)
     }
 
-    /// Checks a specific block against the table and the kernel; the first conflict wins.
-    fn conflict(
+    /// Takes a specific block: the table's overlap check, then the kernel's claim. A conflict is
+    /// refused with `conflict_code`; `asked` describes the request for the message.
+    #[allow(clippy::too_many_arguments)]
+    fn take_specific(
         &self,
+        op: Operation,
+        conflict_code: ErrorCode,
+        asked: &str,
+        token: Token,
         protocol: Protocol,
         range: PortRange,
-        probe: &mut dyn PortProbe,
-    ) -> Option<Conflict> {
-        if let Some(r) = self.first_overlap(protocol, range) {
-            return Some(Conflict {
+        mode: Mode,
+        claim: &mut dyn PortClaim,
+    ) -> Result<(), Refusal> {
+        let conflict = if let Some(r) = self.first_overlap(protocol, range) {
+            Conflict {
                 protocol,
                 port: r.range.start().max(range.start()),
                 holder: r.holder(),
-            });
-        }
-        probe.first_in_use(protocol, range).map(|s| Conflict {
-            protocol,
-            port: s.port,
-            holder: Holder::Socket {
-                description: s.description,
-            },
-        })
+            }
+        } else {
+            match claim.claim(token, protocol, range, mode) {
+                Ok(()) => return Ok(()),
+                Err(ClaimError::InUse(s)) => Conflict {
+                    protocol,
+                    port: s.port,
+                    holder: Holder::Socket {
+                        description: s.description,
+                    },
+                },
+                Err(ClaimError::Failed { code, why }) => {
+                    return Err(Refusal::new(op, code, format!("{asked}: {why}")));
+                }
+            }
+        };
+        Err(Refusal::new(
+            op,
+            conflict_code,
+            format!(
+                "{asked}: {conflict}; choose a block that does not overlap it, or free the port first"
+            ),
+        )
+        .with_conflict(conflict))
     }
 
     /// `SIO_ACQUIRE_PORT_RESERVATION`: a runtime block for `caller`'s session. `start == 0` asks
@@ -383,7 +430,7 @@ impl Table {
         mode: Mode,
         now: u64,
         tokens: &mut dyn TokenSource,
-        probe: &mut dyn PortProbe,
+        claim: &mut dyn PortClaim,
     ) -> Result<Reservation, Refusal> {
         let op = Operation::AcquireRuntime;
         if count == 0 {
@@ -430,25 +477,26 @@ impl Table {
                 ));
             }
         }
+        let token = self.fresh_token(tokens);
         let range = if start == 0 {
-            self.pick_wildcard(protocol, count as u16, probe)?
+            self.pick_wildcard(token, protocol, count as u16, mode, claim)?
         } else {
             let range = PortRange::new(start, count).expect("checked above");
-            if let Some(c) = self.conflict(protocol, range, probe) {
-                return Err(Refusal::new(
-                    op,
-                    ErrorCode::AddressInUse,
-                    format!(
-                        "cannot reserve {range}/{protocol}: {c}; choose a block that does not \
-                         overlap it, or ask for any free block (a count without a start)"
-                    ),
-                )
-                .with_conflict(c));
-            }
+            let asked = format!("cannot reserve {range}/{protocol}");
+            self.take_specific(
+                op,
+                ErrorCode::AddressInUse,
+                &asked,
+                token,
+                protocol,
+                range,
+                mode,
+                claim,
+            )?;
             range
         };
         let r = Reservation {
-            token: self.fresh_token(tokens),
+            token,
             protocol,
             range,
             kind: Kind::Runtime {
@@ -465,9 +513,11 @@ impl Table {
 
     fn pick_wildcard(
         &self,
+        token: Token,
         protocol: Protocol,
         count: u16,
-        probe: &mut dyn PortProbe,
+        mode: Mode,
+        claim: &mut dyn PortClaim,
     ) -> Result<PortRange, Refusal> {
         let gaps = &self.free[protocol.index()];
         let mut attempts = 0;
@@ -478,11 +528,18 @@ impl Table {
             while s + u32::from(count) <= gap_end && attempts < WILDCARD_ATTEMPTS {
                 attempts += 1;
                 let r = PortRange::new(s, u32::from(count)).expect("inside the dynamic range");
-                match probe.first_in_use(protocol, r) {
-                    None => return Ok(r),
-                    Some(used) => {
+                match claim.claim(token, protocol, r, mode) {
+                    Ok(()) => return Ok(r),
+                    Err(ClaimError::InUse(used)) => {
                         busy += 1;
                         s = u32::from(used.port) + 1;
+                    }
+                    Err(ClaimError::Failed { code, why }) => {
+                        return Err(Refusal::new(
+                            Operation::AcquireRuntime,
+                            code,
+                            format!("cannot reserve {count} {protocol} ports: {why}"),
+                        ));
                     }
                 }
             }
@@ -659,7 +716,7 @@ impl Table {
         command: Option<String>,
         now: u64,
         tokens: &mut dyn TokenSource,
-        probe: &mut dyn PortProbe,
+        claim: &mut dyn PortClaim,
     ) -> Result<Reservation, Refusal> {
         let op = Operation::CreatePersistent;
         let range = persistent_range(op, protocol, start, count)?;
@@ -675,19 +732,20 @@ impl Table {
                 ),
             ));
         }
-        if let Some(c) = self.conflict(protocol, range, probe) {
-            return Err(Refusal::new(
-                op,
-                ErrorCode::SharingViolation,
-                format!(
-                    "cannot create persistent reservation {range}/{protocol}: {c}; choose a block \
-                     that does not overlap it, or free the port first"
-                ),
-            )
-            .with_conflict(c));
-        }
+        let token = self.fresh_token(tokens);
+        let asked = format!("cannot create persistent reservation {range}/{protocol}");
+        self.take_specific(
+            op,
+            ErrorCode::SharingViolation,
+            &asked,
+            token,
+            protocol,
+            range,
+            mode,
+            claim,
+        )?;
         let r = Reservation {
-            token: self.fresh_token(tokens),
+            token,
             protocol,
             range,
             kind: Kind::Persistent { acl },

@@ -19,7 +19,7 @@ impl TokenSource for Seq {
 
 #[derive(Default)]
 struct Busy(BTreeSet<(Protocol, u16)>);
-impl PortProbe for Busy {
+impl Busy {
     fn first_in_use(&mut self, p: Protocol, r: PortRange) -> Option<SocketInUse> {
         r.ports()
             .find(|&x| self.0.contains(&(p, x)))
@@ -27,6 +27,16 @@ impl PortProbe for Busy {
                 port,
                 description: Some("test socket".into()),
             })
+    }
+}
+
+/// The kernel of the tests: ports in the set are in use.
+impl PortClaim for Busy {
+    fn claim(&mut self, _: Token, p: Protocol, r: PortRange, _: Mode) -> Result<(), ClaimError> {
+        match self.first_in_use(p, r) {
+            Some(s) => Err(ClaimError::InUse(s)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
-use portres_core::{Mode, PortRange, PortSet, Reservation, Token};
+use portres_core::{
+    ClaimError, ErrorCode, Mode, PortRange, PortSet, Protocol, Reservation, SocketInUse, Token,
+};
 use portres_proto::LayerInfo;
 use portres_sys::hold::{self, SocketKind};
 use portres_sys::reserved_ports;
@@ -23,6 +25,13 @@ pub(crate) enum HoldError {
     Port { port: u16, error: io::Error },
     /// The daemon ran out of descriptors.
     NoDescriptors { held: u64, limit: u64 },
+}
+
+fn in_use(protocol: Protocol, port: u16) -> ClaimError {
+    ClaimError::InUse(SocketInUse {
+        port,
+        description: crate::visibility::describe_holder(protocol, port),
+    })
 }
 
 /// The exclude layer's bookkeeping.
@@ -156,6 +165,8 @@ pub(crate) struct Enforcer {
     unheld: HashMap<Token, String>,
     /// Inode of each handed-out socket, by (token, port).
     handed: HashMap<(Token, u16), u64>,
+    /// Inode of each socket handed out from a block that has ended, by (protocol, port).
+    orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
     nofile: u64,
 }
@@ -172,56 +183,138 @@ impl Enforcer {
             held_ports: 0,
             unheld: HashMap::new(),
             handed: HashMap::new(),
+            orphans: HashMap::new(),
             exclude: Exclude::open(state_dir),
             nofile,
         }
     }
 
-    /// Enforces a new block: placeholders for `hold` blocks (all or nothing), and the block into
-    /// the exclude layer.
-    pub(crate) fn admit(&mut self, r: &Reservation) -> Result<(), HoldError> {
-        if r.mode == Mode::Hold {
-            let mut fds = Vec::with_capacity(usize::from(r.range.count()));
-            for port in r.range.ports() {
-                match hold::placeholder(r.protocol, port, self.holder_uid) {
-                    Ok(fd) => fds.push(fd),
-                    // EMFILE, ENFILE: out of descriptors.
-                    Err(e) if matches!(e.raw_os_error(), Some(24 | 23)) => {
-                        return Err(HoldError::NoDescriptors {
-                            held: self.held_ports,
-                            limit: self.nofile,
-                        });
-                    }
-                    Err(error) => return Err(HoldError::Port { port, error }),
+    /// Binds the placeholders of a `hold` block, all or nothing.
+    fn hold(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+    ) -> Result<(), HoldError> {
+        let mut fds = Vec::with_capacity(usize::from(range.count()));
+        for port in range.ports() {
+            match hold::placeholder(protocol, port, self.holder_uid) {
+                Ok(fd) => fds.push(fd),
+                // EMFILE, ENFILE: out of descriptors.
+                Err(e) if matches!(e.raw_os_error(), Some(24 | 23)) => {
+                    return Err(HoldError::NoDescriptors {
+                        held: self.held_ports,
+                        limit: self.nofile,
+                    });
                 }
+                Err(error) => return Err(HoldError::Port { port, error }),
             }
-            self.held_ports += fds.len() as u64;
-            self.holds.insert(r.token, fds);
         }
-        self.exclude.add(r.range);
-        self.exclude.sync();
+        self.held_ports += fds.len() as u64;
+        self.holds.insert(token, fds);
         Ok(())
     }
 
-    /// Like [`Enforcer::admit`] for persistent blocks at start-up: a block that cannot be held
-    /// is kept (the exclude layer still covers it) and reported.
+    /// The first port of `range` used by a socket portres handed out from a block that has
+    /// since ended (placeholders of the holder uid could join it unnoticed). Dead ones are
+    /// forgotten.
+    fn live_orphan(&mut self, protocol: Protocol, range: PortRange) -> Option<u16> {
+        let mine: Vec<(u16, u64)> = self
+            .orphans
+            .iter()
+            .filter(|((p, port), _)| *p == protocol && range.contains(*port))
+            .map(|((_, port), ino)| (*port, *ino))
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let live = portres_sys::sockdiag::sockets_on_ports(protocol, range.start(), range.last())
+            .unwrap_or_default();
+        let mut first = None;
+        for (port, ino) in mine {
+            if live.iter().any(|s| s.inode == ino) {
+                first = Some(first.map_or(port, |f: u16| f.min(port)));
+            } else {
+                self.orphans.remove(&(protocol, port));
+            }
+        }
+        first
+    }
+
+    /// The kernel side of granting a block (see `portres_core::PortClaim`): first into the
+    /// exclude layer (so autobind cannot land in it from now on), then checked free — by binding
+    /// its placeholders for `hold` blocks, by bind probes for `exclude` blocks. On failure
+    /// nothing is left behind.
+    pub(crate) fn claim(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+    ) -> Result<(), ClaimError> {
+        self.exclude.add(range);
+        self.exclude.sync();
+        let result = match mode {
+            Mode::Hold => match self.live_orphan(protocol, range) {
+                Some(port) => Err(in_use(protocol, port)),
+                None => self.hold(token, protocol, range).map_err(|e| match e {
+                    HoldError::Port { port, error } if error.raw_os_error() == Some(98) => {
+                        in_use(protocol, port)
+                    }
+                    HoldError::Port { port, error } => ClaimError::Failed {
+                        code: ErrorCode::Internal,
+                        why: format!("holding port {port} failed: {error}; see the daemon's log"),
+                    },
+                    HoldError::NoDescriptors { held, limit } => ClaimError::Failed {
+                        code: ErrorCode::NoBufferSpace,
+                        why: format!(
+                            "holding it needs one open file per port, and the daemon holds {held} \
+                             ports already with an open-file limit of {limit}; ask for an \
+                             exclude-mode block (not held; the kernel still never hands its ports \
+                             out), release blocks, or raise the daemon's LimitNOFILE"
+                        ),
+                    },
+                }),
+            },
+            Mode::Exclude => match portres_sys::ports::first_port_in_use(protocol, range) {
+                Some(port) => Err(in_use(protocol, port)),
+                None => Ok(()),
+            },
+        };
+        if result.is_err() {
+            self.exclude.remove(range);
+            self.exclude.sync();
+        }
+        result
+    }
+
+    /// Puts a persistent block back at start-up: a block that cannot be held is kept (the
+    /// exclude layer still covers it) and reported.
     pub(crate) fn admit_at_start(&mut self, r: &Reservation) {
-        if let Err(e) = self.admit(r) {
-            let why = match e {
-                HoldError::Port { port, error } => {
-                    format!("port {port} could not be held: {error}")
-                }
-                HoldError::NoDescriptors { limit, .. } => {
-                    format!("the open-file limit ({limit}) is reached")
-                }
-            };
+        self.exclude.add(r.range);
+        self.exclude.sync();
+        if r.mode != Mode::Hold {
+            return;
+        }
+        let result = match self.live_orphan(r.protocol, r.range) {
+            Some(port) => Err(format!("port {port} is in use")),
+            None => self
+                .hold(r.token, r.protocol, r.range)
+                .map_err(|e| match e {
+                    HoldError::Port { port, error } => {
+                        format!("port {port} could not be held: {error}")
+                    }
+                    HoldError::NoDescriptors { limit, .. } => {
+                        format!("the open-file limit ({limit}) is reached")
+                    }
+                }),
+        };
+        if let Err(why) = result {
             tracing::warn!(
                 token = %r.token,
                 "persistent reservation {}/{} is not held: {why}", r.range, r.protocol
             );
             self.unheld.insert(r.token, why);
-            self.exclude.add(r.range);
-            self.exclude.sync();
         }
     }
 
@@ -232,7 +325,18 @@ impl Enforcer {
             self.held_ports -= fds.len() as u64;
         }
         self.unheld.remove(&r.token);
-        self.handed.retain(|(t, _), _| *t != r.token);
+        // Sockets handed out from it keep their ports until they close: remember them, so no
+        // new block is granted over them in the meantime.
+        let protocol = r.protocol;
+        let orphans = &mut self.orphans;
+        self.handed.retain(|(t, port), ino| {
+            if *t == r.token {
+                orphans.insert((protocol, *port), *ino);
+                false
+            } else {
+                true
+            }
+        });
         self.exclude.remove(r.range);
         self.exclude.sync();
     }
@@ -318,8 +422,11 @@ impl Enforcer {
     }
 
     /// Status of each layer, with the reason.
-    pub(crate) fn layers(&self) -> Vec<LayerInfo> {
-        let room = self.nofile.saturating_sub(hold::open_fd_count());
+    pub(crate) fn layers(&self, sessions: usize) -> Vec<LayerInfo> {
+        // An estimate (counting /proc/self/fd would cost a directory read per status): each
+        // session and held port is one descriptor, plus a few dozen of the daemon's own.
+        let used = self.held_ports + sessions as u64 + 64;
+        let room = self.nofile.saturating_sub(used);
         let limits = format!(
             "{} ports held; about {room} more can be held (open-file limit {})",
             self.held_ports, self.nofile

@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portres_core::{
-    Acl, Caller, Conflict, ErrorCode, Holder, Kind, Mode, Operation, Owner, PortProbe, PortRange,
-    Protocol, Refusal, Reservation, SocketInUse, Token, TokenSource,
+    Acl, Caller, ClaimError, Conflict, ErrorCode, Holder, Kind, Mode, Operation, Owner, PortClaim,
+    PortRange, Protocol, Refusal, Reservation, Token, TokenSource,
 };
 use portres_proto::{
     ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
@@ -15,7 +15,6 @@ use portres_proto::{
 };
 use portres_sys::hold::SocketKind;
 
-use crate::enforce::HoldError;
 use crate::store::StoredReservation;
 use crate::{Shared, State};
 
@@ -33,14 +32,17 @@ impl TokenSource for OsRandom {
     }
 }
 
-/// Asks the kernel by trying to bind each port (see `portres_sys::ports::port_in_use`).
-struct KernelProbe;
-impl PortProbe for KernelProbe {
-    fn first_in_use(&mut self, protocol: Protocol, range: PortRange) -> Option<SocketInUse> {
-        portres_sys::ports::first_port_in_use(protocol, range).map(|port| SocketInUse {
-            port,
-            description: crate::visibility::describe_holder(protocol, port),
-        })
+/// The enforcer as the table's [`PortClaim`].
+struct KernelClaim<'a>(&'a mut crate::enforce::Enforcer);
+impl PortClaim for KernelClaim<'_> {
+    fn claim(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+    ) -> Result<(), ClaimError> {
+        self.0.claim(token, protocol, range, mode)
     }
 }
 
@@ -141,56 +143,6 @@ fn internal(op: Operation, what: &str, e: impl std::fmt::Display) -> Refusal {
     )
 }
 
-/// Enforces a block the table just granted; on failure the grant is taken back.
-fn admit(st: &mut State, r: Reservation, op: Operation) -> Result<Reservation, Refusal> {
-    let Err(e) = st.enforcer.admit(&r) else {
-        return Ok(r);
-    };
-    st.table.cancel(r.token);
-    let asked = format!("{}/{}", r.range, r.protocol);
-    let what = if op.is_persistent() {
-        "create persistent reservation"
-    } else {
-        "reserve"
-    };
-    Err(match e {
-        HoldError::Port { port, error } if error.raw_os_error() == Some(98) => {
-            let c = Conflict {
-                protocol: r.protocol,
-                port,
-                holder: Holder::Socket {
-                    description: crate::visibility::describe_holder(r.protocol, port),
-                },
-            };
-            let code = if op.is_persistent() {
-                ErrorCode::SharingViolation
-            } else {
-                ErrorCode::AddressInUse
-            };
-            Refusal::new(
-                op,
-                code,
-                format!("cannot {what} {asked}: {c}; choose another block, or free the port first"),
-            )
-            .with_conflict(c)
-        }
-        HoldError::Port { port, error } => Refusal::new(
-            op,
-            ErrorCode::Internal,
-            format!(
-                "cannot {what} {asked}: holding port {port} failed: {error}; nothing was                  reserved; see the daemon's log"
-            ),
-        ),
-        HoldError::NoDescriptors { held, limit } => Refusal::new(
-            op,
-            ErrorCode::NoBufferSpace,
-            format!(
-                "cannot {what} {asked}: holding it needs one open file per port, and the daemon                  holds {held} ports already with an open-file limit of {limit}; ask for an                  exclude-mode block (not held, the kernel still never hands its ports out),                  release blocks, or raise the daemon's LimitNOFILE"
-            ),
-        ),
-    })
-}
-
 type Handled = Result<(Reply, Option<OwnedFd>), Refusal>;
 
 pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -> Handled {
@@ -205,19 +157,17 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             let p = protocol(op, &p)?;
             let m = mode(op, m.as_deref(), Mode::Hold)?;
             let mut st = shared.state.lock().unwrap();
-            let result = st
-                .table
-                .acquire(
-                    caller,
-                    p,
-                    start,
-                    count,
-                    m,
-                    now(),
-                    &mut OsRandom,
-                    &mut KernelProbe,
-                )
-                .and_then(|r| admit(&mut st, r, op));
+            let State { table, enforcer } = &mut *st;
+            let result = table.acquire(
+                caller,
+                p,
+                start,
+                count,
+                m,
+                now(),
+                &mut OsRandom,
+                &mut KernelClaim(enforcer),
+            );
             log_outcome(caller, "acquire", &result);
             result.map(|r| (reservation_ref(&r), None))
         }
@@ -258,20 +208,19 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             let command = portres_sys::process::command_line(caller.pid);
             let created = {
                 let mut st = shared.state.lock().unwrap();
-                st.table
-                    .create_persistent(
-                        caller,
-                        p,
-                        start,
-                        count,
-                        m,
-                        acl,
-                        command,
-                        now(),
-                        &mut OsRandom,
-                        &mut KernelProbe,
-                    )
-                    .and_then(|r| admit(&mut st, r, op))
+                let State { table, enforcer } = &mut *st;
+                table.create_persistent(
+                    caller,
+                    p,
+                    start,
+                    count,
+                    m,
+                    acl,
+                    command,
+                    now(),
+                    &mut OsRandom,
+                    &mut KernelClaim(enforcer),
+                )
             };
             let r = created?;
             // The reservation is in the table (so nobody else can take the block meanwhile);
@@ -406,7 +355,7 @@ fn status(shared: &Shared) -> StatusInfo {
         dynamic_range: table.config().dynamic_range.to_string(),
         dynamic_range_source: shared.dynamic_source.clone(),
         runtime_quota_ports: table.config().runtime_quota,
-        layers: st.enforcer.layers(),
+        layers: st.enforcer.layers(table.session_count()),
         counts,
     }
 }

@@ -82,6 +82,8 @@ struct Shared {
     dynamic_source: String,
     started: Instant,
     own_uid: u32,
+    /// Most sessions open at once since the heap was last trimmed.
+    session_peak: std::sync::atomic::AtomicUsize,
 }
 
 /// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
@@ -136,6 +138,7 @@ impl Daemon {
                 dynamic_source,
                 started: Instant::now(),
                 own_uid: portres_sys::creds::effective_uid(),
+                session_peak: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }

@@ -134,7 +134,12 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         admin,
         "session opened"
     );
-    shared.state.lock().unwrap().table.open_session(id, owner);
+    let open = {
+        let mut st = shared.state.lock().unwrap();
+        st.table.open_session(id, owner);
+        st.table.session_count()
+    };
+    shared.session_peak.fetch_max(open, Ordering::Relaxed);
 
     let why = match converse(&shared, &caller, &mut stream).await {
         Ok(()) => "closed by the client".to_string(),
@@ -149,6 +154,13 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         reservations_ended = ended.len(),
         "session ended: {why}"
     );
+    // When most sessions of a burst have gone, give their memory back to the system.
+    let open = state.table.session_count();
+    let peak = shared.session_peak.load(Ordering::Relaxed);
+    if peak >= 64 && open * 4 < peak {
+        shared.session_peak.store(open, Ordering::Relaxed);
+        portres_sys::process::trim_heap();
+    }
     for r in &ended {
         state.enforcer.retire(r);
         tracing::info!(

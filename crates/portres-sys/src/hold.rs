@@ -216,8 +216,3 @@ pub fn nofile_limit() -> u64 {
         .current
         .unwrap_or(u64::MAX)
 }
-
-/// Number of open descriptors of this process (entries of `/proc/self/fd`).
-pub fn open_fd_count() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
-}

@@ -104,6 +104,14 @@ pub fn pass_fds(cmd: &mut std::process::Command, fds: &[std::os::fd::OwnedFd]) -
     Ok(())
 }
 
+/// `malloc_trim(0)`: gives freed heap memory back to the system (glibc keeps it otherwise).
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `signal(SIGINT, SIG_IGN)` and the same for `SIGQUIT`: used by `portres run` after it started
 /// its command, so a terminal's Ctrl-C stops the command, and `portres run` outlives it to report
 /// its exit status and release the reservation after it.
