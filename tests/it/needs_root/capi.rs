@@ -9,16 +9,30 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-/// The directory with `libportres.so` and `libportres.a` (built by `cargo test --workspace`).
+/// The directory with `libportres.so` and `libportres.a`. `cargo test` builds only the Rust
+/// form of the portres-capi library, so the C forms are built here, once, with the cargo that
+/// runs the tests (it does not hold the build lock while tests run).
 fn lib_dir() -> PathBuf {
-    let dir = Path::new(BIN).parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libportres.so").exists() && dir.join("libportres.a").exists(),
-        "libportres.so/.a are not in {}: run the suite with `cargo test --workspace` (the C \
-         library is the portres-capi package)",
-        dir.display()
-    );
-    dir
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = Path::new(BIN).parent().unwrap().to_path_buf();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "portres-capi"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let out = run(&mut build);
+            assert!(
+                out.status.success(),
+                "building libportres: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(dir.join("libportres.so").exists() && dir.join("libportres.a").exists());
+            dir
+        })
+        .clone()
 }
 
 /// Compiles C sources against the shared library; returns the executable.
