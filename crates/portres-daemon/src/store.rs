@@ -209,17 +209,25 @@ impl Store {
 
     /// Writes one reservation durably (returns after the commit's fsync).
     pub fn put(&self, rec: &StoredReservation) -> Result<(), StoreError> {
-        let protocol: Protocol = rec.protocol.parse().map_err(|why| StoreError::Record {
-            path: self.path.clone(),
-            key: rec.token.to_string(),
-            why,
-        })?;
-        let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
+        self.put_all(std::slice::from_ref(rec))
+    }
+
+    /// Writes reservations in one durable transaction (all or none), e.g. for an import.
+    pub fn put_all(&self, recs: &[StoredReservation]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-            t.insert((proto_key(protocol), rec.start), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
+            for rec in recs {
+                let protocol: Protocol =
+                    rec.protocol.parse().map_err(|why| StoreError::Record {
+                        path: self.path.clone(),
+                        key: rec.token.to_string(),
+                        why,
+                    })?;
+                let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
+                t.insert((proto_key(protocol), rec.start), bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
     }

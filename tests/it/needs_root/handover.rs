@@ -59,25 +59,40 @@ fn twenty_thousand_handovers_against_tight_loop_adversaries_lose_nothing() {
             start_adversary(&d, 0, proto, port),
             start_adversary(&d, NOBODY, proto, port),
         ];
+        // A socket a test closes can live on for microseconds in a child of another test thread
+        // (the kernel resumes a vfork parent before it closes the child's close-on-exec
+        // descriptors); the daemon then rightly says the port is still handed out. Such a
+        // handover is retried, counted, and must stay rare; it is never a theft.
+        let mut transient = 0;
         for i in 0..5000 {
-            let fail = |e: Error| -> ! {
-                // Who still has the port, to tell a real bug from a socket kept open elsewhere.
-                let who = c.who(protocol, port.into());
-                panic!("{proto} handover {i} on {address:?} failed: {e}\nwho: {who:#?}")
-            };
-            match protocol {
-                Protocol::Tcp => {
-                    let l = r.listen_on(address, port, 8).unwrap_or_else(|e| fail(e));
-                    assert_eq!(l.local_addr().unwrap().port(), port);
-                    close(l);
-                }
-                Protocol::Udp => {
-                    let u = r.udp_socket(address, port).unwrap_or_else(|e| fail(e));
-                    assert_eq!(u.local_addr().unwrap().port(), port);
-                    close(u);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                let got = match protocol {
+                    Protocol::Tcp => r.listen_on(address, port, 8).map(|l| {
+                        assert_eq!(l.local_addr().unwrap().port(), port);
+                        close(l);
+                    }),
+                    Protocol::Udp => r.udp_socket(address, port).map(|u| {
+                        assert_eq!(u.local_addr().unwrap().port(), port);
+                        close(u);
+                    }),
+                };
+                match got {
+                    Ok(()) => break,
+                    Err(Error::AddressInUse(_)) if std::time::Instant::now() < deadline => {
+                        transient += 1;
+                    }
+                    Err(e) => {
+                        let who = c.who(protocol, port.into());
+                        panic!("{proto} handover {i} on {address:?} failed: {e}\nwho: {who:#?}");
+                    }
                 }
             }
         }
+        assert!(
+            transient < 50,
+            "{transient} handovers found the previous socket still open"
+        );
         for a in adversaries {
             let (attempts, stolen) = stop_adversary(a);
             assert_eq!(

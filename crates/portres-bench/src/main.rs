@@ -1,0 +1,546 @@
+//! `portres-bench`: every figure of SPEC §8 measured beside its baseline in one run, printed as
+//! Markdown for BENCHMARKS.md. Run it with `bench/run.sh` (as root: it works in a private network
+//! namespace, starts its own daemon, and, when given one, Google's portserver).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use portres_client::{Client, Mode, Protocol};
+use portres_core::{
+    Caller, ClaimError, Owner, PortClaim, PortRange, Table, TableConfig, Token, TokenSource,
+};
+
+fn pct(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn slab_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(bin: &Path, dir: &Path, fresh: bool) -> Result<(Daemon, Duration)> {
+        if fresh {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("portres.sock");
+        let t = Instant::now();
+        let mut child = Command::new(bin)
+            .args(["daemon", "--print-ready", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--config")
+            .arg("/dev/null")
+            .env("PORTRES_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the daemon")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        if line.trim() != "READY" {
+            bail!("daemon did not start");
+        }
+        Ok((
+            Daemon {
+                child,
+                socket,
+                dir: dir.into(),
+            },
+            t.elapsed(),
+        ))
+    }
+
+    fn client(&self) -> Client {
+        Client::connect_to(&self.socket).expect("connect")
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+/// A process that echoes 16-byte messages on a Unix socket: the floor for any daemon RPC.
+fn echo_server(path: &str) -> Result<()> {
+    let l = UnixListener::bind(path)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let (mut s, _) = l.accept()?;
+    let mut buf = [0u8; 16];
+    while s.read_exact(&mut buf).is_ok() {
+        s.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn pingpong(n: usize) -> Result<Vec<Duration>> {
+    let path = std::env::temp_dir().join(format!("portres-bench-echo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--echo-server")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    let mut s = UnixStream::connect(&path)?;
+    let mut buf = [7u8; 16];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        out.push(t.elapsed());
+    }
+    drop(s);
+    child.wait()?;
+    let _ = std::fs::remove_file(&path);
+    Ok(out)
+}
+
+fn bare_bind(n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let l = std::net::TcpListener::bind(("::", 0)).unwrap();
+            drop(l);
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
+    let ping = pct(pingpong(n)?);
+    let bind = pct(bare_bind(n));
+    let c = d.client();
+    let pair = |mode: Mode| -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let r = c.acquire_with(Protocol::Tcp, 0, 1, mode).unwrap();
+                r.release().unwrap();
+                t.elapsed()
+            })
+            .collect()
+    };
+    let hold = pct(pair(Mode::Hold));
+    let excl = pct(pair(Mode::Exclude));
+    let status = pct((0..n)
+        .map(|_| {
+            let t = Instant::now();
+            c.status().unwrap();
+            t.elapsed()
+        })
+        .collect());
+    let block = c.acquire(Protocol::Tcp, 1)?;
+    let port = block.port();
+    let assoc = pct((0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let l = block.listen(port).unwrap();
+            let e = t.elapsed();
+            drop(l);
+            e
+        })
+        .collect());
+    println!("### Round trips ({n} each, p50 / p99)\n");
+    println!("| what | p50 | p99 | p50 ÷ bare ping-pong |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, (p50, p99): (Duration, Duration)| {
+        println!(
+            "| {name} | {} | {} | {:.2}× |",
+            us(p50),
+            us(p99),
+            p50.as_secs_f64() / ping.0.as_secs_f64()
+        );
+    };
+    row(
+        "bare Unix-socket ping-pong between two processes (baseline)",
+        ping,
+    );
+    row(
+        "bare socket()+bind(port 0)+close in-process (baseline)",
+        bind,
+    );
+    row("status request (one daemon round trip)", status);
+    row(
+        "acquire + release, wildcard, 1 port, hold (two round trips)",
+        hold,
+    );
+    row(
+        "acquire + release, wildcard, 1 port, exclude (two round trips)",
+        excl,
+    );
+    row(
+        "association: TCP listener handed over (one round trip + SCM_RIGHTS)",
+        assoc,
+    );
+    println!();
+    Ok(())
+}
+
+fn grants_portres(d: &Daemon, clients: usize, dur: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let c = d.client();
+            let (stop, count) = (stop.clone(), count.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = c.acquire(Protocol::Tcp, 1).unwrap();
+                    drop(r);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn portserver_request(addr: &std::os::unix::net::SocketAddr) -> Option<u16> {
+    let mut s = UnixStream::connect_addr(addr).ok()?;
+    s.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.trim().parse().ok().filter(|&p| p != 0)
+}
+
+fn grants_portserver(script: &Path, clients: usize, dur: Duration) -> Result<f64> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("portres-bench-{}-{clients}", std::process::id());
+    let mut server = Command::new("python3")
+        .arg(script)
+        .arg(format!("--portserver_address=@{name}"))
+        .arg("--portserver_static_pool=10000-60000")
+        .stderr(Stdio::null())
+        .spawn()?;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let t0 = Instant::now();
+    while UnixStream::connect_addr(&addr).is_err() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("portserver did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (stop, count, addr) = (stop.clone(), count.clone(), addr.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if portserver_request(&addr).is_some() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    let rate = count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    server.kill()?;
+    server.wait()?;
+    Ok(rate)
+}
+
+fn section_grants(d: &Daemon, portserver: Option<&Path>) -> Result<()> {
+    println!(
+        "### Grants per second (2 s per cell; portres: acquire + release of one wildcard port)\n"
+    );
+    println!("| clients | portres | portserver | ratio |");
+    println!("|---|---|---|---|");
+    for clients in [1, 8, 64] {
+        let ours = grants_portres(d, clients, Duration::from_secs(2));
+        let theirs = match portserver {
+            Some(p) => Some(grants_portserver(p, clients, Duration::from_secs(2))?),
+            None => None,
+        };
+        match theirs {
+            Some(t) => println!("| {clients} | {ours:.0}/s | {t:.0}/s | {:.1}× |", ours / t),
+            None => println!("| {clients} | {ours:.0}/s | (not run) | |"),
+        }
+    }
+    println!();
+    Ok(())
+}
+
+struct NoKernel;
+impl PortClaim for NoKernel {
+    fn claim(&mut self, _: Token, _: Protocol, _: PortRange, _: Mode) -> Result<(), ClaimError> {
+        Ok(())
+    }
+}
+struct Xor(u64);
+impl TokenSource for Xor {
+    fn random_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn section_allocator() {
+    println!(
+        "### Allocator alone (no I/O): wildcard acquire + release of 1-4 ports among n live fragmented reservations\n"
+    );
+    println!("| live reservations | per acquire + release | growth vs n = 100 |");
+    println!("|---|---|---|");
+    let mut base = 0.0;
+    for n in [100u32, 1000, 10_000, 30_000] {
+        let mut t = Table::new(TableConfig {
+            dynamic_range: PortRange::inclusive(1024, 65535).unwrap(),
+            runtime_quota: u32::MAX,
+        });
+        t.open_session(
+            1,
+            Owner {
+                pid: Some(1),
+                uid: 0,
+                command: None,
+            },
+        );
+        let caller = Caller {
+            session: 1,
+            pid: 1,
+            uid: 0,
+            gids: vec![],
+            admin: true,
+        };
+        let mut rng = Xor(0x1234_5678);
+        // n single-port blocks spread over the range, leaving gaps of 1-3 ports between them.
+        let stride = 64_512 / n;
+        for i in 0..n {
+            let start =
+                1024 + i * stride + (rng.random_u64() % u64::from(stride.max(2) - 1)) as u32;
+            let _ = t.acquire(
+                &caller,
+                Protocol::Tcp,
+                start,
+                1,
+                Mode::Hold,
+                0,
+                &mut rng,
+                &mut NoKernel,
+            );
+        }
+        let ops = 200_000;
+        let start = Instant::now();
+        for i in 0..ops {
+            let r = t
+                .acquire(
+                    &caller,
+                    Protocol::Tcp,
+                    0,
+                    1 + i % 4,
+                    Mode::Hold,
+                    0,
+                    &mut rng,
+                    &mut NoKernel,
+                )
+                .unwrap();
+            t.release(&caller, r.token.get()).unwrap();
+        }
+        let per = start.elapsed().as_secs_f64() / f64::from(ops) * 1e9;
+        if n == 100 {
+            base = per;
+        }
+        println!(
+            "| {n} ({} live) | {:.0} ns | {:.2}× |",
+            t.len(),
+            per,
+            per / base
+        );
+    }
+    println!();
+}
+
+fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
+    println!("### Holding a large TCP block\n");
+    let limit = portres_sys::hold::raise_nofile_limit();
+    let n: u16 = 18_000;
+    // Raw cost: the same placeholders bound in-process.
+    let slab0 = slab_kib();
+    let t = Instant::now();
+    let raw: Vec<_> = (0..n)
+        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
+        .collect();
+    let raw_bind = t.elapsed();
+    let raw_slab = slab_kib().saturating_sub(slab0);
+    let t = Instant::now();
+    drop(raw);
+    let raw_close = t.elapsed();
+
+    let (d, _) = Daemon::start(bin, dir, true)?;
+    let c = d.client();
+    let too_big = c.acquire_at(Protocol::Tcp, 20_000, 30_000).unwrap_err();
+    let rss0 = rss_kib(d.child.id());
+    let slab0 = slab_kib();
+    let t = Instant::now();
+    let r = c.acquire_at(Protocol::Tcp, 20_000, u32::from(n))?;
+    let acquire = t.elapsed();
+    let rss = rss_kib(d.child.id()).saturating_sub(rss0);
+    let slab = slab_kib().saturating_sub(slab0);
+    let t = Instant::now();
+    r.release()?;
+    let release = t.elapsed();
+    println!(
+        "| what | {n} ports, raw placeholders in-process (baseline) | {n} ports through portres | ratio |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| bind / acquire | {:.1} ms | {:.1} ms | {:.2}× |",
+        raw_bind.as_secs_f64() * 1e3,
+        acquire.as_secs_f64() * 1e3,
+        acquire.as_secs_f64() / raw_bind.as_secs_f64()
+    );
+    println!(
+        "| close / release | {:.1} ms | {:.1} ms | {:.2}× |",
+        raw_close.as_secs_f64() * 1e3,
+        release.as_secs_f64() * 1e3,
+        release.as_secs_f64() / raw_close.as_secs_f64()
+    );
+    println!("| kernel memory (Slab) | {raw_slab} KiB | {slab} KiB | |");
+    println!(
+        "| daemon RSS growth | | {rss} KiB ({:.0} B/port) | |",
+        rss as f64 * 1024.0 / f64::from(n)
+    );
+    println!();
+    println!("A 30,000-port hold block is refused (open-file limit {limit} here, not raisable):\n");
+    println!("> {too_big}\n");
+
+    // Memory per idle session.
+    let rss0 = rss_kib(d.child.id());
+    let sessions: Vec<Client> = (0..1000).map(|_| d.client()).collect();
+    let per_session = (rss_kib(d.child.id()).saturating_sub(rss0)) as f64 * 1024.0 / 1000.0;
+    drop(sessions);
+    println!("Memory per idle session (1,000 open): {per_session:.0} B of daemon RSS.\n");
+    d.stop();
+    Ok(())
+}
+
+fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("state"))?;
+    {
+        let store = portres_daemon::Store::open(&dir.join("state"))?;
+        let recs: Vec<_> = (0..10_000u32)
+            .map(|i| portres_daemon::store::StoredReservation {
+                token: 1 + u64::from(i),
+                protocol: if i % 2 == 0 {
+                    "tcp".into()
+                } else {
+                    "udp".into()
+                },
+                start: (2000 + (i / 2) * 6) as u16,
+                count: 3,
+                mode: "exclude".into(),
+                allow_users: vec![],
+                allow_groups: vec![],
+                created: 0,
+                creator_uid: 0,
+                creator_command: None,
+            })
+            .collect();
+        store.put_all(&recs)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let (d, ready) = Daemon::start(bin, dir, false)?;
+        let n = d.client().status()?.counts.persistent;
+        assert_eq!(n, 10_000);
+        times.push(ready);
+        d.stop();
+    }
+    times.sort();
+    println!("### Restart to ready with 10,000 persistent reservations\n");
+    println!(
+        "Median of 5 starts, from exec to the socket accepting (store read, table built, sysctl written): {:.1} ms (fastest {:.1} ms).\n",
+        times[2].as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--echo-server") {
+        return echo_server(&args[2]);
+    }
+    let bin = PathBuf::from(
+        std::env::var("PORTRES_BIN").unwrap_or_else(|_| "target/release/portres".into()),
+    );
+    let portserver = std::env::var_os("PORTSERVER").map(PathBuf::from);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let dir = std::env::temp_dir().join(format!("portres-bench-{}", std::process::id()));
+    portres_sys::hold::raise_nofile_limit();
+    println!(
+        "## Run of {}\n",
+        std::process::Command::new("date")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    );
+    let (d, _) = Daemon::start(&bin, &dir, true)?;
+    section_rpc(&d, n)?;
+    section_grants(&d, portserver.as_deref())?;
+    d.stop();
+    section_allocator();
+    section_hold(&bin, &dir)?;
+    section_restart(&bin, &dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
