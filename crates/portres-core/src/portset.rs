@@ -42,9 +42,20 @@ impl PortSet {
         self.words[usize::from(port) / 64] |= 1 << (port % 64);
     }
 
-    /// Adds every port of `r`.
+    /// Adds every port of `r` (a word at a time).
     pub fn insert_range(&mut self, r: PortRange) {
-        r.ports().for_each(|p| self.insert(p));
+        let (mut p, end) = (u32::from(r.start()), r.end());
+        while p < end {
+            let (word, bit) = ((p / 64) as usize, p % 64);
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[word] |= mask;
+            p += n;
+        }
     }
 
     /// Removes every port of `r`.
@@ -82,20 +93,36 @@ impl PortSet {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
-    /// Maximal runs of consecutive ports, in order.
+    /// Maximal runs of consecutive ports, in order. Skips empty and full 64-port words whole,
+    /// so a sparse set costs about 1,024 word reads.
     pub fn runs(&self) -> Vec<(u16, u16)> {
         let mut out = Vec::new();
         let mut start: Option<u32> = None;
-        for p in 0..=65536u32 {
-            let present = p < 65536 && self.contains(p as u16);
-            match (present, start) {
-                (true, None) => start = Some(p),
-                (false, Some(s)) => {
-                    out.push((s as u16, (p - 1) as u16));
+        for (i, &w) in self.words.iter().enumerate() {
+            let base = (i as u32) * 64;
+            match (w, start) {
+                (0, None) | (u64::MAX, Some(_)) => continue,
+                (0, Some(s)) => {
+                    out.push((s as u16, (base - 1) as u16));
                     start = None;
+                    continue;
                 }
                 _ => {}
             }
+            for bit in 0..64u32 {
+                let present = w & (1 << bit) != 0;
+                match (present, start) {
+                    (true, None) => start = Some(base + bit),
+                    (false, Some(s)) => {
+                        out.push((s as u16, (base + bit - 1) as u16));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(s) = start {
+            out.push((s as u16, 65535));
         }
         out
     }
@@ -136,8 +163,11 @@ impl FromStr for PortSet {
             if b < a {
                 return Err(format!("{item:?} is an empty range"));
             }
-            for p in a..=b {
-                set.insert(p);
+            if a == 0 {
+                set.insert(0);
+            }
+            if b >= 1 {
+                set.insert_range(PortRange::inclusive(a.max(1), b).expect("1 <= a <= b"));
             }
         }
         Ok(set)
@@ -155,6 +185,13 @@ mod tests {
         assert_eq!(s.len(), 23);
         assert_eq!("".parse::<PortSet>().unwrap().to_string(), "");
         assert_eq!("0-65535".parse::<PortSet>().unwrap().len(), 65536);
+        assert_eq!("0".parse::<PortSet>().unwrap().to_string(), "0");
+        assert_eq!("0-65535".parse::<PortSet>().unwrap().to_string(), "0-65535");
+        assert_eq!(
+            "63-129,65535".parse::<PortSet>().unwrap().to_string(),
+            "63-129,65535"
+        );
+        assert_eq!("64-127".parse::<PortSet>().unwrap().runs(), vec![(64, 127)]);
         assert!("70000".parse::<PortSet>().is_err());
         let a: PortSet = "1-10".parse().unwrap();
         let b: PortSet = "5-20".parse().unwrap();

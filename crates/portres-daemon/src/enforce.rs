@@ -47,6 +47,8 @@ struct Exclude {
     /// The value before we started, kept on disk while we run, so that after a crash the next
     /// daemon can tell its predecessor's entries from everybody else's.
     journal: PathBuf,
+    /// The sysctl file, kept open.
+    file: Option<reserved_ports::ReservedPorts>,
 }
 
 impl Exclude {
@@ -58,12 +60,23 @@ impl Exclude {
             ours: PortSet::new(),
             added: PortSet::new(),
             journal,
+            file: None,
         };
         let current = match reserved_ports::read() {
             Ok(c) => c,
             Err(e) => {
                 x.off = Some(format!(
                     "cannot read /proc/sys/net/ipv4/ip_local_reserved_ports: {e}"
+                ));
+                return x;
+            }
+        };
+        let mut file = match reserved_ports::ReservedPorts::open(true) {
+            Ok(f) => f,
+            Err(e) => {
+                x.off = Some(format!(
+                    "cannot write /proc/sys/net/ipv4/ip_local_reserved_ports: {e} (it needs \
+                     CAP_NET_ADMIN in the daemon's network namespace: run the daemon as root)"
                 ));
                 return x;
             }
@@ -83,7 +96,7 @@ impl Exclude {
             },
             Err(_) => current.clone(),
         };
-        if let Err(e) = reserved_ports::write(&before) {
+        if let Err(e) = file.write(&before) {
             x.off = Some(format!(
                 "cannot write /proc/sys/net/ipv4/ip_local_reserved_ports: {e} (it needs \
                  CAP_NET_ADMIN in the daemon's network namespace: run the daemon as root)"
@@ -93,6 +106,7 @@ impl Exclude {
         if let Err(e) = std::fs::write(&x.journal, format!("{before}\n")) {
             tracing::warn!(error = %e, "cannot write {}", x.journal.display());
         }
+        x.file = Some(file);
         x
     }
 
@@ -121,14 +135,14 @@ impl Exclude {
     /// Mirrors our blocks into the sysctl, keeping everyone else's entries (read fresh each
     /// time, so entries added while we run survive too).
     fn sync(&mut self) {
-        if self.off.is_some() {
+        let Some(file) = self.file.as_mut().filter(|_| self.off.is_none()) else {
             return;
-        }
-        let result = reserved_ports::read().and_then(|current| {
+        };
+        let result = file.read().and_then(|current| {
             let foreign = current.difference(&self.added);
             let desired = foreign.union(&self.ours);
             if desired != current {
-                reserved_ports::write(&desired)?;
+                file.write(&desired)?;
             }
             self.added = self.ours.difference(&foreign);
             Ok(())
@@ -140,10 +154,12 @@ impl Exclude {
     }
 
     fn restore(&mut self) {
-        if self.off.is_some() {
+        let Some(file) = self.file.as_mut().filter(|_| self.off.is_none()) else {
             return;
-        }
-        match reserved_ports::read().and_then(|c| reserved_ports::write(&c.difference(&self.added)))
+        };
+        match file
+            .read()
+            .and_then(|c| file.write(&c.difference(&self.added)))
         {
             Ok(()) => {
                 let _ = std::fs::remove_file(&self.journal);
@@ -163,8 +179,9 @@ pub(crate) struct Enforcer {
     held_ports: u64,
     /// Blocks that could not be held at start-up, and why.
     unheld: HashMap<Token, String>,
-    /// Inode of each handed-out socket, by (token, port).
-    handed: HashMap<(Token, u16), u64>,
+    /// Inode, family (IPv6?) and whether it was handed out listening, of each handed-out
+    /// socket, by (token, port).
+    handed: HashMap<(Token, u16), (u64, bool, bool)>,
     /// Inode of each socket handed out from a block that has ended, by (protocol, port).
     orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
@@ -329,7 +346,7 @@ impl Enforcer {
         // new block is granted over them in the meantime.
         let protocol = r.protocol;
         let orphans = &mut self.orphans;
-        self.handed.retain(|(t, port), ino| {
+        self.handed.retain(|(t, port), (ino, _, _)| {
             if *t == r.token {
                 orphans.insert((protocol, *port), *ino);
                 false
@@ -362,7 +379,9 @@ impl Enforcer {
             other => other?,
         };
         if let Ok(ino) = hold::inode(fd.as_fd()) {
-            self.handed.insert((r.token, port), ino);
+            let v6 = hold::local_addr(fd.as_fd()).is_ok_and(|a| a.is_ipv6());
+            let listener = matches!(kind, SocketKind::Listener { .. });
+            self.handed.insert((r.token, port), (ino, v6, listener));
         }
         Ok(fd)
     }
@@ -372,10 +391,28 @@ impl Enforcer {
         if r.handed_out().is_empty() {
             return Vec::new();
         }
-        let live = match portres_sys::sockdiag::sockets_on_ports(
+        // One dump per family the handed-out sockets have; when all were handed out listening,
+        // only the kernel's listening hash is walked (a listener that stopped listening counts
+        // as closed, and its port comes back to the block).
+        let (v4, v6, all_listening) = r
+            .handed_out()
+            .iter()
+            .filter_map(|p| self.handed.get(&(r.token, *p)))
+            .fold((false, false, true), |(v4, v6, l), &(_, is6, listener)| {
+                (v4 || !is6, v6 || is6, l && listener)
+            });
+        let states = if all_listening && r.protocol == Protocol::Tcp {
+            portres_sys::sockdiag::LISTENING
+        } else {
+            portres_sys::sockdiag::ALL_STATES
+        };
+        let live = match portres_sys::sockdiag::sockets_on_ports_of(
             r.protocol,
             r.range.start(),
             r.range.last(),
+            v4,
+            v6,
+            states,
         ) {
             Ok(s) => s,
             // Cannot see: assume they are all still in use.
@@ -389,7 +426,7 @@ impl Enforcer {
             .iter()
             .copied()
             .filter(|p| match self.handed.get(&(r.token, *p)) {
-                Some(ino) => !live.iter().any(|s| s.inode == *ino),
+                Some((ino, _, _)) => !live.iter().any(|s| s.inode == *ino),
                 None => true,
             })
             .collect();
@@ -408,7 +445,7 @@ impl Enforcer {
 
     /// Inode of the socket handed out on `port` of `token`'s block, if any.
     pub(crate) fn handed_inode(&self, token: Token, port: u16) -> Option<u64> {
-        self.handed.get(&(token, port)).copied()
+        self.handed.get(&(token, port)).map(|&(ino, _, _)| ino)
     }
 
     /// Restores the sysctl (at shutdown).

@@ -25,3 +25,20 @@ pub const PROTOCOL_NAME: &str = "portres";
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
+
+/// What the daemon does with bytes from a client, for fuzzing (`fuzz/`) and the corpus replay
+/// test: split them into frames, decode each as a handshake and as a request. Never panics.
+pub fn fuzz_decode(mut data: &[u8]) {
+    loop {
+        match frame::read_frame(&mut data) {
+            Ok(body) => {
+                let _ = frame::decode::<Hello>(&body);
+                if let Ok(req) = frame::decode::<RequestFrame>(&body) {
+                    let _ = req.request.op_name();
+                    let _ = frame::encode(&req);
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}

@@ -2,31 +2,62 @@
 //! (bind(0), connect() autobind) in this network namespace, for TCP, UDP, IPv4 and IPv6.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 
 use portres_core::PortSet;
 
 const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
-/// Reads the set. The file must be read in one `read(2)`: a read at a non-zero offset returns
-/// end-of-file, so a short buffer would silently truncate the list.
-pub fn read() -> io::Result<PortSet> {
-    let mut f = File::open(PATH)?;
-    let mut buf = vec![0u8; 512 * 1024];
-    let n = f.read(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf[..n]);
-    text.trim()
-        .parse()
-        .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))
+/// The sysctl file, opened once (in the opener's network namespace) and read and written at
+/// offset 0 with `pread(2)`/`pwrite(2)`.
+#[derive(Debug)]
+pub struct ReservedPorts {
+    file: File,
+    buf: Vec<u8>,
 }
 
-/// Replaces the set (needs CAP_NET_ADMIN over the namespace). The whole text goes through one
-/// open file description: the kernel consumes at most about 4 KiB per `write(2)` and ORs later
-/// writes at a non-zero offset into the set, so looping on short writes completes it. An empty
-/// set is written as `"\n"` (an empty write changes nothing).
-pub fn write(set: &PortSet) -> io::Result<()> {
-    let mut text = set.to_string();
-    text.push('\n');
-    let mut f = File::options().write(true).open(PATH)?;
-    f.write_all(text.as_bytes())
+impl ReservedPorts {
+    /// Opens the file for reading and, when `write` is set, writing (needs CAP_NET_ADMIN).
+    pub fn open(write: bool) -> io::Result<ReservedPorts> {
+        Ok(ReservedPorts {
+            file: File::options().read(true).write(write).open(PATH)?,
+            // The longest possible text (every other port) is about 190 KB.
+            buf: vec![0u8; 256 * 1024],
+        })
+    }
+
+    /// Reads the set. It must come in one read at offset 0: a read at a non-zero offset returns
+    /// end-of-file, so a short buffer would silently truncate the list.
+    pub fn read(&mut self) -> io::Result<PortSet> {
+        let n = self.file.read_at(&mut self.buf, 0)?;
+        let text = String::from_utf8_lossy(&self.buf[..n]);
+        text.trim()
+            .parse()
+            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Replaces the set. The kernel consumes at most about 4 KiB per write and ORs writes at a
+    /// non-zero offset into the set, so the text goes at offset 0 and short writes continue at
+    /// their offset. An empty set is written as `"\n"` (an empty write changes nothing).
+    pub fn write(&mut self, set: &PortSet) -> io::Result<()> {
+        let mut text = set.to_string();
+        text.push('\n');
+        let bytes = text.as_bytes();
+        let mut off = 0;
+        while off < bytes.len() {
+            match self.file.write_at(&bytes[off..], off as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the set once (see [`ReservedPorts::read`]).
+pub fn read() -> io::Result<PortSet> {
+    ReservedPorts::open(false)?.read()
 }

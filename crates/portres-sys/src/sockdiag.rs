@@ -63,7 +63,12 @@ fn push_u32(buf: &mut Vec<u8>, v: u32) {
     buf.extend_from_slice(&v.to_ne_bytes());
 }
 
-fn request(family: u8, protocol: Protocol, first: u16, last: u16) -> Vec<u8> {
+/// `idiag_states` for every state, `TCP_BOUND_INACTIVE` included.
+pub const ALL_STATES: u32 = u32::MAX;
+/// `idiag_states` for listening sockets only (the kernel then walks only its listening hash).
+pub const LISTENING: u32 = 1 << 10;
+
+fn request(family: u8, protocol: Protocol, first: u16, last: u16, states: u32) -> Vec<u8> {
     let mut msg = Vec::with_capacity(96);
     // nlmsghdr, length patched below.
     push_u32(&mut msg, 0);
@@ -79,7 +84,7 @@ fn request(family: u8, protocol: Protocol, first: u16, last: u16) -> Vec<u8> {
     });
     msg.push(0);
     msg.push(0);
-    push_u32(&mut msg, u32::MAX); // every state, TCP_BOUND_INACTIVE included
+    push_u32(&mut msg, states);
     msg.extend_from_slice(&[0u8; 48]);
     // Bytecode: sport >= first && sport <= last. Each comparison is an op and a port op of 4
     // bytes; "no" jumps past the end (reject), "yes" goes to the next comparison.
@@ -118,6 +123,7 @@ fn dump(
     protocol: Protocol,
     first: u16,
     last: u16,
+    states: u32,
     out: &mut Vec<SocketEntry>,
 ) -> io::Result<()> {
     let fd = rustix::net::socket_with(
@@ -128,12 +134,23 @@ fn dump(
     )?;
     send(
         &fd,
-        &request(family, protocol, first, last),
+        &request(family, protocol, first, last, states),
         SendFlags::empty(),
     )?;
-    let mut buf = vec![0u8; 64 * 1024];
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
+    }
+    BUF.with_borrow_mut(|buf| read_dump(&fd, buf, protocol, out))
+}
+
+fn read_dump(
+    fd: &std::os::fd::OwnedFd,
+    buf: &mut [u8],
+    protocol: Protocol,
+    out: &mut Vec<SocketEntry>,
+) -> io::Result<()> {
     loop {
-        let (n, _) = recv(&fd, &mut buf, RecvFlags::empty())?;
+        let (n, _) = recv(fd, &mut *buf, RecvFlags::empty())?;
         let mut off = 0;
         while off + 16 <= n {
             let h = &buf[off..];
@@ -179,12 +196,36 @@ fn dump(
 /// Every socket of `protocol` in this network namespace whose local port is in
 /// `first..=last`, IPv4 and IPv6.
 pub fn sockets_on_ports(protocol: Protocol, first: u16, last: u16) -> io::Result<Vec<SocketEntry>> {
+    sockets_on_ports_of(protocol, first, last, true, true, ALL_STATES)
+}
+
+/// Like [`sockets_on_ports`], asking only the families and TCP states wanted (each family is one
+/// dump; fewer states mean fewer kernel hash tables walked, e.g. [`LISTENING`]).
+pub fn sockets_on_ports_of(
+    protocol: Protocol,
+    first: u16,
+    last: u16,
+    v4: bool,
+    v6: bool,
+    states: u32,
+) -> io::Result<Vec<SocketEntry>> {
     let mut out = Vec::new();
-    dump(libc::AF_INET as u8, protocol, first, last, &mut out)?;
-    match dump(libc::AF_INET6 as u8, protocol, first, last, &mut out) {
-        // No IPv6 in this kernel: nothing to list there.
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        other => other?,
+    if v4 {
+        dump(libc::AF_INET as u8, protocol, first, last, states, &mut out)?;
+    }
+    if v6 {
+        match dump(
+            libc::AF_INET6 as u8,
+            protocol,
+            first,
+            last,
+            states,
+            &mut out,
+        ) {
+            // No IPv6 in this kernel: nothing to list there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            other => other?,
+        }
     }
     Ok(out)
 }
