@@ -307,9 +307,9 @@ impl Enforcer {
 
     /// Puts a persistent block back at start-up: a block that cannot be held is kept (the
     /// exclude layer still covers it) and reported.
+    /// The exclude layer is written once by [`Enforcer::finish_start`].
     pub(crate) fn admit_at_start(&mut self, r: &Reservation) {
         self.exclude.add(r.range);
-        self.exclude.sync();
         if r.mode != Mode::Hold {
             return;
         }
@@ -333,6 +333,11 @@ impl Enforcer {
             );
             self.unheld.insert(r.token, why);
         }
+    }
+
+    /// Writes the exclude layer once after the persistent blocks were put back.
+    pub(crate) fn finish_start(&mut self) {
+        self.exclude.sync();
     }
 
     /// A block ended: its placeholders close (handed-out sockets keep their ports until they

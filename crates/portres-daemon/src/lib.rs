@@ -122,6 +122,7 @@ impl Daemon {
                 })?;
             enforcer.admit_at_start(&r);
         }
+        enforcer.finish_start();
         tracing::info!(
             persistent = table.len(),
             dynamic_range = %dynamic_range,

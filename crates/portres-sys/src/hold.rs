@@ -91,6 +91,34 @@ fn attach_cbpf(fd: &OwnedFd, option: libc::c_int, value: u32) -> io::Result<()> 
     }
 }
 
+/// Placeholders for every port of `range` (all or nothing), switching the filesystem uid once
+/// for the whole block. On failure, the port that failed and why.
+pub fn placeholders(
+    protocol: Protocol,
+    range: portres_core::PortRange,
+    holder_uid: Option<u32>,
+) -> Result<Vec<OwnedFd>, (u16, io::Error)> {
+    let prev = holder_uid.map(set_fsuid);
+    let mut fds = Vec::with_capacity(usize::from(range.count()));
+    let mut failed = None;
+    for port in range.ports() {
+        match placeholder(protocol, port, None) {
+            Ok(fd) => fds.push(fd),
+            Err(e) => {
+                failed = Some((port, e));
+                break;
+            }
+        }
+    }
+    if let Some(prev) = prev {
+        set_fsuid(prev);
+    }
+    match failed {
+        Some(f) => Err(f),
+        None => Ok(fds),
+    }
+}
+
 /// A placeholder holding `port` for `protocol`: `socket()` under the holder uid,
 /// `SO_REUSEPORT`, `bind([::]:port)` dual-stack (or `0.0.0.0:port` when IPv6 is unavailable),
 /// never `listen()`; UDP gets the drop filter and the steering program.
