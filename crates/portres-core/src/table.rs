@@ -720,18 +720,11 @@ impl Table {
     ) -> Result<Reservation, Refusal> {
         let op = Operation::CreatePersistent;
         let range = persistent_range(op, protocol, start, count)?;
-        if !caller.admin {
-            return Err(Refusal::new(
-                op,
-                ErrorCode::AccessDenied,
-                format!(
-                    "cannot create persistent reservation {range}/{protocol}: uid {} is not an \
-                     administrator of this daemon; run it as root, or ask for uid {} to be added \
-                     to admin_users in the daemon's configuration",
-                    caller.uid, caller.uid
-                ),
-            ));
-        }
+        require_admin(
+            op,
+            caller,
+            &format!("create persistent reservation {range}/{protocol}"),
+        )?;
         let token = self.fresh_token(tokens);
         let asked = format!("cannot create persistent reservation {range}/{protocol}");
         self.take_specific(
@@ -846,18 +839,11 @@ impl Table {
     ) -> Result<&Reservation, Refusal> {
         let op = Operation::DeletePersistent;
         let range = persistent_range(op, protocol, start, count)?;
-        if !caller.admin {
-            return Err(Refusal::new(
-                op,
-                ErrorCode::AccessDenied,
-                format!(
-                    "cannot delete persistent reservation {range}/{protocol}: uid {} is not an \
-                     administrator of this daemon; run it as root, or ask for uid {} to be added \
-                     to admin_users in the daemon's configuration",
-                    caller.uid, caller.uid
-                ),
-            ));
-        }
+        require_admin(
+            op,
+            caller,
+            &format!("delete persistent reservation {range}/{protocol}"),
+        )?;
         self.find_persistent(op, protocol, range)
     }
 
@@ -923,6 +909,22 @@ impl Table {
         }
         assert_eq!(per_uid, self.runtime_ports, "quota accounting");
     }
+}
+
+/// Refuses `op` with `AccessDenied` unless `caller` is an administrator; `what` is the request.
+fn require_admin(op: Operation, caller: &Caller, what: &str) -> Result<(), Refusal> {
+    if caller.admin {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        op,
+        ErrorCode::AccessDenied,
+        format!(
+            "cannot {what}: uid {uid} is not an administrator of this daemon; run it as root, or \
+             ask for uid {uid} to be added to admin_users in the daemon's configuration",
+            uid = caller.uid
+        ),
+    ))
 }
 
 fn persistent_range(
