@@ -22,15 +22,24 @@ impl ReservedPorts {
     pub fn open(write: bool) -> io::Result<ReservedPorts> {
         Ok(ReservedPorts {
             file: File::options().read(true).write(write).open(PATH)?,
-            // The longest possible text (every other port) is about 190 KB.
-            buf: vec![0u8; 256 * 1024],
+            buf: vec![0u8; 8 * 1024],
         })
     }
 
     /// Reads the set. It must come in one read at offset 0: a read at a non-zero offset returns
-    /// end-of-file, so a short buffer would silently truncate the list.
+    /// end-of-file, so a short buffer would silently truncate the list. The kernel allocates
+    /// (and zeroes) a buffer as large as the one asked for, so the read starts small and is
+    /// repeated with a larger buffer only when the text filled it (at most ~190 KB: every other
+    /// port).
     pub fn read(&mut self) -> io::Result<PortSet> {
-        let n = self.file.read_at(&mut self.buf, 0)?;
+        let n = loop {
+            let n = self.file.read_at(&mut self.buf, 0)?;
+            if n < self.buf.len() || self.buf.len() >= 1 << 20 {
+                break n;
+            }
+            let bigger = self.buf.len() * 4;
+            self.buf.resize(bigger, 0);
+        };
         let text = String::from_utf8_lossy(&self.buf[..n]);
         text.trim()
             .parse()
