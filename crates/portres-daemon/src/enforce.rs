@@ -34,6 +34,16 @@ fn in_use(protocol: Protocol, port: u16) -> ClaimError {
     })
 }
 
+/// This boot and network namespace, as the journal records them: `BOOT_ID NETNS_INODE`.
+fn sysctl_identity() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let netns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    format!("{} {netns}", boot.trim())
+}
+
 /// The exclude layer's bookkeeping.
 struct Exclude {
     /// Why it is off, if it is.
@@ -82,17 +92,23 @@ impl Exclude {
             }
         };
         // A journal left behind means the previous daemon died without restoring: its entries
-        // are the difference, and the journal holds the value to go back to.
+        // are the difference, and the journal holds the value to go back to. It counts only for
+        // the same boot and network namespace (after a reboot the sysctl starts afresh).
+        let here = sysctl_identity();
         let before = match std::fs::read_to_string(&x.journal) {
-            Ok(text) => match text.trim().parse::<PortSet>() {
-                Ok(prev) => {
-                    tracing::warn!(
-                        "previous daemon did not restore ip_local_reserved_ports; restoring {:?}",
-                        prev.to_string()
-                    );
-                    prev
-                }
-                Err(_) => current.clone(),
+            Ok(text) => match text.split_once('\n') {
+                Some((id, value)) if id == here => match value.trim().parse::<PortSet>() {
+                    Ok(prev) => {
+                        tracing::warn!(
+                            "previous daemon did not restore ip_local_reserved_ports; restoring \
+                             {:?}",
+                            prev.to_string()
+                        );
+                        prev
+                    }
+                    Err(_) => current.clone(),
+                },
+                _ => current.clone(),
             },
             Err(_) => current.clone(),
         };
@@ -103,7 +119,7 @@ impl Exclude {
             ));
             return x;
         }
-        if let Err(e) = std::fs::write(&x.journal, format!("{before}\n")) {
+        if let Err(e) = std::fs::write(&x.journal, format!("{here}\n{before}\n")) {
             tracing::warn!(error = %e, "cannot write {}", x.journal.display());
         }
         x.file = Some(file);
