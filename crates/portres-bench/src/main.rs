@@ -216,18 +216,24 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn grants_portres(d: &Daemon, clients: usize, dur: Duration) -> f64 {
+/// Runs `clients` threads, each calling its `grant` (made by `make`) until `dur` has passed;
+/// returns successful grants per second.
+fn rate<G: FnMut() -> bool + Send + 'static>(
+    clients: usize,
+    dur: Duration,
+    mut make: impl FnMut() -> G,
+) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let c = d.client();
+            let mut grant = make();
             let (stop, count) = (stop.clone(), count.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let r = c.acquire(Protocol::Tcp, 1).unwrap();
-                    drop(r);
-                    count.fetch_add(1, Ordering::Relaxed);
+                    if grant() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
         })
@@ -239,6 +245,13 @@ fn grants_portres(d: &Daemon, clients: usize, dur: Duration) -> f64 {
         th.join().unwrap();
     }
     count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn grants_portres(d: &Daemon, clients: usize, dur: Duration) -> f64 {
+    rate(clients, dur, || {
+        let c = d.client();
+        move || c.acquire(Protocol::Tcp, 1).is_ok()
+    })
 }
 
 fn portserver_request(addr: &std::os::unix::net::SocketAddr) -> Option<u16> {
@@ -267,27 +280,10 @@ fn grants_portserver(script: &Path, clients: usize, dur: Duration) -> Result<f64
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (stop, count, addr) = (stop.clone(), count.clone(), addr.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if portserver_request(&addr).is_some() {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    let t = Instant::now();
-    std::thread::sleep(dur);
-    stop.store(true, Ordering::Relaxed);
-    for th in threads {
-        th.join().unwrap();
-    }
-    let rate = count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    let rate = rate(clients, dur, || {
+        let addr = addr.clone();
+        move || portserver_request(&addr).is_some()
+    });
     server.kill()?;
     server.wait()?;
     Ok(rate)
