@@ -229,20 +229,18 @@ impl Enforcer {
         protocol: Protocol,
         range: PortRange,
     ) -> Result<(), HoldError> {
-        let mut fds = Vec::with_capacity(usize::from(range.count()));
-        for port in range.ports() {
-            match hold::placeholder(protocol, port, self.holder_uid) {
-                Ok(fd) => fds.push(fd),
-                // EMFILE, ENFILE: out of descriptors.
-                Err(e) if matches!(e.raw_os_error(), Some(24 | 23)) => {
-                    return Err(HoldError::NoDescriptors {
-                        held: self.held_ports,
-                        limit: self.nofile,
-                    });
-                }
-                Err(error) => return Err(HoldError::Port { port, error }),
+        // One filesystem-uid switch for the whole block.
+        let fds = match hold::placeholders(protocol, range, self.holder_uid) {
+            Ok(fds) => fds,
+            // EMFILE, ENFILE: out of descriptors.
+            Err((_, e)) if matches!(e.raw_os_error(), Some(24 | 23)) => {
+                return Err(HoldError::NoDescriptors {
+                    held: self.held_ports,
+                    limit: self.nofile,
+                });
             }
-        }
+            Err((port, error)) => return Err(HoldError::Port { port, error }),
+        };
         self.held_ports += fds.len() as u64;
         self.holds.insert(token, fds);
         Ok(())
