@@ -48,6 +48,9 @@ enum Command {
         #[arg(long, hide = true)]
         print_ready: bool,
     },
+    /// Internal: a placeholder-holding helper of the daemon (reads its standard input).
+    #[command(hide = true)]
+    Holder,
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation with its owner.
@@ -166,6 +169,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             config: config.clone(),
             print_ready: *print_ready,
         }),
+        Command::Holder => {
+            portres_daemon::holder::serve_stdin()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status => {
             let status = cli.client()?.status()?;
             output::status(&status, cli.json);

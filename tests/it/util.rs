@@ -38,6 +38,8 @@ pub struct TestDaemon {
     pub config: Option<PathBuf>,
     pub child: Option<Child>,
     pub pid: u32,
+    /// The daemon's open-file limit (soft and hard), when the test sets one.
+    pub nofile: Option<u32>,
     netns: Child,
     /// A process in the namespace, for `/proc/PID/ns/net`.
     pub ns_pid: u32,
@@ -73,8 +75,17 @@ impl TestDaemon {
         Self::with_setup(config, "")
     }
 
+    /// Starts a daemon whose open-file limit is `nofile`.
+    pub fn with_nofile(nofile: u32) -> TestDaemon {
+        Self::build("", "", Some(nofile))
+    }
+
     /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.
     pub fn with_setup(config: &str, setup: &str) -> TestDaemon {
+        Self::build(config, setup, None)
+    }
+
+    fn build(config: &str, setup: &str, nofile: Option<u32>) -> TestDaemon {
         require_root();
         let netns = new_netns(setup);
         let dir = tempfile::tempdir().unwrap();
@@ -89,6 +100,7 @@ impl TestDaemon {
             dir,
             child: None,
             pid: 0,
+            nofile,
             ns_pid: netns.id(),
             netns,
         };
@@ -147,6 +159,11 @@ impl TestDaemon {
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
         let mut cmd = self.nsenter();
+        if let Some(n) = self.nofile {
+            cmd.arg("prlimit")
+                .arg(format!("--nofile={n}:{n}"))
+                .arg("--");
+        }
         cmd.arg(BIN)
             .arg("daemon")
             .arg("--socket")
@@ -172,7 +189,7 @@ impl TestDaemon {
             "daemon did not start; log:\n{}",
             self.log()
         );
-        self.pid = child.id(); // nsenter execs the daemon in place
+        self.pid = child.id(); // nsenter (and prlimit) exec the daemon in place
         self.child = Some(child);
     }
 

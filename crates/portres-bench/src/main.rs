@@ -424,7 +424,6 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
 
     let (d, _) = Daemon::start(bin, dir, true)?;
     let c = d.client();
-    let too_big = c.acquire_at(Protocol::Tcp, 20_000, 30_000).unwrap_err();
     let rss0 = rss_kib(d.child.id());
     let slab0 = slab_kib();
     let t = Instant::now();
@@ -467,8 +466,46 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
         rss as f64 * 1024.0 / f64::from(n)
     );
     println!();
-    println!("A 30,000-port hold block is refused (open-file limit {limit} here, not raisable):\n");
-    println!("> {too_big}\n");
+    // 30,000 ports: more than one process may keep open (limit {limit}). The raw cost is
+    // binding them as two batches of 15,000 (closing between); portres keeps all 30,000 bound,
+    // in helper processes.
+    settle();
+    let mut raw30 = Duration::ZERO;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let batch: Vec<_> = (0..15_000u16)
+            .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
+            .collect();
+        raw30 += t.elapsed();
+        drop(batch);
+        settle();
+    }
+    let slab0 = slab_kib();
+    let t = Instant::now();
+    let big = c.acquire_at(Protocol::Tcp, 20_000, 30_000)?;
+    let big_acquire = t.elapsed();
+    let big_slab = slab_kib().saturating_sub(slab0);
+    let t = Instant::now();
+    big.release()?;
+    let big_release = t.elapsed();
+    println!(
+        "| what | 30,000 ports, raw placeholders (2 × 15,000, baseline) | 30,000 ports through portres (helper processes) | ratio |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| bind / acquire | {:.1} ms | {:.1} ms | {:.2}× |",
+        raw30.as_secs_f64() * 1e3,
+        big_acquire.as_secs_f64() * 1e3,
+        big_acquire.as_secs_f64() / raw30.as_secs_f64()
+    );
+    println!(
+        "| release | | {:.1} ms | |",
+        big_release.as_secs_f64() * 1e3
+    );
+    println!("| kernel memory (Slab growth) | | {big_slab} KiB | |");
+    println!(
+        "\nThe daemon's open-file limit here is {limit} (not raisable): blocks beyond its own budget go to helper processes.\n"
+    );
 
     // Memory per idle session.
     let rss0 = rss_kib(d.child.id());

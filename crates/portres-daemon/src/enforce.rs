@@ -192,6 +192,10 @@ pub(crate) struct Enforcer {
     holder_uid: Option<u32>,
     own_uid: u32,
     holds: HashMap<Token, Vec<OwnedFd>>,
+    /// Blocks held by helper processes, and their placeholders' inodes.
+    helpers: crate::holder::Helpers,
+    remote_inodes: HashMap<Token, Vec<u64>>,
+    held_remote: u64,
     held_ports: u64,
     /// Blocks that could not be held at start-up, and why.
     unheld: HashMap<Token, String>,
@@ -213,6 +217,9 @@ impl Enforcer {
             holder_uid,
             own_uid,
             holds: HashMap::new(),
+            helpers: crate::holder::Helpers::default(),
+            remote_inodes: HashMap::new(),
+            held_remote: 0,
             held_ports: 0,
             unheld: HashMap::new(),
             handed: HashMap::new(),
@@ -229,6 +236,10 @@ impl Enforcer {
         protocol: Protocol,
         range: PortRange,
     ) -> Result<(), HoldError> {
+        // Beyond the daemon's own descriptor budget, helper processes hold the block.
+        if self.held_ports + u64::from(range.count()) > self.local_budget() {
+            return self.hold_in_helpers(token, protocol, range);
+        }
         // One filesystem-uid switch for the whole block.
         let fds = match hold::placeholders(protocol, range, self.holder_uid) {
             Ok(fds) => fds,
@@ -243,6 +254,51 @@ impl Enforcer {
         };
         self.held_ports += fds.len() as u64;
         self.holds.insert(token, fds);
+        Ok(())
+    }
+
+    /// Placeholders the daemon keeps itself: its open-file limit minus room for sessions,
+    /// handed-out sockets in flight and its own files.
+    fn local_budget(&self) -> u64 {
+        self.nofile.saturating_sub(4096)
+    }
+
+    /// Holds a block in helper processes: placeholders are made in chunks, passed on and closed
+    /// here, so the daemon never has more than a chunk open.
+    fn hold_in_helpers(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+    ) -> Result<(), HoldError> {
+        let capacity = self.nofile.saturating_sub(64);
+        let mut inodes = Vec::with_capacity(usize::from(range.count()));
+        let mut start = u32::from(range.start());
+        while start < range.end() {
+            let n = (range.end() - start).min(crate::holder::CHUNK as u32);
+            let chunk = PortRange::new(start, n).expect("inside the block");
+            let fds = match hold::placeholders(protocol, chunk, self.holder_uid) {
+                Ok(fds) => fds,
+                Err((port, error)) => {
+                    self.helpers
+                        .drop_block(token, u64::from(start - u32::from(range.start())));
+                    return Err(HoldError::Port { port, error });
+                }
+            };
+            inodes.extend(fds.iter().map(|f| hold::inode(f.as_fd()).unwrap_or(0)));
+            if let Err(e) = self.helpers.hold(token, &fds, capacity) {
+                tracing::error!(error = %e, "passing placeholders to a helper failed");
+                self.helpers
+                    .drop_block(token, u64::from(start - u32::from(range.start())));
+                return Err(HoldError::Port {
+                    port: chunk.start(),
+                    error: e,
+                });
+            }
+            start += n;
+        }
+        self.held_remote += u64::from(range.count());
+        self.remote_inodes.insert(token, inodes);
         Ok(())
     }
 
@@ -360,6 +416,11 @@ impl Enforcer {
         if let Some(fds) = self.holds.remove(&r.token) {
             self.held_ports -= fds.len() as u64;
         }
+        if self.helpers.holds(r.token) {
+            self.helpers.drop_block(r.token, u64::from(r.range.count()));
+            self.held_remote -= u64::from(r.range.count());
+            self.remote_inodes.remove(&r.token);
+        }
         self.unheld.remove(&r.token);
         // Sockets handed out from it keep their ports until they close: remember them, so no
         // new block is granted over them in the meantime.
@@ -387,7 +448,7 @@ impl Enforcer {
         addr: IpAddr,
         v6only: Option<bool>,
     ) -> io::Result<OwnedFd> {
-        let held = self.holds.contains_key(&r.token);
+        let held = self.holds.contains_key(&r.token) || self.helpers.holds(r.token);
         let owner = if held { self.holder_uid } else { None };
         let fd = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
             Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
@@ -457,8 +518,11 @@ impl Enforcer {
 
     /// Inode of the placeholder holding `port` of `token`'s block, if held.
     pub(crate) fn placeholder_inode(&self, r: &Reservation, port: u16) -> Option<u64> {
-        let fds = self.holds.get(&r.token)?;
-        let fd = fds.get(usize::from(port.checked_sub(r.range.start())?))?;
+        let i = usize::from(port.checked_sub(r.range.start())?);
+        if let Some(inodes) = self.remote_inodes.get(&r.token) {
+            return inodes.get(i).copied();
+        }
+        let fd = self.holds.get(&r.token)?.get(i)?;
         hold::inode(fd.as_fd()).ok()
     }
 
@@ -472,9 +536,9 @@ impl Enforcer {
         self.exclude.restore();
     }
 
-    /// Ports held by placeholders now.
+    /// Ports held by placeholders now (in the daemon and in helpers).
     pub(crate) fn held_ports(&self) -> u64 {
-        self.held_ports
+        self.held_ports + self.held_remote
     }
 
     /// Status of each layer, with the reason.
@@ -483,10 +547,21 @@ impl Enforcer {
         // session and held port is one descriptor, plus a few dozen of the daemon's own.
         let used = self.held_ports + sessions as u64 + 64;
         let room = self.nofile.saturating_sub(used);
-        let limits = format!(
-            "{} ports held; about {room} more can be held (open-file limit {})",
-            self.held_ports, self.nofile
-        );
+        let (helpers, in_helpers) = self.helpers.summary();
+        let limits = if helpers == 0 {
+            format!(
+                "{} ports held; the daemon can hold about {room} more itself (open-file limit \
+                 {}), and larger blocks go to helper processes",
+                self.held_ports, self.nofile
+            )
+        } else {
+            format!(
+                "{} ports held, {in_helpers} of them by {helpers} helper processes (open-file \
+                 limit {} each)",
+                self.held_ports + self.held_remote,
+                self.nofile
+            )
+        };
         let unheld = if self.unheld.is_empty() {
             String::new()
         } else {

@@ -11,11 +11,13 @@
 //! - `server`: the accept loop, sessions, framing.
 //! - `handlers`: one function per request, from wire message to table operation and back.
 //! - `visibility`: who has a port (sockets, processes), in words.
+//! - [`holder`]: placeholder-holding helper processes for blocks beyond the descriptor budget.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 
 pub mod config;
 mod enforce;
 mod handlers;
+pub mod holder;
 mod server;
 pub mod store;
 mod visibility;

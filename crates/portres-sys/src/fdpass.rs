@@ -9,8 +9,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
 };
 
-/// Most descriptors one message carries.
-pub const MAX_FDS: usize = 16;
+/// Most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
 
 /// `sendmsg(2)` of `bytes` with `fds` attached as `SCM_RIGHTS` to the first byte. Returns how
 /// many bytes were sent (the rest go with plain writes; the descriptors went with this call).
@@ -49,6 +49,17 @@ pub fn recv_with_fds(sock: impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<
         }
     }
     Ok((msg.bytes, fds))
+}
+
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a connected pair that keeps message
+/// boundaries (one `sendmsg` is one `recvmsg`).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 #[cfg(test)]

@@ -186,3 +186,39 @@ fn a_holders_death_frees_its_ports_within_100_ms() {
         );
     }
 }
+
+#[test]
+fn blocks_beyond_the_open_file_limit_are_held_by_helper_processes() {
+    // 12,000 placeholders for a daemon allowed 5,000 open files: helpers hold them.
+    let d = TestDaemon::with_nofile(5000);
+    let c = d.client();
+    let r = c.acquire_at(Protocol::Tcp, 30000, 12000).unwrap();
+    let status = c.status().unwrap();
+    assert_eq!(status.counts.ports_held, 12000);
+    let hold = status.layers.iter().find(|l| l.name == "hold").unwrap();
+    assert!(hold.reason.contains("helper processes"), "{}", hold.reason);
+    let won = matrix(&d, NOBODY, "tcp", &[30000, 35000, 41999]);
+    assert!(won.is_empty(), "ports held by helpers are held: {won:?}");
+    let who = c.who(Protocol::Tcp, 41999).unwrap();
+    assert_eq!(
+        who.sockets[0].role.as_deref(),
+        Some("portres placeholder (hold layer)"),
+        "{who:?}"
+    );
+    // Handover works from a block held by helpers.
+    let l = r.listen(41999).unwrap();
+    assert_eq!(l.local_addr().unwrap().port(), 41999);
+    close(l);
+    r.release().unwrap();
+    let won = matrix(&d, NOBODY, "tcp", &[30000, 35000, 41999]);
+    for port in [30000, 35000, 41999] {
+        assert!(
+            won.iter().any(|w| w.contains(&format!(":{port} "))),
+            "{port} free after release"
+        );
+    }
+    // The helpers are reused.
+    let again = c.acquire_at(Protocol::Udp, 30000, 8000).unwrap();
+    assert_eq!(c.status().unwrap().counts.ports_held, 8000);
+    drop(again);
+}

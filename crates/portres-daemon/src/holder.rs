@@ -1,0 +1,152 @@
+//! Placeholder-holding helper processes, for hold blocks larger than the daemon's own descriptor
+//! budget (each placeholder is one open file, and the open-file hard limit may be lower than the
+//! ports to hold).
+//!
+//! A helper is `portres holder`, started by the daemon with one end of a `SOCK_SEQPACKET` pair
+//! as its standard input. The daemon creates placeholders in chunks, passes each chunk with
+//! `SCM_RIGHTS` and closes its own copies; the helper keeps them until told to drop the block.
+//! Messages (daemon to helper): 9 bytes, an op (`1` hold, `2` drop) and the token (u64, little
+//! endian), with the descriptors on hold messages. The helper answers each with one byte (`1`).
+//! A helper exits when the daemon's end closes (the daemon stopped or died), and with it its
+//! placeholders, as the daemon's own would.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+
+use portres_core::Token;
+
+const HOLD: u8 = 1;
+const DROP: u8 = 2;
+/// Descriptors per message.
+pub(crate) const CHUNK: usize = 200;
+
+struct Helper {
+    child: Child,
+    sock: OwnedFd,
+    held: u64,
+}
+
+fn message(op: u8, token: Token) -> [u8; 9] {
+    let mut m = [0u8; 9];
+    m[0] = op;
+    m[1..].copy_from_slice(&token.get().to_le_bytes());
+    m
+}
+
+impl Helper {
+    fn spawn() -> io::Result<Helper> {
+        let (ours, theirs) = portres_sys::fdpass::seqpacket_pair()?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("holder")
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Helper {
+            child,
+            sock: ours,
+            held: 0,
+        })
+    }
+
+    fn call(&self, msg: &[u8; 9], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        portres_sys::fdpass::send_with_fds(&self.sock, msg, fds)?;
+        let mut ack = [0u8; 1];
+        match portres_sys::fdpass::recv_with_fds(&self.sock, &mut ack)? {
+            (1, _) if ack[0] == 1 => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "placeholder helper (pid {}) stopped answering",
+                self.child.id()
+            ))),
+        }
+    }
+}
+
+/// The helpers of a daemon, and which hold which blocks.
+#[derive(Default)]
+pub(crate) struct Helpers {
+    helpers: Vec<Helper>,
+    /// Per block: the helpers holding part of it.
+    blocks: HashMap<Token, Vec<usize>>,
+}
+
+impl Helpers {
+    /// Passes `fds` (placeholders of `token`'s block) to a helper with room for them, starting
+    /// one if needed; `capacity` is how many descriptors one helper may hold.
+    pub(crate) fn hold(&mut self, token: Token, fds: &[OwnedFd], capacity: u64) -> io::Result<()> {
+        let n = fds.len() as u64;
+        let at = match self.helpers.iter().position(|h| h.held + n <= capacity) {
+            Some(i) => i,
+            None => {
+                self.helpers.push(Helper::spawn()?);
+                self.helpers.len() - 1
+            }
+        };
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        self.helpers[at].call(&message(HOLD, token), &borrowed)?;
+        self.helpers[at].held += n;
+        let owners = self.blocks.entry(token).or_default();
+        if !owners.contains(&at) {
+            owners.push(at);
+        }
+        Ok(())
+    }
+
+    /// Closes every placeholder of `token`'s block held by helpers; returns how many ports
+    /// the helpers held for it (`per_helper` counts, for bookkeeping) — waits for each helper.
+    pub(crate) fn drop_block(&mut self, token: Token, count: u64) {
+        let Some(owners) = self.blocks.remove(&token) else {
+            return;
+        };
+        for i in owners {
+            if let Err(e) = self.helpers[i].call(&message(DROP, token), &[]) {
+                tracing::error!(error = %e, "dropping a held block in a helper failed");
+            }
+        }
+        // Capacity bookkeeping is approximate across helpers: spread the count back.
+        let mut left = count;
+        for h in &mut self.helpers {
+            let take = left.min(h.held);
+            h.held -= take;
+            left -= take;
+        }
+    }
+
+    /// Whether `token`'s block is held by helpers.
+    pub(crate) fn holds(&self, token: Token) -> bool {
+        self.blocks.contains_key(&token)
+    }
+
+    /// Number of helper processes and ports they hold.
+    pub(crate) fn summary(&self) -> (usize, u64) {
+        (
+            self.helpers.len(),
+            self.helpers.iter().map(|h| h.held).sum(),
+        )
+    }
+}
+
+/// `portres holder`: keeps the placeholders the daemon passes on standard input until told to
+/// drop them; exits when the daemon's end closes.
+pub fn serve_stdin() -> io::Result<()> {
+    portres_sys::hold::raise_nofile_limit();
+    let sock = io::stdin().as_fd().try_clone_to_owned()?;
+    let mut held: HashMap<u64, Vec<OwnedFd>> = HashMap::new();
+    loop {
+        let mut buf = [0u8; 16];
+        let (n, fds) = portres_sys::fdpass::recv_with_fds(&sock, &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n == 9 {
+            let token = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
+            match buf[0] {
+                HOLD => held.entry(token).or_default().extend(fds),
+                DROP => drop(held.remove(&token)),
+                _ => {}
+            }
+        }
+        portres_sys::fdpass::send_with_fds(&sock, &[1], &[])?;
+    }
+}
