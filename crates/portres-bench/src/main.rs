@@ -110,6 +110,50 @@ fn echo_server(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Like [`echo_server`], for many connections (a thread each).
+fn echo_server_multi(path: &str) -> Result<()> {
+    let l = UnixListener::bind(path)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for s in l.incoming() {
+        let mut s = s?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The floor for any daemon whose grant is two request/reply round trips: a bare echo server
+/// in another process, `clients` threads each doing two round trips per "grant".
+fn grants_bare(clients: usize, dur: Duration) -> Result<f64> {
+    let path = std::env::temp_dir().join(format!("portres-bench-echo-m-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--echo-server-multi")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    let r = rate(clients, dur, || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        move || {
+            let mut buf = [7u8; 16];
+            (0..2).all(|_| s.write_all(&buf).is_ok() && s.read_exact(&mut buf).is_ok())
+        }
+    });
+    child.kill()?;
+    child.wait()?;
+    let _ = std::fs::remove_file(&path);
+    Ok(r)
+}
+
 fn pingpong(n: usize) -> Result<Vec<Duration>> {
     let path = std::env::temp_dir().join(format!("portres-bench-echo-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -293,17 +337,24 @@ fn section_grants(d: &Daemon, portserver: Option<&Path>) -> Result<()> {
     println!(
         "### Grants per second (2 s per cell; portres: acquire + release of one wildcard port)\n"
     );
-    println!("| clients | portres | portserver | ratio |");
-    println!("|---|---|---|---|");
+    println!(
+        "| clients | portres | portserver | ratio | bare floor: echo server, two round trips per grant | ratio floor ÷ portserver |"
+    );
+    println!("|---|---|---|---|---|---|");
     for clients in [1, 8, 64] {
         let ours = grants_portres(d, clients, Duration::from_secs(2));
+        let floor = grants_bare(clients, Duration::from_secs(2))?;
         let theirs = match portserver {
             Some(p) => Some(grants_portserver(p, clients, Duration::from_secs(2))?),
             None => None,
         };
         match theirs {
-            Some(t) => println!("| {clients} | {ours:.0}/s | {t:.0}/s | {:.1}× |", ours / t),
-            None => println!("| {clients} | {ours:.0}/s | (not run) | |"),
+            Some(t) => println!(
+                "| {clients} | {ours:.0}/s | {t:.0}/s | {:.1}× | {floor:.0}/s | {:.1}× |",
+                ours / t,
+                floor / t
+            ),
+            None => println!("| {clients} | {ours:.0}/s | (not run) | | {floor:.0}/s | |"),
         }
     }
     println!();
@@ -564,6 +615,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--echo-server") {
         return echo_server(&args[2]);
+    }
+    if args.get(1).map(String::as_str) == Some("--echo-server-multi") {
+        return echo_server_multi(&args[2]);
     }
     let bin = PathBuf::from(
         std::env::var("PORTRES_BIN").unwrap_or_else(|_| "target/release/portres".into()),
