@@ -59,6 +59,8 @@ struct Exclude {
     journal: PathBuf,
     /// The sysctl file, kept open.
     file: Option<reserved_ports::ReservedPorts>,
+    /// Blocks were removed from `ours` since the last write.
+    dirty: bool,
 }
 
 impl Exclude {
@@ -71,6 +73,7 @@ impl Exclude {
             added: PortSet::new(),
             journal,
             file: None,
+            dirty: false,
         };
         let current = match reserved_ports::read() {
             Ok(c) => c,
@@ -151,6 +154,7 @@ impl Exclude {
     /// Mirrors our blocks into the sysctl, keeping everyone else's entries (read fresh each
     /// time, so entries added while we run survive too).
     fn sync(&mut self) {
+        self.dirty = false;
         let Some(file) = self.file.as_mut().filter(|_| self.off.is_none()) else {
             return;
         };
@@ -434,8 +438,24 @@ impl Enforcer {
                 true
             }
         });
+        // The entries leave the sysctl with the next write (the next grant's, or the flush the
+        // server schedules within a few milliseconds): a released port staying excluded from
+        // automatic selection a little longer harms nobody, and a grant then costs one sysctl
+        // write instead of two.
         self.exclude.remove(r.range);
-        self.exclude.sync();
+        self.exclude.dirty = true;
+    }
+
+    /// Whether released blocks still wait to leave `ip_local_reserved_ports`.
+    pub(crate) fn exclude_dirty(&self) -> bool {
+        self.exclude.dirty
+    }
+
+    /// Writes `ip_local_reserved_ports` now (see [`Enforcer::retire`]).
+    pub(crate) fn flush_exclude(&mut self) {
+        if self.exclude.dirty {
+            self.exclude.sync();
+        }
     }
 
     /// A socket bound to `addr:port` of `r`'s block for a client. Held blocks hand out a socket

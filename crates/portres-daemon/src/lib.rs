@@ -86,6 +86,8 @@ struct Shared {
     own_uid: u32,
     /// Most sessions open at once since the heap was last trimmed.
     session_peak: std::sync::atomic::AtomicUsize,
+    /// A write of released blocks to `ip_local_reserved_ports` is scheduled.
+    flush_scheduled: std::sync::atomic::AtomicBool,
 }
 
 /// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
@@ -142,6 +144,7 @@ impl Daemon {
                 started: Instant::now(),
                 own_uid: portres_sys::creds::effective_uid(),
                 session_peak: std::sync::atomic::AtomicUsize::new(0),
+                flush_scheduled: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -83,6 +83,22 @@ async fn write_msg_with_fd(
     s.write_all(&bytes[sent..]).await
 }
 
+/// Released blocks leave `ip_local_reserved_ports` within this long, when no grant writes it first.
+const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Schedules the write of released blocks to `ip_local_reserved_ports`, if any wait.
+fn schedule_exclude_flush(shared: &Arc<Shared>) {
+    let dirty = shared.state.lock().unwrap().enforcer.exclude_dirty();
+    if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(EXCLUDE_FLUSH_DELAY).await;
+            shared.flush_scheduled.store(false, Ordering::Release);
+            shared.state.lock().unwrap().enforcer.flush_exclude();
+        });
+    }
+}
+
 pub(crate) fn error_body(r: &Refusal) -> ErrorBody {
     ErrorBody {
         code: r.code.as_str().into(),
@@ -168,10 +184,12 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
             "runtime reservation {}/{} ended with its session", r.range, r.protocol
         );
     }
+    drop(state);
+    schedule_exclude_flush(&shared);
 }
 
 /// Runs the handshake and the request loop; returns why the session ended.
-async fn converse(shared: &Shared, caller: &Caller, s: &mut UnixStream) -> Result<(), String> {
+async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> Result<(), String> {
     let hello = match read_frame(s).await {
         Ok(body) => portres_proto::decode::<Hello>(&body).map_err(|e| e.to_string()),
         Err(FrameError::Closed) => return Ok(()),
@@ -249,6 +267,7 @@ async fn converse(shared: &Shared, caller: &Caller, s: &mut UnixStream) -> Resul
                 (ReplyBody::Error(error_body(&refusal)), None)
             }
         };
+        schedule_exclude_flush(shared);
         let reply = ReplyFrame { id: frame.id, body };
         match fd {
             Some(fd) => write_msg_with_fd(s, &reply, &fd).await,

@@ -101,14 +101,23 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
     ));
     assert!(out.status.success());
     excl.release().unwrap();
-    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,45000-45009");
+    // Released blocks leave the sysctl within milliseconds (with the next write).
+    wait_until(
+        "the released block to leave the sysctl",
+        Duration::from_secs(2),
+        || d.reserved_ports() == "1000,2000-2010,3000,45000-45009",
+    );
     // A TCP and a UDP block on the same ports: the entry stays until both end.
     let t = c.acquire_at(Protocol::Tcp, 47000, 2).unwrap();
     let u = c.acquire_at(Protocol::Udp, 47000, 2).unwrap();
     drop(t);
     assert!(d.reserved_ports().contains("47000-47001"));
     drop(u);
-    assert!(!d.reserved_ports().contains("47000"));
+    wait_until(
+        "both blocks to leave the sysctl",
+        Duration::from_secs(2),
+        || !d.reserved_ports().contains("47000"),
+    );
     drop(c);
     assert!(d.terminate().success());
     assert_eq!(
