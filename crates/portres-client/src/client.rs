@@ -2,7 +2,7 @@
 //! is released when dropped.
 
 use std::fmt;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -22,6 +22,8 @@ use crate::paths::{self, Scope};
 struct Conn {
     stream: UnixStream,
     next_id: u64,
+    /// Bytes read past the last frame.
+    pending: Vec<u8>,
 }
 
 struct Inner {
@@ -143,7 +145,11 @@ impl Client {
         };
         Ok(Client {
             inner: Arc::new(Inner {
-                conn: Mutex::new(Conn { stream, next_id: 1 }),
+                conn: Mutex::new(Conn {
+                    stream,
+                    next_id: 1,
+                    pending: Vec::new(),
+                }),
                 socket: socket.into(),
                 welcome,
             }),
@@ -170,7 +176,7 @@ impl Client {
         let id = conn.next_id;
         conn.next_id += 1;
         portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
-        let (body, fds) = read_frame_with_fds(&mut conn.stream)?;
+        let (body, fds) = read_frame_with_fds(&mut conn)?;
         let reply: ReplyFrame = portres_proto::decode(&body)?;
         if reply.id != id && reply.id != 0 {
             return Err(Error::Transport(format!(
@@ -366,26 +372,34 @@ impl Client {
 }
 
 /// Reads one frame, collecting descriptors attached to it (`SCM_RIGHTS` on its first byte).
-fn read_frame_with_fds(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
+/// Bytes are read as they come (a whole small reply in one `recvmsg`); what belongs to a later
+/// frame stays in `pending`.
+fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let mut fds = Vec::new();
-    while got < 4 {
-        match portres_sys::fdpass::recv_with_fds(&*stream, &mut header[got..]) {
-            Ok((0, _)) => return Err(portres_proto::FrameError::Closed.into()),
+    loop {
+        if conn.pending.len() >= 4 {
+            let header = conn.pending[..4].try_into().expect("4 bytes");
+            let len = portres_proto::frame::body_len(header)?;
+            if conn.pending.len() >= 4 + len {
+                let body = conn.pending[4..4 + len].to_vec();
+                conn.pending.drain(..4 + len);
+                return Ok((body, fds));
+            }
+        }
+        let mut buf = [0u8; 16 * 1024];
+        match portres_sys::fdpass::recv_with_fds(&conn.stream, &mut buf) {
+            Ok((0, _)) if conn.pending.is_empty() => {
+                return Err(portres_proto::FrameError::Closed.into());
+            }
+            Ok((0, _)) => return Err(Error::Transport("the daemon cut a reply short".into())),
             Ok((n, more)) => {
-                got += n;
+                conn.pending.extend_from_slice(&buf[..n]);
                 fds.extend(more);
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::Transport(e.to_string())),
         }
     }
-    let mut body = vec![0u8; portres_proto::frame::body_len(header)?];
-    stream
-        .read_exact(&mut body)
-        .map_err(|e| Error::Transport(e.to_string()))?;
-    Ok((body, fds))
 }
 
 /// A TCP socket bound to a reserved port, not yet connected: [`TcpSocket::connect`] makes it a

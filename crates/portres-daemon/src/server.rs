@@ -43,19 +43,25 @@ pub(crate) async fn serve(
     tracing::info!("shutting down");
 }
 
-async fn read_frame(s: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match s.read(&mut header[got..]).await? {
-            0 if got == 0 => return Err(FrameError::Closed),
+/// Reads one frame body. Bytes are read as they come (a whole small frame in one `read`) into
+/// `pending`, which keeps what belongs to the next frame.
+async fn read_frame(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Vec<u8>, FrameError> {
+    loop {
+        if pending.len() >= 4 {
+            let len = body_len(pending[..4].try_into().expect("4 bytes"))?;
+            if pending.len() >= 4 + len {
+                let body = pending[4..4 + len].to_vec();
+                pending.drain(..4 + len);
+                return Ok(body);
+            }
+        }
+        let mut buf = [0u8; 16 * 1024];
+        match s.read(&mut buf).await? {
+            0 if pending.is_empty() => return Err(FrameError::Closed),
             0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            n => got += n,
+            n => pending.extend_from_slice(&buf[..n]),
         }
     }
-    let mut body = vec![0u8; body_len(header)?];
-    s.read_exact(&mut body).await?;
-    Ok(body)
 }
 
 async fn write_msg(s: &mut UnixStream, msg: &impl serde::Serialize) -> std::io::Result<()> {
@@ -190,7 +196,8 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
 
 /// Runs the handshake and the request loop; returns why the session ended.
 async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> Result<(), String> {
-    let hello = match read_frame(s).await {
+    let mut pending = Vec::new();
+    let hello = match read_frame(s, &mut pending).await {
         Ok(body) => portres_proto::decode::<Hello>(&body).map_err(|e| e.to_string()),
         Err(FrameError::Closed) => return Ok(()),
         Err(e) => Err(e.to_string()),
@@ -224,7 +231,7 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
     write_msg(s, &welcome).await.map_err(|e| e.to_string())?;
 
     loop {
-        let body = match read_frame(s).await {
+        let body = match read_frame(s, &mut pending).await {
             Ok(b) => b,
             Err(FrameError::Closed) => return Ok(()),
             Err(e @ FrameError::TooLarge { .. }) => {

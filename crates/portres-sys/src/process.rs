@@ -31,6 +31,20 @@ pub fn random_u64() -> io::Result<u64> {
     Ok(u64::from_ne_bytes(buf))
 }
 
+/// `getrandom(2)`: `n` numbers of 64 bits from the OS random source in one call.
+pub fn random_u64s(n: usize) -> io::Result<Vec<u64>> {
+    let mut buf = vec![0u8; n * 8];
+    let mut filled = 0;
+    while filled < buf.len() {
+        filled +=
+            rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
 /// `flock(LOCK_EX)`: waits for an exclusive lock on `file`; it is released when the file (its
 /// open file description) is closed.
 pub fn lock_exclusive(file: &File) -> io::Result<()> {
