@@ -18,6 +18,9 @@ use portres_proto::LayerInfo;
 use portres_sys::hold::{self, SocketKind};
 use portres_sys::reserved_ports;
 
+/// Prepared placeholder sockets kept per protocol.
+const POOL_SIZE: usize = 4;
+
 /// Why holding a block failed.
 #[derive(Debug)]
 pub(crate) enum HoldError {
@@ -196,6 +199,8 @@ pub(crate) struct Enforcer {
     holder_uid: Option<u32>,
     own_uid: u32,
     holds: HashMap<Token, Vec<OwnedFd>>,
+    /// Placeholder sockets made ahead of time, per protocol.
+    pool: [Vec<hold::Prepared>; 2],
     /// Blocks held by helper processes, and their placeholders' inodes.
     helpers: crate::holder::Helpers,
     remote_inodes: HashMap<Token, Vec<u64>>,
@@ -221,6 +226,7 @@ impl Enforcer {
             holder_uid,
             own_uid,
             holds: HashMap::new(),
+            pool: [Vec::new(), Vec::new()],
             helpers: crate::holder::Helpers::default(),
             remote_inodes: HashMap::new(),
             held_remote: 0,
@@ -244,6 +250,21 @@ impl Enforcer {
         if self.held_ports + u64::from(range.count()) > self.local_budget() {
             return self.hold_in_helpers(token, protocol, range);
         }
+        // Small blocks take sockets prepared ahead of time: only the bind is left.
+        let pool = &mut self.pool[protocol.index()];
+        if usize::from(range.count()) <= pool.len() {
+            let mut fds = Vec::with_capacity(usize::from(range.count()));
+            for port in range.ports() {
+                let prepared = pool.pop().expect("counted");
+                match hold::bind_placeholder(prepared, port) {
+                    Ok(fd) => fds.push(fd),
+                    Err(error) => return Err(HoldError::Port { port, error }),
+                }
+            }
+            self.held_ports += fds.len() as u64;
+            self.holds.insert(token, fds);
+            return Ok(());
+        }
         // One filesystem-uid switch for the whole block.
         let fds = match hold::placeholders(protocol, range, self.holder_uid) {
             Ok(fds) => fds,
@@ -259,6 +280,28 @@ impl Enforcer {
         self.held_ports += fds.len() as u64;
         self.holds.insert(token, fds);
         Ok(())
+    }
+
+    /// Whether the prepared-socket pools want refilling.
+    pub(crate) fn pool_low(&self) -> bool {
+        self.pool.iter().any(|p| p.len() < POOL_SIZE)
+    }
+
+    /// Prepares sockets for the pools (one filesystem-uid switch): run after a reply is sent, so
+    /// the next small hold costs only a bind.
+    pub(crate) fn refill_pool(&mut self) {
+        for protocol in Protocol::ALL {
+            let pool = &mut self.pool[protocol.index()];
+            while pool.len() < POOL_SIZE {
+                match hold::prepare_placeholder(protocol, self.holder_uid) {
+                    Ok(p) => pool.push(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot prepare placeholder sockets");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Placeholders the daemon keeps itself: its open-file limit minus room for sessions,

@@ -92,6 +92,18 @@ async fn write_msg_with_fd(
 /// Released blocks leave `ip_local_reserved_ports` within this long, when no grant writes it first.
 const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Schedules refilling the prepared placeholder sockets, after the current reply.
+fn schedule_pool_refill(shared: &Arc<Shared>) {
+    let low = shared.state.lock().unwrap().enforcer.pool_low();
+    if low && !shared.refill_scheduled.swap(true, Ordering::AcqRel) {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.refill_scheduled.store(false, Ordering::Release);
+            shared.state.lock().unwrap().enforcer.refill_pool();
+        });
+    }
+}
+
 /// Schedules the write of released blocks to `ip_local_reserved_ports`, if any wait.
 fn schedule_exclude_flush(shared: &Arc<Shared>) {
     let dirty = shared.state.lock().unwrap().enforcer.exclude_dirty();
@@ -275,6 +287,7 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
             }
         };
         schedule_exclude_flush(shared);
+        schedule_pool_refill(shared);
         let reply = ReplyFrame { id: frame.id, body };
         match fd {
             Some(fd) => write_msg_with_fd(s, &reply, &fd).await,

@@ -123,33 +123,51 @@ pub fn placeholders(
 /// `SO_REUSEPORT`, `bind([::]:port)` dual-stack (or `0.0.0.0:port` when IPv6 is unavailable),
 /// never `listen()`; UDP gets the drop filter and the steering program.
 pub fn placeholder(protocol: Protocol, port: u16, holder_uid: Option<u32>) -> io::Result<OwnedFd> {
+    let prepared = prepare_placeholder(protocol, holder_uid)?;
+    bind_placeholder(prepared, port)
+}
+
+/// A placeholder socket made ahead of time, not bound yet (see [`prepare_placeholder`]).
+#[derive(Debug)]
+pub struct Prepared {
+    fd: OwnedFd,
+    protocol: Protocol,
+    v6: bool,
+}
+
+/// The first half of [`placeholder`]: `socket()` under the holder uid, dual-stack
+/// (`IPV6_V6ONLY=0`, or IPv4 when IPv6 is unavailable) and `SO_REUSEPORT`. A daemon keeps a few
+/// ready so that holding a small block costs only the `bind`.
+pub fn prepare_placeholder(protocol: Protocol, holder_uid: Option<u32>) -> io::Result<Prepared> {
     let ty = sock_type(protocol);
-    let fd = match new_socket(AddressFamily::INET6, ty, holder_uid) {
+    let (fd, v6) = match new_socket(AddressFamily::INET6, ty, holder_uid) {
         Ok(fd) => {
             sockopt::set_ipv6_v6only(&fd, false)?;
-            sockopt::set_socket_reuseport(&fd, true)?;
-            bind(
-                &fd,
-                &SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            )?;
-            fd
+            (fd, true)
         }
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            let fd = new_socket(AddressFamily::INET, ty, holder_uid)?;
-            sockopt::set_socket_reuseport(&fd, true)?;
-            bind(
-                &fd,
-                &SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-            )?;
-            fd
+            (new_socket(AddressFamily::INET, ty, holder_uid)?, false)
         }
         Err(e) => return Err(e),
     };
-    if protocol == Protocol::Udp {
-        attach_cbpf(&fd, libc::SO_ATTACH_FILTER, 0)?;
-        attach_cbpf(&fd, libc::SO_ATTACH_REUSEPORT_CBPF, 1)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    Ok(Prepared { fd, protocol, v6 })
+}
+
+/// The second half of [`placeholder`]: `bind` to the wildcard address on `port`; UDP gets the
+/// drop filter and the steering program.
+pub fn bind_placeholder(p: Prepared, port: u16) -> io::Result<OwnedFd> {
+    let ip = if p.v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    bind(&p.fd, &SocketAddr::new(ip, port))?;
+    if p.protocol == Protocol::Udp {
+        attach_cbpf(&p.fd, libc::SO_ATTACH_FILTER, 0)?;
+        attach_cbpf(&p.fd, libc::SO_ATTACH_REUSEPORT_CBPF, 1)?;
     }
-    Ok(fd)
+    Ok(p.fd)
 }
 
 /// What kind of socket a client asked for.
