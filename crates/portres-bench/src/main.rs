@@ -154,29 +154,47 @@ fn grants_bare(clients: usize, dur: Duration) -> Result<f64> {
     Ok(r)
 }
 
-fn pingpong(n: usize) -> Result<Vec<Duration>> {
-    let path = std::env::temp_dir().join(format!("portres-bench-echo-{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("--echo-server")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-    let mut s = UnixStream::connect(&path)?;
-    let mut buf = [7u8; 16];
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        s.write_all(&buf)?;
-        s.read_exact(&mut buf)?;
-        out.push(t.elapsed());
+/// A connection to an echo server in another process: the bare request/reply.
+struct Echo {
+    child: Child,
+    stream: UnixStream,
+    path: PathBuf,
+}
+
+impl Echo {
+    fn start() -> Result<Echo> {
+        let path = std::env::temp_dir().join(format!("portres-bench-echo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--echo-server")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        let stream = UnixStream::connect(&path)?;
+        Ok(Echo {
+            child,
+            stream,
+            path,
+        })
     }
-    drop(s);
-    child.wait()?;
-    let _ = std::fs::remove_file(&path);
-    Ok(out)
+
+    fn round_trip(&mut self) -> Duration {
+        let mut buf = [7u8; 16];
+        let t = Instant::now();
+        self.stream.write_all(&buf).unwrap();
+        self.stream.read_exact(&mut buf).unwrap();
+        t.elapsed()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn bare_bind(n: usize) -> Vec<Duration> {
@@ -191,40 +209,49 @@ fn bare_bind(n: usize) -> Vec<Duration> {
 }
 
 fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
-    let ping = pct(pingpong(n)?);
-    let bind = pct(bare_bind(n));
+    // Every measurement runs in 20 interleaved rounds (baseline, then each operation), so that
+    // the machine's moods fall on all of them alike.
+    let mut echo = Echo::start()?;
     let c = d.client();
-    let pair = |mode: Mode| -> Vec<Duration> {
-        (0..n)
-            .map(|_| {
+    let block = c.acquire(Protocol::Tcp, 1)?;
+    let port = block.port();
+    let per = (n / 20).max(1);
+    let (mut ping_v, mut bind_v, mut status_v, mut hold_v, mut excl_v, mut assoc_v) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..20 {
+        ping_v.extend((0..per).map(|_| echo.round_trip()));
+        bind_v.extend(bare_bind(per));
+        status_v.extend((0..per).map(|_| {
+            let t = Instant::now();
+            c.status().unwrap();
+            t.elapsed()
+        }));
+        for (mode, v) in [(Mode::Hold, &mut hold_v), (Mode::Exclude, &mut excl_v)] {
+            v.extend((0..per).map(|_| {
                 let t = Instant::now();
                 let r = c.acquire_with(Protocol::Tcp, 0, 1, mode).unwrap();
                 r.release().unwrap();
                 t.elapsed()
-            })
-            .collect()
-    };
-    let hold = pct(pair(Mode::Hold));
-    let excl = pct(pair(Mode::Exclude));
-    let status = pct((0..n)
-        .map(|_| {
-            let t = Instant::now();
-            c.status().unwrap();
-            t.elapsed()
-        })
-        .collect());
-    let block = c.acquire(Protocol::Tcp, 1)?;
-    let port = block.port();
-    let assoc = pct((0..n)
-        .map(|_| {
+            }));
+        }
+        assoc_v.extend((0..per).map(|_| {
             let t = Instant::now();
             let l = block.listen(port).unwrap();
             let e = t.elapsed();
             drop(l);
             e
-        })
-        .collect());
-    println!("### Round trips ({n} each, p50 / p99)\n");
+        }));
+    }
+    drop(echo);
+    let (ping, bind, status, hold, excl, assoc) = (
+        pct(ping_v),
+        pct(bind_v),
+        pct(status_v),
+        pct(hold_v),
+        pct(excl_v),
+        pct(assoc_v),
+    );
+    println!("### Round trips ({n} each, in 20 interleaved rounds; p50 / p99)\n");
     println!("| what | p50 | p99 | p50 ÷ bare ping-pong |");
     println!("|---|---|---|---|");
     let row = |name: &str, (p50, p99): (Duration, Duration)| {

@@ -55,11 +55,12 @@ async fn read_frame(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Vec<u8>
                 return Ok(body);
             }
         }
-        let mut buf = [0u8; 16 * 1024];
-        match s.read(&mut buf).await? {
+        // Straight into `pending` (no buffer in the session's future: idle sessions stay small).
+        pending.reserve(512);
+        match s.read_buf(pending).await? {
             0 if pending.is_empty() => return Err(FrameError::Closed),
             0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            n => pending.extend_from_slice(&buf[..n]),
+            _ => {}
         }
     }
 }
