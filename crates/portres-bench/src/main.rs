@@ -25,6 +25,14 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
+/// Servers (the daemon, the echo baselines, portserver) run on CPU 1 and the harness's clients
+/// on CPU 0, so every round trip crosses CPUs the same way, whatever the scheduler would do.
+fn server_command(program: &Path) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", "1"]).arg(program);
+    c
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -57,7 +65,7 @@ impl Daemon {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("portres.sock");
         let t = Instant::now();
-        let mut child = Command::new(bin)
+        let mut child = server_command(bin)
             .args(["daemon", "--print-ready", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
@@ -134,7 +142,7 @@ fn echo_server_multi(path: &str) -> Result<()> {
 fn grants_bare(clients: usize, dur: Duration) -> Result<f64> {
     let path = std::env::temp_dir().join(format!("portres-bench-echo-m-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = server_command(&std::env::current_exe()?)
         .arg("--echo-server-multi")
         .arg(&path)
         .stdout(Stdio::piped())
@@ -165,7 +173,7 @@ impl Echo {
     fn start() -> Result<Echo> {
         let path = std::env::temp_dir().join(format!("portres-bench-echo-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = server_command(&std::env::current_exe()?)
             .arg("--echo-server")
             .arg(&path)
             .stdout(Stdio::piped())
@@ -337,7 +345,7 @@ fn portserver_request(addr: &std::os::unix::net::SocketAddr) -> Option<u16> {
 fn grants_portserver(script: &Path, clients: usize, dur: Duration) -> Result<f64> {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("portres-bench-{}-{clients}", std::process::id());
-    let mut server = Command::new("python3")
+    let mut server = server_command(Path::new("python3"))
         .arg(script)
         .arg(format!("--portserver_address=@{name}"))
         .arg("--portserver_static_pool=10000-60000")

@@ -501,7 +501,8 @@ impl Enforcer {
         }
     }
 
-    /// A socket bound to `addr:port` of `r`'s block for a client. Held blocks hand out a socket
+    /// A socket bound to `addr:port` of `r`'s block for a client, and the address it is bound to
+    /// (the IPv4 wildcard when IPv6 is unavailable). Held blocks hand out a socket
     /// that joins the placeholder's group, so the port never becomes free.
     pub(crate) fn hand_over(
         &mut self,
@@ -510,23 +511,26 @@ impl Enforcer {
         kind: SocketKind,
         addr: IpAddr,
         v6only: Option<bool>,
-    ) -> io::Result<OwnedFd> {
+    ) -> io::Result<(OwnedFd, IpAddr)> {
         let held = self.holds.contains_key(&r.token) || self.helpers.holds(r.token);
         let owner = if held { self.holder_uid } else { None };
-        let fd = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
+        let (fd, bound) = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
             Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
                 // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.
                 let v4 = IpAddr::from([0, 0, 0, 0]);
-                hold::handover_socket(kind, v4, port, held, owner, None)?
+                (
+                    hold::handover_socket(kind, v4, port, held, owner, None)?,
+                    v4,
+                )
             }
-            other => other?,
+            other => (other?, addr),
         };
         if let Ok(ino) = hold::inode(fd.as_fd()) {
-            let v6 = hold::local_addr(fd.as_fd()).is_ok_and(|a| a.is_ipv6());
             let listener = matches!(kind, SocketKind::Listener { .. });
-            self.handed.insert((r.token, port), (ino, v6, listener));
+            self.handed
+                .insert((r.token, port), (ino, bound.is_ipv6(), listener));
         }
-        Ok(fd)
+        Ok((fd, bound))
     }
 
     /// Ports of `r` recorded as handed out whose socket is gone (closed by every holder).

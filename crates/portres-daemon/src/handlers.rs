@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portres_core::{
@@ -590,10 +590,8 @@ fn associate(
     let tk = Token::new(t).expect("associate succeeded");
     let r = st.table.get(tk).expect("live").clone();
     match st.enforcer.hand_over(&r, chosen, kind, addr, v6only) {
-        Ok(fd) => {
-            let local = portres_sys::hold::local_addr(fd.as_fd())
-                .map(|a| a.ip().to_string())
-                .unwrap_or_else(|_| addr.to_string());
+        Ok((fd, bound)) => {
+            let local = bound.to_string();
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %tk,
                 "handed out {socket} socket on [{local}]:{chosen}/{}", r.protocol

@@ -45,6 +45,14 @@ pub fn random_u64s(n: usize) -> io::Result<Vec<u64>> {
         .collect())
 }
 
+/// `sched_setaffinity(2)`: runs the calling process's threads on `cpu` only (benchmarks).
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)?;
+    Ok(())
+}
+
 /// `flock(LOCK_EX)`: waits for an exclusive lock on `file`; it is released when the file (its
 /// open file description) is closed.
 pub fn lock_exclusive(file: &File) -> io::Result<()> {
