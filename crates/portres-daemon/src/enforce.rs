@@ -514,6 +514,20 @@ impl Enforcer {
     ) -> io::Result<(OwnedFd, IpAddr)> {
         let held = self.holds.contains_key(&r.token) || self.helpers.holds(r.token);
         let owner = if held { self.holder_uid } else { None };
+        // The common case (every address, dual-stack, of a held block) takes a prepared socket.
+        let pool = &mut self.pool[kind.protocol().index()];
+        if held
+            && addr == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+            && v6only != Some(true)
+            && let Some(p) = pool.pop().filter(hold::prepared_is_v6)
+        {
+            let fd = hold::bind_prepared_for_handover(p, kind, port)?;
+            if let Ok(ino) = hold::inode(fd.as_fd()) {
+                let listener = matches!(kind, SocketKind::Listener { .. });
+                self.handed.insert((r.token, port), (ino, true, listener));
+            }
+            return Ok((fd, addr));
+        }
         let (fd, bound) = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
             Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
                 // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.

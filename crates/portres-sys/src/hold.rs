@@ -154,6 +154,27 @@ pub fn prepare_placeholder(protocol: Protocol, holder_uid: Option<u32>) -> io::R
     Ok(Prepared { fd, protocol, v6 })
 }
 
+/// A prepared socket bound as a handed-out socket of a held port: `bind([::]:port)` (the
+/// dual-stack wildcard), and `listen()` for listeners. The same socket [`handover_socket`] makes
+/// for the wildcard address of a held block, minus the system calls done ahead of time.
+pub fn bind_prepared_for_handover(p: Prepared, kind: SocketKind, port: u16) -> io::Result<OwnedFd> {
+    let ip = if p.v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    bind(&p.fd, &SocketAddr::new(ip, port))?;
+    if let SocketKind::Listener { backlog } = kind {
+        listen(&p.fd, backlog)?;
+    }
+    Ok(p.fd)
+}
+
+/// Whether a prepared socket is IPv6 (dual-stack) rather than IPv4.
+pub fn prepared_is_v6(p: &Prepared) -> bool {
+    p.v6
+}
+
 /// The second half of [`placeholder`]: `bind` to the wildcard address on `port`; UDP gets the
 /// drop filter and the steering program.
 pub fn bind_placeholder(p: Prepared, port: u16) -> io::Result<OwnedFd> {
