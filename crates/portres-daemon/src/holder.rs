@@ -93,8 +93,8 @@ impl Helpers {
         Ok(())
     }
 
-    /// Closes every placeholder of `token`'s block held by helpers; returns how many ports
-    /// the helpers held for it (`per_helper` counts, for bookkeeping) — waits for each helper.
+    /// Closes every placeholder of `token`'s block held by helpers (`count` ports), waiting for
+    /// each helper to confirm.
     pub(crate) fn drop_block(&mut self, token: Token, count: u64) {
         let Some(owners) = self.blocks.remove(&token) else {
             return;
