@@ -12,7 +12,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use portres_core::{
-    ClaimError, ErrorCode, Mode, PortRange, PortSet, Protocol, Reservation, SocketInUse, Token,
+    ClaimError, ErrorCode, Mode, PortClaim, PortRange, PortSet, Protocol, Reservation, SocketInUse,
+    Token,
 };
 use portres_proto::LayerInfo;
 use portres_sys::hold::{self, SocketKind};
@@ -374,12 +375,13 @@ impl Enforcer {
         }
         first
     }
+}
 
-    /// The kernel side of granting a block (see `portres_core::PortClaim`): first into the
-    /// exclude layer (so autobind cannot land in it from now on), then checked free — by binding
-    /// its placeholders for `hold` blocks, by bind probes for `exclude` blocks. On failure
-    /// nothing is left behind.
-    pub(crate) fn claim(
+/// The enforcer is the table's kernel side of granting a block: first into the exclude layer
+/// (so autobind cannot land in it from now on), then checked free — by binding its placeholders
+/// for `hold` blocks, by bind probes for `exclude` blocks. On failure nothing is left behind.
+impl PortClaim for Enforcer {
+    fn claim(
         &mut self,
         token: Token,
         protocol: Protocol,
@@ -421,7 +423,9 @@ impl Enforcer {
         }
         result
     }
+}
 
+impl Enforcer {
     /// Puts a persistent block back at start-up: a block that cannot be held is kept (the
     /// exclude layer still covers it) and reported.
     /// The exclude layer is written once by [`Enforcer::finish_start`].

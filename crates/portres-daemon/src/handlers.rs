@@ -6,8 +6,8 @@ use std::os::fd::OwnedFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portres_core::{
-    Acl, Caller, ClaimError, Conflict, ErrorCode, Holder, Kind, Mode, Operation, Owner, PortClaim,
-    PortRange, Protocol, Refusal, Reservation, Token, TokenSource,
+    Acl, Caller, Conflict, ErrorCode, Holder, Kind, Mode, Operation, Owner, Protocol, Refusal,
+    Reservation, Token, TokenSource,
 };
 use portres_proto::{
     ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
@@ -38,20 +38,6 @@ impl TokenSource for OsRandom {
             }
             pool.pop().expect("refilled")
         })
-    }
-}
-
-/// The enforcer as the table's [`PortClaim`].
-struct KernelClaim<'a>(&'a mut crate::enforce::Enforcer);
-impl PortClaim for KernelClaim<'_> {
-    fn claim(
-        &mut self,
-        token: Token,
-        protocol: Protocol,
-        range: PortRange,
-        mode: Mode,
-    ) -> Result<(), ClaimError> {
-        self.0.claim(token, protocol, range, mode)
     }
 }
 
@@ -167,16 +153,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             let m = mode(op, m.as_deref(), Mode::Hold)?;
             let mut st = shared.state.lock().unwrap();
             let State { table, enforcer } = &mut *st;
-            let result = table.acquire(
-                caller,
-                p,
-                start,
-                count,
-                m,
-                now(),
-                &mut OsRandom,
-                &mut KernelClaim(enforcer),
-            );
+            let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
             log_outcome(caller, "acquire", &result);
             result.map(|r| (reservation_ref(&r), None))
         }
@@ -228,7 +205,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
                     command,
                     now(),
                     &mut OsRandom,
-                    &mut KernelClaim(enforcer),
+                    enforcer,
                 )
             };
             let r = created?;

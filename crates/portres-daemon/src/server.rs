@@ -93,9 +93,14 @@ async fn write_msg_with_fd(
 /// Released blocks leave `ip_local_reserved_ports` within this long, when no grant writes it first.
 const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Schedules refilling the prepared placeholder sockets, after the current reply.
-fn schedule_pool_refill(shared: &Arc<Shared>) {
-    let low = shared.state.lock().unwrap().enforcer.pool_low();
+/// Schedules the enforcer's deferred work (one look at the state per request): refilling the
+/// prepared placeholder sockets right after the current reply, and writing released blocks to
+/// `ip_local_reserved_ports` a little later.
+fn schedule_background_work(shared: &Arc<Shared>) {
+    let (low, dirty) = {
+        let st = shared.state.lock().unwrap();
+        (st.enforcer.pool_low(), st.enforcer.exclude_dirty())
+    };
     if low && !shared.refill_scheduled.swap(true, Ordering::AcqRel) {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -103,11 +108,6 @@ fn schedule_pool_refill(shared: &Arc<Shared>) {
             shared.state.lock().unwrap().enforcer.refill_pool();
         });
     }
-}
-
-/// Schedules the write of released blocks to `ip_local_reserved_ports`, if any wait.
-fn schedule_exclude_flush(shared: &Arc<Shared>) {
-    let dirty = shared.state.lock().unwrap().enforcer.exclude_dirty();
     if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -204,7 +204,7 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         );
     }
     drop(state);
-    schedule_exclude_flush(&shared);
+    schedule_background_work(&shared);
 }
 
 /// Runs the handshake and the request loop; returns why the session ended.
@@ -287,8 +287,7 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
                 (ReplyBody::Error(error_body(&refusal)), None)
             }
         };
-        schedule_exclude_flush(shared);
-        schedule_pool_refill(shared);
+        schedule_background_work(shared);
         let reply = ReplyFrame { id: frame.id, body };
         match fd {
             Some(fd) => write_msg_with_fd(s, &reply, &fd).await,
