@@ -671,13 +671,28 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    let (d, _) = Daemon::start(&bin, &dir, true)?;
-    section_rpc(&d, n)?;
-    section_grants(&d, portserver.as_deref())?;
-    d.stop();
-    section_allocator();
-    section_hold(&bin, &dir)?;
-    section_restart(&bin, &dir)?;
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart runs only those sections (default: all).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
+    if run("rpc") || run("grants") {
+        let (d, _) = Daemon::start(&bin, &dir, true)?;
+        if run("rpc") {
+            section_rpc(&d, n)?;
+        }
+        if run("grants") {
+            section_grants(&d, portserver.as_deref())?;
+        }
+        d.stop();
+    }
+    if run("allocator") {
+        section_allocator();
+    }
+    if run("hold") {
+        section_hold(&bin, &dir)?;
+    }
+    if run("restart") {
+        section_restart(&bin, &dir)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -20,7 +20,7 @@ use portres_sys::hold::{self, SocketKind};
 use portres_sys::reserved_ports;
 
 /// Prepared placeholder sockets kept per protocol.
-const POOL_SIZE: usize = 4;
+const POOL_SIZE: usize = 8;
 
 /// Why holding a block failed.
 #[derive(Debug)]
@@ -65,6 +65,8 @@ struct Exclude {
     file: Option<reserved_ports::ReservedPorts>,
     /// Blocks were removed from `ours` since the last write.
     dirty: bool,
+    /// Held blocks were added to `ours` since the last write.
+    unwritten: bool,
 }
 
 impl Exclude {
@@ -78,6 +80,7 @@ impl Exclude {
             journal,
             file: None,
             dirty: false,
+            unwritten: false,
         };
         let current = match reserved_ports::read() {
             Ok(c) => c,
@@ -159,6 +162,7 @@ impl Exclude {
     /// time, so entries added while we run survive too).
     fn sync(&mut self) {
         self.dirty = false;
+        self.unwritten = false;
         let Some(file) = self.file.as_mut().filter(|_| self.off.is_none()) else {
             return;
         };
@@ -194,6 +198,15 @@ impl Exclude {
     }
 }
 
+/// A socket handed out from a block: its inode, the address it was bound to, and whether it was
+/// handed out listening.
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    inode: u64,
+    addr: IpAddr,
+    listener: bool,
+}
+
 /// The enforcement state of the daemon.
 pub(crate) struct Enforcer {
     /// The uid placeholders and handed-out sockets are created under (root only).
@@ -209,9 +222,8 @@ pub(crate) struct Enforcer {
     held_ports: u64,
     /// Blocks that could not be held at start-up, and why.
     unheld: HashMap<Token, String>,
-    /// Inode, family (IPv6?) and whether it was handed out listening, of each handed-out
-    /// socket, by (token, port).
-    handed: HashMap<(Token, u16), (u64, bool, bool)>,
+    /// Each handed-out socket, by (token, port).
+    handed: HashMap<(Token, u16), Handed>,
     /// Inode of each socket handed out from a block that has ended, by (protocol, port).
     orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
@@ -283,9 +295,10 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Whether the prepared-socket pools want refilling.
+    /// Whether the prepared-socket pools want refilling (at half: one uid switch then makes
+    /// several sockets).
     pub(crate) fn pool_low(&self) -> bool {
-        self.pool.iter().any(|p| p.len() < POOL_SIZE)
+        self.pool.iter().any(|p| p.len() < POOL_SIZE / 2)
     }
 
     /// Prepares sockets for the pools (one filesystem-uid switch): run after a reply is sent, so
@@ -293,14 +306,15 @@ impl Enforcer {
     pub(crate) fn refill_pool(&mut self) {
         for protocol in Protocol::ALL {
             let pool = &mut self.pool[protocol.index()];
-            while pool.len() < POOL_SIZE {
-                match hold::prepare_placeholder(protocol, self.holder_uid) {
-                    Ok(p) => pool.push(p),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot prepare placeholder sockets");
-                        return;
-                    }
-                }
+            if pool.len() >= POOL_SIZE / 2 {
+                continue;
+            }
+            let (made, failed) =
+                hold::prepare_placeholders(protocol, self.holder_uid, POOL_SIZE - pool.len());
+            pool.extend(made);
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "cannot prepare placeholder sockets");
+                return;
             }
         }
     }
@@ -377,9 +391,13 @@ impl Enforcer {
     }
 }
 
-/// The enforcer is the table's kernel side of granting a block: first into the exclude layer
-/// (so autobind cannot land in it from now on), then checked free — by binding its placeholders
-/// for `hold` blocks, by bind probes for `exclude` blocks. On failure nothing is left behind.
+/// The enforcer is the table's kernel side of granting a block. An `exclude` block goes first
+/// into the exclude layer (so autobind cannot land in it from now on), then is checked free by
+/// bind probes: nothing but the sysctl keeps autobind out of it, so it is written before the
+/// reply. A `hold` block is checked free by binding its placeholders, which from then on keep
+/// every bind out, autobind included; its sysctl entry (which outlasts the daemon) is written
+/// right after the reply, with those of every other grant answered meanwhile. On failure nothing
+/// is left behind.
 impl PortClaim for Enforcer {
     fn claim(
         &mut self,
@@ -388,8 +406,10 @@ impl PortClaim for Enforcer {
         range: PortRange,
         mode: Mode,
     ) -> Result<(), ClaimError> {
-        self.exclude.add(range);
-        self.exclude.sync();
+        if mode == Mode::Exclude {
+            self.exclude.add(range);
+            self.exclude.sync();
+        }
         let result = match mode {
             Mode::Hold => match self.live_orphan(protocol, range) {
                 Some(port) => Err(in_use(protocol, port)),
@@ -417,9 +437,16 @@ impl PortClaim for Enforcer {
                 None => Ok(()),
             },
         };
-        if result.is_err() {
-            self.exclude.remove(range);
-            self.exclude.sync();
+        match (mode, &result) {
+            (Mode::Hold, Ok(())) => {
+                self.exclude.add(range);
+                self.exclude.unwritten = true;
+            }
+            (Mode::Exclude, Err(_)) => {
+                self.exclude.remove(range);
+                self.exclude.sync();
+            }
+            _ => {}
         }
         result
     }
@@ -477,9 +504,9 @@ impl Enforcer {
         // new block is granted over them in the meantime.
         let protocol = r.protocol;
         let orphans = &mut self.orphans;
-        self.handed.retain(|(t, port), (ino, _, _)| {
+        self.handed.retain(|(t, port), h| {
             if *t == r.token {
-                orphans.insert((protocol, *port), *ino);
+                orphans.insert((protocol, *port), h.inode);
                 false
             } else {
                 true
@@ -496,6 +523,20 @@ impl Enforcer {
     /// Whether released blocks still wait to leave `ip_local_reserved_ports`.
     pub(crate) fn exclude_dirty(&self) -> bool {
         self.exclude.dirty
+    }
+
+    /// Whether held blocks granted since the last write still wait to enter
+    /// `ip_local_reserved_ports` (see [`Enforcer::write_granted`]).
+    pub(crate) fn exclude_unwritten(&self) -> bool {
+        self.exclude.unwritten
+    }
+
+    /// Writes `ip_local_reserved_ports` if held blocks were granted since the last write: run
+    /// right after the replies ready at the same time, so one write covers them all.
+    pub(crate) fn write_granted(&mut self) {
+        if self.exclude.unwritten {
+            self.exclude.sync();
+        }
     }
 
     /// Writes `ip_local_reserved_ports` now (see [`Enforcer::retire`]).
@@ -526,10 +567,7 @@ impl Enforcer {
             && let Some(p) = pool.pop().filter(hold::prepared_is_v6)
         {
             let fd = hold::bind_prepared_for_handover(p, kind, port)?;
-            if let Ok(ino) = hold::inode(fd.as_fd()) {
-                let listener = matches!(kind, SocketKind::Listener { .. });
-                self.handed.insert((r.token, port), (ino, true, listener));
-            }
+            self.record_handed(r.token, port, &fd, kind, addr);
             return Ok((fd, addr));
         }
         let (fd, bound) = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
@@ -543,12 +581,29 @@ impl Enforcer {
             }
             other => (other?, addr),
         };
-        if let Ok(ino) = hold::inode(fd.as_fd()) {
-            let listener = matches!(kind, SocketKind::Listener { .. });
-            self.handed
-                .insert((r.token, port), (ino, bound.is_ipv6(), listener));
-        }
+        self.record_handed(r.token, port, &fd, kind, bound);
         Ok((fd, bound))
+    }
+
+    fn record_handed(
+        &mut self,
+        token: Token,
+        port: u16,
+        fd: &OwnedFd,
+        kind: SocketKind,
+        addr: IpAddr,
+    ) {
+        if let Ok(inode) = hold::inode(fd.as_fd()) {
+            let listener = matches!(kind, SocketKind::Listener { .. });
+            self.handed.insert(
+                (token, port),
+                Handed {
+                    inode,
+                    addr,
+                    listener,
+                },
+            );
+        }
     }
 
     /// Ports of `r` recorded as handed out whose socket is gone (closed by every holder).
@@ -556,15 +611,23 @@ impl Enforcer {
         if r.handed_out().is_empty() {
             return Vec::new();
         }
-        // One dump per family the handed-out sockets have; when all were handed out listening,
-        // only the kernel's listening hash is walked (a listener that stopped listening counts
-        // as closed, and its port comes back to the block).
+        // A listener that stopped listening counts as closed, and its port comes back to the
+        // block. A few TCP listeners are looked up one by one (a hash lookup each); otherwise
+        // one dump per family the handed-out sockets have, of only the kernel's listening hash
+        // when all were handed out listening.
+        if let Some(gone) = self.closed_listeners(r) {
+            return gone;
+        }
         let (v4, v6, all_listening) = r
             .handed_out()
             .iter()
             .filter_map(|p| self.handed.get(&(r.token, *p)))
-            .fold((false, false, true), |(v4, v6, l), &(_, is6, listener)| {
-                (v4 || !is6, v6 || is6, l && listener)
+            .fold((false, false, true), |(v4, v6, l), h| {
+                (
+                    v4 || !h.addr.is_ipv6(),
+                    v6 || h.addr.is_ipv6(),
+                    l && h.listener,
+                )
             });
         let states = if all_listening && r.protocol == Protocol::Tcp {
             portres_sys::sockdiag::LISTENING
@@ -591,7 +654,7 @@ impl Enforcer {
             .iter()
             .copied()
             .filter(|p| match self.handed.get(&(r.token, *p)) {
-                Some((ino, _, _)) => !live.iter().any(|s| s.inode == *ino),
+                Some(h) => !live.iter().any(|s| s.inode == h.inode),
                 None => true,
             })
             .collect();
@@ -599,6 +662,31 @@ impl Enforcer {
             self.handed.remove(&(r.token, *p));
         }
         gone
+    }
+
+    /// [`Enforcer::closed_handouts`] by lookups, when `r` handed out at most a few sockets, all
+    /// TCP listeners: `None` when that does not apply or a lookup was not conclusive (another
+    /// socket answered, or `sock_diag` failed), and the caller dumps instead.
+    fn closed_listeners(&mut self, r: &Reservation) -> Option<Vec<u16>> {
+        const MAX_LOOKUPS: usize = 4;
+        if r.protocol != Protocol::Tcp || r.handed_out().len() > MAX_LOOKUPS {
+            return None;
+        }
+        let mut gone = Vec::new();
+        for &port in r.handed_out() {
+            let h = self.handed.get(&(r.token, port)).filter(|h| h.listener)?;
+            match portres_sys::sockdiag::tcp_listener_at(std::net::SocketAddr::new(h.addr, port)) {
+                Ok(None) => gone.push(port),
+                Ok(Some(s)) if s.inode == h.inode => {}
+                // Another listener answered for that address (a group of several): ask the
+                // whole table.
+                Ok(Some(_)) | Err(_) => return None,
+            }
+        }
+        for p in &gone {
+            self.handed.remove(&(r.token, *p));
+        }
+        Some(gone)
     }
 
     /// Inode of the placeholder holding `port` of `token`'s block, if held.
@@ -613,7 +701,7 @@ impl Enforcer {
 
     /// Inode of the socket handed out on `port` of `token`'s block, if any.
     pub(crate) fn handed_inode(&self, token: Token, port: u16) -> Option<u64> {
-        self.handed.get(&(token, port)).map(|&(ino, _, _)| ino)
+        self.handed.get(&(token, port)).map(|h| h.inode)
     }
 
     /// Restores the sysctl (at shutdown).

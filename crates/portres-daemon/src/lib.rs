@@ -88,8 +88,9 @@ struct Shared {
     session_peak: std::sync::atomic::AtomicUsize,
     /// A write of released blocks to `ip_local_reserved_ports` is scheduled.
     flush_scheduled: std::sync::atomic::AtomicBool,
-    /// Refilling the prepared placeholder sockets is scheduled.
-    refill_scheduled: std::sync::atomic::AtomicBool,
+    /// Writing newly held blocks to the sysctl and refilling the prepared placeholder sockets
+    /// is scheduled (to run right after the replies being written).
+    soon_scheduled: std::sync::atomic::AtomicBool,
 }
 
 /// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
@@ -147,7 +148,7 @@ impl Daemon {
                 own_uid: portres_sys::creds::effective_uid(),
                 session_peak: std::sync::atomic::AtomicUsize::new(0),
                 flush_scheduled: std::sync::atomic::AtomicBool::new(false),
-                refill_scheduled: std::sync::atomic::AtomicBool::new(false),
+                soon_scheduled: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -93,19 +93,25 @@ async fn write_msg_with_fd(
 /// Released blocks leave `ip_local_reserved_ports` within this long, when no grant writes it first.
 const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Schedules the enforcer's deferred work (one look at the state per request): refilling the
-/// prepared placeholder sockets right after the current reply, and writing released blocks to
-/// `ip_local_reserved_ports` a little later.
+/// Schedules the enforcer's deferred work (one look at the state per request): right after the
+/// current reply (and those of every other session ready at the same time), writing newly held
+/// blocks to `ip_local_reserved_ports` and refilling the prepared placeholder sockets; a little
+/// later, writing released blocks out of it.
 fn schedule_background_work(shared: &Arc<Shared>) {
-    let (low, dirty) = {
+    let (soon, dirty) = {
         let st = shared.state.lock().unwrap();
-        (st.enforcer.pool_low(), st.enforcer.exclude_dirty())
+        (
+            st.enforcer.pool_low() || st.enforcer.exclude_unwritten(),
+            st.enforcer.exclude_dirty(),
+        )
     };
-    if low && !shared.refill_scheduled.swap(true, Ordering::AcqRel) {
+    if soon && !shared.soon_scheduled.swap(true, Ordering::AcqRel) {
         let shared = shared.clone();
         tokio::spawn(async move {
-            shared.refill_scheduled.store(false, Ordering::Release);
-            shared.state.lock().unwrap().enforcer.refill_pool();
+            shared.soon_scheduled.store(false, Ordering::Release);
+            let mut st = shared.state.lock().unwrap();
+            st.enforcer.write_granted();
+            st.enforcer.refill_pool();
         });
     }
     if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {

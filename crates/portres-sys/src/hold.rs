@@ -170,6 +170,32 @@ pub fn bind_prepared_for_handover(p: Prepared, kind: SocketKind, port: u16) -> i
     Ok(p.fd)
 }
 
+/// `count` sockets as [`prepare_placeholder`] makes them, under one switch of the filesystem uid
+/// (each switch prepares and commits new credentials, which costs more than the socket).
+/// Returns those made before any failure, and the failure.
+pub fn prepare_placeholders(
+    protocol: Protocol,
+    holder_uid: Option<u32>,
+    count: usize,
+) -> (Vec<Prepared>, Option<io::Error>) {
+    let prev = holder_uid.map(set_fsuid);
+    let mut out = Vec::with_capacity(count);
+    let mut failed = None;
+    for _ in 0..count {
+        match prepare_placeholder(protocol, None) {
+            Ok(p) => out.push(p),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(prev) = prev {
+        set_fsuid(prev);
+    }
+    (out, failed)
+}
+
 /// Whether a prepared socket is IPv6 (dual-stack) rather than IPv4.
 pub fn prepared_is_v6(p: &Prepared) -> bool {
     p.v6

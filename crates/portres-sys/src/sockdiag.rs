@@ -68,15 +68,14 @@ pub const ALL_STATES: u32 = u32::MAX;
 /// `idiag_states` for listening sockets only (the kernel then walks only its listening hash).
 pub const LISTENING: u32 = 1 << 10;
 
-fn request(family: u8, protocol: Protocol, first: u16, last: u16, states: u32) -> Vec<u8> {
+/// `nlmsghdr` (length patched by [`finish`]) and `inet_diag_req_v2` up to its `inet_diag_sockid`.
+fn header(family: u8, protocol: Protocol, flags: u16, seq: u32, states: u32) -> Vec<u8> {
     let mut msg = Vec::with_capacity(96);
-    // nlmsghdr, length patched below.
     push_u32(&mut msg, 0);
     push_u16(&mut msg, SOCK_DIAG_BY_FAMILY);
-    push_u16(&mut msg, NLM_F_REQUEST | NLM_F_DUMP);
-    push_u32(&mut msg, 1);
+    push_u16(&mut msg, flags);
+    push_u32(&mut msg, seq);
     push_u32(&mut msg, 0);
-    // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
     msg.push(family);
     msg.push(match protocol {
         Protocol::Tcp => libc::IPPROTO_TCP as u8,
@@ -85,6 +84,25 @@ fn request(family: u8, protocol: Protocol, first: u16, last: u16, states: u32) -
     msg.push(0);
     msg.push(0);
     push_u32(&mut msg, states);
+    msg
+}
+
+fn finish(mut msg: Vec<u8>) -> Vec<u8> {
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    msg
+}
+
+fn request(
+    family: u8,
+    protocol: Protocol,
+    first: u16,
+    last: u16,
+    states: u32,
+    seq: u32,
+) -> Vec<u8> {
+    let mut msg = header(family, protocol, NLM_F_REQUEST | NLM_F_DUMP, seq, states);
+    // A zeroed inet_diag_sockid: every socket, filtered by the bytecode below.
     msg.extend_from_slice(&[0u8; 48]);
     // Bytecode: sport >= first && sport <= last. Each comparison is an op and a port op of 4
     // bytes; "no" jumps past the end (reject), "yes" goes to the next comparison.
@@ -101,9 +119,32 @@ fn request(family: u8, protocol: Protocol, first: u16, last: u16, states: u32) -
         msg.push(yes);
         push_u16(&mut msg, no);
     }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    msg
+    finish(msg)
+}
+
+/// The request for the one socket the kernel would pick for a TCP connection from nowhere
+/// (`[::]:0`) to `local` (`inet_diag_find_one_icsk`: a hash lookup, not a dump): a listener on
+/// `local`, if any. `inet_diag_sockid` holds ports big-endian, then source and destination
+/// addresses (16 bytes each), the interface and a cookie (none: ~0).
+fn find_request(local: SocketAddr, seq: u32) -> Vec<u8> {
+    let family = match local {
+        SocketAddr::V4(_) => libc::AF_INET as u8,
+        SocketAddr::V6(_) => libc::AF_INET6 as u8,
+    };
+    let mut msg = header(family, Protocol::Tcp, NLM_F_REQUEST, seq, LISTENING);
+    msg.extend_from_slice(&local.port().to_be_bytes());
+    msg.extend_from_slice(&[0, 0]);
+    let mut src = [0u8; 16];
+    match local.ip() {
+        IpAddr::V4(a) => src[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => src.copy_from_slice(&a.octets()),
+    }
+    msg.extend_from_slice(&src);
+    msg.extend_from_slice(&[0u8; 16]);
+    push_u32(&mut msg, 0);
+    push_u32(&mut msg, u32::MAX);
+    push_u32(&mut msg, u32::MAX);
+    finish(msg)
 }
 
 fn addr(family: u8, raw: &[u8], port_be: [u8; 2]) -> SocketAddr {
@@ -118,6 +159,59 @@ fn addr(family: u8, raw: &[u8], port_be: [u8; 2]) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// A netlink socket and receive buffer kept per thread, so a query costs a `sendto` and a
+/// `recvfrom` rather than a new socket each time. Replies are matched by sequence number; after
+/// any error the socket is dropped (it may hold the rest of a reply) and the next query opens
+/// a fresh one.
+struct Channel {
+    fd: std::os::fd::OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+thread_local! {
+    static CHANNEL: std::cell::RefCell<Option<Channel>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Sends the request made by `make` (given a sequence number) and reads its replies into `out`
+/// until the end of the dump (or the single reply of a lookup, when `single`).
+fn query(
+    make: impl FnOnce(u32) -> Vec<u8>,
+    protocol: Protocol,
+    single: bool,
+    out: &mut Vec<SocketEntry>,
+) -> io::Result<()> {
+    CHANNEL.with_borrow_mut(|slot| {
+        if slot.is_none() {
+            let fd = rustix::net::socket_with(
+                AddressFamily::NETLINK,
+                SocketType::RAW,
+                SocketFlags::CLOEXEC,
+                Some(rustix::net::netlink::SOCK_DIAG),
+            )?;
+            *slot = Some(Channel {
+                fd,
+                seq: 0,
+                buf: vec![0u8; 64 * 1024],
+            });
+        }
+        let ch = slot.as_mut().expect("just set");
+        ch.seq = ch.seq.wrapping_add(1);
+        let res = send(&ch.fd, &make(ch.seq), SendFlags::empty())
+            .map_err(io::Error::from)
+            .and_then(|_| read_replies(&ch.fd, &mut ch.buf, ch.seq, protocol, single, out));
+        // ENOENT is a complete answer (no such socket, or no such family); anything else may
+        // leave part of a reply queued.
+        if res
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() != Some(libc::ENOENT))
+        {
+            *slot = None;
+        }
+        res
+    })
+}
+
 fn dump(
     family: u8,
     protocol: Protocol,
@@ -126,27 +220,20 @@ fn dump(
     states: u32,
     out: &mut Vec<SocketEntry>,
 ) -> io::Result<()> {
-    let fd = rustix::net::socket_with(
-        AddressFamily::NETLINK,
-        SocketType::RAW,
-        SocketFlags::CLOEXEC,
-        Some(rustix::net::netlink::SOCK_DIAG),
-    )?;
-    send(
-        &fd,
-        &request(family, protocol, first, last, states),
-        SendFlags::empty(),
-    )?;
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
-    }
-    BUF.with_borrow_mut(|buf| read_dump(&fd, buf, protocol, out))
+    query(
+        |seq| request(family, protocol, first, last, states, seq),
+        protocol,
+        false,
+        out,
+    )
 }
 
-fn read_dump(
+fn read_replies(
     fd: &std::os::fd::OwnedFd,
     buf: &mut [u8],
+    seq: u32,
     protocol: Protocol,
+    single: bool,
     out: &mut Vec<SocketEntry>,
 ) -> io::Result<()> {
     loop {
@@ -161,6 +248,11 @@ fn read_dump(
                     io::ErrorKind::InvalidData,
                     "truncated netlink message",
                 ));
+            }
+            if u32::from_ne_bytes(h[8..12].try_into().unwrap()) != seq {
+                // Left over from an earlier query.
+                off += (len + 3) & !3;
+                continue;
             }
             match ty {
                 NLMSG_DONE => return Ok(()),
@@ -185,6 +277,9 @@ fn read_dump(
                         uid: u32::from_ne_bytes(m[64..68].try_into().unwrap()),
                         inode: u64::from(u32::from_ne_bytes(m[68..72].try_into().unwrap())),
                     });
+                    if single {
+                        return Ok(());
+                    }
                 }
                 _ => {}
             }
@@ -230,6 +325,24 @@ pub fn sockets_on_ports_of(
     Ok(out)
 }
 
+/// The TCP listener on exactly `local` (address and port), found by a hash lookup in the
+/// kernel's listening table rather than a dump: what a connection from nowhere to `local` would
+/// reach (with `SO_REUSEPORT` groups, one of the group's listeners). `None` when nothing listens
+/// there. Sockets bound to a device are not found (the lookup asks for no interface).
+pub fn tcp_listener_at(local: SocketAddr) -> io::Result<Option<SocketEntry>> {
+    let mut out = Vec::with_capacity(1);
+    match query(
+        |seq| find_request(local, seq),
+        Protocol::Tcp,
+        true,
+        &mut out,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+        Ok(()) => Ok(out.pop()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +375,37 @@ mod tests {
                 .any(|s| s.inode == uino && s.state_name() == "bound"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn needs_root_finds_a_listener_by_lookup() {
+        std::thread::spawn(finds_listener_by_lookup).join().unwrap();
+    }
+
+    fn finds_listener_by_lookup() {
+        crate::process::enter_private_net_namespace()
+            .expect("needs root (CAP_SYS_ADMIN) for a private network namespace");
+        for any in ["0.0.0.0:0", "[::]:0", "127.0.0.1:0"] {
+            let l = std::net::TcpListener::bind(any).unwrap();
+            let local = l.local_addr().unwrap();
+            let ino = crate::hold::inode(l.as_fd()).unwrap();
+            let found = tcp_listener_at(local).unwrap().expect("our listener");
+            assert_eq!((found.inode, found.local), (ino, local));
+            // A bound socket that does not listen is not found; nor is a closed one.
+            drop(l);
+            assert_eq!(tcp_listener_at(local).unwrap(), None, "{any}");
+            let family = match local {
+                SocketAddr::V4(_) => AddressFamily::INET,
+                SocketAddr::V6(_) => AddressFamily::INET6,
+            };
+            let s = rustix::net::socket(family, SocketType::STREAM, None).unwrap();
+            rustix::net::bind(&s, &local).unwrap();
+            assert_eq!(tcp_listener_at(local).unwrap(), None, "{any}");
+            // The channel is still good after those ENOENTs, and dumps still work beside it.
+            rustix::net::listen(&s, 1).unwrap();
+            assert!(tcp_listener_at(local).unwrap().is_some());
+            let all = sockets_on_ports(Protocol::Tcp, local.port(), local.port()).unwrap();
+            assert_eq!(all.len(), 1, "{all:?}");
+        }
     }
 }

@@ -134,7 +134,13 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
     spec.mode = Mode::Hold;
     c.create_persistent(&spec).unwrap();
     let _rt = c.acquire_at(Protocol::Udp, 49000, 1).unwrap();
-    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001,49000");
+    // A held block is kept by its placeholders from the reply on; its sysctl entry follows
+    // right after the reply.
+    wait_until(
+        "the held blocks to enter the sysctl",
+        Duration::from_secs(2),
+        || d.reserved_ports() == "1000,2000-2010,3000,48000-48001,49000",
+    );
     drop(c);
     d.kill9();
     assert_eq!(

@@ -289,6 +289,36 @@ fn consumption_rules() {
 }
 
 #[test]
+fn a_listener_keeps_its_port_until_it_closes_whatever_its_address() {
+    // Listeners are checked by a lookup in the kernel's listening table on the address they
+    // were bound to; other sockets by a dump.
+    let d = TestDaemon::start();
+    let c = d.client();
+    let r = c.acquire_at(Protocol::Tcp, 41300, 1).unwrap();
+    for addr in [Some("127.0.0.1"), Some("::1"), None] {
+        let l = r
+            .listen_on(addr.map(|a| a.parse().unwrap()), 41300, 8)
+            .unwrap();
+        let e = r.listen(0).unwrap_err();
+        assert!(
+            matches!(e, Error::AddressInUse(_)),
+            "{addr:?}: still listening: {e:?}"
+        );
+        let e = r.tcp_socket(None, 41300).unwrap_err();
+        assert!(matches!(e, Error::AddressInUse(_)), "{addr:?}: {e:?}");
+        close(l);
+    }
+    // A stream socket and a listener at once: the dump path.
+    let s = r.tcp_socket(None, 0).unwrap();
+    let e = r.listen(0).unwrap_err();
+    assert!(matches!(e, Error::AddressInUse(_)), "{e:?}");
+    close(s);
+    let l = r.listen(0).unwrap();
+    assert_eq!(l.local_addr().unwrap().port(), 41300);
+    close(l);
+}
+
+#[test]
 fn run_listen_passes_bound_sockets_by_the_systemd_protocol() {
     let d = TestDaemon::start();
     let check = r#"
