@@ -2,8 +2,9 @@
 //! (`net.ipv4.ip_local_reserved_ports`), and the sockets handed out from reservations.
 //!
 //! Everything here runs under the state mutex together with the table, so the kernel's view and
-//! the table change together: a block is in the table only if its placeholders are bound, and
-//! the sysctl is rewritten before the reply that created or ended a block.
+//! the table change together: a block is in the table only if its placeholders are bound. The
+//! sysctl holds an `exclude` block before the reply that grants it, a `hold` block right after
+//! (see the [`PortClaim`] impl); released blocks leave it with the next write.
 
 use std::collections::HashMap;
 use std::io;
