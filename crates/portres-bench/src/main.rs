@@ -72,7 +72,10 @@ impl Daemon {
             .arg(dir.join("state"))
             .arg("--config")
             .arg("/dev/null")
-            .env("PORTRES_LOG", "warn")
+            .env(
+                "PORTRES_LOG",
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -260,14 +263,17 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
         pct(assoc_v),
     );
     println!("### Round trips ({n} each, in 20 interleaved rounds; p50 / p99)\n");
-    println!("| what | p50 | p99 | p50 ÷ bare ping-pong |");
-    println!("|---|---|---|---|");
+    println!(
+        "| what | p50 | p99 | p50 ÷ bare ping-pong | p50 ÷ status (one daemon round trip that does no work) |"
+    );
+    println!("|---|---|---|---|---|");
     let row = |name: &str, (p50, p99): (Duration, Duration)| {
         println!(
-            "| {name} | {} | {} | {:.2}× |",
+            "| {name} | {} | {} | {:.2}× | {:.2}× |",
             us(p50),
             us(p99),
-            p50.as_secs_f64() / ping.0.as_secs_f64()
+            p50.as_secs_f64() / ping.0.as_secs_f64(),
+            p50.as_secs_f64() / status.0.as_secs_f64()
         );
     };
     row(
@@ -664,6 +670,10 @@ fn main() -> Result<()> {
         .unwrap_or(20_000);
     let dir = std::env::temp_dir().join(format!("portres-bench-{}", std::process::id()));
     portres_sys::hold::raise_nofile_limit();
+    // The harness's threads on CPU 0, the servers on CPU 1 (see `server_command`).
+    if let Err(e) = portres_sys::process::pin_to_cpu(0) {
+        eprintln!("cannot pin the harness to CPU 0: {e}");
+    }
     println!(
         "## Run of {}\n",
         std::process::Command::new("date")
