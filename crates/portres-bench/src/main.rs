@@ -227,8 +227,8 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
     let block = c.acquire(Protocol::Tcp, 1)?;
     let port = block.port();
     let per = (n / 20).max(1);
-    let (mut ping_v, mut bind_v, mut status_v, mut hold_v, mut excl_v, mut assoc_v) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut ping_v, mut bind_v, mut status_v, mut hold_v, mut excl_v, mut later_v, mut assoc_v) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..20 {
         ping_v.extend((0..per).map(|_| echo.round_trip()));
         bind_v.extend(bare_bind(per));
@@ -245,6 +245,12 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
                 t.elapsed()
             }));
         }
+        later_v.extend((0..per).map(|_| {
+            let t = Instant::now();
+            let r = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
+            r.release_later().unwrap();
+            t.elapsed()
+        }));
         assoc_v.extend((0..per).map(|_| {
             let t = Instant::now();
             let l = block.listen(port).unwrap();
@@ -254,12 +260,13 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
         }));
     }
     drop(echo);
-    let (ping, bind, status, hold, excl, assoc) = (
+    let (ping, bind, status, hold, excl, later, assoc) = (
         pct(ping_v),
         pct(bind_v),
         pct(status_v),
         pct(hold_v),
         pct(excl_v),
+        pct(later_v),
         pct(assoc_v),
     );
     println!("### Round trips ({n} each, in 20 interleaved rounds; p50 / p99)\n");
@@ -292,6 +299,10 @@ fn section_rpc(d: &Daemon, n: usize) -> Result<()> {
     row(
         "acquire + release, wildcard, 1 port, exclude (two round trips)",
         excl,
+    );
+    row(
+        "acquire + `release_later` (release not awaited; its reply read with the next request), hold",
+        later,
     );
     row(
         "association: TCP listener handed over (one round trip + SCM_RIGHTS)",
@@ -332,10 +343,14 @@ fn rate<G: FnMut() -> bool + Send + 'static>(
     count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn grants_portres(d: &Daemon, clients: usize, dur: Duration) -> f64 {
+fn grants_portres(d: &Daemon, clients: usize, dur: Duration, later: bool) -> f64 {
     rate(clients, dur, || {
         let c = d.client();
-        move || c.acquire(Protocol::Tcp, 1).is_ok()
+        move || match c.acquire(Protocol::Tcp, 1) {
+            Ok(r) if later => r.release_later().is_ok(),
+            Ok(r) => r.release().is_ok(),
+            Err(_) => false,
+        }
     })
 }
 
@@ -379,11 +394,12 @@ fn section_grants(d: &Daemon, portserver: Option<&Path>) -> Result<()> {
         "### Grants per second (2 s per cell; portres: acquire + release of one wildcard port)\n"
     );
     println!(
-        "| clients | portres | portserver | ratio | bare floor: echo server, two round trips per grant | ratio floor ÷ portserver |"
+        "| clients | portres | portserver | ratio | bare floor: echo server, two round trips per grant | ratio floor ÷ portserver | portres with `release_later` | ratio |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for clients in [1, 8, 64] {
-        let ours = grants_portres(d, clients, Duration::from_secs(2));
+        let ours = grants_portres(d, clients, Duration::from_secs(2), false);
+        let ours_later = grants_portres(d, clients, Duration::from_secs(2), true);
         let floor = grants_bare(clients, Duration::from_secs(2))?;
         let theirs = match portserver {
             Some(p) => Some(grants_portserver(p, clients, Duration::from_secs(2))?),
@@ -391,11 +407,14 @@ fn section_grants(d: &Daemon, portserver: Option<&Path>) -> Result<()> {
         };
         match theirs {
             Some(t) => println!(
-                "| {clients} | {ours:.0}/s | {t:.0}/s | {:.1}× | {floor:.0}/s | {:.1}× |",
+                "| {clients} | {ours:.0}/s | {t:.0}/s | {:.1}× | {floor:.0}/s | {:.1}× | {ours_later:.0}/s | {:.1}× |",
                 ours / t,
-                floor / t
+                floor / t,
+                ours_later / t
             ),
-            None => println!("| {clients} | {ours:.0}/s | (not run) | | {floor:.0}/s | |"),
+            None => println!(
+                "| {clients} | {ours:.0}/s | (not run) | | {floor:.0}/s | | {ours_later:.0}/s | |"
+            ),
         }
     }
     println!();

@@ -24,7 +24,14 @@ struct Conn {
     next_id: u64,
     /// Bytes read past the last frame.
     pending: Vec<u8>,
+    /// Requests sent without waiting for their replies ([`Client::release_later`]): the daemon
+    /// answers in order, so these replies come first and are skipped.
+    unanswered: usize,
 }
+
+/// At most this many releases are left unanswered; the next one waits for their replies
+/// (so neither side's socket buffer ever fills).
+const MAX_UNANSWERED: usize = 64;
 
 struct Inner {
     conn: Mutex<Conn>,
@@ -149,6 +156,7 @@ impl Client {
                     stream,
                     next_id: 1,
                     pending: Vec::new(),
+                    unanswered: 0,
                 }),
                 socket: socket.into(),
                 welcome,
@@ -176,6 +184,7 @@ impl Client {
         let id = conn.next_id;
         conn.next_id += 1;
         portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+        skip_unanswered(&mut conn)?;
         let (body, fds) = read_frame_with_fds(&mut conn)?;
         let reply: ReplyFrame = portres_proto::decode(&body)?;
         if reply.id != id && reply.id != 0 {
@@ -297,6 +306,26 @@ impl Client {
         }
     }
 
+    /// Sends the release of the runtime reservation `token` without waiting for the daemon's
+    /// answer: one round trip saved. The daemon handles requests in order, so every later
+    /// request of this client sees the block released; until the daemon has read it (normally
+    /// within one round trip) another process may still find the block reserved, and a held
+    /// port still bound. Failures are not reported (use [`Client::release`] to see them).
+    pub fn release_later(&self, token: u64) -> Result<(), Error> {
+        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.unanswered >= MAX_UNANSWERED {
+            skip_unanswered(&mut conn)?;
+        }
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let request = Request::Release {
+            token: token.to_string(),
+        };
+        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+        conn.unanswered += 1;
+        Ok(())
+    }
+
     /// Creates a persistent reservation (administrators only); returns its token.
     pub fn create_persistent(&self, spec: &PersistentSpec) -> Result<Token, Error> {
         let r = self.expect_reservation(Request::CreatePersistent {
@@ -374,6 +403,15 @@ impl Client {
 /// Reads one frame, collecting descriptors attached to it (`SCM_RIGHTS` on its first byte).
 /// Bytes are read as they come (a whole small reply in one `recvmsg`); what belongs to a later
 /// frame stays in `pending`.
+/// Reads and drops the replies to requests sent by [`Client::release_later`].
+fn skip_unanswered(conn: &mut Conn) -> Result<(), Error> {
+    while conn.unanswered > 0 {
+        read_frame_with_fds(conn)?;
+        conn.unanswered -= 1;
+    }
+    Ok(())
+}
+
 fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let mut fds = Vec::new();
     loop {
@@ -526,6 +564,14 @@ impl Reservation {
     pub fn release(mut self) -> Result<(), Error> {
         self.live = false;
         self.client.release(self.token.get())
+    }
+
+    /// Releases it without waiting for the daemon's answer ([`Client::release_later`]): later
+    /// requests of this client see it released; other processes may see it reserved (and a
+    /// held port bound) for up to about one round trip more.
+    pub fn release_later(mut self) -> Result<(), Error> {
+        self.live = false;
+        self.client.release_later(self.token.get())
     }
 }
 

@@ -196,3 +196,39 @@ fn quota_limits_non_admins_only() {
     let c = d.client();
     c.acquire(Protocol::Tcp, 50).unwrap();
 }
+
+#[test]
+fn release_later_takes_effect_before_the_clients_next_request() {
+    let d = TestDaemon::start();
+    let c = d.client();
+    // The same client sees it released at once: the daemon answers in order.
+    let r = c.acquire_at(Protocol::Tcp, 47500, 2).unwrap();
+    r.release_later().unwrap();
+    let again = c.acquire_at(Protocol::Tcp, 47500, 2).unwrap();
+    // More unanswered releases than the client keeps in flight, and a failing one among them
+    // (an unknown token): none disturbs the replies that follow.
+    c.release_later(12345).unwrap();
+    for _ in 0..200 {
+        c.acquire(Protocol::Udp, 1)
+            .unwrap()
+            .release_later()
+            .unwrap();
+    }
+    let counts = c.status().unwrap().counts;
+    assert_eq!(
+        (counts.runtime, counts.runtime_hold),
+        (1, 1),
+        "only the block at 47500 is left"
+    );
+    // Once the client's next request is answered, every process sees the release, and the
+    // kernel too: the held port is unbound.
+    again.release_later().unwrap();
+    c.status().unwrap();
+    drop(d.bind_tcp(47500));
+    let other = d.client();
+    other
+        .acquire_at(Protocol::Tcp, 47500, 2)
+        .unwrap()
+        .release()
+        .unwrap();
+}
