@@ -385,7 +385,7 @@ mod tests {
     fn finds_listener_by_lookup() {
         crate::process::enter_private_net_namespace()
             .expect("needs root (CAP_SYS_ADMIN) for a private network namespace");
-        for any in ["0.0.0.0:0", "[::]:0", "127.0.0.1:0"] {
+        for any in ["0.0.0.0:0", "[::]:0", "127.0.0.1:0", "[::ffff:127.0.0.1]:0"] {
             let l = std::net::TcpListener::bind(any).unwrap();
             let local = l.local_addr().unwrap();
             let ino = crate::hold::inode(l.as_fd()).unwrap();
