@@ -42,6 +42,18 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// RSS of `pid` and all its descendants (the daemon and its `portres holder` helpers).
+fn tree_rss_kib(pid: u32) -> u64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    rss_kib(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(tree_rss_kib)
+            .sum::<u64>()
+}
+
 fn slab_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -581,21 +593,27 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     // binding them as two batches of 15,000 (closing between); portres keeps all 30,000 bound,
     // in helper processes.
     settle();
-    let mut raw30 = Duration::ZERO;
+    let (mut raw30, mut raw30_close, mut raw30_slab) = (Duration::ZERO, Duration::ZERO, 0);
     for _ in 0..2 {
+        let slab0 = slab_kib();
         let t = Instant::now();
         let batch: Vec<_> = (0..15_000u16)
             .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
             .collect();
         raw30 += t.elapsed();
+        raw30_slab += slab_kib().saturating_sub(slab0);
+        let t = Instant::now();
         drop(batch);
+        raw30_close += t.elapsed();
         settle();
     }
     let slab0 = slab_kib();
+    let rss0 = tree_rss_kib(d.child.id());
     let t = Instant::now();
     let big = c.acquire_at(Protocol::Tcp, 20_000, 30_000)?;
     let big_acquire = t.elapsed();
     let big_slab = slab_kib().saturating_sub(slab0);
+    let big_rss = tree_rss_kib(d.child.id()).saturating_sub(rss0);
     let t = Instant::now();
     big.release()?;
     let big_release = t.elapsed();
@@ -610,10 +628,16 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
         big_acquire.as_secs_f64() / raw30.as_secs_f64()
     );
     println!(
-        "| release | | {:.1} ms | |",
-        big_release.as_secs_f64() * 1e3
+        "| close / release | {:.1} ms | {:.1} ms | {:.2}× |",
+        raw30_close.as_secs_f64() * 1e3,
+        big_release.as_secs_f64() * 1e3,
+        big_release.as_secs_f64() / raw30_close.as_secs_f64()
     );
-    println!("| kernel memory (Slab growth) | | {big_slab} KiB | |");
+    println!("| kernel memory (Slab growth) | {raw30_slab} KiB | {big_slab} KiB | |");
+    println!(
+        "| RSS growth of the daemon and its helper processes | | {big_rss} KiB ({:.0} B/port) | |",
+        big_rss as f64 * 1024.0 / 30_000.0
+    );
     println!(
         "\nThe daemon's open-file limit here is {limit} (not raisable): blocks beyond its own budget go to helper processes.\n"
     );
