@@ -27,6 +27,9 @@ struct Conn {
     /// Requests sent without waiting for their replies ([`Client::release_later`]): the daemon
     /// answers in order, so these replies come first and are skipped.
     unanswered: usize,
+    /// Descriptors received and not yet given out with their frame (one `recvmsg` may read a
+    /// skipped reply and the next frame with its descriptor).
+    fds: Vec<OwnedFd>,
 }
 
 /// At most this many releases are left unanswered; the next one waits for their replies
@@ -157,6 +160,7 @@ impl Client {
                     next_id: 1,
                     pending: Vec::new(),
                     unanswered: 0,
+                    fds: Vec::new(),
                 }),
                 socket: socket.into(),
                 welcome,
@@ -400,20 +404,29 @@ impl Client {
     }
 }
 
-/// Reads one frame, collecting descriptors attached to it (`SCM_RIGHTS` on its first byte).
-/// Bytes are read as they come (a whole small reply in one `recvmsg`); what belongs to a later
-/// frame stays in `pending`.
-/// Reads and drops the replies to requests sent by [`Client::release_later`].
+/// Reads and drops the replies to requests sent by [`Client::release_later`]. Release replies
+/// carry no descriptors: any that came with them belong to the frames after, and are kept. If
+/// this fails, the connection is shut down: which reply answers what is no longer known.
 fn skip_unanswered(conn: &mut Conn) -> Result<(), Error> {
     while conn.unanswered > 0 {
-        read_frame_with_fds(conn)?;
-        conn.unanswered -= 1;
+        match read_frame_with_fds(conn) {
+            Ok((_, fds)) => {
+                conn.fds = fds;
+                conn.unanswered -= 1;
+            }
+            Err(e) => {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
 
+/// Reads one frame, collecting descriptors attached to it (`SCM_RIGHTS` on its first byte).
+/// Bytes are read as they come (a whole small reply in one `recvmsg`); what belongs to a later
+/// frame stays in `pending`.
 fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
-    let mut fds = Vec::new();
     loop {
         if conn.pending.len() >= 4 {
             let header = conn.pending[..4].try_into().expect("4 bytes");
@@ -421,7 +434,7 @@ fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error
             if conn.pending.len() >= 4 + len {
                 let body = conn.pending[4..4 + len].to_vec();
                 conn.pending.drain(..4 + len);
-                return Ok((body, fds));
+                return Ok((body, std::mem::take(&mut conn.fds)));
             }
         }
         let mut buf = [0u8; 16 * 1024];
@@ -432,7 +445,7 @@ fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error
             Ok((0, _)) => return Err(Error::Transport("the daemon cut a reply short".into())),
             Ok((n, more)) => {
                 conn.pending.extend_from_slice(&buf[..n]);
-                fds.extend(more);
+                conn.fds.extend(more);
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::Transport(e.to_string())),

@@ -3,8 +3,8 @@
 //!
 //! Everything here runs under the state mutex together with the table, so the kernel's view and
 //! the table change together: a block is in the table only if its placeholders are bound. The
-//! sysctl holds an `exclude` block before the reply that grants it, a `hold` block right after
-//! (see the [`PortClaim`] impl); released blocks leave it with the next write.
+//! sysctl holds an `exclude` block before the reply that grants it, a small `hold` block right
+//! after (see the [`PortClaim`] impl); released blocks leave it with the next write.
 
 use std::collections::HashMap;
 use std::io;
@@ -392,13 +392,18 @@ impl Enforcer {
     }
 }
 
+/// Hold blocks larger than this are written to `ip_local_reserved_ports` before their
+/// placeholders are bound, like exclude blocks: binding them takes long enough (≈ 4 µs a port)
+/// for outgoing connections to pick ports inside them meanwhile.
+const EXCLUDE_FIRST_ABOVE: u16 = 64;
+
 /// The enforcer is the table's kernel side of granting a block. An `exclude` block goes first
 /// into the exclude layer (so autobind cannot land in it from now on), then is checked free by
 /// bind probes: nothing but the sysctl keeps autobind out of it, so it is written before the
 /// reply. A `hold` block is checked free by binding its placeholders, which from then on keep
-/// every bind out, autobind included; its sysctl entry (which outlasts the daemon) is written
-/// right after the reply, with those of every other grant answered meanwhile. On failure nothing
-/// is left behind.
+/// every bind out, autobind included; a small one's sysctl entry (which outlasts the daemon) is
+/// written right after the reply, with those of every other grant answered meanwhile, a large
+/// one's first (see [`EXCLUDE_FIRST_ABOVE`]). On failure nothing is left behind.
 impl PortClaim for Enforcer {
     fn claim(
         &mut self,
@@ -407,7 +412,8 @@ impl PortClaim for Enforcer {
         range: PortRange,
         mode: Mode,
     ) -> Result<(), ClaimError> {
-        if mode == Mode::Exclude {
+        let first = mode == Mode::Exclude || range.count() > EXCLUDE_FIRST_ABOVE;
+        if first {
             self.exclude.add(range);
             self.exclude.sync();
         }
@@ -438,12 +444,12 @@ impl PortClaim for Enforcer {
                 None => Ok(()),
             },
         };
-        match (mode, &result) {
-            (Mode::Hold, Ok(())) => {
+        match (first, &result) {
+            (false, Ok(())) => {
                 self.exclude.add(range);
                 self.exclude.unwritten = true;
             }
-            (Mode::Exclude, Err(_)) => {
+            (true, Err(_)) => {
                 self.exclude.remove(range);
                 self.exclude.sync();
             }
@@ -613,9 +619,9 @@ impl Enforcer {
             return Vec::new();
         }
         // A listener that stopped listening counts as closed, and its port comes back to the
-        // block. A few TCP listeners are looked up one by one (a hash lookup each); otherwise
-        // one dump per family the handed-out sockets have, of only the kernel's listening hash
-        // when all were handed out listening.
+        // block. A few TCP listeners all still listening are confirmed by a hash lookup each;
+        // otherwise one dump per family the handed-out sockets have, of only the kernel's
+        // listening hash when all were handed out listening.
         if let Some(gone) = self.closed_listeners(r) {
             return gone;
         }
@@ -666,28 +672,25 @@ impl Enforcer {
     }
 
     /// [`Enforcer::closed_handouts`] by lookups, when `r` handed out at most a few sockets, all
-    /// TCP listeners: `None` when that does not apply or a lookup was not conclusive (another
-    /// socket answered, or `sock_diag` failed), and the caller dumps instead.
+    /// TCP listeners, and every one of them is found still listening: then none closed (`Some`
+    /// of nothing). `None` in every other case, and the caller dumps: a lookup that finds
+    /// nothing is no proof that the listener closed, because the kernel's lookup skips
+    /// listeners bound to a device (`SO_BINDTODEVICE`, which the client may set after the
+    /// handover) and obeys `sk_lookup` BPF programs; nor is one that finds another socket.
     fn closed_listeners(&mut self, r: &Reservation) -> Option<Vec<u16>> {
         const MAX_LOOKUPS: usize = 4;
         if r.protocol != Protocol::Tcp || r.handed_out().len() > MAX_LOOKUPS {
             return None;
         }
-        let mut gone = Vec::new();
         for &port in r.handed_out() {
             let h = self.handed.get(&(r.token, port)).filter(|h| h.listener)?;
-            match portres_sys::sockdiag::tcp_listener_at(std::net::SocketAddr::new(h.addr, port)) {
-                Ok(None) => gone.push(port),
+            let at = std::net::SocketAddr::new(h.addr, port);
+            match portres_sys::sockdiag::tcp_listener_at(at) {
                 Ok(Some(s)) if s.inode == h.inode => {}
-                // Another listener answered for that address (a group of several): ask the
-                // whole table.
-                Ok(Some(_)) | Err(_) => return None,
+                _ => return None,
             }
         }
-        for p in &gone {
-            self.handed.remove(&(r.token, *p));
-        }
-        Some(gone)
+        Some(Vec::new())
     }
 
     /// Inode of the placeholder holding `port` of `token`'s block, if held.

@@ -308,7 +308,7 @@ fn a_listener_keeps_its_port_until_it_closes_whatever_its_address() {
         assert!(matches!(e, Error::AddressInUse(_)), "{addr:?}: {e:?}");
         close(l);
     }
-    // A stream socket and a listener at once: the dump path.
+    // A stream socket (not a listener) is checked by the dump.
     let s = r.tcp_socket(None, 0).unwrap();
     let e = r.listen(0).unwrap_err();
     assert!(matches!(e, Error::AddressInUse(_)), "{e:?}");
@@ -316,6 +316,40 @@ fn a_listener_keeps_its_port_until_it_closes_whatever_its_address() {
     let l = r.listen(0).unwrap();
     assert_eq!(l.local_addr().unwrap().port(), 41300);
     close(l);
+}
+
+#[test]
+fn a_listener_bound_to_a_device_after_the_handover_keeps_its_port() {
+    // The kernel's lookup by address skips listeners bound to a device, and any program may bind
+    // its listener to one: such a listener must still count as open.
+    let d = TestDaemon::start();
+    let c = d.client();
+    let r = c.acquire_at(Protocol::Tcp, 41400, 1).unwrap();
+    let l = r.listen(41400).unwrap();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([
+        "-c",
+        "import socket; s = socket.socket(fileno=3); \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo'); s.detach()",
+    ]);
+    let copy = std::os::fd::OwnedFd::from(l.try_clone().unwrap());
+    portres_sys::process::pass_fds(&mut cmd, &[copy]).unwrap();
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{out:?}");
+    close(cmd);
+    let e = r.listen(41400).unwrap_err();
+    assert!(
+        matches!(e, Error::AddressInUse(_)),
+        "listening on lo only: {e:?}"
+    );
+    close(l);
+    let again = r.listen(0).unwrap();
+    assert_eq!(
+        again.local_addr().unwrap().port(),
+        41400,
+        "closed: it returns"
+    );
+    close(again);
 }
 
 #[test]

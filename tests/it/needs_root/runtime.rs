@@ -205,15 +205,25 @@ fn release_later_takes_effect_before_the_clients_next_request() {
     let r = c.acquire_at(Protocol::Tcp, 47500, 2).unwrap();
     r.release_later().unwrap();
     let again = c.acquire_at(Protocol::Tcp, 47500, 2).unwrap();
-    // More unanswered releases than the client keeps in flight, and a failing one among them
-    // (an unknown token): none disturbs the replies that follow.
+    // More unanswered releases in a row than the client keeps in flight (64), and a failing
+    // one among them (an unknown token): none disturbs the replies that follow.
+    let blocks: Vec<_> = (0..200)
+        .map(|_| c.acquire(Protocol::Udp, 1).unwrap())
+        .collect();
     c.release_later(12345).unwrap();
-    for _ in 0..200 {
-        c.acquire(Protocol::Udp, 1)
-            .unwrap()
-            .release_later()
-            .unwrap();
+    for b in blocks {
+        b.release_later().unwrap();
     }
+    // A socket handed over right after an unanswered release arrives with its reply, even when
+    // one read brings both replies.
+    let mut prev = c.acquire(Protocol::Tcp, 1).unwrap();
+    for _ in 0..300 {
+        let next = c.acquire(Protocol::Tcp, 1).unwrap();
+        prev.release_later().unwrap();
+        close(next.listen(0).unwrap());
+        prev = next;
+    }
+    prev.release().unwrap();
     let counts = c.status().unwrap().counts;
     assert_eq!(
         (counts.runtime, counts.runtime_hold),
