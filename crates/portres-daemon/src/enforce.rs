@@ -622,8 +622,8 @@ impl Enforcer {
         // block. A few TCP listeners all still listening are confirmed by a hash lookup each;
         // otherwise one dump per family the handed-out sockets have, of only the kernel's
         // listening hash when all were handed out listening.
-        if let Some(gone) = self.closed_listeners(r) {
-            return gone;
+        if self.listeners_still_listening(r) {
+            return Vec::new();
         }
         let (v4, v6, all_listening) = r
             .handed_out()
@@ -671,26 +671,28 @@ impl Enforcer {
         gone
     }
 
-    /// [`Enforcer::closed_handouts`] by lookups, when `r` handed out at most a few sockets, all
-    /// TCP listeners, and every one of them is found still listening: then none closed (`Some`
-    /// of nothing). `None` in every other case, and the caller dumps: a lookup that finds
-    /// nothing is no proof that the listener closed, because the kernel's lookup skips
-    /// listeners bound to a device (`SO_BINDTODEVICE`, which the client may set after the
-    /// handover) and obeys `sk_lookup` BPF programs; nor is one that finds another socket.
-    fn closed_listeners(&mut self, r: &Reservation) -> Option<Vec<u16>> {
+    /// Whether `r` handed out at most a few sockets, all TCP listeners, and a lookup finds every
+    /// one of them still listening (then none closed). `false` sends the caller to the dump: a
+    /// lookup that finds nothing is no proof that the listener closed, because the kernel's
+    /// lookup skips listeners bound to a device (`SO_BINDTODEVICE`, which the client may set
+    /// after the handover) and obeys `sk_lookup` BPF programs; nor is one that finds another
+    /// socket.
+    fn listeners_still_listening(&self, r: &Reservation) -> bool {
         const MAX_LOOKUPS: usize = 4;
-        if r.protocol != Protocol::Tcp || r.handed_out().len() > MAX_LOOKUPS {
-            return None;
-        }
-        for &port in r.handed_out() {
-            let h = self.handed.get(&(r.token, port)).filter(|h| h.listener)?;
-            let at = std::net::SocketAddr::new(h.addr, port);
-            match portres_sys::sockdiag::tcp_listener_at(at) {
-                Ok(Some(s)) if s.inode == h.inode => {}
-                _ => return None,
-            }
-        }
-        Some(Vec::new())
+        r.protocol == Protocol::Tcp
+            && r.handed_out().len() <= MAX_LOOKUPS
+            && r.handed_out().iter().all(|&port| {
+                self.handed
+                    .get(&(r.token, port))
+                    .filter(|h| h.listener)
+                    .is_some_and(|h| {
+                        let at = std::net::SocketAddr::new(h.addr, port);
+                        matches!(
+                            portres_sys::sockdiag::tcp_listener_at(at),
+                            Ok(Some(s)) if s.inode == h.inode
+                        )
+                    })
+            })
     }
 
     /// Inode of the placeholder holding `port` of `token`'s block, if held.
