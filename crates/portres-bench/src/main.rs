@@ -524,22 +524,66 @@ fn section_allocator() {
     println!();
 }
 
+/// The raw cost of holding `n` TCP ports from 20,000 in-process: the same kind of socket
+/// portres binds (dual-stack, `SO_REUSEPORT`), as root, no holder uid.
+#[derive(Default)]
+struct RawCost {
+    bind: Duration,
+    close: Duration,
+    slab_kib: u64,
+}
+
+fn raw_placeholders(n: u16) -> RawCost {
+    let slab0 = slab_kib();
+    let t = Instant::now();
+    let raw: Vec<_> = (0..n)
+        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
+        .collect();
+    let bind = t.elapsed();
+    let slab_kib = slab_kib().saturating_sub(slab0);
+    let t = Instant::now();
+    drop(raw);
+    RawCost {
+        bind,
+        close: t.elapsed(),
+        slab_kib,
+    }
+}
+
+/// One table of [`section_hold`]: the raw baseline beside portres's acquire and release.
+fn hold_table(
+    raw_title: &str,
+    ours_title: &str,
+    raw: &RawCost,
+    (acquire, release, slab): (Duration, Duration, u64),
+    rss_row: &str,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("| what | {raw_title} | {ours_title} | ratio |");
+    println!("|---|---|---|---|");
+    for (what, r, o) in [
+        ("bind / acquire", raw.bind, acquire),
+        ("close / release", raw.close, release),
+    ] {
+        println!(
+            "| {what} | {:.1} ms | {:.1} ms | {:.2}× |",
+            ms(r),
+            ms(o),
+            o.as_secs_f64() / r.as_secs_f64()
+        );
+    }
+    println!(
+        "| kernel memory (Slab growth) | {} KiB | {slab} KiB | |",
+        raw.slab_kib
+    );
+    println!("{rss_row}");
+}
+
 fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     println!("### Holding a large TCP block\n");
     let limit = portres_sys::hold::raise_nofile_limit();
     let n: u16 = 18_000;
-    // Raw cost: the same placeholders bound in-process.
-    let slab0 = slab_kib();
-    let t = Instant::now();
-    // The same kind of socket portres binds (dual-stack, SO_REUSEPORT), as root, no holder uid.
-    let raw: Vec<_> = (0..n)
-        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
-        .collect();
-    let raw_bind = t.elapsed();
-    let raw_slab = slab_kib().saturating_sub(slab0);
-    let t = Instant::now();
-    drop(raw);
-    let raw_close = t.elapsed();
+    let first = raw_placeholders(n);
     // Closed sockets are freed after an RCU grace period; let that work finish before the next
     // phase so that no phase pays for the previous one.
     let settle = || std::thread::sleep(Duration::from_secs(1));
@@ -559,52 +603,33 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     let release = t.elapsed();
     settle();
     // The raw cost again, after the daemon's run (the faster of the two is the baseline).
-    let t = Instant::now();
-    let raw: Vec<_> = (0..n)
-        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
-        .collect();
-    let raw_bind = raw_bind.min(t.elapsed());
-    let t = Instant::now();
-    drop(raw);
-    let raw_close = raw_close.min(t.elapsed());
-    println!(
-        "| what | {n} ports, raw placeholders in-process (baseline) | {n} ports through portres | ratio |"
-    );
-    println!("|---|---|---|---|");
-    println!(
-        "| bind / acquire | {:.1} ms | {:.1} ms | {:.2}× |",
-        raw_bind.as_secs_f64() * 1e3,
-        acquire.as_secs_f64() * 1e3,
-        acquire.as_secs_f64() / raw_bind.as_secs_f64()
-    );
-    println!(
-        "| close / release | {:.1} ms | {:.1} ms | {:.2}× |",
-        raw_close.as_secs_f64() * 1e3,
-        release.as_secs_f64() * 1e3,
-        release.as_secs_f64() / raw_close.as_secs_f64()
-    );
-    println!("| kernel memory (Slab) | {raw_slab} KiB | {slab} KiB | |");
-    println!(
-        "| daemon RSS growth | | {rss} KiB ({:.0} B/port) | |",
-        rss as f64 * 1024.0 / f64::from(n)
+    let again = raw_placeholders(n);
+    let raw = RawCost {
+        bind: first.bind.min(again.bind),
+        close: first.close.min(again.close),
+        slab_kib: first.slab_kib,
+    };
+    hold_table(
+        &format!("{n} ports, raw placeholders in-process (baseline)"),
+        &format!("{n} ports through portres"),
+        &raw,
+        (acquire, release, slab),
+        &format!(
+            "| daemon RSS growth | | {rss} KiB ({:.0} B/port) | |",
+            rss as f64 * 1024.0 / f64::from(n)
+        ),
     );
     println!();
     // 30,000 ports: more than one process may keep open (limit {limit}). The raw cost is
     // binding them as two batches of 15,000 (closing between); portres keeps all 30,000 bound,
     // in helper processes.
     settle();
-    let (mut raw30, mut raw30_close, mut raw30_slab) = (Duration::ZERO, Duration::ZERO, 0);
+    let mut raw30 = RawCost::default();
     for _ in 0..2 {
-        let slab0 = slab_kib();
-        let t = Instant::now();
-        let batch: Vec<_> = (0..15_000u16)
-            .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
-            .collect();
-        raw30 += t.elapsed();
-        raw30_slab += slab_kib().saturating_sub(slab0);
-        let t = Instant::now();
-        drop(batch);
-        raw30_close += t.elapsed();
+        let batch = raw_placeholders(15_000);
+        raw30.bind += batch.bind;
+        raw30.close += batch.close;
+        raw30.slab_kib += batch.slab_kib;
         settle();
     }
     let slab0 = slab_kib();
@@ -617,26 +642,15 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     let t = Instant::now();
     big.release()?;
     let big_release = t.elapsed();
-    println!(
-        "| what | 30,000 ports, raw placeholders (2 × 15,000, baseline) | 30,000 ports through portres (helper processes) | ratio |"
-    );
-    println!("|---|---|---|---|");
-    println!(
-        "| bind / acquire | {:.1} ms | {:.1} ms | {:.2}× |",
-        raw30.as_secs_f64() * 1e3,
-        big_acquire.as_secs_f64() * 1e3,
-        big_acquire.as_secs_f64() / raw30.as_secs_f64()
-    );
-    println!(
-        "| close / release | {:.1} ms | {:.1} ms | {:.2}× |",
-        raw30_close.as_secs_f64() * 1e3,
-        big_release.as_secs_f64() * 1e3,
-        big_release.as_secs_f64() / raw30_close.as_secs_f64()
-    );
-    println!("| kernel memory (Slab growth) | {raw30_slab} KiB | {big_slab} KiB | |");
-    println!(
-        "| RSS growth of the daemon and its helper processes | | {big_rss} KiB ({:.0} B/port) | |",
-        big_rss as f64 * 1024.0 / 30_000.0
+    hold_table(
+        "30,000 ports, raw placeholders (2 × 15,000, baseline)",
+        "30,000 ports through portres (helper processes)",
+        &raw30,
+        (big_acquire, big_release, big_slab),
+        &format!(
+            "| RSS growth of the daemon and its helper processes | | {big_rss} KiB ({:.0} B/port) | |",
+            big_rss as f64 * 1024.0 / 30_000.0
+        ),
     );
     println!(
         "\nThe daemon's open-file limit here is {limit} (not raisable): blocks beyond its own budget go to helper processes.\n"
