@@ -34,6 +34,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    abort_on_panic();
 
     let scope = Scope::for_current_user();
     let socket = opts.socket.unwrap_or_else(|| paths::default_socket(scope));
@@ -126,6 +127,20 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let _ = fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A panic anywhere ends the daemon (SIGABRT) after the usual message: a daemon that lost a
+/// thread or poisoned its state mutex would stay alive without serving, and no supervisor
+/// would restart it. With the process gone, systemd's `Restart=on-failure` (or the next
+/// autostart) starts a fresh daemon, which restores the persistent reservations from the store
+/// and `ip_local_reserved_ports` from its journal.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!("panic: {info}; the daemon stops so that it can be restarted cleanly");
+        std::process::abort();
+    }));
 }
 
 /// The readiness line for whoever started us with `--print-ready`; then stdout is detached so

@@ -11,8 +11,10 @@ mod needs_root {
     mod autostart;
     mod capi;
     mod cli;
+    mod edges;
     mod enforcement;
     mod handover;
+    mod kernel_safety;
     mod lifecycle;
     mod persistent;
     mod protocol;

@@ -40,6 +40,10 @@ pub struct TestDaemon {
     pub pid: u32,
     /// The daemon's open-file limit (soft and hard), when the test sets one.
     pub nofile: Option<u32>,
+    /// The uid (and gid) the daemon runs as, when not root: a per-user daemon.
+    pub user: Option<u32>,
+    /// Extra environment for the daemon (applied at each launch).
+    pub env: Vec<(String, String)>,
     netns: Child,
     /// A process in the namespace, for `/proc/PID/ns/net`.
     pub ns_pid: u32,
@@ -80,12 +84,33 @@ impl TestDaemon {
         Self::build("", "", Some(nofile))
     }
 
+    /// Starts a daemon with extra environment variables.
+    pub fn with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::build_as("", "", None, None, env)
+    }
+
+    /// Starts a per-user daemon running as `uid` (no capabilities: no holder uid, no sysctl, no
+    /// eBPF), with its socket and state in a directory that `uid` owns.
+    pub fn as_user(uid: u32) -> TestDaemon {
+        Self::build_as("", "", None, Some(uid), &[])
+    }
+
     /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.
     pub fn with_setup(config: &str, setup: &str) -> TestDaemon {
         Self::build(config, setup, None)
     }
 
     fn build(config: &str, setup: &str, nofile: Option<u32>) -> TestDaemon {
+        Self::build_as(config, setup, nofile, None, &[])
+    }
+
+    fn build_as(
+        config: &str,
+        setup: &str,
+        nofile: Option<u32>,
+        user: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> TestDaemon {
         require_root();
         let netns = new_netns(setup);
         let dir = tempfile::tempdir().unwrap();
@@ -93,6 +118,10 @@ impl TestDaemon {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
+        if let Some(uid) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
         let mut d = TestDaemon {
             socket: dir.path().join("portres.sock"),
             state_dir: dir.path().join("state"),
@@ -101,6 +130,11 @@ impl TestDaemon {
             child: None,
             pid: 0,
             nofile,
+            user,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ns_pid: netns.id(),
             netns,
         };
@@ -158,7 +192,10 @@ impl TestDaemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let mut cmd = self.nsenter();
+        let mut cmd = match self.user {
+            Some(uid) => self.nsenter_as(uid),
+            None => self.nsenter(),
+        };
         if let Some(n) = self.nofile {
             cmd.arg("prlimit")
                 .arg(format!("--nofile={n}:{n}"))
@@ -174,6 +211,7 @@ impl TestDaemon {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("PORTRES_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -537,7 +537,7 @@ fn raw_placeholders(n: u16) -> RawCost {
     let slab0 = slab_kib();
     let t = Instant::now();
     let raw: Vec<_> = (0..n)
-        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None).unwrap())
+        .map(|i| portres_sys::hold::placeholder(Protocol::Tcp, 20_000 + i, None, None).unwrap())
         .collect();
     let bind = t.elapsed();
     let slab_kib = slab_kib().saturating_sub(slab0);

@@ -9,10 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use portres_core::{Mode, PortRange, Protocol, Token};
+use portres_core::{ErrorCode, Mode, Operation, PortRange, Protocol, Refusal, Token};
 use portres_proto::{
-    Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame, ReservationRef,
-    ShowInfo, SocketRef, StatusInfo, Welcome, WhoInfo,
+    ErrorBody, Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame,
+    ReservationRef, ShowInfo, SocketRef, SocketType, StatusInfo, Welcome, WhoInfo,
 };
 pub use portres_sys::hold::SocketKind;
 
@@ -229,13 +229,13 @@ impl Client {
         v6only: Option<bool>,
     ) -> Result<(OwnedFd, u16), Error> {
         let (socket, backlog) = match kind {
-            SocketKind::Listener { backlog } => ("listener", Some(backlog)),
-            SocketKind::Stream => ("stream", None),
-            SocketKind::Datagram => ("datagram", None),
+            SocketKind::Listener { backlog } => (SocketType::Listener, Some(backlog)),
+            SocketKind::Stream => (SocketType::Stream, None),
+            SocketKind::Datagram => (SocketType::Datagram, None),
         };
         let (reply, mut fds) = self.call_with_fds(Request::Associate {
             token: token.to_string(),
-            socket: socket.into(),
+            socket,
             port,
             address: address.map(|a| a.to_string()),
             backlog,
@@ -283,11 +283,12 @@ impl Client {
         count: u32,
         mode: Mode,
     ) -> Result<Reservation, Error> {
+        let (start, count) = block_fields(Operation::AcquireRuntime, protocol, start, count)?;
         let r = self.expect_reservation(Request::Acquire {
-            protocol: protocol.as_str().into(),
+            protocol,
             start,
             count,
-            mode: Some(mode.as_str().into()),
+            mode: Some(mode),
         })?;
         let (token, protocol, range, mode) = parse_ref(r)?;
         Ok(Reservation {
@@ -332,11 +333,17 @@ impl Client {
 
     /// Creates a persistent reservation (administrators only); returns its token.
     pub fn create_persistent(&self, spec: &PersistentSpec) -> Result<Token, Error> {
+        let (start, count) = block_fields(
+            Operation::CreatePersistent,
+            spec.protocol,
+            spec.start,
+            spec.count,
+        )?;
         let r = self.expect_reservation(Request::CreatePersistent {
-            protocol: spec.protocol.as_str().into(),
-            start: spec.start,
-            count: spec.count,
-            mode: Some(spec.mode.as_str().into()),
+            protocol: spec.protocol,
+            start,
+            count,
+            mode: Some(spec.mode),
             allow_users: spec.allow_users.clone(),
             allow_groups: spec.allow_groups.clone(),
         })?;
@@ -350,8 +357,9 @@ impl Client {
         start: u32,
         count: u32,
     ) -> Result<Token, Error> {
+        let (start, count) = block_fields(Operation::LookupPersistent, protocol, start, count)?;
         let r = self.expect_reservation(Request::LookupPersistent {
-            protocol: protocol.as_str().into(),
+            protocol,
             start,
             count,
         })?;
@@ -365,8 +373,9 @@ impl Client {
         start: u32,
         count: u32,
     ) -> Result<(), Error> {
+        let (start, count) = block_fields(Operation::DeletePersistent, protocol, start, count)?;
         match self.call(Request::DeletePersistent {
-            protocol: protocol.as_str().into(),
+            protocol,
             start,
             count,
         })? {
@@ -386,10 +395,13 @@ impl Client {
     /// Who has `port`: the reservation covering it and every live socket on it (in the
     /// daemon's network namespace), with their processes.
     pub fn who(&self, protocol: Protocol, port: u32) -> Result<WhoInfo, Error> {
-        match self.call(Request::Who {
-            protocol: protocol.as_str().into(),
-            port,
-        })? {
+        let port = u16::try_from(port).map_err(|_| {
+            local_refusal(
+                Operation::Other,
+                format!("{port} is not a port; give a number from 1 to 65535"),
+            )
+        })?;
+        match self.call(Request::Who { protocol, port })? {
             Reply::Who(w) => Ok(w),
             other => Err(unexpected(&other)),
         }
@@ -594,5 +606,52 @@ impl Drop for Reservation {
             // If this fails the connection is gone, and the daemon ended the session already.
             let _ = self.client.release(self.token.get());
         }
+    }
+}
+
+/// A refusal made by the client itself, before anything is sent (a value the protocol cannot
+/// carry), in the same form as the daemon's.
+fn local_refusal(op: Operation, message: String) -> Error {
+    // Windows reports a bad argument of the persistent functions as ERROR_INVALID_PARAMETER.
+    let code = match op {
+        Operation::CreatePersistent | Operation::LookupPersistent | Operation::DeletePersistent => {
+            ErrorCode::InvalidParameter
+        }
+        _ => ErrorCode::InvalidArgument,
+    };
+    let r = Refusal::new(op, code, message);
+    Error::from_body(ErrorBody {
+        code: r.code.as_str().into(),
+        windows_code: r.windows_code,
+        message: r.message,
+        conflict: None,
+    })
+}
+
+/// A block's start (0 to 65535) and count (1 to 65535) as the protocol carries them.
+fn block_fields(
+    op: Operation,
+    protocol: Protocol,
+    start: u32,
+    count: u32,
+) -> Result<(u16, u16), Error> {
+    let start = u16::try_from(start).map_err(|_| {
+        local_refusal(
+            op,
+            format!(
+                "cannot reserve {protocol} ports from {start}: it is not a port; give a start \
+                 from 1 to 65535, or 0 for any block"
+            ),
+        )
+    })?;
+    match u16::try_from(count) {
+        Ok(c) if c > 0 => Ok((start, c)),
+        _ => Err(local_refusal(
+            op,
+            format!(
+                "cannot reserve {count} {protocol} ports: a block has 1 to 65535 ports; ask for \
+                 a count in that range"
+            ),
+        )),
     }
 }

@@ -90,13 +90,15 @@ impl PortRange {
         if start == 0 {
             return Err(InvalidRange::ZeroStart);
         }
+        let past_end = InvalidRange::PastEnd { start, count };
         if u64::from(start) + u64::from(count) - 1 > 65535 {
-            return Err(InvalidRange::PastEnd { start, count });
+            return Err(past_end);
         }
-        Ok(PortRange {
-            start: start as u16,
-            count: count as u16,
-        })
+        // Both fit: start >= 1 and start + count - 1 <= 65535.
+        match (u16::try_from(start), u16::try_from(count)) {
+            (Ok(start), Ok(count)) => Ok(PortRange { start, count }),
+            _ => Err(past_end),
+        }
     }
 
     /// The inclusive range `first..=last`.

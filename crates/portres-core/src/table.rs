@@ -442,6 +442,16 @@ impl Table {
                 ),
             ));
         }
+        let Ok(count16) = u16::try_from(count) else {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot reserve {count} {protocol} ports: a block has at most 65535 ports; \
+                     ask for fewer"
+                ),
+            ));
+        };
         if u64::from(start) + u64::from(count) - 1 > 65535 {
             return Err(Refusal::new(
                 op,
@@ -479,7 +489,7 @@ impl Table {
         }
         let token = self.fresh_token(tokens);
         let range = if start == 0 {
-            self.pick_wildcard(token, protocol, count as u16, mode, claim)?
+            self.pick_wildcard(token, protocol, count16, mode, claim)?
         } else {
             let range = PortRange::new(start, count).expect("checked above");
             let asked = format!("cannot reserve {range}/{protocol}");

@@ -557,3 +557,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn counts_past_a_u16_are_refused_never_truncated() {
+    // A wildcard of 65,536 ports once became a count of 0 (`as u16`) and panicked.
+    let mut t = table(1, 65535, 1 << 20);
+    let c = caller(&mut t, 1, 10, 0, true);
+    for (start, count) in [(0, 65536), (0, u32::MAX), (1, 65536), (65535, 2), (0, 0)] {
+        let e = acq(&mut t, &c, Protocol::Tcp, start, count).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{start}+{count}: {e:?}");
+    }
+    let r = acq(&mut t, &c, Protocol::Tcp, 0, 65535).unwrap();
+    assert_eq!((r.range.start(), r.range.count()), (1, 65535));
+    t.check_invariants();
+}

@@ -23,6 +23,12 @@ use portres_sys::reserved_ports;
 /// Prepared placeholder sockets kept per protocol.
 const POOL_SIZE: usize = 8;
 
+/// Without the shared eBPF programs (a daemon that may not load them), each socket handed out
+/// beside a UDP placeholder needs a classic steering program of its own, compiled by the kernel
+/// for that port's group: at most this many at once, so that releasing blocks never frees
+/// programs in bulk (the kernel's BPF allocator wedges on tens of thousands freed together).
+pub(crate) const MAX_CLASSIC_STEERING: usize = 256;
+
 /// Why holding a block failed.
 #[derive(Debug)]
 pub(crate) enum HoldError {
@@ -229,6 +235,13 @@ pub(crate) struct Enforcer {
     orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
     nofile: u64,
+    /// The eBPF programs every UDP placeholder shares, or why they could not be loaded.
+    udp_programs: Result<portres_sys::bpf::SocketPrograms, String>,
+    /// Without them: the UDP ports of live blocks whose reuseport group carries a classic
+    /// steering program (at most [`MAX_CLASSIC_STEERING`]).
+    classic_steered: std::collections::HashSet<(Token, u16)>,
+    /// Whether placeholders are IPv6 dual-stack sockets (false: IPv4, no IPv6 here).
+    placeholders_v6: bool,
 }
 
 impl Enforcer {
@@ -250,7 +263,16 @@ impl Enforcer {
             orphans: HashMap::new(),
             exclude: Exclude::open(state_dir),
             nofile,
+            udp_programs: load_udp_programs(),
+            classic_steered: std::collections::HashSet::new(),
+            placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
+                .is_ok_and(|p| hold::prepared_is_v6(&p)),
         }
+    }
+
+    /// The programs UDP placeholders share, when loaded.
+    fn udp(&self) -> hold::UdpPrograms<'_> {
+        self.udp_programs.as_ref().ok()
     }
 
     /// Binds the placeholders of a `hold` block, all or nothing.
@@ -270,7 +292,7 @@ impl Enforcer {
             let mut fds = Vec::with_capacity(usize::from(range.count()));
             for port in range.ports() {
                 let prepared = pool.pop().expect("counted");
-                match hold::bind_placeholder(prepared, port) {
+                match hold::bind_placeholder(prepared, port, self.udp_programs.as_ref().ok()) {
                     Ok(fd) => fds.push(fd),
                     Err(error) => return Err(HoldError::Port { port, error }),
                 }
@@ -280,7 +302,7 @@ impl Enforcer {
             return Ok(());
         }
         // One filesystem-uid switch for the whole block.
-        let fds = match hold::placeholders(protocol, range, self.holder_uid) {
+        let fds = match hold::placeholders(protocol, range, self.holder_uid, self.udp()) {
             Ok(fds) => fds,
             // EMFILE, ENFILE: out of descriptors.
             Err((_, e)) if matches!(e.raw_os_error(), Some(24 | 23)) => {
@@ -340,7 +362,7 @@ impl Enforcer {
         while start < range.end() {
             let n = (range.end() - start).min(crate::holder::CHUNK as u32);
             let chunk = PortRange::new(start, n).expect("inside the block");
-            let fds = match hold::placeholders(protocol, chunk, self.holder_uid) {
+            let fds = match hold::placeholders(protocol, chunk, self.holder_uid, self.udp()) {
                 Ok(fds) => fds,
                 Err((port, error)) => {
                     self.helpers
@@ -404,6 +426,19 @@ const EXCLUDE_FIRST_ABOVE: u16 = 64;
 /// every bind out, autobind included; a small one's sysctl entry (which outlasts the daemon) is
 /// written right after the reply, with those of every other grant answered meanwhile, a large
 /// one's first (see [`EXCLUDE_FIRST_ABOVE`]). On failure nothing is left behind.
+/// Loads the eBPF programs UDP placeholders share (once per daemon).
+fn load_udp_programs() -> Result<portres_sys::bpf::SocketPrograms, String> {
+    portres_sys::bpf::SocketPrograms::load().map_err(|e| {
+        let why = if e.kind() == io::ErrorKind::PermissionDenied {
+            "loading eBPF needs CAP_BPF (kernel.unprivileged_bpf_disabled is set)".to_string()
+        } else {
+            format!("bpf(BPF_PROG_LOAD) failed: {e}")
+        };
+        tracing::info!("UDP placeholders without shared eBPF programs: {why}");
+        why
+    })
+}
+
 impl PortClaim for Enforcer {
     fn claim(
         &mut self,
@@ -507,6 +542,9 @@ impl Enforcer {
             self.remote_inodes.remove(&r.token);
         }
         self.unheld.remove(&r.token);
+        if r.protocol == Protocol::Udp {
+            self.classic_steered.retain(|(t, _)| *t != r.token);
+        }
         // Sockets handed out from it keep their ports until they close: remember them, so no
         // new block is granted over them in the meantime.
         let protocol = r.protocol;
@@ -566,28 +604,50 @@ impl Enforcer {
     ) -> io::Result<(OwnedFd, IpAddr)> {
         let held = self.holds.contains_key(&r.token) || self.helpers.holds(r.token);
         let owner = if held { self.holder_uid } else { None };
+        // Without the shared eBPF programs, a UDP socket that joins the placeholder's reuseport
+        // group (the wildcard of the placeholder's family) needs a classic steering program:
+        // a bounded number of them.
+        let steer_classic = held
+            && kind.protocol() == Protocol::Udp
+            && self.udp().is_none()
+            && addr.is_unspecified()
+            && (if addr.is_ipv6() {
+                self.placeholders_v6 && v6only != Some(true)
+            } else {
+                !self.placeholders_v6
+            });
+        if steer_classic
+            && !self.classic_steered.contains(&(r.token, port))
+            && self.classic_steered.len() >= MAX_CLASSIC_STEERING
+        {
+            // ENOBUFS: handlers.rs explains the limit.
+            return Err(io::Error::from_raw_os_error(105));
+        }
         // The common case (every address, dual-stack, of a held block) takes a prepared socket.
         let pool = &mut self.pool[kind.protocol().index()];
-        if held
+        let (fd, bound) = if held
             && addr == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
             && v6only != Some(true)
             && let Some(p) = pool.pop().filter(hold::prepared_is_v6)
         {
-            let fd = hold::bind_prepared_for_handover(p, kind, port)?;
-            self.record_handed(r.token, port, &fd, kind, addr);
-            return Ok((fd, addr));
-        }
-        let (fd, bound) = match hold::handover_socket(kind, addr, port, held, owner, v6only) {
-            Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
-                // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.
-                let v4 = IpAddr::from([0, 0, 0, 0]);
-                (
-                    hold::handover_socket(kind, v4, port, held, owner, None)?,
-                    v4,
-                )
+            (hold::bind_prepared_for_handover(p, kind, port)?, addr)
+        } else {
+            match hold::handover_socket(kind, addr, port, held, owner, v6only) {
+                Err(e) if e.raw_os_error() == Some(97) && addr.is_unspecified() => {
+                    // EAFNOSUPPORT: no IPv6 here; the IPv4 wildcard is the whole machine.
+                    let v4 = IpAddr::from([0, 0, 0, 0]);
+                    (
+                        hold::handover_socket(kind, v4, port, held, owner, None)?,
+                        v4,
+                    )
+                }
+                other => (other?, addr),
             }
-            other => (other?, addr),
         };
+        if steer_classic {
+            portres_sys::bpf::attach_classic_steering(&fd)?;
+            self.classic_steered.insert((r.token, port));
+        }
         self.record_handed(r.token, port, &fd, kind, bound);
         Ok((fd, bound))
     }
@@ -749,13 +809,24 @@ impl Enforcer {
                 self.unheld.len()
             )
         };
+        let udp = match &self.udp_programs {
+            Ok(_) => "; UDP placeholders share two eBPF programs loaded once (drop, and steering \
+                      to a handed-out socket): no program per port"
+                .to_string(),
+            Err(why) => format!(
+                "; UDP placeholders carry no BPF program ({why}): each has the smallest receive \
+                 buffer, and each UDP socket handed out beside one gets a classic steering \
+                 program of its own, at most {MAX_CLASSIC_STEERING} at once ({} now)",
+                self.classic_steered.len()
+            ),
+        };
         let hold = match self.holder_uid {
             Some(h) => LayerInfo {
                 name: "hold".into(),
                 active: true,
                 reason: format!(
                     "placeholders owned by holder uid {h}: no other process can bind a held port \
-                     or be given one automatically; {limits}{unheld}"
+                     or be given one automatically; {limits}{unheld}{udp}"
                 ),
             },
             None => LayerInfo {
@@ -765,7 +836,7 @@ impl Enforcer {
                     "placeholders owned by uid {} (a per-user daemon cannot use a holder uid): \
                      other users cannot bind held ports, but processes of uid {} that set \
                      SO_REUSEPORT can share them; run the system daemon as root to close \
-                     this; {limits}{unheld}",
+                     this; {limits}{unheld}{udp}",
                     self.own_uid, self.own_uid
                 ),
             },

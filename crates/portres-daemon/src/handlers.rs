@@ -11,7 +11,7 @@ use portres_core::{
 };
 use portres_proto::{
     ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
-    ReservationRef, ShowInfo, SocketRef, StatusInfo, WhoInfo,
+    ReservationRef, ShowInfo, SocketRef, SocketType, StatusInfo, WhoInfo,
 };
 use portres_sys::hold::SocketKind;
 
@@ -45,29 +45,6 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn protocol(op: Operation, s: &str) -> Result<Protocol, Refusal> {
-    s.parse().map_err(|e: String| {
-        Refusal::new(
-            op,
-            ErrorCode::InvalidArgument,
-            format!("{e}; the request is refused"),
-        )
-    })
-}
-
-fn mode(op: Operation, s: Option<&str>, default: Mode) -> Result<Mode, Refusal> {
-    match s {
-        None => Ok(default),
-        Some(m) => m.parse().map_err(|e: String| {
-            Refusal::new(
-                op,
-                ErrorCode::InvalidArgument,
-                format!("{e}; the request is refused"),
-            )
-        }),
-    }
 }
 
 fn reservation_ref(r: &Reservation) -> Reply {
@@ -148,9 +125,8 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             count,
             mode: m,
         } => {
-            let op = Operation::AcquireRuntime;
-            let p = protocol(op, &p)?;
-            let m = mode(op, m.as_deref(), Mode::Hold)?;
+            let m = m.unwrap_or(Mode::Hold);
+            let (start, count) = (u32::from(start), u32::from(count));
             let mut st = shared.state.lock().unwrap();
             let State { table, enforcer } = &mut *st;
             let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
@@ -176,7 +152,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             backlog,
             v6only,
         } => associate(
-            shared, caller, &token, &socket, port, address, backlog, v6only,
+            shared, caller, &token, socket, port, address, backlog, v6only,
         ),
         Request::CreatePersistent {
             protocol: p,
@@ -187,8 +163,8 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             allow_groups,
         } => {
             let op = Operation::CreatePersistent;
-            let p = protocol(op, &p)?;
-            let m = mode(op, m.as_deref(), Mode::Exclude)?;
+            let m = m.unwrap_or(Mode::Exclude);
+            let (start, count) = (u32::from(start), u32::from(count));
             let acl = resolve_acl(&allow_users, &allow_groups)?;
             let _serial = shared.persist_lock.lock().await;
             let command = portres_sys::process::command_line(caller.pid);
@@ -235,10 +211,9 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             start,
             count,
         } => {
-            let p = protocol(Operation::LookupPersistent, &p)?;
             let st = shared.state.lock().unwrap();
             st.table
-                .lookup_persistent(p, start, count)
+                .lookup_persistent(p, u32::from(start), u32::from(count))
                 .map(|r| (reservation_ref(r), None))
         }
         Request::DeletePersistent {
@@ -247,7 +222,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             count,
         } => {
             let op = Operation::DeletePersistent;
-            let p = protocol(op, &p)?;
+            let (start, count) = (u32::from(start), u32::from(count));
             let _serial = shared.persist_lock.lock().await;
             let found = shared
                 .state
@@ -278,10 +253,7 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             );
             Ok((Reply::Done, None))
         }
-        Request::Who { protocol: p, port } => {
-            let p = protocol(Operation::Other, &p)?;
-            Ok((Reply::Who(who(shared, caller, p, port)?), None))
-        }
+        Request::Who { protocol: p, port } => Ok((Reply::Who(who(shared, caller, p, port)?), None)),
         Request::Status => Ok((Reply::Status(status(shared)), None)),
         Request::Show => Ok((Reply::Show(show(shared, caller)), None)),
     }
@@ -427,17 +399,14 @@ fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
     }
 }
 
-fn who(shared: &Shared, caller: &Caller, p: Protocol, port: u32) -> Result<WhoInfo, Refusal> {
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| {
-            Refusal::new(
-                Operation::Other,
-                ErrorCode::InvalidArgument,
-                format!("{port} is not a port; give a number from 1 to 65535"),
-            )
-        })?;
+fn who(shared: &Shared, caller: &Caller, p: Protocol, port: u16) -> Result<WhoInfo, Refusal> {
+    let port = Some(port).filter(|&p| p != 0).ok_or_else(|| {
+        Refusal::new(
+            Operation::Other,
+            ErrorCode::InvalidArgument,
+            format!("{port} is not a port; give a number from 1 to 65535"),
+        )
+    })?;
     // The kernel's view first, outside the lock (it reads /proc).
     let (seen, hidden) = crate::visibility::sockets_on(p, port);
     let mut st = shared.state.lock().unwrap();
@@ -525,7 +494,7 @@ fn associate(
     shared: &Shared,
     caller: &Caller,
     token: &str,
-    socket: &str,
+    socket: SocketType,
     port: u16,
     address: Option<String>,
     backlog: Option<i32>,
@@ -535,16 +504,11 @@ fn associate(
     let invalid = |m: String| Refusal::new(op, ErrorCode::InvalidArgument, m);
     let t = parse_token(op, token)?;
     let kind = match socket {
-        "listener" => SocketKind::Listener {
+        SocketType::Listener => SocketKind::Listener {
             backlog: backlog.unwrap_or(128).clamp(1, 65535),
         },
-        "stream" => SocketKind::Stream,
-        "datagram" => SocketKind::Datagram,
-        other => {
-            return Err(invalid(format!(
-                "unknown socket kind {other:?}; ask for \"listener\", \"stream\" or \"datagram\""
-            )));
-        }
+        SocketType::Stream => SocketKind::Stream,
+        SocketType::Datagram => SocketKind::Datagram,
     };
     let addr: IpAddr = match &address {
         None => Ipv6Addr::UNSPECIFIED.into(),
@@ -605,6 +569,19 @@ fn associate(
                     )
                     .with_conflict(c)
                 }
+                Some(105) => Refusal::new(
+                    op,
+                    ErrorCode::NoBufferSpace,
+                    format!(
+                        "cannot hand out a UDP socket on port {chosen} of reservation {tk}: this \
+                         daemon cannot load eBPF, so each UDP socket handed out beside a \
+                         placeholder needs a classic BPF program of its own, and {} are in use \
+                         (the limit keeps the kernel's BPF allocator safe); release UDP blocks, \
+                         bind a specific address instead of the wildcard, or use the system \
+                         daemon (root), which shares one program for all",
+                        crate::enforce::MAX_CLASSIC_STEERING
+                    ),
+                ),
                 Some(99) => invalid(format!(
                     "cannot bind port {chosen} on {addr}: it is not an address of this machine \
                      (in the daemon's network namespace); give a local address, or none"

@@ -91,6 +91,29 @@ struct Shared {
     /// Writing newly held blocks to the sysctl and refilling the prepared placeholder sockets
     /// is scheduled (to run right after the replies being written).
     soon_scheduled: std::sync::atomic::AtomicBool,
+    /// Test hooks from the environment (see [`Checks`]).
+    checks: Checks,
+}
+
+/// Checks and fault injection for tests, from the environment, read once at start:
+/// `PORTRES_CHECK_INVARIANTS=1` checks the table's invariants after every request (a violation
+/// panics, which ends the daemon); `PORTRES_FAILPOINT=panic-on:OP` panics when a request `OP`
+/// (e.g. `status`) arrives, to test what a panic does. Neither is meant for production.
+#[derive(Debug, Default)]
+pub(crate) struct Checks {
+    pub(crate) invariants: bool,
+    pub(crate) panic_on: Option<String>,
+}
+
+impl Checks {
+    fn from_env() -> Checks {
+        Checks {
+            invariants: std::env::var("PORTRES_CHECK_INVARIANTS").is_ok_and(|v| v == "1"),
+            panic_on: std::env::var("PORTRES_FAILPOINT")
+                .ok()
+                .and_then(|v| v.strip_prefix("panic-on:").map(str::to_string)),
+        }
+    }
 }
 
 /// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
@@ -149,6 +172,7 @@ impl Daemon {
                 session_peak: std::sync::atomic::AtomicUsize::new(0),
                 flush_scheduled: std::sync::atomic::AtomicBool::new(false),
                 soon_scheduled: std::sync::atomic::AtomicBool::new(false),
+                checks: Checks::from_env(),
             }),
         })
     }

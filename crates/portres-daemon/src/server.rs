@@ -280,7 +280,14 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
             }
         };
         let op = frame.request.op_name();
-        let (body, fd) = match handlers::handle(shared, caller, frame.request).await {
+        if shared.checks.panic_on.as_deref() == Some(op) {
+            panic!("PORTRES_FAILPOINT: panic on {op}, as asked");
+        }
+        let handled = handlers::handle(shared, caller, frame.request).await;
+        if shared.checks.invariants {
+            shared.state.lock().unwrap().table.check_invariants();
+        }
+        let (body, fd) = match handled {
             Ok((reply, fd)) => (ReplyBody::Ok(reply), fd),
             Err(refusal) => {
                 tracing::info!(

@@ -12,8 +12,10 @@
 //! # Layout
 //! - [`frame`]: framing (length prefix, maximum size) for blocking readers and writers.
 //! - [`message`]: the handshake, requests, replies and errors.
+//! - [`fields`]: request fields checked as they are decoded (ports, counts, protocol, mode).
 #![deny(missing_docs)]
 
+pub mod fields;
 pub mod frame;
 pub mod message;
 

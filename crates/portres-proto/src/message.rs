@@ -4,7 +4,10 @@
 //! JSON number in every language); optional fields may be absent; unknown fields are ignored, so
 //! a newer peer may add fields without breaking an older one.
 
+use portres_core::{Mode, Protocol};
 use serde::{Deserialize, Serialize};
+
+use crate::fields;
 
 /// First frame from the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,14 +72,17 @@ pub enum Request {
     /// Acquire a runtime reservation (`start` 0: wildcard).
     Acquire {
         /// `"tcp"` or `"udp"`.
-        protocol: String,
-        /// First port, or 0 for any block.
-        start: u32,
-        /// Number of ports.
-        count: u32,
+        #[serde(with = "fields::protocol")]
+        protocol: Protocol,
+        /// First port (0 to 65535), or 0 for any block.
+        #[serde(deserialize_with = "fields::port")]
+        start: u16,
+        /// Number of ports (1 to 65535).
+        #[serde(deserialize_with = "fields::count")]
+        count: u16,
         /// `"hold"` (default) or `"exclude"`.
-        #[serde(default)]
-        mode: Option<String>,
+        #[serde(default, with = "fields::mode")]
+        mode: Option<Mode>,
     },
     /// Release a runtime reservation of this process.
     Release {
@@ -86,14 +92,17 @@ pub enum Request {
     /// Create a persistent reservation (administrators).
     CreatePersistent {
         /// `"tcp"` or `"udp"`.
-        protocol: String,
-        /// First port.
-        start: u32,
-        /// Number of ports.
-        count: u32,
+        #[serde(with = "fields::protocol")]
+        protocol: Protocol,
+        /// First port (0 to 65535; 0 is refused with a clear error).
+        #[serde(deserialize_with = "fields::port")]
+        start: u16,
+        /// Number of ports (1 to 65535).
+        #[serde(deserialize_with = "fields::count")]
+        count: u16,
         /// `"exclude"` (default) or `"hold"`.
-        #[serde(default)]
-        mode: Option<String>,
+        #[serde(default, with = "fields::mode")]
+        mode: Option<Mode>,
         /// User names or numeric uids who may consume it.
         #[serde(default)]
         allow_users: Vec<String>,
@@ -104,20 +113,26 @@ pub enum Request {
     /// Find the token of the persistent reservation with exactly this start and count.
     LookupPersistent {
         /// `"tcp"` or `"udp"`.
-        protocol: String,
-        /// First port.
-        start: u32,
-        /// Number of ports.
-        count: u32,
+        #[serde(with = "fields::protocol")]
+        protocol: Protocol,
+        /// First port (0 to 65535).
+        #[serde(deserialize_with = "fields::port")]
+        start: u16,
+        /// Number of ports (1 to 65535).
+        #[serde(deserialize_with = "fields::count")]
+        count: u16,
     },
     /// Delete the persistent reservation with exactly this start and count (administrators).
     DeletePersistent {
         /// `"tcp"` or `"udp"`.
-        protocol: String,
-        /// First port.
-        start: u32,
-        /// Number of ports.
-        count: u32,
+        #[serde(with = "fields::protocol")]
+        protocol: Protocol,
+        /// First port (0 to 65535).
+        #[serde(deserialize_with = "fields::port")]
+        start: u16,
+        /// Number of ports (1 to 65535).
+        #[serde(deserialize_with = "fields::count")]
+        count: u16,
     },
     /// A socket bound to a port of a reservation, passed back with `SCM_RIGHTS`.
     Associate {
@@ -125,15 +140,15 @@ pub enum Request {
         token: String,
         /// `"listener"` (TCP, listening), `"stream"` (TCP, ready for `connect()`) or
         /// `"datagram"` (UDP).
-        socket: String,
+        socket: SocketType,
         /// A port of the block, or 0 for the lowest free one.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "fields::port")]
         port: u16,
         /// Local address to bind; default `"::"` (every address, IPv4 and IPv6).
         #[serde(default)]
         address: Option<String>,
-        /// `listen()` backlog for listeners; default 128.
-        #[serde(default)]
+        /// `listen()` backlog for listeners (1 to 65535); default 128.
+        #[serde(default, deserialize_with = "fields::backlog")]
         backlog: Option<i32>,
         /// For an IPv6 address: `IPV6_V6ONLY`. Default: dual-stack for `::`, else unset.
         #[serde(default)]
@@ -142,14 +157,45 @@ pub enum Request {
     /// Who has a port: the reservation covering it and every live socket on it.
     Who {
         /// `"tcp"` or `"udp"`.
-        protocol: String,
-        /// The port.
-        port: u32,
+        #[serde(with = "fields::protocol")]
+        protocol: Protocol,
+        /// The port (1 to 65535; 0 is refused with a clear error).
+        #[serde(deserialize_with = "fields::port")]
+        port: u16,
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation.
     Show,
+}
+
+/// The kind of socket an [`Request::Associate`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketType {
+    /// TCP, listening.
+    Listener,
+    /// TCP, bound, ready for `connect()`.
+    Stream,
+    /// UDP, bound.
+    Datagram,
+}
+
+impl SocketType {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketType::Listener => "listener",
+            SocketType::Stream => "stream",
+            SocketType::Datagram => "datagram",
+        }
+    }
+}
+
+impl std::fmt::Display for SocketType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Request {

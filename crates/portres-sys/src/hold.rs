@@ -11,9 +11,13 @@
 //! beside the placeholder, so the port is never unbound: no window, and nothing to reclaim (not
 //! even TIME_WAIT) when the client closes it.
 //!
-//! UDP placeholders carry two classic BPF programs: a socket filter that drops everything that
-//! reaches the placeholder, and a reuseport program that steers datagrams to the group's second
-//! member (the handed-out socket), falling back to the placeholder (which drops) when there is none.
+//! UDP placeholders take a reference to two eBPF programs the daemon loaded once
+//! ([`crate::bpf::SocketPrograms`]): a socket filter that drops everything that reaches the
+//! placeholder, and a reuseport program that steers datagrams to the group's second member (the
+//! handed-out socket), falling back to the placeholder (which drops) when there is none. Nothing
+//! is compiled per socket. Without them (a daemon that may not load eBPF) a UDP placeholder
+//! carries no program and the smallest receive buffer the kernel allows (`SO_RCVBUF`), so what
+//! reaches it is bounded to about one datagram; see [`UdpPrograms`].
 //!
 //! Without the privilege to change the filesystem uid (a per-user daemon), sockets belong to the
 //! daemon's own uid, and other processes of that same user setting `SO_REUSEPORT` can share held
@@ -21,8 +25,9 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
+use crate::bpf::SocketPrograms;
 use portres_core::Protocol;
 use rustix::net::{AddressFamily, SocketFlags, SocketType, bind, listen, socket_with, sockopt};
 
@@ -62,47 +67,19 @@ fn sock_type(protocol: Protocol) -> SocketType {
     }
 }
 
-/// A one-instruction classic BPF program: `ret #value`.
-fn attach_cbpf(fd: &OwnedFd, option: libc::c_int, value: u32) -> io::Result<()> {
-    let mut insn = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: value,
-    }];
-    let prog = libc::sock_fprog {
-        len: 1,
-        filter: insn.as_mut_ptr(),
-    };
-    // SAFETY: `prog` points at `insn`, both alive for the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Placeholders for every port of `range` (all or nothing), switching the filesystem uid once
 /// for the whole block. On failure, the port that failed and why.
 pub fn placeholders(
     protocol: Protocol,
     range: portres_core::PortRange,
     holder_uid: Option<u32>,
+    udp: UdpPrograms<'_>,
 ) -> Result<Vec<OwnedFd>, (u16, io::Error)> {
     let prev = holder_uid.map(set_fsuid);
     let mut fds = Vec::with_capacity(usize::from(range.count()));
     let mut failed = None;
     for port in range.ports() {
-        match placeholder(protocol, port, None) {
+        match placeholder(protocol, port, None, udp) {
             Ok(fd) => fds.push(fd),
             Err(e) => {
                 failed = Some((port, e));
@@ -121,11 +98,20 @@ pub fn placeholders(
 
 /// A placeholder holding `port` for `protocol`: `socket()` under the holder uid,
 /// `SO_REUSEPORT`, `bind([::]:port)` dual-stack (or `0.0.0.0:port` when IPv6 is unavailable),
-/// never `listen()`; UDP gets the drop filter and the steering program.
-pub fn placeholder(protocol: Protocol, port: u16, holder_uid: Option<u32>) -> io::Result<OwnedFd> {
+/// never `listen()`; UDP gets the shared drop filter and steering program (see [`UdpPrograms`]).
+pub fn placeholder(
+    protocol: Protocol,
+    port: u16,
+    holder_uid: Option<u32>,
+    udp: UdpPrograms<'_>,
+) -> io::Result<OwnedFd> {
     let prepared = prepare_placeholder(protocol, holder_uid)?;
-    bind_placeholder(prepared, port)
+    bind_placeholder(prepared, port, udp)
 }
+
+/// The programs UDP placeholders share: the daemon's loaded [`SocketPrograms`], or `None` when
+/// it could not load them (then a UDP placeholder gets no program and a minimal receive buffer).
+pub type UdpPrograms<'a> = Option<&'a SocketPrograms>;
 
 /// A placeholder socket made ahead of time, not bound yet (see [`prepare_placeholder`]).
 #[derive(Debug)]
@@ -202,8 +188,8 @@ pub fn prepared_is_v6(p: &Prepared) -> bool {
 }
 
 /// The second half of [`placeholder`]: `bind` to the wildcard address on `port`; UDP gets the
-/// drop filter and the steering program.
-pub fn bind_placeholder(p: Prepared, port: u16) -> io::Result<OwnedFd> {
+/// shared drop filter and steering program, or without them the smallest receive buffer.
+pub fn bind_placeholder(p: Prepared, port: u16, udp: UdpPrograms<'_>) -> io::Result<OwnedFd> {
     let ip = if p.v6 {
         IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     } else {
@@ -211,8 +197,11 @@ pub fn bind_placeholder(p: Prepared, port: u16) -> io::Result<OwnedFd> {
     };
     bind(&p.fd, &SocketAddr::new(ip, port))?;
     if p.protocol == Protocol::Udp {
-        attach_cbpf(&p.fd, libc::SO_ATTACH_FILTER, 0)?;
-        attach_cbpf(&p.fd, libc::SO_ATTACH_REUSEPORT_CBPF, 1)?;
+        match udp {
+            Some(progs) => progs.attach(&p.fd)?,
+            // The kernel raises 0 to its minimum (SOCK_MIN_RCVBUF, about 4.5 KiB).
+            None => sockopt::set_socket_recv_buffer_size(&p.fd, 0)?,
+        }
     }
     Ok(p.fd)
 }

@@ -3,6 +3,7 @@
 //! is sound in a `// SAFETY:` comment.
 //!
 //! # Layout
+//! - [`bpf`]: the eBPF programs UDP placeholders share (loaded once, attached by descriptor).
 //! - [`creds`]: peer credentials and supplementary groups of a Unix socket, user and group names.
 //! - [`fdpass`]: descriptors over Unix sockets (`SCM_RIGHTS`).
 //! - [`hold`]: placeholder sockets and the sockets handed out from reservations.
@@ -15,6 +16,7 @@
 #![allow(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod bpf;
 pub mod creds;
 pub mod fdpass;
 pub mod hold;
