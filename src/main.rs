@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use portres_client::paths::Scope;
-use portres_client::{Client, Error, Mode, PersistentSpec, Protocol};
+use portres_client::{Client, Error, Mode, PersistentSpec, Protocol, ShowFilter, ShowInfo};
 
 /// Port reservations for Linux, in the Windows model.
 #[derive(Debug, Parser)]
@@ -59,11 +59,26 @@ enum Command {
         /// `netsh int ipv4 show excludedportrange`, for the protocol of --tcp/--udp).
         #[arg(long, default_value = "table", value_parser = ["table", "netsh"])]
         format: String,
+        /// Only blocks that overlap these ports (`P` or `FIRST-LAST`). With --tcp or --udp
+        /// given, only that protocol.
+        #[arg(long, value_name = "PORTS")]
+        ports: Option<String>,
+        /// Only `runtime` or `persistent` reservations.
+        #[arg(long, value_parser = ["runtime", "persistent"])]
+        kind: Option<String>,
+        /// Only reservations made by this user (name or uid).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
     },
-    /// Who has this port: reservation, live sockets and their processes, or nobody.
+    /// Who has this port: reservation, live sockets and their processes, or nobody. Without
+    /// --all, connections are summarised (by state, process, user and remote address).
     Who {
         /// The port.
         port: u32,
+        /// List every socket on the port (streamed: a port may have very many). --json always
+        /// lists every socket.
+        #[arg(long)]
+        all: bool,
     },
     /// Hold a runtime reservation while CMD runs.
     Run {
@@ -178,18 +193,59 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             output::status(&status, cli.json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show { format } => {
-            let show = cli.client()?.show()?;
-            if format == "netsh" && !cli.json {
+        Command::Show {
+            format,
+            ports,
+            kind,
+            user,
+        } => {
+            let filter = ShowFilter {
+                protocol: (cli.tcp || cli.udp).then(|| protocol.as_str().to_string()),
+                ports: ports.as_deref().map(parse_ports).transpose()?,
+                kind: kind.clone(),
+                user: user.clone(),
+            };
+            let client = cli.client()?;
+            if cli.json {
+                let mut out = output::ShowJson::start()?;
+                client.show_each(&filter, |r| out.row(&r))?;
+                out.finish()?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut rows = Vec::new();
+            client.show_each(&filter, |r| {
+                rows.push(r);
+                Ok(())
+            })?;
+            let show = ShowInfo {
+                reservations: rows,
+                more: false,
+                total: None,
+            };
+            if format == "netsh" {
                 print!("{}", output::netsh(&show, protocol));
             } else {
-                output::show(&show, cli.json);
+                output::show(&show, false);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Who { port } => {
-            let who = cli.client()?.who(protocol, *port)?;
-            output::who(&who, cli.json);
+        Command::Who { port, all } => {
+            let client = cli.client()?;
+            if cli.json {
+                let mut first = true;
+                client.who_all(protocol, *port, output::who_json_head, |s| {
+                    let r = output::who_json_socket(&s, first);
+                    first = false;
+                    r
+                })?;
+                output::who_json_end()?;
+            } else if *all {
+                client.who_all(protocol, *port, output::who_all_head, |s| {
+                    output::who_all_socket(&s)
+                })?;
+            } else {
+                output::who(&client.who(protocol, *port)?, false);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -231,4 +287,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `P` or `FIRST-LAST`, for `show --ports`.
+fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--ports {s:?}: give a port (e.g. 8080) or a range FIRST-LAST (e.g. 9000-9100) of \
+             ports from 1 to 65535"
+        )
+    };
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
 }

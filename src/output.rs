@@ -114,7 +114,11 @@ pub fn show(s: &ShowInfo, json: bool) {
                 ports(r),
                 r.kind.clone(),
                 r.mode.clone(),
-                format!("{}/{}", r.handed_out.len(), r.count),
+                format!(
+                    "{}/{}",
+                    r.handed_out_count.max(r.handed_out.len() as u32),
+                    r.count
+                ),
                 ago(r.created),
                 owner(r),
             ]
@@ -145,14 +149,89 @@ pub fn show(s: &ShowInfo, json: bool) {
     line(head);
     for (row, r) in rows.iter().zip(&s.reservations) {
         line(row.each_ref().map(String::as_str));
-        for h in &r.handed_out_to {
-            let to = match (h.pid, &h.command) {
-                (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
-                (Some(pid), None) => format!("pid {pid}"),
-                _ => "a process the daemon cannot see".into(),
-            };
-            line_80(&format!("    port {} handed out to {to}", h.port));
+        handed_out_lines(r);
+    }
+}
+
+/// One line per process holding sockets handed out from `r`, however many ports it has.
+fn handed_out_lines(r: &ReservationInfo) {
+    let mut by_holder: Vec<(String, Vec<u16>)> = Vec::new();
+    for h in &r.handed_out_to {
+        let to = match (h.pid, &h.command) {
+            (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
+            (Some(pid), None) => format!("pid {pid}"),
+            _ => "a process the daemon cannot see".into(),
+        };
+        match by_holder.iter_mut().find(|(t, _)| *t == to) {
+            Some((_, ports)) => ports.push(h.port),
+            None => by_holder.push((to, vec![h.port])),
         }
+    }
+    for (to, ports) in &by_holder {
+        let what = match ports.as_slice() {
+            [one] => format!("port {one}"),
+            many => format!("{} ports ({})", many.len(), port_runs(many)),
+        };
+        line_80(&format!("    {what} handed out to {to}"));
+    }
+    let listed = r.handed_out_to.len() as u32;
+    if r.handed_out_count > listed {
+        line_80(&format!(
+            "    and {} more ports handed out (portres --json show lists them)",
+            r.handed_out_count - listed
+        ));
+    }
+}
+
+/// "40000-40009,40012" for sorted ports.
+fn port_runs(ports: &[u16]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ports.len() {
+        let mut j = i;
+        while j + 1 < ports.len() && u32::from(ports[j + 1]) == u32::from(ports[j]) + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            ports[i].to_string()
+        } else {
+            format!("{}-{}", ports[i], ports[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// `show --json` of a table of any size: `{"reservations": [` then each row as it arrives.
+pub struct ShowJson {
+    first: bool,
+}
+
+impl ShowJson {
+    /// Starts the document.
+    pub fn start() -> std::io::Result<ShowJson> {
+        use std::io::Write;
+        std::io::stdout().lock().write_all(b"{\"reservations\":[")?;
+        Ok(ShowJson { first: true })
+    }
+
+    /// One row.
+    pub fn row(&mut self, r: &ReservationInfo) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if !self.first {
+            out.write_all(b",")?;
+        }
+        self.first = false;
+        serde_json::to_writer(&mut out, r).map_err(std::io::Error::other)
+    }
+
+    /// Ends the document.
+    pub fn finish(self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(b"]}\n")?;
+        out.flush()
     }
 }
 
@@ -227,8 +306,9 @@ pub fn who(w: &WhoInfo, json: bool) {
         println!("{}", serde_json::to_string(w).expect("serialisable"));
         return;
     }
+    let connections = w.summary.as_ref().map_or(0, |s| s.sockets);
     let head = format!("port {}/{}", w.port, w.protocol);
-    if w.reservation.is_none() && w.sockets.is_empty() {
+    if w.reservation.is_none() && w.sockets.is_empty() && connections == 0 {
         println!("{head}: nobody (no reservation covers it and no socket uses it)");
         if let Some(n) = &w.not_visible {
             println!("  note: {n}");
@@ -236,6 +316,21 @@ pub fn who(w: &WhoInfo, json: bool) {
         return;
     }
     println!("{head}");
+    who_reservation(w);
+    for s in &w.sockets {
+        println!("  {}", s.description);
+    }
+    if let Some(sum) = &w.summary
+        && sum.not_listed > 0
+    {
+        who_summary(sum, w.port);
+    }
+    if let Some(n) = &w.not_visible {
+        println!("  note: {n}");
+    }
+}
+
+fn who_reservation(w: &WhoInfo) {
     match &w.reservation {
         Some(r) => {
             println!(
@@ -254,10 +349,83 @@ pub fn who(w: &WhoInfo, json: bool) {
         }
         None => println!("  no reservation covers it"),
     }
-    for s in &w.sockets {
-        println!("  {}", s.description);
+}
+
+fn counted(list: &[portres_client::Counted]) -> String {
+    list.iter()
+        .map(|c| format!("{} {}", c.count, c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn who_summary(sum: &portres_client::WhoSummary, port: u16) {
+    println!(
+        "  {} sockets on the port in all ({} not listed above): {}",
+        sum.sockets,
+        sum.not_listed,
+        counted(&sum.by_state)
+    );
+    line_80(&format!("    by process: {}", counted(&sum.by_process)));
+    line_80(&format!("    by user: {}", counted(&sum.by_user)));
+    if !sum.top_remotes.is_empty() {
+        line_80(&format!(
+            "    top remote addresses: {}",
+            counted(&sum.top_remotes)
+        ));
+    }
+    println!("  (portres who {port} --all lists every socket)");
+}
+
+/// `who PORT --all` (human): the head first, then each socket as it arrives.
+pub fn who_all_head(w: &WhoInfo) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "port {}/{}", w.port, w.protocol)?;
+    drop(out);
+    who_reservation(w);
+    if let Some(sum) = &w.summary {
+        println!("  {} sockets: {}", sum.sockets, counted(&sum.by_state));
     }
     if let Some(n) = &w.not_visible {
         println!("  note: {n}");
     }
+    Ok(())
+}
+
+/// One socket of `who PORT --all`.
+pub fn who_all_socket(s: &portres_client::SocketInfo) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "  {}", s.description)
+}
+
+/// `who PORT --json`: the head's fields, then `"sockets": [` and each socket as it arrives.
+pub fn who_json_head(w: &WhoInfo) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut head = serde_json::to_value(w).map_err(std::io::Error::other)?;
+    let map = head.as_object_mut().expect("an object");
+    map.remove("sockets");
+    map.remove("more");
+    let text = serde_json::to_string(&head).map_err(std::io::Error::other)?;
+    let mut out = std::io::stdout().lock();
+    // `{...}` without its closing brace, then the sockets array.
+    out.write_all(&text.as_bytes()[..text.len() - 1])?;
+    out.write_all(b",\"sockets\":[")
+}
+
+/// One socket of `who --json`; `first` says whether a comma goes before it.
+pub fn who_json_socket(s: &portres_client::SocketInfo, first: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if !first {
+        out.write_all(b",")?;
+    }
+    serde_json::to_writer(&mut out, s).map_err(std::io::Error::other)
+}
+
+/// Ends `who --json`.
+pub fn who_json_end() -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(b"]}\n")?;
+    out.flush()
 }

@@ -20,5 +20,6 @@ mod needs_root {
     mod protocol;
     mod reliability;
     mod runtime;
+    mod scale;
     mod visibility;
 }

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use portres_core::{ErrorCode, Mode, Operation, PortRange, Protocol, Refusal, Token};
 use portres_proto::{
     ErrorBody, Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame,
-    ReservationRef, ShowInfo, SocketRef, SocketType, StatusInfo, Welcome, WhoInfo,
+    ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef, SocketType,
+    StatusInfo, Welcome, WhoInfo,
 };
 pub use portres_sys::hold::SocketKind;
 
@@ -200,6 +201,9 @@ impl Client {
         match reply.body {
             ReplyBody::Ok(r) => Ok((r, fds)),
             ReplyBody::Error(e) => Err(Error::from_body(e)),
+            ReplyBody::Items(_) | ReplyBody::End(_) => Err(Error::Transport(
+                "the daemon streamed a reply that was not asked to stream".into(),
+            )),
         }
     }
 
@@ -401,18 +405,162 @@ impl Client {
                 format!("{port} is not a port; give a number from 1 to 65535"),
             )
         })?;
-        match self.call(Request::Who { protocol, port })? {
+        let request = Request::Who {
+            protocol,
+            port,
+            all: false,
+            stream: false,
+        };
+        match self.call(request)? {
             Reply::Who(w) => Ok(w),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Every reservation.
+    /// Who has `port`, with every socket on it: the head (reservation, summary) first, then
+    /// `each` socket as it arrives (a port may have hundreds of thousands; they are streamed,
+    /// never held whole). Returns the head; its `sockets` is empty.
+    pub fn who_all(
+        &self,
+        protocol: Protocol,
+        port: u32,
+        mut on_head: impl FnMut(&WhoInfo) -> std::io::Result<()>,
+        mut each: impl FnMut(SocketInfo) -> std::io::Result<()>,
+    ) -> Result<WhoInfo, Error> {
+        let port = u16::try_from(port).map_err(|_| {
+            local_refusal(
+                Operation::Other,
+                format!("{port} is not a port; give a number from 1 to 65535"),
+            )
+        })?;
+        let request = Request::Who {
+            protocol,
+            port,
+            all: true,
+            stream: true,
+        };
+        let mut head = None;
+        self.call_streamed(
+            request,
+            |reply| match reply {
+                Reply::Who(w) => {
+                    on_head(&w).map_err(|e| Error::Output(e.to_string()))?;
+                    let more = w.more;
+                    head = Some(w);
+                    Ok(more)
+                }
+                other => Err(unexpected(&other)),
+            },
+            |row| {
+                let s: SocketInfo = serde_json::from_value(row)
+                    .map_err(|e| Error::Transport(format!("a socket row did not decode: {e}")))?;
+                each(s).map_err(|e| Error::Output(e.to_string()))
+            },
+        )?;
+        head.ok_or_else(|| Error::Transport("no reply".into()))
+    }
+
+    /// Every reservation (streamed from the daemon and collected; see [`Client::show_each`]).
     pub fn show(&self) -> Result<ShowInfo, Error> {
-        match self.call(Request::Show)? {
-            Reply::Show(s) => Ok(s),
-            other => Err(unexpected(&other)),
+        let mut rows = Vec::new();
+        let mut head = self.show_each(&ShowFilter::default(), |r| {
+            rows.push(r);
+            Ok(())
+        })?;
+        head.reservations = rows;
+        head.more = false;
+        Ok(head)
+    }
+
+    /// The reservations that pass `filter`, given to `each` as they arrive (a table of any
+    /// size). Returns the head: its `total` counts them, its `reservations` is empty.
+    pub fn show_each(
+        &self,
+        filter: &ShowFilter,
+        mut each: impl FnMut(ReservationInfo) -> std::io::Result<()>,
+    ) -> Result<ShowInfo, Error> {
+        let request = Request::Show {
+            stream: true,
+            filter: filter.clone(),
+        };
+        let mut head = None;
+        self.call_streamed(
+            request,
+            |reply| match reply {
+                Reply::Show(s) => {
+                    let more = s.more;
+                    head = Some(s);
+                    Ok(more)
+                }
+                other => Err(unexpected(&other)),
+            },
+            |row| {
+                let r: ReservationInfo = serde_json::from_value(row).map_err(|e| {
+                    Error::Transport(format!("a reservation row did not decode: {e}"))
+                })?;
+                each(r).map_err(|e| Error::Output(e.to_string()))
+            },
+        )?;
+        head.ok_or_else(|| Error::Transport("no reply".into()))
+    }
+
+    /// Sends a request whose reply may stream: `on_head` gets the `ok` frame and says whether
+    /// rows follow; `each` gets the rows. If `each` fails, the rest of the stream is read and
+    /// dropped (the connection stays usable) and the first error is returned.
+    fn call_streamed(
+        &self,
+        request: Request,
+        on_head: impl FnOnce(Reply) -> Result<bool, Error>,
+        mut each: impl FnMut(serde_json::Value) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let id = conn.next_id;
+        conn.next_id += 1;
+        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+        skip_unanswered(&mut conn)?;
+        let read = |conn: &mut Conn| -> Result<ReplyBody, Error> {
+            let (body, _) = read_frame_with_fds(conn)?;
+            let reply: ReplyFrame = portres_proto::decode(&body)?;
+            if reply.id != id && reply.id != 0 {
+                return Err(Error::Transport(format!(
+                    "reply {} does not answer request {id}",
+                    reply.id
+                )));
+            }
+            Ok(reply.body)
+        };
+        let more = match read(&mut conn)? {
+            ReplyBody::Ok(r) => on_head(r)?,
+            ReplyBody::Error(e) => return Err(Error::from_body(e)),
+            _ => return Err(Error::Transport("a stream began without its head".into())),
+        };
+        if !more {
+            return Ok(());
         }
+        let mut failed = None;
+        loop {
+            match read(&mut conn) {
+                Ok(ReplyBody::Items(rows)) => {
+                    for row in rows {
+                        if failed.is_none()
+                            && let Err(e) = each(row)
+                        {
+                            failed = Some(e);
+                        }
+                    }
+                }
+                Ok(ReplyBody::End(_)) => break,
+                Ok(ReplyBody::Error(e)) => return Err(Error::from_body(e)),
+                Ok(ReplyBody::Ok(_)) => {
+                    return Err(Error::Transport("a second head inside a stream".into()));
+                }
+                Err(e) => {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                    return Err(e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 

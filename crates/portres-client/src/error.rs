@@ -74,6 +74,9 @@ pub enum Error {
     /// The connection failed or the daemon spoke nonsense.
     #[error("talking to the portres daemon failed: {0}")]
     Transport(String),
+    /// Writing out what the daemon sent failed (e.g. the reader of our output went away).
+    #[error("writing the output failed: {0}")]
+    Output(String),
 }
 
 impl Error {

@@ -28,6 +28,6 @@ pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket};
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
 pub use portres_proto::{
-    ConflictInfo, Counts, HandedOutInfo, LayerInfo, OwnerInfo, ReservationInfo, ShowInfo,
-    SocketInfo, StatusInfo, WhoInfo,
+    ConflictInfo, Counted, Counts, HandedOutInfo, LayerInfo, OwnerInfo, ReservationInfo,
+    ShowFilter, ShowInfo, SocketInfo, StatusInfo, WhoInfo, WhoSummary,
 };

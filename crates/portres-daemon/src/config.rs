@@ -11,6 +11,8 @@
 //! # The uid that owns placeholder and handed-out sockets (system daemon only): a uid no process
 //! # runs as. Only sockets of the same uid can share a held port.
 //! holder_uid = 2147483646
+//! # A client that reads none of a reply for this long is dropped (its session ends).
+//! reply_timeout_ms = 10000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ struct ConfigFile {
     runtime_quota_ports: Option<u32>,
     dynamic_range: Option<String>,
     holder_uid: Option<u32>,
+    reply_timeout_ms: Option<u64>,
 }
 
 /// Why the configuration could not be used.
@@ -71,9 +74,15 @@ pub struct Config {
     pub dynamic_range: Option<PortRange>,
     /// The uid that owns held and handed-out sockets (system daemon).
     pub holder_uid: u32,
+    /// How long a reply may wait for a client that does not read it before the client is
+    /// dropped.
+    pub reply_timeout: std::time::Duration,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
+
+/// Default of `reply_timeout_ms`.
+pub const DEFAULT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -83,6 +92,7 @@ impl Default for Config {
             runtime_quota: DEFAULT_RUNTIME_QUOTA,
             dynamic_range: None,
             holder_uid: DEFAULT_HOLDER_UID,
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
             source: None,
         }
     }
@@ -148,6 +158,10 @@ impl Config {
             runtime_quota: file.runtime_quota_ports.unwrap_or(DEFAULT_RUNTIME_QUOTA),
             dynamic_range,
             holder_uid,
+            reply_timeout: file
+                .reply_timeout_ms
+                .filter(|&ms| ms > 0)
+                .map_or(DEFAULT_REPLY_TIMEOUT, std::time::Duration::from_millis),
             source: Some(path.into()),
         })
     }

@@ -11,8 +11,11 @@ use portres_core::{
 };
 use portres_proto::{
     ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
-    ReservationRef, ShowInfo, SocketRef, SocketType, StatusInfo, WhoInfo,
+    ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef, SocketType, StatusInfo, WhoInfo,
 };
+use std::sync::Arc;
+
+use crate::visibility::Names;
 use portres_sys::hold::SocketKind;
 
 use crate::store::StoredReservation;
@@ -117,7 +120,35 @@ fn internal(op: Operation, what: &str, e: impl std::fmt::Display) -> Refusal {
 
 type Handled = Result<(Reply, Option<OwnedFd>), Refusal>;
 
-pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -> Handled {
+/// What a request is answered with.
+pub(crate) enum Answer {
+    /// One reply frame, with a descriptor for `associate`.
+    One(Reply, Option<OwnedFd>),
+    /// A streamed reply: the head, then rows as they are made.
+    Stream(Reply, crate::stream::Rows),
+}
+
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    request: Request,
+) -> Result<Answer, Refusal> {
+    match request {
+        Request::Who {
+            protocol: p,
+            port,
+            all,
+            stream,
+        } => who(shared, caller, p, port, all, stream).await,
+        Request::Show { stream, filter } => show(shared, caller, stream, &filter).await,
+        other => {
+            let (reply, fd) = handle_one(shared, caller, other).await?;
+            Ok(Answer::One(reply, fd))
+        }
+    }
+}
+
+async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handled {
     match request {
         Request::Acquire {
             protocol: p,
@@ -253,9 +284,13 @@ pub(crate) async fn handle(shared: &Shared, caller: &Caller, request: Request) -
             );
             Ok((Reply::Done, None))
         }
-        Request::Who { protocol: p, port } => Ok((Reply::Who(who(shared, caller, p, port)?), None)),
         Request::Status => Ok((Reply::Status(status(shared)), None)),
-        Request::Show => Ok((Reply::Show(show(shared, caller)), None)),
+        // Answered by `handle` (they may stream).
+        Request::Who { .. } | Request::Show { .. } => Err(internal(
+            Operation::Other,
+            "dispatching the request",
+            "who/show reached the single-reply path",
+        )),
     }
 }
 
@@ -318,39 +353,61 @@ fn status(shared: &Shared) -> StatusInfo {
     }
 }
 
+/// Handed-out ports listed per row (all are counted in `handed_out_count`).
+const MAX_HANDED_OUT_LISTED: usize = 2048;
+/// Handed-out ports listed with their process per row.
+const MAX_HANDED_OUT_TO_LISTED: usize = 128;
+
+/// Inodes of the sockets handed out from some reservations, by (token, port): taken under the
+/// state lock, used outside it.
+type HandedInodes = HashMap<(Token, u16), u64>;
+
+fn handed_inodes<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> HandedInodes {
+    let mut m = HashMap::new();
+    for r in rs {
+        for &p in r.handed_out() {
+            if let Some(ino) = st.enforcer.handed_inode(r.token, p) {
+                m.insert((r.token, p), ino);
+            }
+        }
+    }
+    m
+}
+
 /// The wire form of a reservation, for `caller` (tokens only to administrators and owners).
 /// `holders` maps handed-out socket inodes to processes.
 fn reservation_info(
-    st: &State,
     r: &Reservation,
     caller: &Caller,
+    handed: &HandedInodes,
     holders: &HashMap<u64, Vec<u32>>,
+    names: &mut Names,
 ) -> ReservationInfo {
-    let names = |ids: &[u32], f: fn(u32) -> Option<String>| {
+    let list = |ids: &[u32], f: &mut dyn FnMut(u32) -> Option<String>| -> Vec<String> {
         ids.iter()
             .map(|&i| f(i).unwrap_or_else(|| i.to_string()))
             .collect()
     };
     let (allow_users, allow_groups) = match &r.kind {
         Kind::Persistent { acl } => (
-            names(&acl.users, portres_sys::creds::user_name),
-            names(&acl.groups, portres_sys::creds::group_name),
+            list(&acl.users, &mut |u| names.user_name(u)),
+            list(&acl.groups, &mut portres_sys::creds::group_name),
         ),
         Kind::Runtime { .. } => (Vec::new(), Vec::new()),
     };
     let handed_out_to = r
         .handed_out()
         .iter()
+        .take(MAX_HANDED_OUT_TO_LISTED)
         .map(|&port| {
-            let pid = st
-                .enforcer
-                .handed_inode(r.token, port)
-                .and_then(|ino| holders.get(&ino))
+            let pid = handed
+                .get(&(r.token, port))
+                .and_then(|ino| holders.get(ino))
                 .and_then(|pids| pids.first().copied());
             HandedOutInfo {
                 port,
                 pid,
-                command: pid.and_then(portres_sys::process::command_line),
+                command: pid.and_then(|p| names.command(p)),
             }
         })
         .collect();
@@ -361,45 +418,146 @@ fn reservation_info(
         kind: r.kind_str().into(),
         mode: r.mode.as_str().into(),
         token: (caller.admin || caller.uid == r.owner.uid).then(|| r.token.to_string()),
-        owner: owner_info(&r.owner),
+        owner: OwnerInfo {
+            pid: r.owner.pid,
+            uid: r.owner.uid,
+            user: names.user_name(r.owner.uid),
+            command: r.owner.command.clone().map(crate::visibility::cap_command),
+        },
         created: r.created,
-        handed_out: r.handed_out().iter().copied().collect(),
+        handed_out: r
+            .handed_out()
+            .iter()
+            .take(MAX_HANDED_OUT_LISTED)
+            .copied()
+            .collect(),
         handed_out_to,
+        handed_out_count: r.handed_out().len() as u32,
         allow_users,
         allow_groups,
     }
 }
 
-/// Processes holding the handed-out sockets of `rs`.
-fn handout_holders<'a>(
-    st: &State,
-    rs: impl Iterator<Item = &'a Reservation>,
-) -> HashMap<u64, Vec<u32>> {
-    let inodes: HashSet<u64> = rs
-        .flat_map(|r| {
-            r.handed_out()
-                .iter()
-                .filter_map(|&p| st.enforcer.handed_inode(r.token, p))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+/// Processes holding the handed-out sockets (`/proc` is read only when there are some).
+fn handout_holders(handed: &HandedInodes) -> HashMap<u64, Vec<u32>> {
+    let inodes: HashSet<u64> = handed.values().copied().collect();
     portres_sys::procfs::socket_owners(&inodes).0
 }
 
-fn show(shared: &Shared, caller: &Caller) -> ShowInfo {
-    let mut st = shared.state.lock().unwrap();
-    reclaim_all(&mut st);
-    let holders = handout_holders(&st, st.table.reservations());
-    ShowInfo {
-        reservations: st
-            .table
-            .reservations()
-            .map(|r| reservation_info(&st, r, caller, &holders))
-            .collect(),
-    }
+fn invalid_filter(why: String) -> Refusal {
+    Refusal::new(Operation::Other, ErrorCode::InvalidArgument, why)
 }
 
-fn who(shared: &Shared, caller: &Caller, p: Protocol, port: u16) -> Result<WhoInfo, Refusal> {
+/// The reservations `filter` lets through.
+fn show_filter(filter: &ShowFilter) -> Result<impl Fn(&Reservation) -> bool + use<>, Refusal> {
+    let protocol: Option<Protocol> = filter
+        .protocol
+        .as_deref()
+        .map(|p| {
+            p.parse()
+                .map_err(|e: String| invalid_filter(format!("show: {e}")))
+        })
+        .transpose()?;
+    let ports = match filter.ports {
+        Some((a, b)) if a > b => {
+            return Err(invalid_filter(format!(
+                "show: the port range {a}-{b} is empty; give FIRST-LAST with FIRST <= LAST"
+            )));
+        }
+        other => other,
+    };
+    let persistent = match filter.kind.as_deref() {
+        None => None,
+        Some("runtime") => Some(false),
+        Some("persistent") => Some(true),
+        Some(other) => {
+            return Err(invalid_filter(format!(
+                "show: unknown kind {other:?}; give \"runtime\" or \"persistent\""
+            )));
+        }
+    };
+    let uid = match filter.user.as_deref() {
+        None => None,
+        Some(u) => Some(portres_sys::creds::resolve_user(u).ok_or_else(|| {
+            invalid_filter(format!(
+                "show: there is no user named {u:?} on this machine; give a name or a uid"
+            ))
+        })?),
+    };
+    Ok(move |r: &Reservation| {
+        protocol.is_none_or(|p| r.protocol == p)
+            && ports.is_none_or(|(a, b)| r.range.start() <= b && r.range.last() >= a)
+            && persistent.is_none_or(|p| r.is_persistent() == p)
+            && uid.is_none_or(|u| r.owner.uid == u)
+    })
+}
+
+async fn show(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    stream: bool,
+    filter: &ShowFilter,
+) -> Result<Answer, Refusal> {
+    let keep = show_filter(filter)?;
+    let (rows, handed) = {
+        let mut st = shared.state.lock().unwrap();
+        reclaim_all(&mut st);
+        let rows: Vec<Reservation> = st
+            .table
+            .reservations()
+            .filter(|r| keep(r))
+            .cloned()
+            .collect();
+        let handed = handed_inodes(&st, rows.iter());
+        (rows, handed)
+    };
+    let caller = caller.clone();
+    if !stream {
+        let reservations = tokio::task::spawn_blocking(move || {
+            let holders = handout_holders(&handed);
+            let mut names = Names::default();
+            rows.iter()
+                .map(|r| reservation_info(r, &caller, &handed, &holders, &mut names))
+                .collect()
+        })
+        .await
+        .map_err(|e| internal(Operation::Other, "show", e))?;
+        return Ok(Answer::One(
+            Reply::Show(ShowInfo {
+                reservations,
+                more: false,
+                total: None,
+            }),
+            None,
+        ));
+    }
+    let head = Reply::Show(ShowInfo {
+        reservations: Vec::new(),
+        more: true,
+        total: Some(rows.len() as u64),
+    });
+    let items = crate::stream::spawn_rows(move || {
+        let holders = handout_holders(&handed);
+        let mut names = Names::default();
+        rows.into_iter().map(move |r| {
+            let row = reservation_info(&r, &caller, &handed, &holders, &mut names);
+            serde_json::to_value(row).expect("serialisable")
+        })
+    });
+    Ok(Answer::Stream(head, items))
+}
+
+/// Sockets listed by `who` without `all`: those that are not connections, at most this many.
+const WHO_LISTED: usize = 100;
+
+async fn who(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    p: Protocol,
+    port: u16,
+    all: bool,
+    stream: bool,
+) -> Result<Answer, Refusal> {
     let port = Some(port).filter(|&p| p != 0).ok_or_else(|| {
         Refusal::new(
             Operation::Other,
@@ -407,65 +565,106 @@ fn who(shared: &Shared, caller: &Caller, p: Protocol, port: u16) -> Result<WhoIn
             format!("{port} is not a port; give a number from 1 to 65535"),
         )
     })?;
-    // The kernel's view first, outside the lock (it reads /proc).
-    let (seen, hidden) = crate::visibility::sockets_on(p, port);
-    let mut st = shared.state.lock().unwrap();
-    if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
-        reclaim(&mut st, t);
-    }
-    let covering = st.table.covering(p, port).cloned();
-    let (placeholder, handed) = match &covering {
-        Some(r) => (
-            st.enforcer.placeholder_inode(r, port),
-            st.enforcer.handed_inode(r.token, port),
-        ),
-        None => (None, None),
+    // The kernel's view first, on the blocking pool (it reads /proc: a busy port has
+    // thousands of sockets, and other clients are served meanwhile).
+    let (seen, hidden) =
+        tokio::task::spawn_blocking(move || crate::visibility::sockets_on(p, port))
+            .await
+            .map_err(|e| internal(Operation::Other, "who", e))?;
+    let (covering, placeholder, handed_here, handed) = {
+        let mut st = shared.state.lock().unwrap();
+        if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
+            reclaim(&mut st, t);
+        }
+        let covering = st.table.covering(p, port).cloned();
+        let (placeholder, handed_here) = match &covering {
+            Some(r) => (
+                st.enforcer.placeholder_inode(r, port),
+                st.enforcer.handed_inode(r.token, port),
+            ),
+            None => (None, None),
+        };
+        let handed = handed_inodes(&st, covering.iter());
+        (covering, placeholder, handed_here, handed)
     };
-    let holders = handout_holders(&st, covering.iter());
-    let reservation = covering
-        .as_ref()
-        .map(|r| reservation_info(&st, r, caller, &holders));
-    drop(st);
-    let sockets = seen
-        .iter()
-        .map(|s| {
-            let role = if Some(s.entry.inode) == placeholder {
-                Some("portres placeholder (hold layer)")
-            } else if Some(s.entry.inode) == handed {
-                Some("handed out by portres")
+    let caller = caller.clone();
+    let role_of = move |inode: u64| {
+        if Some(inode) == placeholder {
+            Some("portres placeholder (hold layer)")
+        } else if Some(inode) == handed_here {
+            Some("handed out by portres")
+        } else {
+            None
+        }
+    };
+    let info = move |names: &mut Names, s: &crate::visibility::Seen| {
+        let role = role_of(s.entry.inode);
+        let mut info = names.socket_info(s, role);
+        if role == Some("handed out by portres") {
+            // Described by the process that has it, not by the role.
+            info.description = format!("{} (handed out by portres)", names.describe(s, None));
+        }
+        info
+    };
+    let (head, seen) = tokio::task::spawn_blocking(move || {
+        let mut names = Names::default();
+        let holders = handout_holders(&handed);
+        let reservation = covering
+            .as_ref()
+            .map(|r| reservation_info(r, &caller, &handed, &holders, &mut names));
+        let mut summary = crate::visibility::summarise(&seen, &mut names);
+        let listed: Vec<SocketInfo> = if all {
+            if stream {
+                Vec::new()
             } else {
-                None
-            };
-            let mut info = crate::visibility::socket_info(s, role);
-            if role == Some("handed out by portres") {
-                // Described by the process that has it, not by the role.
-                info.description = format!(
-                    "{} (handed out by portres)",
-                    crate::visibility::describe(s, None)
-                );
+                seen.iter().map(|s| info(&mut names, s)).collect()
             }
-            info
-        })
-        .collect::<Vec<_>>();
-    let unseen = sockets
-        .iter()
-        .filter(|s| s.inode != 0 && s.pids.is_empty())
-        .count();
-    let not_visible = (unseen > 0 && hidden > 0).then(|| {
-        format!(
-            "{unseen} sockets belong to processes the daemon cannot see ({hidden} processes \
-             were not readable: the daemon runs as uid {}; run the system daemon as root to \
-             see every process)",
-            portres_sys::creds::effective_uid()
-        )
-    });
-    Ok(WhoInfo {
-        protocol: p.as_str().into(),
-        port,
-        reservation,
-        sockets,
-        not_visible,
+        } else {
+            seen.iter()
+                .filter(|s| matches!(s.entry.state_name(), "listening" | "bound"))
+                .take(WHO_LISTED)
+                .map(|s| info(&mut names, s))
+                .collect()
+        };
+        summary.not_listed = if all && stream {
+            0
+        } else {
+            seen.len() as u64 - listed.len() as u64
+        };
+        let unseen = seen
+            .iter()
+            .filter(|s| s.entry.inode != 0 && s.pids.is_empty())
+            .count();
+        let not_visible = (unseen > 0 && hidden > 0).then(|| {
+            format!(
+                "{unseen} sockets belong to processes the daemon cannot see ({hidden} processes \
+                 were not readable: the daemon runs as uid {}; run the system daemon as root to \
+                 see every process)",
+                portres_sys::creds::effective_uid()
+            )
+        });
+        let head = WhoInfo {
+            protocol: p.as_str().into(),
+            port,
+            reservation,
+            sockets: listed,
+            summary: Some(summary),
+            more: all && stream,
+            not_visible,
+        };
+        (head, seen)
     })
+    .await
+    .map_err(|e| internal(Operation::Other, "who", e))?;
+    if !(all && stream) {
+        return Ok(Answer::One(Reply::Who(head), None));
+    }
+    let items = crate::stream::spawn_rows(move || {
+        let mut names = Names::default();
+        seen.into_iter()
+            .map(move |s| serde_json::to_value(info(&mut names, &s)).expect("serialisable"))
+    });
+    Ok(Answer::Stream(Reply::Who(head), items))
 }
 
 /// Returns to their blocks the ports whose handed-out sockets have closed.

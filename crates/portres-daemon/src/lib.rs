@@ -10,6 +10,7 @@
 //! - [`store`]: the redb store of persistent reservations.
 //! - `server`: the accept loop, sessions, framing.
 //! - `handlers`: one function per request, from wire message to table operation and back.
+//! - `stream`: streamed replies (rows made on the blocking pool, packed into frames).
 //! - `visibility`: who has a port (sockets, processes), in words.
 //! - [`holder`]: placeholder-holding helper processes for blocks beyond the descriptor budget.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
@@ -20,6 +21,7 @@ mod handlers;
 pub mod holder;
 mod server;
 pub mod store;
+mod stream;
 mod visibility;
 
 use std::path::PathBuf;

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::Shared;
-use crate::handlers;
+use crate::handlers::{self, Answer};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -68,6 +68,99 @@ async fn read_frame(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Vec<u8>
 async fn write_msg(s: &mut UnixStream, msg: &impl serde::Serialize) -> std::io::Result<()> {
     let bytes = portres_proto::encode(msg).map_err(std::io::Error::other)?;
     s.write_all(&bytes).await
+}
+
+/// Writes bytes, giving up when the client reads none of them for `limit`: a client that
+/// stops reading its replies is dropped, and only its own session waits meanwhile.
+async fn write_within(
+    s: &mut UnixStream,
+    bytes: &[u8],
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match tokio::time::timeout(limit, s.write(&bytes[done..])).await {
+            Ok(Ok(0)) => return Err("the client closed the connection".into()),
+            Ok(Ok(n)) => done += n,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "the client read none of its reply for {} ms (reply_timeout_ms); dropped",
+                    limit.as_millis()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One reply frame; a reply larger than a frame becomes an error reply that says so (never a
+/// dropped connection).
+fn encode_reply(id: u64, body: ReplyBody) -> Vec<u8> {
+    let reply = ReplyFrame { id, body };
+    match portres_proto::encode(&reply) {
+        Ok(bytes) => bytes,
+        Err(FrameError::TooLarge { len }) => {
+            let err = error_body(&Refusal::new(
+                Operation::Other,
+                ErrorCode::NoBufferSpace,
+                format!(
+                    "the answer is {len} bytes, more than one frame holds ({} bytes), and this \
+                     client did not ask for a streamed reply (\"stream\": true, see \
+                     docs/protocol.md); use a portres client of this daemon's version, or narrow \
+                     the request (show's filters, who without all)",
+                    portres_proto::MAX_FRAME
+                ),
+            ));
+            portres_proto::encode(&ReplyFrame {
+                id,
+                body: ReplyBody::Error(err),
+            })
+            .expect("a short error fits a frame")
+        }
+        Err(e) => {
+            let err = error_body(&Refusal::new(
+                Operation::Other,
+                ErrorCode::Internal,
+                format!("the daemon could not encode its answer: {e}; see the daemon's log"),
+            ));
+            portres_proto::encode(&ReplyFrame {
+                id,
+                body: ReplyBody::Error(err),
+            })
+            .expect("a short error fits a frame")
+        }
+    }
+}
+
+/// Writes a streamed reply: the head, each chunk of rows as an `items` frame, then `end`.
+async fn write_stream(
+    s: &mut UnixStream,
+    id: u64,
+    head: portres_proto::Reply,
+    mut rows: crate::stream::Rows,
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    write_within(s, &encode_reply(id, ReplyBody::Ok(head)), limit).await?;
+    let mut count = 0u64;
+    while let Some(chunk) = rows.next().await {
+        match chunk {
+            Ok(chunk) => {
+                let prefix = format!("{{\"id\":{id},\"items\":");
+                let len = prefix.len() + chunk.array.len() + 1;
+                let mut frame = Vec::with_capacity(4 + len);
+                frame.extend_from_slice(&(len as u32).to_le_bytes());
+                frame.extend_from_slice(prefix.as_bytes());
+                frame.extend_from_slice(&chunk.array);
+                frame.push(b'}');
+                write_within(s, &frame, limit).await?;
+                count += chunk.rows;
+            }
+            Err(e) => return write_within(s, &encode_reply(id, ReplyBody::Error(e)), limit).await,
+        }
+    }
+    let end = ReplyBody::End(portres_proto::StreamEnd { count });
+    write_within(s, &encode_reply(id, end), limit).await
 }
 
 /// Writes a frame with a descriptor attached to its first byte (`SCM_RIGHTS`).
@@ -287,8 +380,24 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
         if shared.checks.invariants {
             shared.state.lock().unwrap().table.check_invariants();
         }
-        let (body, fd) = match handled {
-            Ok((reply, fd)) => (ReplyBody::Ok(reply), fd),
+        schedule_background_work(shared);
+        let limit = shared.config.reply_timeout;
+        match handled {
+            Ok(Answer::One(reply, Some(fd))) => {
+                let reply = ReplyFrame {
+                    id: frame.id,
+                    body: ReplyBody::Ok(reply),
+                };
+                write_msg_with_fd(s, &reply, &fd)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(Answer::One(reply, None)) => {
+                write_within(s, &encode_reply(frame.id, ReplyBody::Ok(reply)), limit).await?;
+            }
+            Ok(Answer::Stream(head, rows)) => {
+                write_stream(s, frame.id, head, rows, limit).await?;
+            }
             Err(refusal) => {
                 tracing::info!(
                     pid = caller.pid,
@@ -297,15 +406,9 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
                     "refused {op}: {}",
                     refusal.message
                 );
-                (ReplyBody::Error(error_body(&refusal)), None)
+                let body = ReplyBody::Error(error_body(&refusal));
+                write_within(s, &encode_reply(frame.id, body), limit).await?;
             }
-        };
-        schedule_background_work(shared);
-        let reply = ReplyFrame { id: frame.id, body };
-        match fd {
-            Some(fd) => write_msg_with_fd(s, &reply, &fd).await,
-            None => write_msg(s, &reply).await,
         }
-        .map_err(|e| e.to_string())?;
     }
 }

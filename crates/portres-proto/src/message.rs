@@ -162,11 +162,41 @@ pub enum Request {
         /// The port (1 to 65535; 0 is refused with a clear error).
         #[serde(deserialize_with = "fields::port")]
         port: u16,
+        /// Every socket, not only the listeners and the summary of connections.
+        #[serde(default)]
+        all: bool,
+        /// The client reads a streamed reply (see [`ReplyBody::Items`]).
+        #[serde(default)]
+        stream: bool,
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
-    /// Every reservation.
-    Show,
+    /// Every reservation (that passes the filters).
+    Show {
+        /// The client reads a streamed reply (see [`ReplyBody::Items`]).
+        #[serde(default)]
+        stream: bool,
+        /// Only reservations that pass these.
+        #[serde(default, flatten)]
+        filter: ShowFilter,
+    },
+}
+
+/// Filters of [`Request::Show`]; an absent field passes everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowFilter {
+    /// Only this protocol (`"tcp"` or `"udp"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Only blocks that overlap `first..=last`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<(u16, u16)>,
+    /// Only `"runtime"` or `"persistent"` reservations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only reservations made by this user (name or uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The kind of socket an [`Request::Associate`] asks for.
@@ -210,7 +240,7 @@ impl Request {
             Request::Associate { .. } => "associate",
             Request::Who { .. } => "who",
             Request::Status => "status",
-            Request::Show => "show",
+            Request::Show { .. } => "show",
         }
     }
 }
@@ -225,14 +255,32 @@ pub struct ReplyFrame {
     pub body: ReplyBody,
 }
 
-/// Success or failure.
+/// Success or failure; or a part of a streamed reply.
+///
+/// A streamed reply (asked for with `"stream": true`) is the `ok` frame first, marked
+/// `"more": true`, then any number of `items` frames (each a JSON array of rows of the kind the
+/// `ok` frame announces, at most one frame long), then one `end` frame with the number of items
+/// sent, or an `error` frame if the daemon could not finish. Nothing else is sent on the
+/// connection meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // replies are built one at a time; boxing buys nothing
 pub enum ReplyBody {
     /// Success.
     Ok(Reply),
     /// Failure.
     Error(ErrorBody),
+    /// Rows of a streamed reply.
+    Items(Vec<serde_json::Value>),
+    /// The end of a streamed reply.
+    End(StreamEnd),
+}
+
+/// The last frame of a streamed reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamEnd {
+    /// Rows sent in `items` frames.
+    pub count: u64,
 }
 
 /// Successful replies, tagged by `"reply"`.
@@ -294,12 +342,46 @@ pub struct WhoInfo {
     pub port: u16,
     /// The reservation covering it, if any.
     pub reservation: Option<ReservationInfo>,
-    /// Live sockets on it, in the daemon's network namespace.
+    /// Live sockets on it, in the daemon's network namespace: every one with `all`; otherwise
+    /// those that are not connections (listeners, bound sockets), at most 100. In a streamed
+    /// reply they follow as `items`.
     pub sockets: Vec<SocketInfo>,
+    /// Every socket on the port, counted and summarised.
+    #[serde(default)]
+    pub summary: Option<WhoSummary>,
+    /// `items` frames follow (a streamed reply).
+    #[serde(default)]
+    pub more: bool,
     /// What the daemon could not see, if anything (e.g. processes of other users when it is not
     /// root).
     #[serde(default)]
     pub not_visible: Option<String>,
+}
+
+/// Every socket on a port, summarised: what `who` says without `--all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoSummary {
+    /// Sockets in all.
+    pub sockets: u64,
+    /// Count per state (`listening`, `connected`, `time-wait`, ...), largest first.
+    pub by_state: Vec<Counted>,
+    /// Count per process (`"nginx (pid 4121, user www-data)"`), largest first, at most 10.
+    pub by_process: Vec<Counted>,
+    /// Count per user, largest first, at most 10.
+    pub by_user: Vec<Counted>,
+    /// Connections per remote address (without port), largest first, at most 10.
+    pub top_remotes: Vec<Counted>,
+    /// Sockets not listed in `sockets` (without `all`).
+    pub not_listed: u64,
+}
+
+/// A name and how many.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counted {
+    /// What is counted.
+    pub name: String,
+    /// How many.
+    pub count: u64,
 }
 
 /// A handed-out port of a reservation and the process holding its socket.
@@ -405,12 +487,15 @@ pub struct ReservationInfo {
     pub owner: OwnerInfo,
     /// Seconds since the Unix epoch.
     pub created: u64,
-    /// Ports of the block handed out to sockets.
+    /// Ports of the block handed out to sockets (the first 4,096; `handed_out_count` has all).
     #[serde(default)]
     pub handed_out: Vec<u16>,
-    /// The same, with the process holding each socket.
+    /// The same, with the process holding each socket (the first 256).
     #[serde(default)]
     pub handed_out_to: Vec<HandedOutInfo>,
+    /// How many ports of the block are handed out.
+    #[serde(default)]
+    pub handed_out_count: u32,
     /// Users allowed to consume it (persistent only).
     #[serde(default)]
     pub allow_users: Vec<String>,
@@ -422,8 +507,15 @@ pub struct ReservationInfo {
 /// Answer to [`Request::Show`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShowInfo {
-    /// Sorted by protocol, then start port.
+    /// Sorted by protocol, then start port. In a streamed reply, empty: the rows follow as
+    /// `items`.
     pub reservations: Vec<ReservationInfo>,
+    /// `items` frames follow (a streamed reply).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+    /// Rows that pass the filters (in a streamed reply, announced here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
 }
 
 /// One enforcement layer of SPEC §3.

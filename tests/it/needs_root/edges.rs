@@ -201,6 +201,7 @@ fn run_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
                     tokens.clear();
                 }
             }
+            other => prop_assert!(false, "{req}: a stream part without a stream: {other:?}"),
         }
         // The daemon still answers (and checked its table's invariants after the request: a
         // violation would have ended it).
