@@ -709,6 +709,162 @@ fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wall time of a command whose output is discarded.
+fn time_command(cmd: &mut Command) -> Duration {
+    let t = Instant::now();
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run command");
+    let d = t.elapsed();
+    assert!(st.success(), "{cmd:?} failed");
+    d
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// `show` of 10,000 persistent and 10,000 runtime reservations: time and daemon memory.
+fn section_show(bin: &Path, dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("state"))?;
+    {
+        let store = portres_daemon::Store::open(&dir.join("state"))?;
+        let recs: Vec<_> = (0..10_000u32)
+            .map(|i| portres_daemon::store::StoredReservation {
+                token: 1 + u64::from(i),
+                protocol: "tcp".into(),
+                start: (2000 + i * 3) as u16,
+                count: 2,
+                mode: "exclude".into(),
+                allow_users: vec![],
+                allow_groups: vec![],
+                created: 0,
+                creator_uid: 0,
+                creator_command: Some("bench".into()),
+            })
+            .collect();
+        store.put_all(&recs)?;
+    }
+    let (d, _) = Daemon::start(bin, dir, false)?;
+    let c = d.client();
+    let mut held = Vec::new();
+    for i in 0..10_000u32 {
+        held.push(c.acquire_with(Protocol::Udp, 40_000 + i, 1, Mode::Hold)?);
+    }
+    let pid = d.child.id();
+    let rss_before = rss_kib(pid);
+    let mut lib = Vec::new();
+    let mut cli = Vec::new();
+    let mut status = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let n = d.client().show()?.reservations.len();
+        lib.push(t.elapsed());
+        assert_eq!(n, 20_000);
+        cli.push(time_command(
+            Command::new(bin)
+                .args(["--json", "show"])
+                .env("PORTRES_SOCKET", &d.socket),
+        ));
+        status.push(time_command(
+            Command::new(bin)
+                .args(["--json", "status"])
+                .env("PORTRES_SOCKET", &d.socket),
+        ));
+    }
+    let hwm = hwm_kib(pid);
+    println!("### show of 20,000 reservations (10,000 persistent, 10,000 runtime)\n");
+    println!("| what | median of 5 |\n|---|---|");
+    println!("| `Client::show` (streamed, collected) | {:.1} ms |", median(lib).as_secs_f64() * 1e3);
+    println!(
+        "| `portres --json show` (whole process) | {:.1} ms |",
+        median(cli).as_secs_f64() * 1e3
+    );
+    println!(
+        "| `portres --json status` (whole process, for scale) | {:.1} ms |",
+        median(status).as_secs_f64() * 1e3
+    );
+    println!(
+        "| daemon RSS before / peak after (VmHWM) | {} KiB / {} KiB |\n",
+        rss_before, hwm
+    );
+    drop(held);
+    d.stop();
+    Ok(())
+}
+
+/// `who` of a port with 1, 1,000 and 100,000 sockets against `ss -tanp sport = :PORT`.
+fn section_who(bin: &Path, dir: &Path) -> Result<()> {
+    let (d, _) = Daemon::start(bin, dir, true)?;
+    let pid = d.child.id();
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/it/busy_port.py");
+    println!("### who on a busy port, against `ss -tanp sport = :PORT`\n");
+    println!("Median of 5 interleaved runs, whole processes; the daemon's peak RSS after each size.\n");
+    println!("| sockets on the port | `portres who` | `portres who --all` | `portres --json who` | `ss -tanp` | who / ss | --json / ss | daemon VmHWM |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, n) in [0usize, 999, 99_999].into_iter().enumerate() {
+        let port = 9000 + i as u16;
+        let mut busy = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n 20000; exec python3 {} {port} {n}", helper.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(busy.stdout.as_mut().unwrap()).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("busy_port.py did not start");
+        }
+        let (mut who, mut all, mut json, mut ss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let cli = |args: &[&str]| {
+                time_command(
+                    Command::new(bin)
+                        .args(args)
+                        .env("PORTRES_SOCKET", &d.socket),
+                )
+            };
+            let p = port.to_string();
+            who.push(cli(&["who", &p]));
+            all.push(cli(&["who", &p, "--all"]));
+            json.push(cli(&["--json", "who", &p]));
+            ss.push(time_command(
+                Command::new("ss").args(["-tanp", "sport", "=", &format!(":{port}")]),
+            ));
+        }
+        let (w, a, j, s) = (median(who), median(all), median(json), median(ss));
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}x | {:.2}x | {} KiB |",
+            n + 1,
+            w.as_secs_f64() * 1e3,
+            a.as_secs_f64() * 1e3,
+            j.as_secs_f64() * 1e3,
+            s.as_secs_f64() * 1e3,
+            w.as_secs_f64() / s.as_secs_f64(),
+            j.as_secs_f64() / s.as_secs_f64(),
+            hwm_kib(pid)
+        );
+        drop(busy.stdin.take());
+        let _ = busy.wait();
+    }
+    println!();
+    d.stop();
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--echo-server") {
@@ -738,7 +894,8 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart runs only those sections (default: all).
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,show,who runs only those sections (default:
+    // all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
     if run("rpc") || run("grants") {
@@ -759,6 +916,12 @@ fn main() -> Result<()> {
     }
     if run("restart") {
         section_restart(&bin, &dir)?;
+    }
+    if run("show") {
+        section_show(&bin, &dir)?;
+    }
+    if run("who") {
+        section_who(&bin, &dir)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -451,11 +451,7 @@ impl Client {
                 }
                 other => Err(unexpected(&other)),
             },
-            |row| {
-                let s: SocketInfo = serde_json::from_value(row)
-                    .map_err(|e| Error::Transport(format!("a socket row did not decode: {e}")))?;
-                each(s).map_err(|e| Error::Output(e.to_string()))
-            },
+            |s: SocketInfo| each(s).map_err(|e| Error::Output(e.to_string())),
         )?;
         head.ok_or_else(|| Error::Transport("no reply".into()))
     }
@@ -494,42 +490,34 @@ impl Client {
                 }
                 other => Err(unexpected(&other)),
             },
-            |row| {
-                let r: ReservationInfo = serde_json::from_value(row).map_err(|e| {
-                    Error::Transport(format!("a reservation row did not decode: {e}"))
-                })?;
-                each(r).map_err(|e| Error::Output(e.to_string()))
-            },
+            |r: ReservationInfo| each(r).map_err(|e| Error::Output(e.to_string())),
         )?;
         head.ok_or_else(|| Error::Transport("no reply".into()))
     }
 
     /// Sends a request whose reply may stream: `on_head` gets the `ok` frame and says whether
-    /// rows follow; `each` gets the rows. If `each` fails, the rest of the stream is read and
-    /// dropped (the connection stays usable) and the first error is returned.
-    fn call_streamed(
+    /// rows follow; `each` gets the rows, decoded as `T`. If `each` fails, the rest of the
+    /// stream is read and dropped (the connection stays usable) and the first error is returned.
+    fn call_streamed<T: serde::de::DeserializeOwned>(
         &self,
         request: Request,
         on_head: impl FnOnce(Reply) -> Result<bool, Error>,
-        mut each: impl FnMut(serde_json::Value) -> Result<(), Error>,
+        mut each: impl FnMut(T) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
         let id = conn.next_id;
         conn.next_id += 1;
         portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
         skip_unanswered(&mut conn)?;
-        let read = |conn: &mut Conn| -> Result<ReplyBody, Error> {
-            let (body, _) = read_frame_with_fds(conn)?;
-            let reply: ReplyFrame = portres_proto::decode(&body)?;
-            if reply.id != id && reply.id != 0 {
-                return Err(Error::Transport(format!(
-                    "reply {} does not answer request {id}",
-                    reply.id
-                )));
-            }
-            Ok(reply.body)
-        };
-        let more = match read(&mut conn)? {
+        let (body, _) = read_frame_with_fds(&mut conn)?;
+        let head: ReplyFrame = portres_proto::decode(&body)?;
+        if head.id != id && head.id != 0 {
+            return Err(Error::Transport(format!(
+                "reply {} does not answer request {id}",
+                head.id
+            )));
+        }
+        let more = match head.body {
             ReplyBody::Ok(r) => on_head(r)?,
             ReplyBody::Error(e) => return Err(Error::from_body(e)),
             _ => return Err(Error::Transport("a stream began without its head".into())),
@@ -539,25 +527,38 @@ impl Client {
         }
         let mut failed = None;
         loop {
-            match read(&mut conn) {
-                Ok(ReplyBody::Items(rows)) => {
-                    for row in rows {
-                        if failed.is_none()
-                            && let Err(e) = each(row)
-                        {
-                            failed = Some(e);
-                        }
-                    }
-                }
-                Ok(ReplyBody::End(_)) => break,
-                Ok(ReplyBody::Error(e)) => return Err(Error::from_body(e)),
-                Ok(ReplyBody::Ok(_)) => {
-                    return Err(Error::Transport("a second head inside a stream".into()));
+            let part = read_frame_with_fds(&mut conn).and_then(|(body, _)| {
+                Ok(portres_proto::decode::<portres_proto::StreamPart<T>>(&body)?)
+            });
+            let part = match part {
+                Ok(p) if p.id == id => p,
+                Ok(p) => {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                    return Err(Error::Transport(format!(
+                        "a frame of reply {} inside the stream of request {id}",
+                        p.id
+                    )));
                 }
                 Err(e) => {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Both);
                     return Err(e);
                 }
+            };
+            if let Some(rows) = part.items {
+                for row in rows {
+                    if failed.is_none()
+                        && let Err(e) = each(row)
+                    {
+                        failed = Some(e);
+                    }
+                }
+            } else if part.end.is_some() {
+                break;
+            } else if let Some(e) = part.error {
+                return Err(Error::from_body(e));
+            } else {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                return Err(Error::Transport("an unknown frame inside a stream".into()));
             }
         }
         failed.map_or(Ok(()), Err)

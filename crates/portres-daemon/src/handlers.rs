@@ -539,10 +539,8 @@ async fn show(
     let items = crate::stream::spawn_rows(move || {
         let holders = handout_holders(&handed);
         let mut names = Names::default();
-        rows.into_iter().map(move |r| {
-            let row = reservation_info(&r, &caller, &handed, &holders, &mut names);
-            serde_json::to_value(row).expect("serialisable")
-        })
+        rows.into_iter()
+            .map(move |r| reservation_info(&r, &caller, &handed, &holders, &mut names))
     });
     Ok(Answer::Stream(head, items))
 }
@@ -661,8 +659,7 @@ async fn who(
     }
     let items = crate::stream::spawn_rows(move || {
         let mut names = Names::default();
-        seen.into_iter()
-            .map(move |s| serde_json::to_value(info(&mut names, &s)).expect("serialisable"))
+        seen.into_iter().map(move |s| info(&mut names, &s))
     });
     Ok(Answer::Stream(Reply::Who(head), items))
 }

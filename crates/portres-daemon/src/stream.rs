@@ -30,9 +30,10 @@ impl Rows {
 
 /// Runs `make` on the blocking pool and packs the rows it yields into chunks. Stops early when
 /// the reader goes away (the session ended).
-pub(crate) fn spawn_rows<I>(make: impl FnOnce() -> I + Send + 'static) -> Rows
+pub(crate) fn spawn_rows<I, T>(make: impl FnOnce() -> I + Send + 'static) -> Rows
 where
-    I: Iterator<Item = Value>,
+    I: Iterator<Item = T>,
+    T: serde::Serialize,
 {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
@@ -41,7 +42,10 @@ where
         let mut rows = 0u64;
         array.push(b'[');
         for row in make() {
-            let bytes = fit(row, budget - 2);
+            let mut bytes = serde_json::to_vec(&row).expect("rows serialise");
+            if bytes.len() > budget - 2 {
+                bytes = fit(serde_json::to_value(&row).expect("rows serialise"), budget - 2);
+            }
             if array.len() + bytes.len() + 2 > budget && rows > 0 {
                 array.push(b']');
                 let full = std::mem::replace(&mut array, Vec::with_capacity(budget));

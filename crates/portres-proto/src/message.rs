@@ -276,6 +276,23 @@ pub enum ReplyBody {
     End(StreamEnd),
 }
 
+/// A frame after the head of a streamed reply, with its rows decoded as `T` (what a client
+/// reads; the daemon writes [`ReplyBody::Items`] and [`ReplyBody::End`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StreamPart<T> {
+    /// The request's id.
+    pub id: u64,
+    /// Rows.
+    #[serde(default = "Option::default")]
+    pub items: Option<Vec<T>>,
+    /// The end.
+    #[serde(default)]
+    pub end: Option<StreamEnd>,
+    /// The daemon could not finish.
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+}
+
 /// The last frame of a streamed reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamEnd {

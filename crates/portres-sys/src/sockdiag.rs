@@ -12,6 +12,9 @@ use portres_core::Protocol;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, recv, send};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The older `inet_diag_req` request for TCP, which dumps both families in one walk of the
+/// kernel's hash tables (`inet_diag_dump_compat` sets `AF_UNSPEC`).
+const TCPDIAG_GETSOCK: u16 = 18;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
@@ -106,6 +109,35 @@ fn request(
     msg.extend_from_slice(&[0u8; 48]);
     // Bytecode: sport >= first && sport <= last. Each comparison is an op and a port op of 4
     // bytes; "no" jumps past the end (reject), "yes" goes to the next comparison.
+    let ops: [(u8, u8, u16); 4] = [
+        (INET_DIAG_BC_S_GE, 8, 20),
+        (0, 0, first),
+        (INET_DIAG_BC_S_LE, 8, 12),
+        (0, 0, last),
+    ];
+    push_u16(&mut msg, 4 + 16);
+    push_u16(&mut msg, INET_DIAG_REQ_BYTECODE);
+    for (code, yes, no) in ops {
+        msg.push(code);
+        msg.push(yes);
+        push_u16(&mut msg, no);
+    }
+    finish(msg)
+}
+
+/// A `TCPDIAG_GETSOCK` dump request (`inet_diag_req`: family 0, the zeroed sockid, states,
+/// `idiag_dbs`) with the same bytecode as [`request`]: IPv4 and IPv6 in one walk.
+fn compat_tcp_request(first: u16, last: u16, states: u32, seq: u32) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(96);
+    push_u32(&mut msg, 0);
+    push_u16(&mut msg, TCPDIAG_GETSOCK);
+    push_u16(&mut msg, NLM_F_REQUEST | NLM_F_DUMP);
+    push_u32(&mut msg, seq);
+    push_u32(&mut msg, 0);
+    msg.extend_from_slice(&[0u8; 4]);
+    msg.extend_from_slice(&[0u8; 48]);
+    push_u32(&mut msg, states);
+    push_u32(&mut msg, 0);
     let ops: [(u8, u8, u16); 4] = [
         (INET_DIAG_BC_S_GE, 8, 20),
         (0, 0, first),
@@ -264,7 +296,7 @@ fn read_replies(
                         Err(io::Error::from_raw_os_error(-errno))
                     };
                 }
-                SOCK_DIAG_BY_FAMILY if len >= 16 + 72 => {
+                SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK if len >= 16 + 72 => {
                     let m = &h[16..];
                     // inet_diag_msg: family, state, timer, retrans, sockid (48), expires,
                     // rqueue, wqueue, uid, inode.
@@ -305,6 +337,19 @@ pub fn sockets_on_ports_of(
     states: u32,
 ) -> io::Result<Vec<SocketEntry>> {
     let mut out = Vec::new();
+    // Every TCP socket of both families: one walk of the kernel's tables instead of two.
+    if protocol == Protocol::Tcp && v4 && v6 {
+        match query(
+            |seq| compat_tcp_request(first, last, states, seq),
+            protocol,
+            false,
+            &mut out,
+        ) {
+            Ok(()) => return Ok(out),
+            // A kernel without the older request: ask per family.
+            Err(_) => out.clear(),
+        }
+    }
     if v4 {
         dump(libc::AF_INET as u8, protocol, first, last, states, &mut out)?;
     }
@@ -375,6 +420,39 @@ mod tests {
                 .any(|s| s.inode == uino && s.state_name() == "bound"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn needs_root_one_tcp_dump_sees_both_families() {
+        std::thread::spawn(|| {
+            crate::process::enter_private_net_namespace()
+                .expect("needs root (CAP_SYS_ADMIN) for a private network namespace");
+            let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = v4.local_addr().unwrap().port();
+            let v6 = v6_only_listener(port);
+            let found = sockets_on_ports(Protocol::Tcp, port, port).unwrap();
+            let mut families: Vec<bool> = found.iter().map(|e| e.local.is_ipv6()).collect();
+            families.sort();
+            assert_eq!(families, vec![false, true], "{found:?}");
+            // The per-family path agrees.
+            let v4_only = sockets_on_ports_of(Protocol::Tcp, port, port, true, false, ALL_STATES)
+                .unwrap();
+            assert_eq!(v4_only.len(), 1);
+            drop(v6);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A listener on `[::]:port`, IPv6 only (so it coexists with 127.0.0.1:port).
+    fn v6_only_listener(port: u16) -> std::os::fd::OwnedFd {
+        use rustix::net::{AddressFamily, SocketType, bind, listen, socket, sockopt};
+        let fd = socket(AddressFamily::INET6, SocketType::STREAM, None).unwrap();
+        sockopt::set_ipv6_v6only(&fd, true).unwrap();
+        let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        bind(&fd, &any).unwrap();
+        listen(&fd, 8).unwrap();
+        fd
     }
 
     #[test]
