@@ -137,6 +137,10 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
 fn abort_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // Inside the store library on a file that may be damaged: caught and reported as damage.
+        if portres_daemon::store::panic_expected() {
+            return;
+        }
         default(info);
         tracing::error!("panic: {info}; the daemon stops so that it can be restarted cleanly");
         std::process::abort();
@@ -163,5 +167,62 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),
         }
+    })
+}
+
+/// `portres store restore`: rebuilds a damaged store from its journal.
+pub fn store_restore(state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    // The store library may panic on the damaged file: that is caught and reported.
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !portres_daemon::store::panic_expected() {
+            default(info);
+        }
+    }));
+    let state_dir = state_dir.unwrap_or_else(|| paths::state_dir(Scope::for_current_user()));
+    let report = portres_daemon::Store::restore(&state_dir)?;
+    if json {
+        let doc = serde_json::json!({
+            "restored": report.restored.len(),
+            "reservations": report.restored.iter().map(|r| serde_json::json!({
+                "protocol": r.protocol, "start": r.start, "count": r.count,
+                "token": r.token.to_string(), "mode": r.mode,
+            })).collect::<Vec<_>>(),
+            "lost": report.lost.iter().map(|b| serde_json::json!({"line": b.line, "why": b.why})).collect::<Vec<_>>(),
+            "kept_damaged": report.kept_damaged.as_ref().map(|p| p.display().to_string()),
+        });
+        println!("{doc}");
+    } else {
+        println!(
+            "restored {} persistent reservations into {}",
+            report.restored.len(),
+            state_dir.join("portres.redb").display()
+        );
+        for r in &report.restored {
+            let last = u32::from(r.start) + u32::from(r.count) - 1;
+            println!(
+                "  {}-{last}/{} ({}), token {}",
+                r.start, r.protocol, r.mode, r.token
+            );
+        }
+        if let Some(p) = &report.kept_damaged {
+            println!("the old file is kept as {}", p.display());
+        }
+        if report.lost.is_empty() {
+            println!("every line of the journal was readable: nothing was lost");
+        } else {
+            println!(
+                "{} journal lines could not be read; what they held is lost:",
+                report.lost.len()
+            );
+            for b in &report.lost {
+                println!("  line {}: {}", b.line, b.why);
+            }
+        }
+    }
+    Ok(if report.lost.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
     })
 }

@@ -100,6 +100,22 @@ enum Command {
         #[command(subcommand)]
         op: PersistentOp,
     },
+    /// The daemon's store of persistent reservations (with the daemon stopped).
+    Store {
+        #[command(subcommand)]
+        op: StoreOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreOp {
+    /// Rebuild a damaged store from its journal; reports what was restored and what was lost
+    /// (exit status 3 when some journal lines were unreadable). The old file is kept beside it.
+    Restore {
+        /// The daemon's state directory (default: the system's, or the user's own).
+        #[arg(long, env = "PORTRES_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +270,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             cmd,
         } => run_cmd::run(&cli.client()?, protocol, *start, *count, *listen, cmd),
+        Command::Store {
+            op: StoreOp::Restore { state_dir },
+        } => daemon_cmd::store_restore(state_dir.clone(), cli.json),
         Command::Persistent { op } => {
             let client = cli.client()?;
             match op {

@@ -88,6 +88,13 @@ pub fn status(s: &StatusInfo, json: bool) {
         c.ports_reserved, c.ports_held, c.ports_handed_out
     );
     println!("  sessions:       {}", c.sessions);
+    if c.accept_paused > 0 {
+        println!(
+            "  descriptors:    ran out {} times (open-file limit {}): new connections waited \
+             until sessions ended; see the log",
+            c.accept_paused, c.open_files_limit
+        );
+    }
     println!("  enforcement:");
     for l in &s.layers {
         let state = if l.active { "active" } else { "off" };

@@ -50,6 +50,10 @@ pub fn run(
         c.args(args);
         c
     };
+    // SIGTERM, SIGHUP and SIGINT (and SIGQUIT) sent to us are passed on to the command, and we
+    // wait for it before releasing; if we are killed outright, the command gets SIGTERM.
+    portres_sys::process::prepare_signal_forwarding(&mut command)
+        .context("preparing to forward signals to the command")?;
     let mut child = command
         .env("PORTRES_TOKEN", block.token().to_string())
         .env("PORTRES_PROTOCOL", protocol.as_str())
@@ -59,9 +63,8 @@ pub fn run(
         .with_context(|| format!("cannot run {:?}", program))?;
     // Our copies of the sockets close with `command`; the command holds them now.
     drop(command);
-    // Ctrl-C reaches the command (same process group); we stay to release after it exits.
-    portres_sys::process::ignore_terminal_interrupts();
-    let status = child.wait().context("waiting for the command")?;
+    let status = portres_sys::process::wait_forwarding_signals(&mut child)
+        .context("waiting for the command")?;
     drop(block);
     Ok(match (status.code(), status.signal()) {
         (Some(code), _) => ExitCode::from(code as u8),

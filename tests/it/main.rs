@@ -14,6 +14,7 @@ mod needs_root {
     mod edges;
     mod enforcement;
     mod handover;
+    mod hardening;
     mod kernel_safety;
     mod lifecycle;
     mod persistent;

@@ -187,6 +187,14 @@ impl TestDaemon {
 
     /// Starts (again) on the same socket and state directory, in the same network namespace.
     pub fn launch(&mut self) {
+        if let Err(why) = self.try_launch() {
+            panic!("daemon did not start; log:\n{why}");
+        }
+    }
+
+    /// [`TestDaemon::launch`], returning the daemon's log when it does not get ready (it
+    /// exited: e.g. it refused a damaged store).
+    pub fn try_launch(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -221,14 +229,13 @@ impl TestDaemon {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert_eq!(
-            line.trim(),
-            "READY",
-            "daemon did not start; log:\n{}",
-            self.log()
-        );
+        if line.trim() != "READY" {
+            let _ = child.wait();
+            return Err(self.log());
+        }
         self.pid = child.id(); // nsenter (and prlimit) exec the daemon in place
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -318,6 +325,9 @@ use std::os::unix::process::CommandExt;
 
 /// A copy of a file of `tests/it/` that every user can read (see [`nobody_binary`]).
 pub fn world_readable(name: &str) -> PathBuf {
+    // One test at a time: two installing the same file race (`install` fails on EEXIST).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     let dest = nobody_binary().parent().unwrap().join(name);
     if !dest.exists() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -788,7 +788,10 @@ fn section_show(bin: &Path, dir: &Path) -> Result<()> {
     let hwm = hwm_kib(pid);
     println!("### show of 20,000 reservations (10,000 persistent, 10,000 runtime)\n");
     println!("| what | median of 5 |\n|---|---|");
-    println!("| `Client::show` (streamed, collected) | {:.1} ms |", median(lib).as_secs_f64() * 1e3);
+    println!(
+        "| `Client::show` (streamed, collected) | {:.1} ms |",
+        median(lib).as_secs_f64() * 1e3
+    );
     println!(
         "| `portres --json show` (whole process) | {:.1} ms |",
         median(cli).as_secs_f64() * 1e3
@@ -812,14 +815,21 @@ fn section_who(bin: &Path, dir: &Path) -> Result<()> {
     let pid = d.child.id();
     let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/it/busy_port.py");
     println!("### who on a busy port, against `ss -tanp sport = :PORT`\n");
-    println!("Median of 5 interleaved runs, whole processes; the daemon's peak RSS after each size.\n");
-    println!("| sockets on the port | `portres who` | `portres who --all` | `portres --json who` | `ss -tanp` | who / ss | --json / ss | daemon VmHWM |");
+    println!(
+        "Median of 5 interleaved runs, whole processes; the daemon's peak RSS after each size.\n"
+    );
+    println!(
+        "| sockets on the port | `portres who` | `portres who --all` | `portres --json who` | `ss -tanp` | who / ss | --json / ss | daemon VmHWM |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for (i, n) in [0usize, 999, 99_999].into_iter().enumerate() {
         let port = 9000 + i as u16;
         let mut busy = Command::new("sh")
             .arg("-c")
-            .arg(format!("ulimit -n 20000; exec python3 {} {port} {n}", helper.display()))
+            .arg(format!(
+                "ulimit -n 20000; exec python3 {} {port} {n}",
+                helper.display()
+            ))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -841,9 +851,12 @@ fn section_who(bin: &Path, dir: &Path) -> Result<()> {
             who.push(cli(&["who", &p]));
             all.push(cli(&["who", &p, "--all"]));
             json.push(cli(&["--json", "who", &p]));
-            ss.push(time_command(
-                Command::new("ss").args(["-tanp", "sport", "=", &format!(":{port}")]),
-            ));
+            ss.push(time_command(Command::new("ss").args([
+                "-tanp",
+                "sport",
+                "=",
+                &format!(":{port}"),
+            ])));
         }
         let (w, a, j, s) = (median(who), median(all), median(json), median(ss));
         println!(

@@ -528,7 +528,9 @@ impl Client {
         let mut failed = None;
         loop {
             let part = read_frame_with_fds(&mut conn).and_then(|(body, _)| {
-                Ok(portres_proto::decode::<portres_proto::StreamPart<T>>(&body)?)
+                Ok(portres_proto::decode::<portres_proto::StreamPart<T>>(
+                    &body,
+                )?)
             });
             let part = match part {
                 Ok(p) if p.id == id => p,

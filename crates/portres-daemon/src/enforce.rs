@@ -324,6 +324,14 @@ impl Enforcer {
         self.pool.iter().any(|p| p.len() < POOL_SIZE / 2)
     }
 
+    /// Whether descriptors are plentiful enough to keep prepared sockets: each is a descriptor
+    /// that a session might need when the open-file limit is close (the same estimate as
+    /// [`Enforcer::layers`], with room for a full pool).
+    pub(crate) fn descriptors_to_spare(&self, sessions: usize) -> bool {
+        let used = self.held_ports + sessions as u64 + 64;
+        used + 2 * POOL_SIZE as u64 + 64 <= self.nofile
+    }
+
     /// Prepares sockets for the pools (one filesystem-uid switch): run after a reply is sent, so
     /// the next small hold costs only a bind.
     pub(crate) fn refill_pool(&mut self) {

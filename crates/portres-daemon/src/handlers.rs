@@ -229,12 +229,20 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 st.table.cancel(r.token);
                 st.enforcer.retire(&r);
                 tracing::error!(error = %e, "store write failed");
-                return Err(internal(op, "writing the store", e));
+                return Err(Refusal::new(
+                    op,
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot create persistent reservation {}/{}: {e}; nothing was changed",
+                        r.range, r.protocol
+                    ),
+                ));
             }
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
             );
+            compact_journal_if_due(shared);
             Ok((reservation_ref(&r), None))
         }
         Request::LookupPersistent {
@@ -272,16 +280,26 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 .and_then(|w| w.map_err(|e| e.to_string()));
             if let Err(e) = removed {
                 tracing::error!(error = %e, "store delete failed");
-                return Err(internal(op, "writing the store", e));
+                return Err(Refusal::new(
+                    op,
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot delete persistent reservation {range}/{p}: {e}; nothing was \
+                         changed"
+                    ),
+                ));
             }
-            let mut st = shared.state.lock().unwrap();
-            if let Some(r) = st.table.remove_persistent(token) {
-                st.enforcer.retire(&r);
+            {
+                let mut st = shared.state.lock().unwrap();
+                if let Some(r) = st.table.remove_persistent(token) {
+                    st.enforcer.retire(&r);
+                }
             }
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %token,
                 "deleted persistent reservation {range}/{p}"
             );
+            compact_journal_if_due(shared);
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared)), None)),
@@ -292,6 +310,28 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             "who/show reached the single-reply path",
         )),
     }
+}
+
+/// Rewrites the store's journal as a snapshot when it has grown well past the table (on the
+/// blocking pool; the caller holds `persist_lock`, so no write interleaves).
+fn compact_journal_if_due(shared: &Shared) {
+    let live: Vec<StoredReservation> = {
+        let st = shared.state.lock().unwrap();
+        let n = st
+            .table
+            .reservations()
+            .filter(|r| r.is_persistent())
+            .count();
+        if !shared.store.journal_wants_compaction(n) {
+            return;
+        }
+        st.table
+            .reservations()
+            .filter(|r| r.is_persistent())
+            .map(StoredReservation::from_reservation)
+            .collect()
+    };
+    shared.store.compact_journal(&live);
 }
 
 fn parse_token(op: Operation, s: &str) -> Result<u64, Refusal> {
@@ -337,6 +377,10 @@ fn status(shared: &Shared) -> StatusInfo {
         counts.ports_handed_out += r.handed_out().len() as u64;
     }
     counts.ports_held = st.enforcer.held_ports();
+    counts.accept_paused = shared
+        .accept_paused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    counts.open_files_limit = portres_sys::hold::nofile_limit();
     StatusInfo {
         daemon_version: env!("CARGO_PKG_VERSION").into(),
         protocol_version: portres_proto::VERSION,

@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration (administrators, quota, dynamic range).
-//! - [`store`]: the redb store of persistent reservations.
+//! - [`store`]: the redb store of persistent reservations, checked when opened.
+//! - [`journal`]: the append-only journal beside it, from which a damaged store is restored.
 //! - `server`: the accept loop, sessions, framing.
 //! - `handlers`: one function per request, from wire message to table operation and back.
 //! - `stream`: streamed replies (rows made on the blocking pool, packed into frames).
@@ -19,6 +20,7 @@ pub mod config;
 mod enforce;
 mod handlers;
 pub mod holder;
+pub mod journal;
 mod server;
 pub mod store;
 mod stream;
@@ -95,6 +97,10 @@ struct Shared {
     soon_scheduled: std::sync::atomic::AtomicBool,
     /// Test hooks from the environment (see [`Checks`]).
     checks: Checks,
+    /// Signalled when a session ends (a descriptor came free).
+    session_ended: tokio::sync::Notify,
+    /// Times accepting paused for lack of descriptors.
+    accept_paused: std::sync::atomic::AtomicU64,
 }
 
 /// Checks and fault injection for tests, from the environment, read once at start:
@@ -175,6 +181,8 @@ impl Daemon {
                 flush_scheduled: std::sync::atomic::AtomicBool::new(false),
                 soon_scheduled: std::sync::atomic::AtomicBool::new(false),
                 checks: Checks::from_env(),
+                session_ended: tokio::sync::Notify::new(),
+                accept_paused: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

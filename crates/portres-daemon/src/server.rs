@@ -24,16 +24,43 @@ pub(crate) async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut paused = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if paused {
+                        paused = false;
+                        tracing::info!("accepting connections again");
+                    }
                     let shared = shared.clone();
                     tokio::spawn(async move { session(shared, stream).await });
                 }
+                // EMFILE, ENFILE: out of descriptors. New clients wait in the listen queue (they
+                // are delayed, not refused) until a session ends or a second passes; the
+                // sessions we have are served meanwhile. No busy loop.
+                Err(e) if matches!(e.raw_os_error(), Some(24 | 23)) => {
+                    if !paused {
+                        paused = true;
+                        shared.accept_paused.fetch_add(1, Ordering::Relaxed);
+                        let sessions = shared.state.lock().unwrap().table.session_count();
+                        tracing::warn!(
+                            error = %e,
+                            sessions,
+                            open_files_limit = portres_sys::hold::nofile_limit(),
+                            "out of descriptors: not accepting new connections until a session \
+                             ends (they wait in the listen queue); raise LimitNOFILE, or release \
+                             hold blocks (each held port is a descriptor)"
+                        );
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = shared.session_ended.notified() => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
                 Err(e) => {
-                    // EMFILE and friends: log, and keep serving the sessions we have.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::task::yield_now().await;
                 }
@@ -194,7 +221,8 @@ fn schedule_background_work(shared: &Arc<Shared>) {
     let (soon, dirty) = {
         let st = shared.state.lock().unwrap();
         (
-            st.enforcer.pool_low() || st.enforcer.exclude_unwritten(),
+            (st.enforcer.pool_low() && st.enforcer.descriptors_to_spare(st.table.session_count()))
+                || st.enforcer.exclude_unwritten(),
             st.enforcer.exclude_dirty(),
         )
     };
@@ -204,7 +232,9 @@ fn schedule_background_work(shared: &Arc<Shared>) {
             shared.soon_scheduled.store(false, Ordering::Release);
             let mut st = shared.state.lock().unwrap();
             st.enforcer.write_granted();
-            st.enforcer.refill_pool();
+            if st.enforcer.descriptors_to_spare(st.table.session_count()) {
+                st.enforcer.refill_pool();
+            }
         });
     }
     if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {
@@ -303,6 +333,9 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         );
     }
     drop(state);
+    // Drop the stream first: its descriptor is what a paused accept waits for.
+    drop(stream);
+    shared.session_ended.notify_waiters();
     schedule_background_work(&shared);
 }
 

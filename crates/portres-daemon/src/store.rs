@@ -25,6 +25,42 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The file is damaged; the daemon does not start on it.
+    #[error(
+        "store {path} is damaged: {why}. Nothing was changed. {}",
+        restore_hint(journal, *journal_records, *journal_bad, state_dir)
+    )]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+        /// The journal beside it.
+        journal: PathBuf,
+        /// Reservations the journal holds (None: unreadable or missing).
+        journal_records: Option<usize>,
+        /// Journal lines that cannot be used.
+        journal_bad: usize,
+        /// The state directory.
+        state_dir: PathBuf,
+    },
+    /// Another process (a running daemon) has the file open.
+    #[error(
+        "store {path} is in use by another process (a portres daemon is running on this state \
+         directory); stop it first"
+    )]
+    Locked {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// Reading or writing a file failed (permissions, a full disk), not damage.
+    #[error("{}", io_message(path, why))]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        why: String,
+    },
     /// redb failed (I/O, corruption, the file is locked by another daemon, ...).
     #[error("store {path}: {source}")]
     Db {
@@ -133,6 +169,39 @@ impl StoredReservation {
     }
 }
 
+fn restore_hint(journal: &Path, records: Option<usize>, bad: usize, state_dir: &Path) -> String {
+    match records {
+        Some(n) => format!(
+            "The journal {} holds {n} reservations{}: run `portres store restore --state-dir {}` \
+             (with the daemon stopped) to rebuild the store from it (the damaged file is kept \
+             beside it), then start the daemon again",
+            journal.display(),
+            if bad > 0 {
+                format!(" ({bad} of its lines are unreadable and will be reported)")
+            } else {
+                String::new()
+            },
+            state_dir.display()
+        ),
+        None => format!(
+            "There is no readable journal ({}) to restore from: move the damaged file away to \
+             start with no persistent reservations, and create them again",
+            journal.display()
+        ),
+    }
+}
+
+fn io_message(path: &Path, why: &str) -> String {
+    if why.contains("No space left") || why.contains("os error 28") {
+        format!(
+            "cannot write {}: the filesystem is full ({why}); free space on it and retry",
+            path.display()
+        )
+    } else {
+        format!("cannot use {}: {why}", path.display())
+    }
+}
+
 fn proto_key(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => 6,
@@ -140,47 +209,218 @@ fn proto_key(p: Protocol) -> u8 {
     }
 }
 
-/// The open store.
-#[derive(Debug)]
-pub struct Store {
-    db: Database,
-    path: PathBuf,
+thread_local! {
+    /// Set while the store library runs on a file that may be damaged: a panic there is caught
+    /// and reported as damage (see [`panic_expected`]).
+    static PANIC_EXPECTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-impl Store {
-    /// Opens (or creates) `portres.redb` in `state_dir`, checking the schema version.
-    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        let path = state_dir.join("portres.redb");
-        let err = |e: redb::Error| StoreError::Db {
-            path: path.clone(),
-            source: e,
-        };
-        let db = Database::create(&path).map_err(|e| err(e.into()))?;
-        let txn = db.begin_write().map_err(|e| err(e.into()))?;
+/// Whether a panic on this thread is expected and caught (the daemon's abort-on-panic hook lets
+/// it unwind): redb panics on some damaged files instead of returning an error.
+pub fn panic_expected() -> bool {
+    PANIC_EXPECTED.get()
+}
+
+/// Runs `f`, turning a panic into an error message.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    PANIC_EXPECTED.set(true);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    PANIC_EXPECTED.set(false);
+    r.map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        format!("the store library failed on it ({what})")
+    })
+}
+
+/// Opens the redb file, checks its integrity and reads every record; any failure (an error, a
+/// repaired file, or a panic inside redb) is a description of the damage.
+/// The third value says whether the file was new (no schema recorded: missing, empty, or
+/// truncated to nothing).
+#[allow(clippy::type_complexity)]
+fn open_checked(path: &Path) -> Result<(Database, Vec<StoredReservation>, bool), OpenFailure> {
+    let opened = guarded(|| -> Result<_, OpenFailure> {
+        let mut db = Database::create(path).map_err(|e| classify(e.into()))?;
+        if !db.check_integrity().map_err(|e| classify(e.into()))? {
+            return Err(OpenFailure::Damaged(
+                "its integrity check failed (redb repaired it, and records may be missing)".into(),
+            ));
+        }
+        let txn = db.begin_write().map_err(|e| classify(e.into()))?;
         let found = {
-            let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
-            txn.open_table(RESERVATIONS).map_err(|e| err(e.into()))?;
+            let mut meta = txn.open_table(META).map_err(|e| classify(e.into()))?;
+            txn.open_table(RESERVATIONS)
+                .map_err(|e| classify(e.into()))?;
             let found = meta
                 .get("schema_version")
-                .map_err(|e| err(e.into()))?
+                .map_err(|e| classify(e.into()))?
                 .map(|v| v.value());
             if found.is_none() {
                 meta.insert("schema_version", SCHEMA_VERSION)
-                    .map_err(|e| err(e.into()))?;
+                    .map_err(|e| classify(e.into()))?;
             }
             found
         };
-        txn.commit().map_err(|e| err(e.into()))?;
-        match found {
-            Some(v) if v > SCHEMA_VERSION => Err(StoreError::Schema { path, found: v }),
-            _ => Ok(Store { db, path }),
+        txn.commit().map_err(|e| classify(e.into()))?;
+        if let Some(v) = found.filter(|&v| v > SCHEMA_VERSION) {
+            return Err(OpenFailure::Schema(v));
         }
+        let recs = load_all(&db).map_err(OpenFailure::Damaged)?;
+        Ok((db, recs, found.is_none()))
+    });
+    match opened {
+        Ok(r) => r,
+        Err(why) => Err(OpenFailure::Damaged(why)),
+    }
+}
+
+enum OpenFailure {
+    /// Another process has the file open (a daemon is running).
+    Locked,
+    /// A newer schema.
+    Schema(u64),
+    /// I/O (permissions, a full disk): not damage.
+    Io(String),
+    /// The file is damaged.
+    Damaged(String),
+}
+
+fn classify(e: redb::Error) -> OpenFailure {
+    match e {
+        redb::Error::DatabaseAlreadyOpen => OpenFailure::Locked,
+        // A file that is not (or no longer) a redb database reads as InvalidData or a short read.
+        redb::Error::Io(io)
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            OpenFailure::Io(io.to_string())
+        }
+        other => OpenFailure::Damaged(other.to_string()),
+    }
+}
+
+fn load_all(db: &Database) -> Result<Vec<StoredReservation>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(RESERVATIONS).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(|e| e.to_string())? {
+        let (k, v) = entry.map_err(|e| e.to_string())?;
+        let rec: StoredReservation = serde_json::from_slice(v.value())
+            .map_err(|e| format!("the record for {:?} is unreadable: {e}", k.value()))?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// What `portres store restore` did.
+#[derive(Debug)]
+pub struct RestoreReport {
+    /// Reservations the new store holds.
+    pub restored: Vec<StoredReservation>,
+    /// Journal lines that could not be used (what they were about, when it can be told).
+    pub lost: Vec<crate::journal::BadLine>,
+    /// Where the old store file was moved, if there was one.
+    pub kept_damaged: Option<PathBuf>,
+}
+
+/// The open store: the redb file and its journal.
+#[derive(Debug)]
+pub struct Store {
+    /// `None` after a failed write until it could be reopened (redb refuses every later write
+    /// after an I/O error until the file is reopened).
+    db: std::sync::Mutex<Option<Database>>,
+    journal: std::sync::Mutex<crate::journal::Journal>,
+    path: PathBuf,
+    records: Vec<StoredReservation>,
+}
+
+impl Store {
+    /// Opens (or creates) `portres.redb` in `state_dir`: checks its integrity and schema and
+    /// reads every record (see [`Store::load`]); brings the journal up to date with it.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        let path = state_dir.join("portres.redb");
+        let journal_path = state_dir.join(crate::journal::FILE);
+        let (db, records, fresh) = match open_checked(&path) {
+            Ok(x) => x,
+            Err(OpenFailure::Locked) => {
+                return Err(StoreError::Locked { path });
+            }
+            Err(OpenFailure::Schema(found)) => return Err(StoreError::Schema { path, found }),
+            Err(OpenFailure::Io(why)) => return Err(StoreError::Io { path, why }),
+            Err(OpenFailure::Damaged(why)) => {
+                let journal = crate::journal::replay(&journal_path).ok();
+                return Err(StoreError::Damaged {
+                    path,
+                    why,
+                    journal: journal_path,
+                    journal_records: journal.as_ref().map(|j| j.records.len()),
+                    journal_bad: journal.map_or(0, |j| j.bad.len()),
+                    state_dir: state_dir.into(),
+                });
+            }
+        };
+        if fresh {
+            let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
+            if !replayed.records.is_empty() {
+                // Opening it wrote a schema into it: take it away again, so the next start is
+                // refused the same way instead of starting empty.
+                drop(db);
+                let _ = std::fs::remove_file(&path);
+                return Err(StoreError::Damaged {
+                    path,
+                    why: "the file is missing or empty, but its journal holds reservations".into(),
+                    journal: journal_path,
+                    journal_records: Some(replayed.records.len()),
+                    journal_bad: replayed.bad.len(),
+                    state_dir: state_dir.into(),
+                });
+            }
+        }
+        // The journal follows the store that was just checked. A difference is worth a word in
+        // the log (the store is the authority: it passed its checksums).
+        if let Ok(replayed) = crate::journal::replay(&journal_path) {
+            let in_journal: Vec<&StoredReservation> = replayed.records.values().collect();
+            let in_store: Vec<&StoredReservation> = records.iter().collect();
+            if journal_path.exists() && (in_journal != in_store || !replayed.bad.is_empty()) {
+                tracing::warn!(
+                    journal = %journal_path.display(),
+                    store = in_store.len(),
+                    journal_records = in_journal.len(),
+                    unreadable_lines = replayed.bad.len(),
+                    "the journal differed from the store (a crash between the two writes, or a \
+                     damaged journal); rewritten from the store"
+                );
+            }
+        }
+        let journal =
+            crate::journal::Journal::create(state_dir, &records).map_err(|e| StoreError::Io {
+                path: journal_path.clone(),
+                why: e.to_string(),
+            })?;
+        Ok(Store {
+            db: std::sync::Mutex::new(Some(db)),
+            journal: std::sync::Mutex::new(journal),
+            path,
+            records,
+        })
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
-        StoreError::Db {
-            path: self.path.clone(),
-            source: e.into(),
+        let e: redb::Error = e.into();
+        match e {
+            redb::Error::Io(io) => StoreError::Io {
+                path: self.path.clone(),
+                why: io.to_string(),
+            },
+            other => StoreError::Db {
+                path: self.path.clone(),
+                source: other,
+            },
         }
     }
 
@@ -189,33 +429,63 @@ impl Store {
         &self.path
     }
 
-    /// Every stored reservation.
+    /// Every stored reservation, as read and checked when the store was opened.
     pub fn load(&self) -> Result<Vec<StoredReservation>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            let rec: StoredReservation =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Record {
-                    path: self.path.clone(),
-                    key: format!("{:?}", k.value()),
-                    why: e.to_string(),
-                })?;
-            out.push(rec);
-        }
-        Ok(out)
+        Ok(self.records.clone())
     }
 
-    /// Writes one reservation durably (returns after the commit's fsync).
+    /// Runs a write transaction, reopening the file first if an earlier write failed.
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let reopened = guarded(|| Database::create(&self.path));
+            match reopened {
+                Ok(Ok(db)) => *slot = Some(db),
+                Ok(Err(e)) => return Err(self.err(e)),
+                Err(why) => {
+                    return Err(StoreError::Io {
+                        path: self.path.clone(),
+                        why,
+                    });
+                }
+            }
+        }
+        let db = slot.as_ref().expect("opened above");
+        let result = db.begin_write().map_err(|e| self.err(e)).and_then(|txn| {
+            f(&txn)?;
+            txn.commit().map_err(|e| self.err(e))
+        });
+        if result.is_err() {
+            // redb refuses every write after an I/O error until the file is reopened.
+            *slot = None;
+        }
+        result
+    }
+
+    /// Writes one reservation durably: the journal, then the store (returns after both
+    /// fsyncs).
     pub fn put(&self, rec: &StoredReservation) -> Result<(), StoreError> {
         self.put_all(std::slice::from_ref(rec))
     }
 
     /// Writes reservations in one durable transaction (all or none), e.g. for an import.
     pub fn put_all(&self, recs: &[StoredReservation]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, r) in recs.iter().enumerate() {
+            if let Err(e) = journal.put(r) {
+                for done in &recs[..i] {
+                    let _ = journal.del(&done.protocol, done.start);
+                }
+                return Err(StoreError::Io {
+                    path: journal.path().into(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        let written = self.write(|txn| {
             let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
             for rec in recs {
                 let protocol: Protocol =
@@ -228,21 +498,144 @@ impl Store {
                 t.insert((proto_key(protocol), rec.start), bytes.as_slice())
                     .map_err(|e| self.err(e))?;
             }
+            Ok(())
+        });
+        if written.is_err() {
+            // Not acknowledged: out of the journal again (best effort; at the next start the
+            // journal is rewritten from the store anyway).
+            for r in recs {
+                let _ = journal.del(&r.protocol, r.start);
+            }
         }
-        txn.commit().map_err(|e| self.err(e))
+        written
     }
 
     /// Deletes the reservation starting at `start` durably. Returns whether it was there.
     pub fn delete(&self, protocol: Protocol, start: u16) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let existed = {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal
+            .del(protocol.as_str(), start)
+            .map_err(|e| StoreError::Io {
+                path: journal.path().into(),
+                why: e.to_string(),
+            })?;
+        let mut existed = None;
+        let written = self.write(|txn| {
             let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-            t.remove((proto_key(protocol), start))
+            let old = t
+                .remove((proto_key(protocol), start))
                 .map_err(|e| self.err(e))?
-                .is_some()
+                .map(|v| v.value().to_vec());
+            existed = Some(old);
+            Ok(())
+        });
+        match (written, existed) {
+            (Ok(()), Some(old)) => Ok(old.is_some()),
+            (Ok(()), None) => Ok(false),
+            (Err(e), old) => {
+                // Still in the store: back into the journal.
+                if let Some(Some(bytes)) = old
+                    && let Ok(r) = serde_json::from_slice::<StoredReservation>(&bytes)
+                {
+                    let _ = journal.put(&r);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the journal has grown well past `live` reservations.
+    pub fn journal_wants_compaction(&self, live: usize) -> bool {
+        let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.wants_compaction(live)
+    }
+
+    /// Rewrites the journal as a snapshot of `live` (the persistent reservations of the
+    /// table) when it has grown well past it.
+    pub fn compact_journal(&self, live: &[StoredReservation]) {
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let state_dir = journal
+            .path()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if journal.wants_compaction(live.len()) {
+            match crate::journal::Journal::create(&state_dir, live) {
+                Ok(j) => *journal = j,
+                Err(e) => tracing::warn!(error = %e, "cannot compact the journal"),
+            }
+        }
+    }
+
+    /// Rebuilds the store in `state_dir` from its journal (`portres store restore`): the old
+    /// file, damaged or not, is kept beside it as `portres.redb.damaged-SECONDS`. Refused while
+    /// a daemon has the store open.
+    pub fn restore(state_dir: &Path) -> Result<RestoreReport, StoreError> {
+        let path = state_dir.join("portres.redb");
+        let journal_path = state_dir.join(crate::journal::FILE);
+        if let Err(OpenFailure::Locked) = open_checked(&path).map(drop) {
+            return Err(StoreError::Locked { path });
+        }
+        let replayed = crate::journal::replay(&journal_path).map_err(|e| StoreError::Io {
+            path: journal_path.clone(),
+            why: e.to_string(),
+        })?;
+        if !journal_path.exists() {
+            return Err(StoreError::Io {
+                path: journal_path,
+                why: "there is no journal to restore from".into(),
+            });
+        }
+        let kept_damaged = if path.exists() {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = state_dir.join(format!("portres.redb.damaged-{secs}"));
+            std::fs::rename(&path, &aside).map_err(|e| StoreError::Io {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            Some(aside)
+        } else {
+            None
         };
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok(existed)
+        let restored: Vec<StoredReservation> = replayed.records.into_values().collect();
+        // A fresh file with the records in one transaction; the journal is rewritten only
+        // after that commit (a crash in between leaves the journal as it was).
+        let io = |e: redb::Error| StoreError::Io {
+            path: path.clone(),
+            why: e.to_string(),
+        };
+        let db = Database::create(&path).map_err(|e| io(e.into()))?;
+        let txn = db.begin_write().map_err(|e| io(e.into()))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| io(e.into()))?;
+            meta.insert("schema_version", SCHEMA_VERSION)
+                .map_err(|e| io(e.into()))?;
+            let mut t = txn.open_table(RESERVATIONS).map_err(|e| io(e.into()))?;
+            for rec in &restored {
+                let protocol: Protocol =
+                    rec.protocol.parse().map_err(|why| StoreError::Record {
+                        path: path.clone(),
+                        key: rec.token.to_string(),
+                        why,
+                    })?;
+                let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
+                t.insert((proto_key(protocol), rec.start), bytes.as_slice())
+                    .map_err(|e| io(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| io(e.into()))?;
+        drop(db);
+        crate::journal::Journal::create(state_dir, &restored).map_err(|e| StoreError::Io {
+            path: journal_path,
+            why: e.to_string(),
+        })?;
+        Ok(RestoreReport {
+            restored,
+            lost: replayed.bad,
+            kept_damaged,
+        })
     }
 }
 
@@ -263,6 +656,43 @@ mod tests {
             creator_uid: 0,
             creator_command: Some("portres persistent add".into()),
         }
+    }
+
+    #[test]
+    fn the_journal_is_compacted_and_follows_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..520u16 {
+            s.put(&rec(u64::from(i) + 1, 1000 + i)).unwrap();
+            assert!(s.delete(Protocol::Udp, 1000 + i).unwrap());
+        }
+        s.put(&rec(9, 9)).unwrap();
+        assert!(s.journal_wants_compaction(1));
+        s.compact_journal(&[rec(9, 9)]);
+        assert!(!s.journal_wants_compaction(1));
+        let journal = dir.path().join(crate::journal::FILE);
+        let replayed = crate::journal::replay(&journal).unwrap();
+        assert_eq!(replayed.records.len(), 1);
+        assert_eq!(
+            std::fs::read_to_string(&journal).unwrap().lines().count(),
+            1
+        );
+        drop(s);
+        // A missing store with a journal that holds reservations is refused, not started empty.
+        std::fs::remove_file(dir.path().join("portres.redb")).unwrap();
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
+        let e2 = Store::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(e2, StoreError::Damaged { .. }),
+            "refused again: {e2}"
+        );
+        let report = Store::restore(dir.path()).unwrap();
+        assert_eq!(report.restored, vec![rec(9, 9)]);
+        assert_eq!(
+            Store::open(dir.path()).unwrap().load().unwrap(),
+            vec![rec(9, 9)]
+        );
     }
 
     #[test]

@@ -44,7 +44,10 @@ where
         for row in make() {
             let mut bytes = serde_json::to_vec(&row).expect("rows serialise");
             if bytes.len() > budget - 2 {
-                bytes = fit(serde_json::to_value(&row).expect("rows serialise"), budget - 2);
+                bytes = fit(
+                    serde_json::to_value(&row).expect("rows serialise"),
+                    budget - 2,
+                );
             }
             if array.len() + bytes.len() + 2 > budget && rows > 0 {
                 array.push(b']');

@@ -575,6 +575,13 @@ pub struct Counts {
     /// Ports handed out to sockets.
     #[serde(default)]
     pub ports_handed_out: u64,
+    /// Times the daemon stopped accepting connections because it ran out of descriptors
+    /// (new clients then wait in the listen queue until a session ends).
+    #[serde(default)]
+    pub accept_paused: u64,
+    /// The daemon's open-file limit.
+    #[serde(default)]
+    pub open_files_limit: u64,
 }
 
 /// Answer to [`Request::Status`].

@@ -134,14 +134,94 @@ pub fn trim_heap() {
     }
 }
 
-/// `signal(SIGINT, SIG_IGN)` and the same for `SIGQUIT`: used by `portres run` after it started
-/// its command, so a terminal's Ctrl-C stops the command, and `portres run` outlives it to report
-/// its exit status and release the reservation after it.
-pub fn ignore_terminal_interrupts() {
-    for sig in [libc::SIGINT, libc::SIGQUIT] {
-        // SAFETY: installing SIG_IGN runs no code in signal context and touches no memory.
+/// The signals a wrapper passes on to its command: `SIGTERM`, `SIGHUP`, `SIGINT`, `SIGQUIT`.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
+
+fn forwarded_set(with_child: bool) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+        if with_child {
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+        }
+        set
+    }
+}
+
+/// Prepares `cmd` to run under a wrapper that forwards signals ([`wait_forwarding_signals`]):
+/// blocks `SIGTERM`, `SIGHUP`, `SIGINT`, `SIGQUIT` and `SIGCHLD` in this (single-threaded)
+/// process with `pthread_sigmask(2)` so they wait for `sigwaitinfo`, and in the child, between
+/// fork and exec, unblocks them again and asks for `SIGTERM` when this process dies
+/// (`prctl(PR_SET_PDEATHSIG)`; if it already died, the child exits at once).
+pub fn prepare_signal_forwarding(cmd: &mut std::process::Command) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let set = forwarded_set(true);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: `set` is a valid, initialised sigset_t; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // pthread_sigmask, prctl, getppid and _exit, all async-signal-safe; `set` is a copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The wrapper died before prctl: nobody would tell us.
+            if libc::getppid() != parent {
+                libc::_exit(128 + libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Waits for `child` to exit, passing on every `SIGTERM`, `SIGHUP`, `SIGINT` and `SIGQUIT` this
+/// process receives (`sigwaitinfo(2)`, after [`prepare_signal_forwarding`]) to it with
+/// `kill(2)`. A signal a terminal sent to the whole foreground process group (`si_code`
+/// `SI_KERNEL`: Ctrl-C) already reached the child and is not sent twice.
+pub fn wait_forwarding_signals(
+    child: &mut std::process::Child,
+) -> io::Result<std::process::ExitStatus> {
+    let set = forwarded_set(true);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: `info` is a zeroed siginfo_t the kernel fills; `set` is initialised.
+        let (sig, code, sender) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&set, &mut info);
+            (sig, info.si_code, info.si_pid())
+        };
+        if sig < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if sig == libc::SIGCHLD || code == libc::SI_KERNEL {
+            continue;
+        }
+        // The child itself asking its parent (rare) is not echoed back.
+        if sender == child.id() as libc::pid_t {
+            continue;
+        }
+        // SAFETY: kill takes plain integers; the child is ours and not yet reaped (so its pid
+        // cannot have been reused).
         unsafe {
-            libc::signal(sig, libc::SIG_IGN);
+            libc::kill(child.id() as libc::pid_t, sig);
         }
     }
 }

@@ -96,6 +96,25 @@ fn finish(mut msg: Vec<u8>) -> Vec<u8> {
     msg
 }
 
+/// The `INET_DIAG_REQ_BYTECODE` attribute for `sport >= first && sport <= last`. Each
+/// comparison is an op and a port op of 4 bytes; "no" jumps past the end (reject), "yes" goes
+/// to the next comparison.
+fn push_port_filter(msg: &mut Vec<u8>, first: u16, last: u16) {
+    let ops: [(u8, u8, u16); 4] = [
+        (INET_DIAG_BC_S_GE, 8, 20),
+        (0, 0, first),
+        (INET_DIAG_BC_S_LE, 8, 12),
+        (0, 0, last),
+    ];
+    push_u16(msg, 4 + 16);
+    push_u16(msg, INET_DIAG_REQ_BYTECODE);
+    for (code, yes, no) in ops {
+        msg.push(code);
+        msg.push(yes);
+        push_u16(msg, no);
+    }
+}
+
 fn request(
     family: u8,
     protocol: Protocol,
@@ -107,21 +126,7 @@ fn request(
     let mut msg = header(family, protocol, NLM_F_REQUEST | NLM_F_DUMP, seq, states);
     // A zeroed inet_diag_sockid: every socket, filtered by the bytecode below.
     msg.extend_from_slice(&[0u8; 48]);
-    // Bytecode: sport >= first && sport <= last. Each comparison is an op and a port op of 4
-    // bytes; "no" jumps past the end (reject), "yes" goes to the next comparison.
-    let ops: [(u8, u8, u16); 4] = [
-        (INET_DIAG_BC_S_GE, 8, 20),
-        (0, 0, first),
-        (INET_DIAG_BC_S_LE, 8, 12),
-        (0, 0, last),
-    ];
-    push_u16(&mut msg, 4 + 16);
-    push_u16(&mut msg, INET_DIAG_REQ_BYTECODE);
-    for (code, yes, no) in ops {
-        msg.push(code);
-        msg.push(yes);
-        push_u16(&mut msg, no);
-    }
+    push_port_filter(&mut msg, first, last);
     finish(msg)
 }
 
@@ -138,19 +143,7 @@ fn compat_tcp_request(first: u16, last: u16, states: u32, seq: u32) -> Vec<u8> {
     msg.extend_from_slice(&[0u8; 48]);
     push_u32(&mut msg, states);
     push_u32(&mut msg, 0);
-    let ops: [(u8, u8, u16); 4] = [
-        (INET_DIAG_BC_S_GE, 8, 20),
-        (0, 0, first),
-        (INET_DIAG_BC_S_LE, 8, 12),
-        (0, 0, last),
-    ];
-    push_u16(&mut msg, 4 + 16);
-    push_u16(&mut msg, INET_DIAG_REQ_BYTECODE);
-    for (code, yes, no) in ops {
-        msg.push(code);
-        msg.push(yes);
-        push_u16(&mut msg, no);
-    }
+    push_port_filter(&mut msg, first, last);
     finish(msg)
 }
 
@@ -435,8 +428,8 @@ mod tests {
             families.sort();
             assert_eq!(families, vec![false, true], "{found:?}");
             // The per-family path agrees.
-            let v4_only = sockets_on_ports_of(Protocol::Tcp, port, port, true, false, ALL_STATES)
-                .unwrap();
+            let v4_only =
+                sockets_on_ports_of(Protocol::Tcp, port, port, true, false, ALL_STATES).unwrap();
             assert_eq!(v4_only.len(), 1);
             drop(v6);
         })

@@ -1,0 +1,243 @@
+//! The journal of persistent changes: an append-only text file beside the redb store,
+//! `persistent.journal`, from which `portres store restore` rebuilds a damaged store.
+//!
+//! Each line is `CRC32 JSON`: the CRC-32 (hex) of the JSON, then `{"put": record}` or
+//! `{"del": {"protocol", "start"}}`. Every change is appended and `fdatasync`ed before the store
+//! commits it, so the journal holds every acknowledged reservation. A torn last line (a crash in
+//! the middle of an append) fails its checksum and is reported, never misread. The file is
+//! rewritten as a snapshot (one `put` per live reservation: temp file, fsync, rename) when it
+//! has grown well past the table, and at every start, from the store that was just checked.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoredReservation;
+
+/// The journal's file name in the state directory.
+pub const FILE: &str = "persistent.journal";
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Entry {
+    Put(StoredReservation),
+    Del { protocol: String, start: u16 },
+}
+
+/// The open journal, appended to.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    path: PathBuf,
+    file: File,
+    lines: usize,
+}
+
+/// A line of the journal that could not be used, and what can be told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// 1-based line number.
+    pub line: usize,
+    /// Why, and what the line seems to name (a port, when it can be read).
+    pub why: String,
+}
+
+/// What the journal says: the live reservations by (protocol, start), and unusable lines.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Live reservations.
+    pub records: BTreeMap<(String, u16), StoredReservation>,
+    /// Lines that failed their checksum or did not parse.
+    pub bad: Vec<BadLine>,
+}
+
+fn line_for(entry: &Entry) -> Vec<u8> {
+    let json = serde_json::to_vec(entry).expect("plain data serialises");
+    let mut line = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
+    line.extend_from_slice(&json);
+    line.push(b'\n');
+    line
+}
+
+/// What a damaged line seems to be about, for the report.
+fn guess(text: &str) -> String {
+    let field = |name: &str| {
+        let at = text.find(&format!("\"{name}\":"))? + name.len() + 3;
+        let rest = &text[at..];
+        let end = rest.find([',', '}'])?;
+        Some(rest[..end].trim_matches('"').to_string())
+    };
+    match (field("protocol"), field("start")) {
+        (Some(p), Some(s)) => format!(" (it seems to name {s}/{p})"),
+        _ => String::new(),
+    }
+}
+
+/// Reads the journal at `path` (a missing file is an empty journal).
+pub fn replay(path: &Path) -> io::Result<Replay> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replay::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Replay::default();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        if raw.is_empty() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(raw);
+        let parsed = raw
+            .split_first_chunk::<8>()
+            .and_then(|(crc, rest)| Some((crc, rest.strip_prefix(b" ")?)))
+            .and_then(|(crc, json)| {
+                let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
+                Some((crc, json))
+            });
+        let Some((crc, json)) = parsed else {
+            out.bad.push(BadLine {
+                line: i + 1,
+                why: format!("not a journal line{}", guess(&text)),
+            });
+            continue;
+        };
+        if crc32fast::hash(json) != crc {
+            out.bad.push(BadLine {
+                line: i + 1,
+                why: format!(
+                    "checksum mismatch (damaged, or torn by a crash while written){}",
+                    guess(&text)
+                ),
+            });
+            continue;
+        }
+        match serde_json::from_slice::<Entry>(json) {
+            Ok(Entry::Put(r)) => {
+                out.records.insert((r.protocol.clone(), r.start), r);
+            }
+            Ok(Entry::Del { protocol, start }) => {
+                out.records.remove(&(protocol, start));
+            }
+            Err(e) => out.bad.push(BadLine {
+                line: i + 1,
+                why: format!("unreadable entry: {e}{}", guess(&text)),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+impl Journal {
+    /// Rewrites the journal in `state_dir` as a snapshot of `records` and opens it for
+    /// appending.
+    pub(crate) fn create(state_dir: &Path, records: &[StoredReservation]) -> io::Result<Journal> {
+        let path = state_dir.join(FILE);
+        let tmp = state_dir.join(format!("{FILE}.tmp"));
+        {
+            let mut f = File::create(&tmp)?;
+            let mut buf = Vec::new();
+            for r in records {
+                buf.extend_from_slice(&line_for(&Entry::Put(r.clone())));
+            }
+            f.write_all(&buf)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        File::open(state_dir)?.sync_all()?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok(Journal {
+            path,
+            file,
+            lines: records.len(),
+        })
+    }
+
+    fn append(&mut self, entry: &Entry) -> io::Result<()> {
+        let line = line_for(entry);
+        let len = self.file.metadata()?.len();
+        if let Err(e) = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Leave no partial line behind (a full disk may have taken half of it).
+            let _ = self.file.set_len(len);
+            return Err(e);
+        }
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Appends a created reservation (durably, before the store commits it).
+    pub(crate) fn put(&mut self, r: &StoredReservation) -> io::Result<()> {
+        self.append(&Entry::Put(r.clone()))
+    }
+
+    /// Appends a deletion.
+    pub(crate) fn del(&mut self, protocol: &str, start: u16) -> io::Result<()> {
+        self.append(&Entry::Del {
+            protocol: protocol.into(),
+            start,
+        })
+    }
+
+    /// Whether the journal has grown well past `live` records (then [`Journal::create`]
+    /// rewrites it).
+    pub(crate) fn wants_compaction(&self, live: usize) -> bool {
+        self.lines > 2 * live + 1024
+    }
+
+    /// The file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(start: u16) -> StoredReservation {
+        StoredReservation {
+            token: u64::from(start),
+            protocol: "tcp".into(),
+            start,
+            count: 1,
+            mode: "exclude".into(),
+            allow_users: vec![],
+            allow_groups: vec![],
+            created: 1,
+            creator_uid: 0,
+            creator_command: None,
+        }
+    }
+
+    #[test]
+    fn replays_puts_and_deletes_and_reports_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path(), &[rec(10)]).unwrap();
+        j.put(&rec(20)).unwrap();
+        j.put(&rec(30)).unwrap();
+        j.del("tcp", 20).unwrap();
+        let r = replay(j.path()).unwrap();
+        assert_eq!(r.records.len(), 2);
+        assert!(r.bad.is_empty());
+        // Flip a byte inside the line of 30, and tear a last line.
+        let mut bytes = std::fs::read(j.path()).unwrap();
+        let at = bytes
+            .windows(11)
+            .position(|w| w == b"\"start\":30,")
+            .unwrap();
+        bytes[at + 9] = b'4';
+        bytes.extend_from_slice(b"0123abcd {\"put\":{\"to");
+        std::fs::write(j.path(), &bytes).unwrap();
+        let r = replay(j.path()).unwrap();
+        assert_eq!(
+            r.records.keys().cloned().collect::<Vec<_>>(),
+            vec![("tcp".into(), 10)]
+        );
+        assert_eq!(r.bad.len(), 2, "{:?}", r.bad);
+        assert!(r.bad[0].why.contains("34/tcp"), "{:?}", r.bad);
+    }
+}
