@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use portres_client::paths::{self, Scope};
+use portres_client::trust;
 use portres_daemon::{Config, Daemon, Placement};
 
 pub struct Options {
@@ -39,6 +40,13 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let scope = Scope::for_current_user();
     let socket = opts.socket.unwrap_or_else(|| paths::default_socket(scope));
     let state_dir = opts.state_dir.unwrap_or_else(|| paths::state_dir(scope));
+    let config_path = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| paths::config_file(scope));
+    if scope == Scope::System {
+        check_system_config(&config_path)?;
+    }
     let config = match &opts.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(&paths::config_file(scope), false)?,
@@ -61,6 +69,23 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .mode(0o700)
         .create(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+    // Checked on every start, without following symbolic links: the system daemon's socket
+    // directory is root's and writable by root alone; a user daemon's directories are private.
+    let me = portres_sys::creds::effective_uid();
+    let socket_dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let checked = match scope {
+        Scope::System => {
+            trust::check_dir(socket_dir, &[me]).and_then(|()| trust::check_dir(&state_dir, &[me]))
+        }
+        Scope::User => trust::check_private_dir(socket_dir, me)
+            .and_then(|()| trust::check_private_dir(&state_dir, me)),
+    };
+    if let Err(why) = checked {
+        bail!("refusing to start: {why}");
+    }
 
     // One daemon per socket: under the lock, a live daemon means we step aside.
     let lock_file = File::options()
@@ -127,6 +152,43 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let _ = fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The system daemon's configuration grants administrator rights: it must be root's and
+/// writable by root alone, and so must its directory (`stat`, following the path as it is
+/// read). A missing file is fine (defaults).
+fn check_system_config(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // Empty by construction (benchmarks and tests run with defaults this way).
+    if path == Path::new("/dev/null") {
+        return Ok(());
+    }
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).context(format!("cannot examine {}", path.display())),
+    };
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 || mode & 0o022 != 0 {
+        bail!(
+            "refusing the configuration {}: it is owned by {} with mode {mode:04o}, so a user \
+             other than root could change it, and it decides who administers portres; make it \
+             root's and writable by root alone (chown root {}; chmod go-w {})",
+            path.display(),
+            trust::who_is(meta.uid()),
+            path.display(),
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Err(why) = trust::check_dir(dir, &[0])
+    {
+        bail!(
+            "refusing the configuration {}: {why} (whoever can write it can replace the file)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// A panic anywhere ends the daemon (SIGABRT) after the usual message: a daemon that lost a

@@ -2,6 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use portres_client::trust::printable;
 use portres_client::{Error, Protocol, ReservationInfo, ShowInfo, StatusInfo, Token, WhoInfo};
 use serde_json::json;
 
@@ -16,6 +17,8 @@ pub fn print_error(e: &anyhow::Error, json: bool) {
         let doc = json!({"error": {"code": code, "windows_code": windows_code, "message": format!("{e:#}")}});
         println!("{doc}");
     } else {
+        // Untrusted parts (other processes' names and command lines) were made printable where
+        // the message was made; the message itself may span lines (a log's tail).
         eprintln!("portres: {e:#}");
     }
 }
@@ -165,7 +168,7 @@ fn handed_out_lines(r: &ReservationInfo) {
     let mut by_holder: Vec<(String, Vec<u16>)> = Vec::new();
     for h in &r.handed_out_to {
         let to = match (h.pid, &h.command) {
-            (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
+            (Some(pid), Some(cmd)) => format!("pid {pid} `{}`", printable(cmd)),
             (Some(pid), None) => format!("pid {pid}"),
             _ => "a process the daemon cannot see".into(),
         };
@@ -278,7 +281,7 @@ fn owner(r: &ReservationInfo) -> String {
     match r.owner.pid {
         Some(pid) => format!(
             "{who} pid {pid} {}",
-            r.owner.command.as_deref().unwrap_or("")
+            printable(r.owner.command.as_deref().unwrap_or(""))
         ),
         None => who,
     }
@@ -325,7 +328,7 @@ pub fn who(w: &WhoInfo, json: bool) {
     println!("{head}");
     who_reservation(w);
     for s in &w.sockets {
-        println!("  {}", s.description);
+        println!("  {}", printable(&s.description));
     }
     if let Some(sum) = &w.summary
         && sum.not_listed > 0
@@ -360,7 +363,7 @@ fn who_reservation(w: &WhoInfo) {
 
 fn counted(list: &[portres_client::Counted]) -> String {
     list.iter()
-        .map(|c| format!("{} {}", c.count, c.name))
+        .map(|c| format!("{} {}", c.count, printable(&c.name)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -402,7 +405,7 @@ pub fn who_all_head(w: &WhoInfo) -> std::io::Result<()> {
 /// One socket of `who PORT --all`.
 pub fn who_all_socket(s: &portres_client::SocketInfo) -> std::io::Result<()> {
     use std::io::Write;
-    writeln!(std::io::stdout().lock(), "  {}", s.description)
+    writeln!(std::io::stdout().lock(), "  {}", printable(&s.description))
 }
 
 /// `who PORT --json`: the head's fields, then `"sockets": [` and each socket as it arrives.

@@ -22,5 +22,6 @@ mod needs_root {
     mod reliability;
     mod runtime;
     mod scale;
+    mod security;
     mod visibility;
 }

@@ -243,7 +243,12 @@ impl TestDaemon {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect_to(&self.socket).expect("connect to test daemon")
+        match self.user {
+            // Root reaching another user's daemon on purpose: trust that user explicitly.
+            Some(uid) => Client::connect_trusting(&self.socket, &[0, uid]),
+            None => Client::connect_to(&self.socket),
+        }
+        .expect("connect to test daemon")
     }
 
     /// SIGKILL, and wait until it is gone.

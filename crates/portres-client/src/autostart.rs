@@ -11,6 +11,7 @@
 //! answering and exits without `READY`, and its starter then connects to the winner.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -61,16 +62,18 @@ pub(crate) fn start_daemon(socket: &Path, state_dir: &Path) -> Result<(), Error>
                 .into(),
         )
     })?;
-    std::fs::create_dir_all(state_dir).map_err(|e| {
-        fail(format!(
-            "cannot create state directory {}: {e}",
-            state_dir.display()
-        ))
-    })?;
+    // Private directories, never reached through a symbolic link; the log is not followed
+    // through one either (O_NOFOLLOW).
+    crate::trust::make_private_dir(state_dir).map_err(fail)?;
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::trust::make_private_dir(dir).map_err(fail)?;
+    }
     let log_path = state_dir.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(portres_sys::process::O_NOFOLLOW)
         .open(&log_path)
         .map_err(|e| fail(format!("cannot open log {}: {e}", log_path.display())))?;
     let mut child = Command::new("/bin/sh")

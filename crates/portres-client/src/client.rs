@@ -141,12 +141,56 @@ impl Client {
         }
     }
 
-    /// Connects to the daemon at `socket`; never starts one.
+    /// Connects to the daemon at `socket`; never starts one. Trusts only a socket in a
+    /// directory of root, the caller or `PORTRES_DAEMON_USER` that nobody else may write, and
+    /// only a daemon running as one of them (see [`crate::trust`]).
     pub fn connect_to(socket: &Path) -> Result<Client, Error> {
+        Self::connect_trusting(socket, &crate::trust::trusted_uids())
+    }
+
+    /// [`Client::connect_to`] trusting exactly the daemon users `uids` (e.g. root reaching a
+    /// per-user daemon of another user on purpose).
+    pub fn connect_trusting(socket: &Path, uids: &[u32]) -> Result<Client, Error> {
+        let untrusted = |why: String| Error::Untrusted {
+            path: socket.into(),
+            why,
+        };
+        match crate::trust::check_socket_dir(socket, uids) {
+            Ok(()) => {}
+            // A directory that does not exist yet holds no impostor: that is "no daemon".
+            Err(_) if socket.parent().is_some_and(|d| !d.exists()) => {
+                return Err(Error::Connect {
+                    path: socket.into(),
+                    source: std::io::Error::from(ErrorKind::NotFound),
+                });
+            }
+            Err(why) => return Err(untrusted(why)),
+        }
         let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
             path: socket.into(),
             source,
         })?;
+        let peer = portres_sys::creds::peer_cred(&stream).map_err(|e| {
+            untrusted(format!(
+                "cannot read the credentials of the process behind {}: {e}",
+                socket.display()
+            ))
+        })?;
+        if !uids.contains(&peer.uid) {
+            return Err(untrusted(format!(
+                "refusing the daemon at {}: it runs as {} (pid {}), not as {}; it may be another \
+                 user's program impersonating the daemon, and nothing was sent to it. If that \
+                 user runs your daemon on purpose, set PORTRES_DAEMON_USER={}",
+                socket.display(),
+                crate::trust::who_is(peer.uid),
+                peer.pid,
+                uids.iter()
+                    .map(|&u| crate::trust::who_is(u))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                peer.uid
+            )));
+        }
         let client_name = format!("portres-client {}", env!("CARGO_PKG_VERSION"));
         portres_proto::write_frame(&mut stream, &Hello::new(client_name))?;
         let reply: HelloReply = portres_proto::decode(&portres_proto::read_frame(&mut stream)?)?;

@@ -74,6 +74,16 @@ pub enum Error {
     /// The connection failed or the daemon spoke nonsense.
     #[error("talking to the portres daemon failed: {0}")]
     Transport(String),
+    /// The socket or the process behind it is not one the client trusts (SECURITY.md): its
+    /// directory belongs to another user or others may write it, it is reached through a
+    /// symbolic link, or the daemon runs as another user.
+    #[error("{why}")]
+    Untrusted {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// Writing out what the daemon sent failed (e.g. the reader of our output went away).
     #[error("writing the output failed: {0}")]
     Output(String),
@@ -144,6 +154,8 @@ impl Error {
     pub fn windows_code(&self) -> u32 {
         match self {
             Error::Connect { .. } | Error::Autostart { .. } => 1062,
+            // ERROR_ACCESS_DENIED.
+            Error::Untrusted { .. } => 5,
             Error::Transport(_) => 1359,
             other => other.details().map_or(1359, |d| d.windows_code),
         }
@@ -155,6 +167,7 @@ impl Error {
         match (self.code(), self) {
             (Some(c), _) => c.as_str(),
             (None, Error::Connect { .. } | Error::Autostart { .. }) => "DaemonUnavailable",
+            (None, Error::Untrusted { .. }) => "UntrustedDaemon",
             (None, _) => "Transport",
         }
     }

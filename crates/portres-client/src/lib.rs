@@ -22,6 +22,7 @@ mod autostart;
 mod client;
 mod error;
 pub mod paths;
+pub mod trust;
 pub mod windows;
 
 pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket};

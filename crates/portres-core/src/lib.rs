@@ -19,6 +19,7 @@ pub mod outcome;
 pub mod portset;
 pub mod range;
 pub mod table;
+pub mod text;
 
 pub use outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
 pub use portset::PortSet;
@@ -27,6 +28,7 @@ pub use table::{
     Acl, Caller, ClaimError, Kind, Owner, PortClaim, Reservation, SessionId, SocketInUse, Table,
     TableConfig, TokenSource,
 };
+pub use text::printable;
 
 #[cfg(test)]
 mod tests;

@@ -34,7 +34,7 @@ impl fmt::Display for Owner {
             None => write!(f, "an administrator (uid {}", self.uid)?,
         }
         if let Some(cmd) = &self.command {
-            write!(f, ", `{cmd}`")?;
+            write!(f, ", `{}`", crate::printable(cmd))?;
         }
         f.write_str(")")
     }

@@ -242,6 +242,8 @@ pub(crate) struct Enforcer {
     classic_steered: std::collections::HashSet<(Token, u16)>,
     /// Whether placeholders are IPv6 dual-stack sockets (false: IPv4, no IPv6 here).
     placeholders_v6: bool,
+    /// Why the holder uid is not as private as it must be (a passwd entry, a process).
+    holder_warning: Option<String>,
 }
 
 impl Enforcer {
@@ -249,6 +251,15 @@ impl Enforcer {
         let nofile = hold::raise_nofile_limit();
         let own_uid = portres_sys::creds::effective_uid();
         let holder_uid = hold::can_use_holder_uid(holder_uid).then_some(holder_uid);
+        let holder_warning = holder_uid.and_then(|h| {
+            let why = portres_sys::creds::uid_in_use(h)?;
+            let w = format!(
+                "WARNING: holder uid {h} must belong to nobody, but {why}: processes of that uid \
+                 can share held ports; set holder_uid to an unused uid in the configuration"
+            );
+            tracing::warn!("{w}");
+            Some(w)
+        });
         Enforcer {
             holder_uid,
             own_uid,
@@ -267,6 +278,7 @@ impl Enforcer {
             classic_steered: std::collections::HashSet::new(),
             placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
                 .is_ok_and(|p| hold::prepared_is_v6(&p)),
+            holder_warning,
         }
     }
 
@@ -833,8 +845,11 @@ impl Enforcer {
                 name: "hold".into(),
                 active: true,
                 reason: format!(
-                    "placeholders owned by holder uid {h}: no other process can bind a held port \
-                     or be given one automatically; {limits}{unheld}{udp}"
+                    "{}placeholders owned by holder uid {h}: no other process can bind a held \
+                     port or be given one automatically; {limits}{unheld}{udp}",
+                    self.holder_warning
+                        .as_ref()
+                        .map_or(String::new(), |w| format!("{w}. "))
                 ),
             },
             None => LayerInfo {

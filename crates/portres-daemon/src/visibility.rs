@@ -75,7 +75,9 @@ impl Names {
         self.procs
             .entry(pid)
             .or_insert_with(|| {
-                let name = portres_sys::procfs::process_name(pid)?;
+                // A process chooses its own name: printable only (it reaches terminals and logs).
+                let name =
+                    portres_core::printable(&portres_sys::procfs::process_name(pid)?).into_owned();
                 Some((name, portres_sys::procfs::process_uid(pid)?))
             })
             .clone()

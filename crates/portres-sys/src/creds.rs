@@ -99,6 +99,36 @@ pub fn effective_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
+/// Who, if anyone, uses `uid`: its passwd entry (`getpwuid(3)`), or a process running as it
+/// (the real, effective, saved or filesystem uid in `/proc/PID/status`). For the holder uid,
+/// which must belong to nobody.
+pub fn uid_in_use(uid: u32) -> Option<String> {
+    if let Some(name) = user_name(uid) {
+        return Some(format!("it has a passwd entry ({name})"));
+    }
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let uses = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .is_some_and(|ids| ids.split_whitespace().any(|i| i.parse() == Ok(uid)));
+        if uses {
+            return Some(format!("process {pid} runs as it"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,3 +146,4 @@ mod tests {
         assert_eq!(resolve_group("root"), Some(0));
     }
 }
+

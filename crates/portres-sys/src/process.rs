@@ -134,6 +134,10 @@ pub fn trim_heap() {
     }
 }
 
+/// `O_NOFOLLOW` for `OpenOptionsExt::custom_flags`: opening a path whose last component is a
+/// symbolic link fails (`ELOOP`).
+pub const O_NOFOLLOW: i32 = libc::O_NOFOLLOW;
+
 /// The signals a wrapper passes on to its command: `SIGTERM`, `SIGHUP`, `SIGINT`, `SIGQUIT`.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
 

@@ -163,7 +163,7 @@ fn a_full_disk_refuses_clearly_changes_nothing_and_recovers() {
     // The state directory on a small filesystem of its own.
     std::fs::create_dir_all(&d.state_dir).unwrap();
     let out = run(std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "portres-test"])
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "portres-test"])
         .arg(&d.state_dir));
     assert!(out.status.success(), "mount tmpfs: {out:?}");
     struct Unmount(std::path::PathBuf);

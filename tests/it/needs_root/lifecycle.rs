@@ -129,7 +129,13 @@ fn system_socket_is_open_to_all_and_user_socket_is_private() {
         .permissions()
         .mode()
         & 0o777;
-    let status = portres_client::Client::connect_to(&socket)
+    // Root does not trust another user's daemon unless told to (SECURITY.md).
+    let refused = portres_client::Client::connect_to(&socket).unwrap_err();
+    assert!(
+        matches!(refused, portres_client::Error::Untrusted { .. }),
+        "{refused:?}"
+    );
+    let status = portres_client::Client::connect_trusting(&socket, &[0, NOBODY])
         .unwrap()
         .status()
         .unwrap();
