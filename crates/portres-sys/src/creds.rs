@@ -146,4 +146,3 @@ mod tests {
         assert_eq!(resolve_group("root"), Some(0));
     }
 }
-
