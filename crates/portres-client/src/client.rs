@@ -556,15 +556,35 @@ impl Client {
         let (body, _) = read_frame_with_fds(&mut conn)?;
         let head: ReplyFrame = portres_proto::decode(&body)?;
         if head.id != id && head.id != 0 {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             return Err(Error::Transport(format!(
                 "reply {} does not answer request {id}",
                 head.id
             )));
         }
         let more = match head.body {
-            ReplyBody::Ok(r) => on_head(r)?,
+            ReplyBody::Ok(r) => {
+                let announced = match &r {
+                    Reply::Show(s) => s.more,
+                    Reply::Who(w) => w.more,
+                    _ => false,
+                };
+                match on_head(r) {
+                    Ok(more) => more,
+                    // Rows may follow: the connection cannot be reused unless they are read.
+                    Err(e) => {
+                        if announced {
+                            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
             ReplyBody::Error(e) => return Err(Error::from_body(e)),
-            _ => return Err(Error::Transport("a stream began without its head".into())),
+            _ => {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                return Err(Error::Transport("a stream began without its head".into()));
+            }
         };
         if !more {
             return Ok(());

@@ -242,7 +242,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
             );
-            compact_journal_if_due(shared);
+            compact_journal_if_due(shared).await;
             Ok((reservation_ref(&r), None))
         }
         Request::LookupPersistent {
@@ -299,7 +299,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 pid = caller.pid, uid = caller.uid, token = %token,
                 "deleted persistent reservation {range}/{p}"
             );
-            compact_journal_if_due(shared);
+            compact_journal_if_due(shared).await;
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared)), None)),
@@ -314,7 +314,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
 
 /// Rewrites the store's journal as a snapshot when it has grown well past the table (on the
 /// blocking pool; the caller holds `persist_lock`, so no write interleaves).
-fn compact_journal_if_due(shared: &Shared) {
+async fn compact_journal_if_due(shared: &Shared) {
     let live: Vec<StoredReservation> = {
         let st = shared.state.lock().unwrap();
         let n = st
@@ -331,7 +331,8 @@ fn compact_journal_if_due(shared: &Shared) {
             .map(StoredReservation::from_reservation)
             .collect()
     };
-    shared.store.compact_journal(&live);
+    let store = shared.store.clone();
+    let _ = tokio::task::spawn_blocking(move || store.compact_journal(&live)).await;
 }
 
 fn parse_token(op: Operation, s: &str) -> Result<u64, Refusal> {

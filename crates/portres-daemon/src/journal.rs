@@ -51,6 +51,11 @@ pub struct Replay {
     pub records: BTreeMap<(String, u16), StoredReservation>,
     /// Lines that failed their checksum or did not parse.
     pub bad: Vec<BadLine>,
+    /// The key of the last line, when it was a creation: the one change that may be in the
+    /// journal and not in the store after a crash between the two writes (never acknowledged).
+    pub last_put: Option<(String, u16)>,
+    /// Non-empty lines read.
+    pub lines: usize,
 }
 
 fn line_for(entry: &Entry) -> Vec<u8> {
@@ -87,6 +92,7 @@ pub fn replay(path: &Path) -> io::Result<Replay> {
         if raw.is_empty() {
             continue;
         }
+        out.lines += 1;
         let text = String::from_utf8_lossy(raw);
         let parsed = raw
             .split_first_chunk::<8>()
@@ -114,9 +120,11 @@ pub fn replay(path: &Path) -> io::Result<Replay> {
         }
         match serde_json::from_slice::<Entry>(json) {
             Ok(Entry::Put(r)) => {
+                out.last_put = Some((r.protocol.clone(), r.start));
                 out.records.insert((r.protocol.clone(), r.start), r);
             }
             Ok(Entry::Del { protocol, start }) => {
+                out.last_put = None;
                 out.records.remove(&(protocol, start));
             }
             Err(e) => out.bad.push(BadLine {
@@ -129,6 +137,13 @@ pub fn replay(path: &Path) -> io::Result<Replay> {
 }
 
 impl Journal {
+    /// Opens the journal in `state_dir` for appending as it is (it already matches the store).
+    pub(crate) fn open_existing(state_dir: &Path, lines: usize) -> io::Result<Journal> {
+        let path = state_dir.join(FILE);
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok(Journal { path, file, lines })
+    }
+
     /// Rewrites the journal in `state_dir` as a snapshot of `records` and opens it for
     /// appending.
     pub(crate) fn create(state_dir: &Path, records: &[StoredReservation]) -> io::Result<Journal> {

@@ -61,8 +61,9 @@ pub(crate) async fn serve(
                     }
                 }
                 Err(e) => {
+                    // ENOBUFS, ENOMEM, ...: back off a little rather than spin and flood the log.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
         }
@@ -168,7 +169,15 @@ async fn write_stream(
     mut rows: crate::stream::Rows,
     limit: std::time::Duration,
 ) -> Result<(), String> {
-    write_within(s, &encode_reply(id, ReplyBody::Ok(head)), limit).await?;
+    // A head that cannot be encoded is answered with an error alone (no rows follow it).
+    let head = ReplyFrame {
+        id,
+        body: ReplyBody::Ok(head),
+    };
+    match portres_proto::encode(&head) {
+        Ok(bytes) => write_within(s, &bytes, limit).await?,
+        Err(_) => return write_within(s, &encode_reply(id, head.body), limit).await,
+    }
     let mut count = 0u64;
     while let Some(chunk) = rows.next().await {
         match chunk {

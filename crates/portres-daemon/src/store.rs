@@ -27,7 +27,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub enum StoreError {
     /// The file is damaged; the daemon does not start on it.
     #[error(
-        "store {path} is damaged: {why}. Nothing was changed. {}",
+        "store {path} is damaged: {why}. The daemon did not start. {}",
         restore_hint(journal, *journal_records, *journal_bad, state_dir)
     )]
     Damaged {
@@ -246,25 +246,35 @@ fn open_checked(path: &Path) -> Result<(Database, Vec<StoredReservation>, bool),
         let mut db = Database::create(path).map_err(|e| classify(e.into()))?;
         if !db.check_integrity().map_err(|e| classify(e.into()))? {
             return Err(OpenFailure::Damaged(
-                "its integrity check failed (redb repaired it, and records may be missing)".into(),
+                "its integrity check failed (redb repaired what it could, and records may be \
+                 missing)"
+                    .into(),
             ));
         }
-        let txn = db.begin_write().map_err(|e| classify(e.into()))?;
+        // Read the schema; write only a new file's (a start writes nothing to a good store, so
+        // the daemon can start on a full disk).
         let found = {
-            let mut meta = txn.open_table(META).map_err(|e| classify(e.into()))?;
-            txn.open_table(RESERVATIONS)
-                .map_err(|e| classify(e.into()))?;
-            let found = meta
-                .get("schema_version")
-                .map_err(|e| classify(e.into()))?
-                .map(|v| v.value());
-            if found.is_none() {
+            let txn = db.begin_read().map_err(|e| classify(e.into()))?;
+            match txn.open_table(META) {
+                Ok(meta) => meta
+                    .get("schema_version")
+                    .map_err(|e| classify(e.into()))?
+                    .map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(classify(e.into())),
+            }
+        };
+        if found.is_none() {
+            let txn = db.begin_write().map_err(|e| classify(e.into()))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| classify(e.into()))?;
+                txn.open_table(RESERVATIONS)
+                    .map_err(|e| classify(e.into()))?;
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(|e| classify(e.into()))?;
             }
-            found
-        };
-        txn.commit().map_err(|e| classify(e.into()))?;
+            txn.commit().map_err(|e| classify(e.into()))?;
+        }
         if let Some(v) = found.filter(|&v| v > SCHEMA_VERSION) {
             return Err(OpenFailure::Schema(v));
         }
@@ -381,27 +391,74 @@ impl Store {
                 });
             }
         }
-        // The journal follows the store that was just checked. A difference is worth a word in
-        // the log (the store is the authority: it passed its checksums).
-        if let Ok(replayed) = crate::journal::replay(&journal_path) {
-            let in_journal: Vec<&StoredReservation> = replayed.records.values().collect();
-            let in_store: Vec<&StoredReservation> = records.iter().collect();
-            if journal_path.exists() && (in_journal != in_store || !replayed.bad.is_empty()) {
+        // The journal and the store that was just checked must agree. A store that lacks
+        // reservations its journal holds lost them (redb repairs some damage silently, e.g.
+        // after a crash): refuse, and keep the journal, so `portres store restore` can bring
+        // them back. The one exception is the journal's last line being a creation: a crash
+        // between the two writes, never acknowledged. A journal that lacks some of the store's
+        // (damaged, or from an older version) is rewritten from the store.
+        let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
+        let in_store: std::collections::BTreeSet<(String, u16)> = records
+            .iter()
+            .map(|r| (r.protocol.clone(), r.start))
+            .collect();
+        let missing: Vec<&(String, u16)> = replayed
+            .records
+            .keys()
+            .filter(|k| !in_store.contains(*k))
+            .filter(|k| replayed.last_put.as_ref() != Some(*k))
+            .collect();
+        if !missing.is_empty() {
+            let names: Vec<String> = missing
+                .iter()
+                .take(20)
+                .map(|(p, s)| format!("{s}/{p}"))
+                .collect();
+            return Err(StoreError::Damaged {
+                path,
+                why: format!(
+                    "it lacks {} reservations that its journal holds ({}{})",
+                    missing.len(),
+                    names.join(", "),
+                    if missing.len() > 20 { ", ..." } else { "" }
+                ),
+                journal: journal_path,
+                journal_records: Some(replayed.records.len()),
+                journal_bad: replayed.bad.len(),
+                state_dir: state_dir.into(),
+            });
+        }
+        if let Some((p, s)) = &replayed.last_put
+            && !in_store.contains(&(p.clone(), *s))
+        {
+            tracing::warn!(
+                "the journal's last creation, {s}/{p}, is not in the store: it was never \
+                 acknowledged (the daemon stopped between the two writes); dropped"
+            );
+        }
+        let agree = replayed.bad.is_empty()
+            && replayed.records.len() == records.len()
+            && records
+                .iter()
+                .all(|r| replayed.records.get(&(r.protocol.clone(), r.start)) == Some(r));
+        let journal = if agree && journal_path.exists() {
+            crate::journal::Journal::open_existing(state_dir, replayed.lines)
+        } else {
+            if journal_path.exists() {
                 tracing::warn!(
                     journal = %journal_path.display(),
-                    store = in_store.len(),
-                    journal_records = in_journal.len(),
+                    store = records.len(),
+                    journal_records = replayed.records.len(),
                     unreadable_lines = replayed.bad.len(),
-                    "the journal differed from the store (a crash between the two writes, or a \
-                     damaged journal); rewritten from the store"
+                    "the journal differed from the store; rewritten from the store"
                 );
             }
+            crate::journal::Journal::create(state_dir, &records)
         }
-        let journal =
-            crate::journal::Journal::create(state_dir, &records).map_err(|e| StoreError::Io {
-                path: journal_path.clone(),
-                why: e.to_string(),
-            })?;
+        .map_err(|e| StoreError::Io {
+            path: journal_path.clone(),
+            why: e.to_string(),
+        })?;
         Ok(Store {
             db: std::sync::Mutex::new(Some(db)),
             journal: std::sync::Mutex::new(journal),
@@ -510,8 +567,24 @@ impl Store {
         written
     }
 
+    /// The stored record at `(protocol, start)`, if any.
+    fn get(&self, protocol: Protocol, start: u16) -> Result<Option<StoredReservation>, StoreError> {
+        let slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = slot.as_ref() else {
+            return Ok(None);
+        };
+        let txn = db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
+        let v = t
+            .get((proto_key(protocol), start))
+            .map_err(|e| self.err(e))?;
+        Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
     /// Deletes the reservation starting at `start` durably. Returns whether it was there.
     pub fn delete(&self, protocol: Protocol, start: u16) -> Result<bool, StoreError> {
+        // What is there now, so the journal can be put back if the store's write fails.
+        let before = self.get(protocol, start)?;
         let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         journal
             .del(protocol.as_str(), start)
@@ -519,25 +592,21 @@ impl Store {
                 path: journal.path().into(),
                 why: e.to_string(),
             })?;
-        let mut existed = None;
+        let mut existed = false;
         let written = self.write(|txn| {
             let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-            let old = t
+            existed = t
                 .remove((proto_key(protocol), start))
                 .map_err(|e| self.err(e))?
-                .map(|v| v.value().to_vec());
-            existed = Some(old);
+                .is_some();
             Ok(())
         });
-        match (written, existed) {
-            (Ok(()), Some(old)) => Ok(old.is_some()),
-            (Ok(()), None) => Ok(false),
-            (Err(e), old) => {
+        match written {
+            Ok(()) => Ok(existed),
+            Err(e) => {
                 // Still in the store: back into the journal.
-                if let Some(Some(bytes)) = old
-                    && let Ok(r) = serde_json::from_slice::<StoredReservation>(&bytes)
-                {
-                    let _ = journal.put(&r);
+                if let Some(r) = &before {
+                    let _ = journal.put(r);
                 }
                 Err(e)
             }
@@ -573,7 +642,11 @@ impl Store {
     pub fn restore(state_dir: &Path) -> Result<RestoreReport, StoreError> {
         let path = state_dir.join("portres.redb");
         let journal_path = state_dir.join(crate::journal::FILE);
-        if let Err(OpenFailure::Locked) = open_checked(&path).map(drop) {
+        // A running daemon holds the file's lock (probe only an existing file: opening a
+        // missing one would create it).
+        if path.exists()
+            && let Err(OpenFailure::Locked) = open_checked(&path).map(drop)
+        {
             return Err(StoreError::Locked { path });
         }
         let replayed = crate::journal::replay(&journal_path).map_err(|e| StoreError::Io {
@@ -590,7 +663,12 @@ impl Store {
             let secs = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let aside = state_dir.join(format!("portres.redb.damaged-{secs}"));
+            let mut aside = state_dir.join(format!("portres.redb.damaged-{secs}"));
+            let mut n = 1;
+            while aside.exists() {
+                aside = state_dir.join(format!("portres.redb.damaged-{secs}-{n}"));
+                n += 1;
+            }
             std::fs::rename(&path, &aside).map_err(|e| StoreError::Io {
                 path: path.clone(),
                 why: e.to_string(),
@@ -693,6 +771,48 @@ mod tests {
             Store::open(dir.path()).unwrap().load().unwrap(),
             vec![rec(9, 9)]
         );
+    }
+
+    #[test]
+    fn a_store_that_lost_what_its_journal_holds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for i in 1..=3u16 {
+                s.put(&rec(u64::from(i), 100 * i)).unwrap();
+            }
+        }
+        // A crash between the journal and the store: the journal's last creation alone is not
+        // in the store. That one was never acknowledged: the store opens, without it.
+        {
+            let mut j = crate::journal::Journal::open_existing(dir.path(), 3).unwrap();
+            j.put(&rec(4, 400)).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.load().unwrap().len(), 3);
+        drop(s);
+        // The store loses one behind the journal's back (what a silent repair does): refused,
+        // naming it, and the journal is kept for the restore.
+        {
+            let db = Database::create(dir.path().join("portres.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(RESERVATIONS)
+                .unwrap()
+                .remove((17u8, 200u16))
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("200/udp"), "{e}");
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Damaged { .. }),
+            "still refused: {e}"
+        );
+        let report = Store::restore(dir.path()).unwrap();
+        assert_eq!(report.restored.len(), 3);
+        assert!(report.kept_damaged.is_some());
+        assert_eq!(Store::open(dir.path()).unwrap().load().unwrap().len(), 3);
     }
 
     #[test]

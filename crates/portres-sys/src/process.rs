@@ -174,8 +174,9 @@ pub fn prepare_signal_forwarding(cmd: &mut std::process::Command) -> io::Result<
     // pthread_sigmask, prctl, getppid and _exit, all async-signal-safe; `set` is a copy.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
+            let rc = libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
