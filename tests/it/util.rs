@@ -90,9 +90,11 @@ impl TestDaemon {
     }
 
     /// Starts a per-user daemon running as `uid` (no capabilities: no holder uid, no sysctl, no
-    /// eBPF), with its socket and state in a directory that `uid` owns.
+    /// eBPF), with its socket and state in a directory that `uid` owns. eBPF is turned off for it
+    /// explicitly (`PORTRES_FAILPOINT=no-ebpf`), as where unprivileged BPF is disabled, so the
+    /// result does not depend on this machine's `kernel.unprivileged_bpf_disabled`.
     pub fn as_user(uid: u32) -> TestDaemon {
-        Self::build_as("", "", None, Some(uid), &[])
+        Self::build_as("", "", None, Some(uid), &[("PORTRES_FAILPOINT", "no-ebpf")])
     }
 
     /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.

@@ -448,6 +448,10 @@ const EXCLUDE_FIRST_ABOVE: u16 = 64;
 /// one's first (see [`EXCLUDE_FIRST_ABOVE`]). On failure nothing is left behind.
 /// Loads the eBPF programs UDP placeholders share (once per daemon).
 fn load_udp_programs() -> Result<portres_sys::bpf::SocketPrograms, String> {
+    // Tests force the fallback whether or not this machine lets the daemon load eBPF.
+    if std::env::var("PORTRES_FAILPOINT").is_ok_and(|v| v.split(',').any(|f| f == "no-ebpf")) {
+        return Err("eBPF turned off by PORTRES_FAILPOINT=no-ebpf".into());
+    }
     portres_sys::bpf::SocketPrograms::load().map_err(|e| {
         let why = if e.kind() == io::ErrorKind::PermissionDenied {
             "loading eBPF needs CAP_BPF (kernel.unprivileged_bpf_disabled is set)".to_string()

@@ -105,8 +105,9 @@ struct Shared {
 
 /// Checks and fault injection for tests, from the environment, read once at start:
 /// `PORTRES_CHECK_INVARIANTS=1` checks the table's invariants after every request (a violation
-/// panics, which ends the daemon); `PORTRES_FAILPOINT=panic-on:OP` panics when a request `OP`
-/// (e.g. `status`) arrives, to test what a panic does. Neither is meant for production.
+/// panics, which ends the daemon); `PORTRES_FAILPOINT` is a comma-separated list of
+/// `panic-on:OP` (panic when a request `OP`, e.g. `status`, arrives, to test what a panic does)
+/// and `no-ebpf` (hold UDP as a daemon that may not load eBPF does). Not for production.
 #[derive(Debug, Default)]
 pub(crate) struct Checks {
     pub(crate) invariants: bool,
@@ -117,9 +118,10 @@ impl Checks {
     fn from_env() -> Checks {
         Checks {
             invariants: std::env::var("PORTRES_CHECK_INVARIANTS").is_ok_and(|v| v == "1"),
-            panic_on: std::env::var("PORTRES_FAILPOINT")
-                .ok()
-                .and_then(|v| v.strip_prefix("panic-on:").map(str::to_string)),
+            panic_on: std::env::var("PORTRES_FAILPOINT").ok().and_then(|v| {
+                v.split(',')
+                    .find_map(|f| f.strip_prefix("panic-on:").map(str::to_string))
+            }),
         }
     }
 }
