@@ -211,7 +211,13 @@ impl TestDaemon {
                 .arg(format!("--nofile={n}:{n}"))
                 .arg("--");
         }
-        cmd.arg(BIN)
+        // Another user cannot reach the build directory (it may be under a private directory):
+        // a per-user daemon runs the world-readable copy.
+        let bin: &Path = match self.user {
+            Some(_) => nobody_binary(),
+            None => Path::new(BIN),
+        };
+        cmd.arg(bin)
             .arg("daemon")
             .arg("--socket")
             .arg(&self.socket)
