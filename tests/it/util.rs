@@ -61,10 +61,7 @@ fn new_netns(setup: &str) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut child = spawn(&mut child);
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert_eq!(line.trim(), "ready", "network namespace setup failed");
     child
 }
@@ -233,10 +230,7 @@ impl TestDaemon {
             .stdout(Stdio::piped())
             .stderr(log);
         let mut child = spawn(&mut cmd);
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = first_line(&mut child);
         if line.trim() != "READY" {
             let _ = child.wait();
             return Err(self.log());
@@ -396,6 +390,16 @@ pub fn spawn(cmd: &mut Command) -> Child {
 pub fn close<T>(x: T) {
     let _g = FORKS.write().unwrap_or_else(|p| p.into_inner());
     drop(x);
+}
+
+/// The first line a child writes on its piped standard output, without the newline: the
+/// "ready" handshake of helper processes (an event to wait on, never a sleep).
+pub fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("read the child's first line");
+    line.trim_end().to_string()
 }
 
 /// Runs a command, returning its output; panics if it could not run.

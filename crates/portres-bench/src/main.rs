@@ -33,13 +33,18 @@ fn server_command(program: &Path) -> Command {
     c
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `kB` line of `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (the peak).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// RSS of `pid` and all its descendants (the daemon and its `portres holder` helpers).
@@ -666,31 +671,41 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
+/// A new state directory under `dir` whose store holds `blocks` (protocol, start, count) as
+/// exclude-mode persistent reservations, written in one transaction.
+fn fresh_store(dir: &Path, blocks: impl Iterator<Item = (&'static str, u16, u16)>) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("state"))?;
-    {
-        let store = portres_daemon::Store::open(&dir.join("state"))?;
-        let recs: Vec<_> = (0..10_000u32)
-            .map(|i| portres_daemon::store::StoredReservation {
-                token: 1 + u64::from(i),
-                protocol: if i % 2 == 0 {
-                    "tcp".into()
-                } else {
-                    "udp".into()
-                },
-                start: (2000 + (i / 2) * 6) as u16,
-                count: 3,
+    let (store, _) = portres_daemon::Store::open(&dir.join("state"))?;
+    let recs: Vec<_> = blocks
+        .zip(1u64..)
+        .map(
+            |((protocol, start, count), token)| portres_daemon::store::StoredReservation {
+                token,
+                protocol: protocol.into(),
+                start,
+                count,
                 mode: "exclude".into(),
                 allow_users: vec![],
                 allow_groups: vec![],
                 created: 0,
                 creator_uid: 0,
-                creator_command: None,
-            })
-            .collect();
-        store.put_all(&recs)?;
-    }
+                creator_command: Some("bench".into()),
+            },
+        )
+        .collect();
+    store.put_all(&recs)?;
+    Ok(())
+}
+
+fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
+    fresh_store(
+        dir,
+        (0..10_000u32).map(|i| {
+            let protocol = if i % 2 == 0 { "tcp" } else { "udp" };
+            (protocol, (2000 + (i / 2) * 6) as u16, 3)
+        }),
+    )?;
     let mut times = Vec::new();
     for _ in 0..5 {
         let (d, ready) = Daemon::start(bin, dir, false)?;
@@ -709,15 +724,6 @@ fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Wall time of a command whose output is discarded.
 fn time_command(cmd: &mut Command) -> Duration {
     let t = Instant::now();
@@ -731,33 +737,16 @@ fn time_command(cmd: &mut Command) -> Duration {
     d
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: Vec<Duration>) -> Duration {
+    pct(v).0
 }
 
 /// `show` of 10,000 persistent and 10,000 runtime reservations: time and daemon memory.
 fn section_show(bin: &Path, dir: &Path) -> Result<()> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir.join("state"))?;
-    {
-        let store = portres_daemon::Store::open(&dir.join("state"))?;
-        let recs: Vec<_> = (0..10_000u32)
-            .map(|i| portres_daemon::store::StoredReservation {
-                token: 1 + u64::from(i),
-                protocol: "tcp".into(),
-                start: (2000 + i * 3) as u16,
-                count: 2,
-                mode: "exclude".into(),
-                allow_users: vec![],
-                allow_groups: vec![],
-                created: 0,
-                creator_uid: 0,
-                creator_command: Some("bench".into()),
-            })
-            .collect();
-        store.put_all(&recs)?;
-    }
+    fresh_store(
+        dir,
+        (0..10_000u32).map(|i| ("tcp", (2000 + i * 3) as u16, 2)),
+    )?;
     let (d, _) = Daemon::start(bin, dir, false)?;
     let c = d.client();
     let mut held = Vec::new();
@@ -785,7 +774,7 @@ fn section_show(bin: &Path, dir: &Path) -> Result<()> {
                 .env("PORTRES_SOCKET", &d.socket),
         ));
     }
-    let hwm = hwm_kib(pid);
+    let hwm = status_kib(pid, "VmHWM");
     println!("### show of 20,000 reservations (10,000 persistent, 10,000 runtime)\n");
     println!("| what | median of 5 |\n|---|---|");
     println!(
@@ -868,7 +857,7 @@ fn section_who(bin: &Path, dir: &Path) -> Result<()> {
             s.as_secs_f64() * 1e3,
             w.as_secs_f64() / s.as_secs_f64(),
             j.as_secs_f64() / s.as_secs_f64(),
-            hwm_kib(pid)
+            status_kib(pid, "VmHWM")
         );
         drop(busy.stdin.take());
         let _ = busy.wait();

@@ -230,18 +230,7 @@ impl Client {
     /// Sends a request and reads its reply with any descriptors that came with it.
     fn call_with_fds(&self, request: Request) -> Result<(Reply, Vec<OwnedFd>), Error> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let id = conn.next_id;
-        conn.next_id += 1;
-        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
-        skip_unanswered(&mut conn)?;
-        let (body, fds) = read_frame_with_fds(&mut conn)?;
-        let reply: ReplyFrame = portres_proto::decode(&body)?;
-        if reply.id != id && reply.id != 0 {
-            return Err(Error::Transport(format!(
-                "reply {} does not answer request {id}",
-                reply.id
-            )));
-        }
+        let (_, reply, fds) = exchange(&mut conn, request)?;
         match reply.body {
             ReplyBody::Ok(r) => Ok((r, fds)),
             ReplyBody::Error(e) => Err(Error::from_body(e)),
@@ -443,12 +432,7 @@ impl Client {
     /// Who has `port`: the reservation covering it and every live socket on it (in the
     /// daemon's network namespace), with their processes.
     pub fn who(&self, protocol: Protocol, port: u32) -> Result<WhoInfo, Error> {
-        let port = u16::try_from(port).map_err(|_| {
-            local_refusal(
-                Operation::Other,
-                format!("{port} is not a port; give a number from 1 to 65535"),
-            )
-        })?;
+        let port = port_field(port)?;
         let request = Request::Who {
             protocol,
             port,
@@ -471,33 +455,25 @@ impl Client {
         mut on_head: impl FnMut(&WhoInfo) -> std::io::Result<()>,
         mut each: impl FnMut(SocketInfo) -> std::io::Result<()>,
     ) -> Result<WhoInfo, Error> {
-        let port = u16::try_from(port).map_err(|_| {
-            local_refusal(
-                Operation::Other,
-                format!("{port} is not a port; give a number from 1 to 65535"),
-            )
-        })?;
+        let port = port_field(port)?;
         let request = Request::Who {
             protocol,
             port,
             all: true,
             stream: true,
         };
-        let mut head = None;
-        self.call_streamed(
+        let head = self.call_streamed(
             request,
             |reply| match reply {
-                Reply::Who(w) => {
-                    on_head(&w).map_err(|e| Error::Output(e.to_string()))?;
-                    let more = w.more;
-                    head = Some(w);
-                    Ok(more)
-                }
-                other => Err(unexpected(&other)),
+                Reply::Who(w) => on_head(w).map_err(output_error),
+                other => Err(unexpected(other)),
             },
-            |s: SocketInfo| each(s).map_err(|e| Error::Output(e.to_string())),
+            |s: SocketInfo| each(s).map_err(output_error),
         )?;
-        head.ok_or_else(|| Error::Transport("no reply".into()))
+        match head {
+            Reply::Who(w) => Ok(w),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Every reservation (streamed from the daemon and collected; see [`Client::show_each`]).
@@ -523,71 +499,54 @@ impl Client {
             stream: true,
             filter: filter.clone(),
         };
-        let mut head = None;
-        self.call_streamed(
+        let head = self.call_streamed(
             request,
             |reply| match reply {
-                Reply::Show(s) => {
-                    let more = s.more;
-                    head = Some(s);
-                    Ok(more)
-                }
-                other => Err(unexpected(&other)),
+                Reply::Show(_) => Ok(()),
+                other => Err(unexpected(other)),
             },
-            |r: ReservationInfo| each(r).map_err(|e| Error::Output(e.to_string())),
+            |r: ReservationInfo| each(r).map_err(output_error),
         )?;
-        head.ok_or_else(|| Error::Transport("no reply".into()))
+        match head {
+            Reply::Show(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
     }
 
-    /// Sends a request whose reply may stream: `on_head` gets the `ok` frame and says whether
-    /// rows follow; `each` gets the rows, decoded as `T`. If `each` fails, the rest of the
-    /// stream is read and dropped (the connection stays usable) and the first error is returned.
+    /// Sends a request whose reply may stream and returns the head (the `ok` frame), after
+    /// `on_head` has seen it and `each` every row (decoded as `T`) when it announced rows. If
+    /// `each` fails, the rest of the stream is read and dropped (the connection stays usable)
+    /// and the first error is returned; if `on_head` fails, the connection is shut.
     fn call_streamed<T: serde::de::DeserializeOwned>(
         &self,
         request: Request,
-        on_head: impl FnOnce(Reply) -> Result<bool, Error>,
+        on_head: impl FnOnce(&Reply) -> Result<(), Error>,
         mut each: impl FnMut(T) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    ) -> Result<Reply, Error> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let id = conn.next_id;
-        conn.next_id += 1;
-        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
-        skip_unanswered(&mut conn)?;
-        let (body, _) = read_frame_with_fds(&mut conn)?;
-        let head: ReplyFrame = portres_proto::decode(&body)?;
-        if head.id != id && head.id != 0 {
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-            return Err(Error::Transport(format!(
-                "reply {} does not answer request {id}",
-                head.id
-            )));
-        }
-        let more = match head.body {
-            ReplyBody::Ok(r) => {
-                let announced = match &r {
-                    Reply::Show(s) => s.more,
-                    Reply::Who(w) => w.more,
-                    _ => false,
-                };
-                match on_head(r) {
-                    Ok(more) => more,
-                    // Rows may follow: the connection cannot be reused unless they are read.
-                    Err(e) => {
-                        if announced {
-                            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
+        let (id, head, _) = exchange(&mut conn, request)?;
+        let head = match head.body {
+            ReplyBody::Ok(r) => r,
             ReplyBody::Error(e) => return Err(Error::from_body(e)),
             _ => {
                 let _ = conn.stream.shutdown(std::net::Shutdown::Both);
                 return Err(Error::Transport("a stream began without its head".into()));
             }
         };
+        let more = match &head {
+            Reply::Show(s) => s.more,
+            Reply::Who(w) => w.more,
+            _ => false,
+        };
+        if let Err(e) = on_head(&head) {
+            // Rows may follow: the connection cannot be reused unless they are read.
+            if more {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
+            return Err(e);
+        }
         if !more {
-            return Ok(());
+            return Ok(head);
         }
         let mut failed = None;
         loop {
@@ -627,8 +586,28 @@ impl Client {
                 return Err(Error::Transport("an unknown frame inside a stream".into()));
             }
         }
-        failed.map_or(Ok(()), Err)
+        failed.map_or(Ok(head), Err)
     }
+}
+
+/// Sends `request` with a fresh id and reads the first frame of its reply with any
+/// descriptors that came with it (after the replies of [`Client::release_later`] still owed).
+/// A reply to another request means the connection is out of step: it is shut.
+fn exchange(conn: &mut Conn, request: Request) -> Result<(u64, ReplyFrame, Vec<OwnedFd>), Error> {
+    let id = conn.next_id;
+    conn.next_id += 1;
+    portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+    skip_unanswered(conn)?;
+    let (body, fds) = read_frame_with_fds(conn)?;
+    let reply: ReplyFrame = portres_proto::decode(&body)?;
+    if reply.id != id && reply.id != 0 {
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        return Err(Error::Transport(format!(
+            "reply {} does not answer request {id}",
+            reply.id
+        )));
+    }
+    Ok((id, reply, fds))
 }
 
 /// Reads and drops the replies to requests sent by [`Client::release_later`]. Release replies
@@ -841,6 +820,21 @@ fn local_refusal(op: Operation, message: String) -> Error {
         message: r.message,
         conflict: None,
     })
+}
+
+/// A port as the protocol carries it (0 to 65535).
+fn port_field(port: u32) -> Result<u16, Error> {
+    u16::try_from(port).map_err(|_| {
+        local_refusal(
+            Operation::Other,
+            format!("{port} is not a port; give a number from 1 to 65535"),
+        )
+    })
+}
+
+/// A failure to write out what the daemon sent.
+fn output_error(e: std::io::Error) -> Error {
+    Error::Output(e.to_string())
 }
 
 /// A block's start (0 to 65535) and count (1 to 65535) as the protocol carries them.

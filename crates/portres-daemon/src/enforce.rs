@@ -331,22 +331,25 @@ impl Enforcer {
     }
 
     /// Whether the prepared-socket pools want refilling (at half: one uid switch then makes
-    /// several sockets).
-    pub(crate) fn pool_low(&self) -> bool {
+    /// several sockets), and descriptors are plentiful enough to keep them: each is a
+    /// descriptor that a session might need when the open-file limit is close.
+    pub(crate) fn pool_wanted(&self, sessions: usize) -> bool {
         self.pool.iter().any(|p| p.len() < POOL_SIZE / 2)
+            && self.descriptors_in_use(sessions) + 2 * POOL_SIZE as u64 + 64 <= self.nofile
     }
 
-    /// Whether descriptors are plentiful enough to keep prepared sockets: each is a descriptor
-    /// that a session might need when the open-file limit is close (the same estimate as
-    /// [`Enforcer::layers`], with room for a full pool).
-    pub(crate) fn descriptors_to_spare(&self, sessions: usize) -> bool {
-        let used = self.held_ports + sessions as u64 + 64;
-        used + 2 * POOL_SIZE as u64 + 64 <= self.nofile
+    /// An estimate of the descriptors in use (counting /proc/self/fd would cost a directory
+    /// read): one per session and per held port, plus a few dozen of the daemon's own.
+    fn descriptors_in_use(&self, sessions: usize) -> u64 {
+        self.held_ports + sessions as u64 + 64
     }
 
-    /// Prepares sockets for the pools (one filesystem-uid switch): run after a reply is sent, so
-    /// the next small hold costs only a bind.
-    pub(crate) fn refill_pool(&mut self) {
+    /// Prepares sockets for the pools (one filesystem-uid switch), when [`Enforcer::pool_wanted`]:
+    /// run after a reply is sent, so the next small hold costs only a bind.
+    pub(crate) fn refill_pool(&mut self, sessions: usize) {
+        if !self.pool_wanted(sessions) {
+            return;
+        }
         for protocol in Protocol::ALL {
             let pool = &mut self.pool[protocol.index()];
             if pool.len() >= POOL_SIZE / 2 {
@@ -806,9 +809,7 @@ impl Enforcer {
 
     /// Status of each layer, with the reason.
     pub(crate) fn layers(&self, sessions: usize) -> Vec<LayerInfo> {
-        // An estimate (counting /proc/self/fd would cost a directory read per status): each
-        // session and held port is one descriptor, plus a few dozen of the daemon's own.
-        let used = self.held_ports + sessions as u64 + 64;
+        let used = self.descriptors_in_use(sessions);
         let room = self.nofile.saturating_sub(used);
         let (helpers, in_helpers) = self.helpers.summary();
         let limits = if helpers == 0 {

@@ -608,12 +608,6 @@ async fn who(
             format!("{port} is not a port; give a number from 1 to 65535"),
         )
     })?;
-    // The kernel's view first, on the blocking pool (it reads /proc: a busy port has
-    // thousands of sockets, and other clients are served meanwhile).
-    let (seen, hidden) =
-        tokio::task::spawn_blocking(move || crate::visibility::sockets_on(p, port))
-            .await
-            .map_err(|e| internal(Operation::Other, "who", e))?;
     let (covering, placeholder, handed_here, handed) = {
         let mut st = shared.state.lock().unwrap();
         if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
@@ -649,9 +643,13 @@ async fn who(
         }
         info
     };
+    // The kernel's view on the blocking pool, outside the lock (it reads /proc: a busy port has
+    // thousands of sockets, and other clients are served meanwhile); one pass over /proc finds
+    // the processes of the port's sockets and of the block's handed-out ones.
     let (head, seen) = tokio::task::spawn_blocking(move || {
         let mut names = Names::default();
-        let holders = handout_holders(&handed);
+        let handed_set: HashSet<u64> = handed.values().copied().collect();
+        let (seen, holders, hidden) = crate::visibility::sockets_on_with(p, port, &handed_set);
         let reservation = covering
             .as_ref()
             .map(|r| reservation_info(r, &caller, &handed, &holders, &mut names));

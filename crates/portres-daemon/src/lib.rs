@@ -141,13 +141,13 @@ impl Daemon {
                 "kernel (net.ipv4.ip_local_port_range)".into(),
             ),
         };
-        let store = Store::open(&placement.state_dir)?;
+        let (store, records) = Store::open(&placement.state_dir)?;
         let mut table = Table::new(TableConfig {
             dynamic_range,
             runtime_quota: config.runtime_quota,
         });
         let mut enforcer = enforce::Enforcer::new(&placement.state_dir, config.holder_uid);
-        for rec in store.load()? {
+        for rec in records {
             let r = rec
                 .to_reservation()
                 .map_err(|why| StartError::Inconsistent {

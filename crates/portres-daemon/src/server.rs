@@ -99,7 +99,8 @@ async fn write_msg(s: &mut UnixStream, msg: &impl serde::Serialize) -> std::io::
 }
 
 /// Writes bytes, giving up when the client reads none of them for `limit`: a client that
-/// stops reading its replies is dropped, and only its own session waits meanwhile.
+/// stops reading its replies is dropped, and only its own session waits meanwhile. A reply
+/// that fits the socket buffer (nearly all) is written at once, with no timer armed.
 async fn write_within(
     s: &mut UnixStream,
     bytes: &[u8],
@@ -107,16 +108,23 @@ async fn write_within(
 ) -> Result<(), String> {
     let mut done = 0;
     while done < bytes.len() {
-        match tokio::time::timeout(limit, s.write(&bytes[done..])).await {
-            Ok(Ok(0)) => return Err("the client closed the connection".into()),
-            Ok(Ok(n)) => done += n,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "the client read none of its reply for {} ms (reply_timeout_ms); dropped",
-                    limit.as_millis()
-                ));
+        match s.try_write(&bytes[done..]) {
+            Ok(0) => return Err("the client closed the connection".into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(limit, s.writable()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => {
+                        return Err(format!(
+                            "the client read none of its reply for {} ms (reply_timeout_ms); \
+                             dropped",
+                            limit.as_millis()
+                        ));
+                    }
+                }
             }
+            Err(e) => return Err(e.to_string()),
         }
     }
     Ok(())
@@ -230,8 +238,7 @@ fn schedule_background_work(shared: &Arc<Shared>) {
     let (soon, dirty) = {
         let st = shared.state.lock().unwrap();
         (
-            (st.enforcer.pool_low() && st.enforcer.descriptors_to_spare(st.table.session_count()))
-                || st.enforcer.exclude_unwritten(),
+            st.enforcer.pool_wanted(st.table.session_count()) || st.enforcer.exclude_unwritten(),
             st.enforcer.exclude_dirty(),
         )
     };
@@ -240,10 +247,9 @@ fn schedule_background_work(shared: &Arc<Shared>) {
         tokio::spawn(async move {
             shared.soon_scheduled.store(false, Ordering::Release);
             let mut st = shared.state.lock().unwrap();
+            let sessions = st.table.session_count();
             st.enforcer.write_granted();
-            if st.enforcer.descriptors_to_spare(st.table.session_count()) {
-                st.enforcer.refill_pool();
-            }
+            st.enforcer.refill_pool(sessions);
         });
     }
     if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {

@@ -346,89 +346,69 @@ pub struct Store {
     db: std::sync::Mutex<Option<Database>>,
     journal: std::sync::Mutex<crate::journal::Journal>,
     path: PathBuf,
-    records: Vec<StoredReservation>,
 }
 
 impl Store {
-    /// Opens (or creates) `portres.redb` in `state_dir`: checks its integrity and schema and
-    /// reads every record (see [`Store::load`]); brings the journal up to date with it.
-    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+    /// Opens (or creates) `portres.redb` in `state_dir`: checks its integrity and schema,
+    /// reads every record (returned beside the store) and checks them against the journal,
+    /// which it brings up to date.
+    pub fn open(state_dir: &Path) -> Result<(Store, Vec<StoredReservation>), StoreError> {
         let path = state_dir.join("portres.redb");
         let journal_path = state_dir.join(crate::journal::FILE);
-        let (db, records, fresh) = match open_checked(&path) {
+        let opened = open_checked(&path);
+        let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
+        let damaged = |why: String| StoreError::Damaged {
+            path: path.clone(),
+            why,
+            journal: journal_path.clone(),
+            journal_records: journal_path.exists().then_some(replayed.records.len()),
+            journal_bad: replayed.bad.len(),
+            state_dir: state_dir.into(),
+        };
+        let (db, records, fresh) = match opened {
             Ok(x) => x,
-            Err(OpenFailure::Locked) => {
-                return Err(StoreError::Locked { path });
-            }
+            Err(OpenFailure::Locked) => return Err(StoreError::Locked { path }),
             Err(OpenFailure::Schema(found)) => return Err(StoreError::Schema { path, found }),
             Err(OpenFailure::Io(why)) => return Err(StoreError::Io { path, why }),
-            Err(OpenFailure::Damaged(why)) => {
-                let journal = crate::journal::replay(&journal_path).ok();
-                return Err(StoreError::Damaged {
-                    path,
-                    why,
-                    journal: journal_path,
-                    journal_records: journal.as_ref().map(|j| j.records.len()),
-                    journal_bad: journal.map_or(0, |j| j.bad.len()),
-                    state_dir: state_dir.into(),
-                });
-            }
+            Err(OpenFailure::Damaged(why)) => return Err(damaged(why)),
         };
-        if fresh {
-            let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
-            if !replayed.records.is_empty() {
-                // Opening it wrote a schema into it: take it away again, so the next start is
-                // refused the same way instead of starting empty.
-                drop(db);
-                let _ = std::fs::remove_file(&path);
-                return Err(StoreError::Damaged {
-                    path,
-                    why: "the file is missing or empty, but its journal holds reservations".into(),
-                    journal: journal_path,
-                    journal_records: Some(replayed.records.len()),
-                    journal_bad: replayed.bad.len(),
-                    state_dir: state_dir.into(),
-                });
-            }
-        }
         // The journal and the store that was just checked must agree. A store that lacks
         // reservations its journal holds lost them (redb repairs some damage silently, e.g.
-        // after a crash): refuse, and keep the journal, so `portres store restore` can bring
-        // them back. The one exception is the journal's last line being a creation: a crash
-        // between the two writes, never acknowledged. A journal that lacks some of the store's
-        // (damaged, or from an older version) is rewritten from the store.
-        let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
+        // after a crash; or the file is missing or empty): refuse, and keep the journal, so
+        // `portres store restore` can bring them back. The one exception is the journal's last
+        // line being a creation that a store with a history lacks: a crash between the two
+        // writes, never acknowledged. A journal that lacks some of the store's (damaged, or
+        // from an older version) is rewritten from the store.
         let in_store: std::collections::BTreeSet<(String, u16)> = records
             .iter()
             .map(|r| (r.protocol.clone(), r.start))
             .collect();
+        let unacknowledged = replayed.last_put.as_ref().filter(|_| !fresh);
         let missing: Vec<&(String, u16)> = replayed
             .records
             .keys()
-            .filter(|k| !in_store.contains(*k))
-            .filter(|k| replayed.last_put.as_ref() != Some(*k))
+            .filter(|k| !in_store.contains(*k) && unacknowledged != Some(*k))
             .collect();
         if !missing.is_empty() {
+            if fresh {
+                // Opening it wrote a schema into it: take it away again, so the next start is
+                // refused the same way instead of taking the file for one with a history.
+                drop(db);
+                let _ = std::fs::remove_file(&path);
+            }
             let names: Vec<String> = missing
                 .iter()
                 .take(20)
                 .map(|(p, s)| format!("{s}/{p}"))
                 .collect();
-            return Err(StoreError::Damaged {
-                path,
-                why: format!(
-                    "it lacks {} reservations that its journal holds ({}{})",
-                    missing.len(),
-                    names.join(", "),
-                    if missing.len() > 20 { ", ..." } else { "" }
-                ),
-                journal: journal_path,
-                journal_records: Some(replayed.records.len()),
-                journal_bad: replayed.bad.len(),
-                state_dir: state_dir.into(),
-            });
+            return Err(damaged(format!(
+                "it lacks {} reservations that its journal holds ({}{})",
+                missing.len(),
+                names.join(", "),
+                if missing.len() > 20 { ", ..." } else { "" }
+            )));
         }
-        if let Some((p, s)) = &replayed.last_put
+        if let Some((p, s)) = unacknowledged
             && !in_store.contains(&(p.clone(), *s))
         {
             tracing::warn!(
@@ -459,12 +439,12 @@ impl Store {
             path: journal_path.clone(),
             why: e.to_string(),
         })?;
-        Ok(Store {
+        let store = Store {
             db: std::sync::Mutex::new(Some(db)),
             journal: std::sync::Mutex::new(journal),
             path,
-            records,
-        })
+        };
+        Ok((store, records))
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -484,11 +464,6 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Every stored reservation, as read and checked when the store was opened.
-    pub fn load(&self) -> Result<Vec<StoredReservation>, StoreError> {
-        Ok(self.records.clone())
     }
 
     /// Runs a write transaction, reopening the file first if an earlier write failed.
@@ -739,7 +714,7 @@ mod tests {
     #[test]
     fn the_journal_is_compacted_and_follows_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let (s, _) = Store::open(dir.path()).unwrap();
         for i in 0..520u16 {
             s.put(&rec(u64::from(i) + 1, 1000 + i)).unwrap();
             assert!(s.delete(Protocol::Udp, 1000 + i).unwrap());
@@ -767,17 +742,14 @@ mod tests {
         );
         let report = Store::restore(dir.path()).unwrap();
         assert_eq!(report.restored, vec![rec(9, 9)]);
-        assert_eq!(
-            Store::open(dir.path()).unwrap().load().unwrap(),
-            vec![rec(9, 9)]
-        );
+        assert_eq!(Store::open(dir.path()).unwrap().1, vec![rec(9, 9)]);
     }
 
     #[test]
     fn a_store_that_lost_what_its_journal_holds_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let (s, _) = Store::open(dir.path()).unwrap();
             for i in 1..=3u16 {
                 s.put(&rec(u64::from(i), 100 * i)).unwrap();
             }
@@ -788,8 +760,8 @@ mod tests {
             let mut j = crate::journal::Journal::open_existing(dir.path(), 3).unwrap();
             j.put(&rec(4, 400)).unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.load().unwrap().len(), 3);
+        let (s, records) = Store::open(dir.path()).unwrap();
+        assert_eq!(records.len(), 3);
         drop(s);
         // The store loses one behind the journal's back (what a silent repair does): refused,
         // naming it, and the journal is kept for the restore.
@@ -812,21 +784,20 @@ mod tests {
         let report = Store::restore(dir.path()).unwrap();
         assert_eq!(report.restored.len(), 3);
         assert!(report.kept_damaged.is_some());
-        assert_eq!(Store::open(dir.path()).unwrap().load().unwrap().len(), 3);
+        assert_eq!(Store::open(dir.path()).unwrap().1.len(), 3);
     }
 
     #[test]
     fn survives_reopen_and_checks_schema() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let (s, _) = Store::open(dir.path()).unwrap();
             s.put(&rec(11, 5000)).unwrap();
             s.put(&rec(12, 6000)).unwrap();
             assert!(s.delete(Protocol::Udp, 6000).unwrap());
             assert!(!s.delete(Protocol::Tcp, 5000).unwrap());
         }
-        let s = Store::open(dir.path()).unwrap();
-        let all = s.load().unwrap();
+        let (s, all) = Store::open(dir.path()).unwrap();
         assert_eq!(all, vec![rec(11, 5000)]);
         let r = all[0].to_reservation().unwrap();
         assert_eq!(StoredReservation::from_reservation(&r), rec(11, 5000));

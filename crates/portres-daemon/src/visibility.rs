@@ -17,12 +17,25 @@ pub(crate) struct Seen {
 /// Every live socket on `port`, with its processes; and how many processes could not be
 /// examined (when the daemon lacks the privilege).
 pub(crate) fn sockets_on(protocol: Protocol, port: u16) -> (Vec<Seen>, usize) {
+    let (seen, _, hidden) = sockets_on_with(protocol, port, &HashSet::new());
+    (seen, hidden)
+}
+
+/// [`sockets_on`], looking up the processes of the sockets `also` in the same pass over
+/// `/proc` (e.g. those handed out from the reservation covering the port): returns their
+/// owners beside.
+pub(crate) fn sockets_on_with(
+    protocol: Protocol,
+    port: u16,
+    also: &HashSet<u64>,
+) -> (Vec<Seen>, HashMap<u64, Vec<u32>>, usize) {
     let entries = sockdiag::sockets_on_ports(protocol, port, port).unwrap_or_default();
-    let inodes: HashSet<u64> = entries
+    let mut inodes: HashSet<u64> = entries
         .iter()
         .map(|e| e.inode)
         .filter(|&i| i != 0)
         .collect();
+    inodes.extend(also);
     let (owners, hidden) = portres_sys::procfs::socket_owners(&inodes);
     let seen = entries
         .into_iter()
@@ -31,7 +44,7 @@ pub(crate) fn sockets_on(protocol: Protocol, port: u16) -> (Vec<Seen>, usize) {
             Seen { entry, pids }
         })
         .collect();
-    (seen, hidden)
+    (seen, owners, hidden)
 }
 
 /// Longest command line reported for a process, in bytes (longer ones end in `…`).

@@ -17,6 +17,8 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
+use crate::rawfd::setsockopt;
+
 /// `SO_ATTACH_BPF` (asm-generic/socket.h).
 const SO_ATTACH_BPF: libc::c_int = 50;
 /// `SO_ATTACH_REUSEPORT_CBPF`.
@@ -137,26 +139,19 @@ impl SocketPrograms {
     /// `SO_ATTACH_REUSEPORT_EBPF` (steer, for the port's reuseport group). The kernel takes a
     /// reference to each program; nothing is compiled.
     pub fn attach(&self, sock: impl AsFd) -> io::Result<()> {
-        set_int_opt(&sock, SO_ATTACH_BPF, self.drop.as_raw_fd())?;
-        set_int_opt(&sock, SO_ATTACH_REUSEPORT_EBPF, self.steer.as_raw_fd())
-    }
-}
-
-fn set_int_opt(sock: &impl AsFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int and its size; the kernel copies it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_fd().as_raw_fd(),
+        let sock = sock.as_fd();
+        setsockopt(
+            sock,
             libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            SO_ATTACH_BPF,
+            &self.drop.as_raw_fd(),
+        )?;
+        setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_EBPF,
+            &self.steer.as_raw_fd(),
         )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -175,21 +170,13 @@ pub fn attach_classic_steering(sock: impl AsFd) -> io::Result<()> {
         len: 1,
         filter: insn.as_mut_ptr(),
     };
-    // SAFETY: `prog` points at `insn`, both alive for the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // `prog` points at `insn`, alive for the call; the kernel copies the program.
+    setsockopt(
+        sock.as_fd(),
+        libc::SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        &prog,
+    )
 }
 
 /// What socket filter a socket carries, by `getsockopt(SO_GET_FILTER)`.

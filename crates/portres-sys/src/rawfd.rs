@@ -24,15 +24,17 @@ fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
     }
 }
 
-fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, v: i32) -> io::Result<()> {
-    // SAFETY: `v` is a valid int for the duration of the call; `fd` is an open descriptor.
+/// `setsockopt(2)` with a value of any plain type (an int, a `sock_fprog`, ...).
+pub(crate) fn setsockopt<T>(fd: BorrowedFd<'_>, level: i32, name: i32, v: &T) -> io::Result<()> {
+    // SAFETY: `v` points at a live `T` of `size_of::<T>()` bytes for the duration of the call
+    // (the kernel copies it); `fd` is an open descriptor.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -124,7 +126,7 @@ pub fn replace_socket(target: i32, new: OwnedFd) -> io::Result<()> {
     for name in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
         // The kernel reports twice the size that was set; set half to get the same.
         if let Ok(v) = getsockopt_int(target, libc::SOL_SOCKET, name) {
-            let _ = setsockopt_int(to, libc::SOL_SOCKET, name, v / 2);
+            let _ = setsockopt(to, libc::SOL_SOCKET, name, &(v / 2));
         }
     }
     copy_raw(

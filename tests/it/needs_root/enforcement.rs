@@ -2,7 +2,6 @@
 //! automatic port selection never lands in a block, the sysctl is merged and restored, and a
 //! holder's death frees its ports at once.
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -167,10 +166,7 @@ fn a_holders_death_frees_its_ports_within_100_ms() {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut holder);
     assert!(line.contains("\"ok\""), "{line}");
     assert!(matrix(&d, NOBODY, "tcp", &[44000, 44003]).is_empty());
 

@@ -2,7 +2,7 @@
 //! `portres run`, and clients that stall half-way through a frame.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Stdio;
@@ -301,10 +301,7 @@ fn portres_run_passes_signals_on_and_waits_for_its_command() {
                 .arg(marker)
                 .stdout(Stdio::piped()),
         );
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = first_line(&mut child);
         assert_eq!(line.trim(), "ready");
         child
     };

@@ -52,6 +52,21 @@ fn daemon_udp_filters(pid: u32, lo: u16, hi: u16) -> Vec<(u16, AttachedFilter)> 
     out
 }
 
+/// 20 datagrams sent to `port` in the daemon's namespace all reach `sock`, in order.
+fn every_datagram_arrives(d: &TestDaemon, sock: &UdpSocket, port: u16) {
+    d.in_netns(move || {
+        let tx = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        for i in 0..20u8 {
+            tx.send_to(&[i], ("127.0.0.1", port)).unwrap();
+        }
+    });
+    let mut buf = [0u8; 1];
+    for i in 0..20u8 {
+        sock.recv_from(&mut buf).unwrap();
+        assert_eq!(buf[0], i);
+    }
+}
+
 /// The most BPF programs alive at once beyond `baseline` while holding and releasing UDP
 /// blocks of `count` ports `rounds` times.
 fn peak_programs_while_cycling(d: &TestDaemon, start: u32, count: u32, rounds: usize) -> usize {
@@ -91,17 +106,7 @@ fn system_daemon_udp_placeholders_share_two_ebpf_programs() {
     }
     // The handed-out socket still gets every datagram (steered by the shared program).
     let sock = r.udp_socket(None, 44500).unwrap();
-    d.in_netns(|| {
-        let tx = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
-        for i in 0..20u8 {
-            tx.send_to(&[i], ("127.0.0.1", 44500)).unwrap();
-        }
-    });
-    let mut buf = [0u8; 1];
-    for i in 0..20u8 {
-        sock.recv_from(&mut buf).unwrap();
-        assert_eq!(buf[0], i);
-    }
+    every_datagram_arrives(&d, &sock, 44500);
     close(sock);
     r.release().unwrap();
 
@@ -136,17 +141,7 @@ fn user_daemon_holds_udp_without_a_program_per_port() {
     );
     // Datagrams reach a socket handed out on the wildcard (classic steering, one program).
     let sock = r.udp_socket(None, 45000).unwrap();
-    d.in_netns(|| {
-        let tx = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
-        for i in 0..20u8 {
-            tx.send_to(&[i], ("127.0.0.1", 45000)).unwrap();
-        }
-    });
-    let mut buf = [0u8; 1];
-    for i in 0..20u8 {
-        sock.recv_from(&mut buf).unwrap();
-        assert_eq!(buf[0], i);
-    }
+    every_datagram_arrives(&d, &sock, 45000);
     // At most 256 classic programs at once: the 257th wildcard socket is refused clearly.
     let mut socks = vec![sock];
     for port in 45001..45256 {

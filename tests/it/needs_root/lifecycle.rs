@@ -1,6 +1,5 @@
 //! Sessions, shutdown and the socket: reservations die with their holder; one daemon per socket.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,10 +17,7 @@ fn sigkill_of_the_client_ends_its_reservations() {
             .arg("echo \"$$ $PORTRES_PORTS\"; exec sleep 600")
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut holder);
     let (sleeper, ports) = line.trim().split_once(' ').unwrap();
     assert_eq!(ports, "48000-48003");
     let c = d.client();
@@ -118,10 +114,7 @@ fn system_socket_is_open_to_all_and_user_socket_is_private() {
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     );
-    let mut line = String::new();
-    BufReader::new(user_daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut user_daemon);
     assert_eq!(line.trim(), "READY");
     let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     let dir_mode = std::fs::metadata(home.join("run"))

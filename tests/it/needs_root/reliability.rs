@@ -202,10 +202,7 @@ fn killed_holders_give_back_every_port_and_no_port_is_ever_held_twice() {
                 .process_group(0)
                 .stdout(Stdio::piped()),
         );
-        let mut line = String::new();
-        BufReader::new(h.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = first_line(&mut h);
         holders.push((h, line.trim().to_string()));
     }
     let check_disjoint = || {

@@ -2,7 +2,7 @@
 //! big table, a client that stops reading a streamed reply half-way, and an older client that
 //! does not ask for streaming.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -26,10 +26,7 @@ fn busy_port(d: &TestDaemon, port: u16, n: usize) -> Child {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut child = spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert_eq!(line.trim(), "ready", "busy_port.py did not start");
     child
 }

@@ -2,7 +2,6 @@
 //! directories private and refuses a configuration others could write, untrusted text stays
 //! text, and the holder uid must belong to nobody.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -46,10 +45,7 @@ print(n, flush=True)
         cmd.uid(uid).gid(uid);
     }
     let mut child = spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert_eq!(line.trim(), "ready");
     child
 }
@@ -210,10 +206,7 @@ fn untrusted_text_stays_text() {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut holder);
     assert_eq!(line.trim(), "ready");
 
     let clean = |what: &str, text: &str| {

@@ -1,6 +1,5 @@
 //! Visibility (SPEC §5): `who`, `show`, `show --format netsh`, and conflicts that name holders.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 
 use portres_client::{Error, PersistentSpec, Protocol};
@@ -17,10 +16,7 @@ fn helper(d: &TestDaemon, ports: [u16; 4]) -> (Child, u32) {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(h.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut h);
     let pid = line
         .trim()
         .strip_prefix("ready ")
