@@ -33,6 +33,8 @@ pub(crate) struct Journal {
     path: PathBuf,
     file: File,
     lines: usize,
+    /// The file's length: recorded in the store with each change (see `store.rs`).
+    bytes: u64,
 }
 
 /// A line of the journal that could not be used, and what can be told of it.
@@ -137,11 +139,18 @@ pub fn replay(path: &Path) -> io::Result<Replay> {
 }
 
 impl Journal {
-    /// Opens the journal in `state_dir` for appending as it is (it already matches the store).
+    /// Opens the journal in `state_dir` for appending as it is (it already matches the store);
+    /// `lines` is what it is taken to hold, for [`Journal::wants_compaction`].
     pub(crate) fn open_existing(state_dir: &Path, lines: usize) -> io::Result<Journal> {
         let path = state_dir.join(FILE);
         let file = OpenOptions::new().append(true).open(&path)?;
-        Ok(Journal { path, file, lines })
+        let bytes = file.metadata()?.len();
+        Ok(Journal {
+            path,
+            file,
+            lines,
+            bytes,
+        })
     }
 
     /// Rewrites the journal in `state_dir` as a snapshot of `records` and opens it for
@@ -149,7 +158,7 @@ impl Journal {
     pub(crate) fn create(state_dir: &Path, records: &[StoredReservation]) -> io::Result<Journal> {
         let path = state_dir.join(FILE);
         let tmp = state_dir.join(format!("{FILE}.tmp"));
-        {
+        let bytes = {
             let mut f = File::create(&tmp)?;
             let mut buf = Vec::new();
             for r in records {
@@ -157,7 +166,8 @@ impl Journal {
             }
             f.write_all(&buf)?;
             f.sync_all()?;
-        }
+            buf.len() as u64
+        };
         std::fs::rename(&tmp, &path)?;
         File::open(state_dir)?.sync_all()?;
         let file = OpenOptions::new().append(true).open(&path)?;
@@ -165,12 +175,13 @@ impl Journal {
             path,
             file,
             lines: records.len(),
+            bytes,
         })
     }
 
     fn append(&mut self, entry: &Entry) -> io::Result<()> {
         let line = line_for(entry);
-        let len = self.file.metadata()?.len();
+        let len = self.bytes;
         if let Err(e) = self
             .file
             .write_all(&line)
@@ -181,7 +192,13 @@ impl Journal {
             return Err(e);
         }
         self.lines += 1;
+        self.bytes += line.len() as u64;
         Ok(())
+    }
+
+    /// The file's length.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Appends a created reservation (durably, before the store commits it).

@@ -238,10 +238,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Opens the redb file, checks its integrity and reads every record; any failure (an error, a
 /// repaired file, or a panic inside redb) is a description of the damage.
-/// The third value says whether the file was new (no schema recorded: missing, empty, or
-/// truncated to nothing).
-#[allow(clippy::type_complexity)]
-fn open_checked(path: &Path) -> Result<(Database, Vec<StoredReservation>, bool), OpenFailure> {
+fn open_checked(path: &Path) -> Result<Opened, OpenFailure> {
     let opened = guarded(|| -> Result<_, OpenFailure> {
         let mut db = Database::create(path).map_err(|e| classify(e.into()))?;
         if !db.check_integrity().map_err(|e| classify(e.into()))? {
@@ -278,8 +275,21 @@ fn open_checked(path: &Path) -> Result<(Database, Vec<StoredReservation>, bool),
         if let Some(v) = found.filter(|&v| v > SCHEMA_VERSION) {
             return Err(OpenFailure::Schema(v));
         }
-        let recs = load_all(&db).map_err(OpenFailure::Damaged)?;
-        Ok((db, recs, found.is_none()))
+        let (records, digest) = load_all(&db).map_err(OpenFailure::Damaged)?;
+        let recorded = (|| {
+            let txn = db.begin_read().ok()?;
+            let meta = txn.open_table(META).ok()?;
+            let bytes = meta.get(JOURNAL_BYTES).ok()??.value();
+            let digest = meta.get(RECORDS_DIGEST).ok()??.value();
+            Some((bytes, digest))
+        })();
+        Ok(Opened {
+            db,
+            records,
+            fresh: found.is_none(),
+            digest,
+            recorded,
+        })
     });
     match opened {
         Ok(r) => r,
@@ -314,17 +324,44 @@ fn classify(e: redb::Error) -> OpenFailure {
     }
 }
 
-fn load_all(db: &Database) -> Result<Vec<StoredReservation>, String> {
+/// Every record, and the digest of the set (see [`record_digest`]).
+fn load_all(db: &Database) -> Result<(Vec<StoredReservation>, u64), String> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let table = txn.open_table(RESERVATIONS).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
+    let mut digest = 0u64;
     for entry in table.iter().map_err(|e| e.to_string())? {
         let (k, v) = entry.map_err(|e| e.to_string())?;
+        digest = digest.wrapping_add(record_digest(v.value()));
         let rec: StoredReservation = serde_json::from_slice(v.value())
             .map_err(|e| format!("the record for {:?} is unreadable: {e}", k.value()))?;
         out.push(rec);
     }
-    Ok(out)
+    Ok((out, digest))
+}
+
+/// A stored record's share of the set's digest: the digest of a set is the (wrapping) sum of
+/// its records', so a change adds and takes away shares without reading the others.
+fn record_digest(bytes: &[u8]) -> u64 {
+    u64::from(crc32fast::hash(bytes)) | ((bytes.len() as u64) << 32)
+}
+
+/// The `meta` keys of what the store recorded with its last change: the journal's length and
+/// the digest of the records. Equal to what a start finds, they say that the store and the
+/// journal moved together and nothing went missing since, so the journal need not be read.
+const JOURNAL_BYTES: &str = "journal_bytes";
+const RECORDS_DIGEST: &str = "records_digest";
+
+/// What a start needs of an opened store.
+struct Opened {
+    db: Database,
+    records: Vec<StoredReservation>,
+    /// No schema was recorded: the file was missing, empty or truncated to nothing.
+    fresh: bool,
+    /// The digest of the records read.
+    digest: u64,
+    /// `(journal_bytes, records_digest)` as recorded with the last change.
+    recorded: Option<(u64, u64)>,
 }
 
 /// What `portres store restore` did.
@@ -355,9 +392,7 @@ impl Store {
     pub fn open(state_dir: &Path) -> Result<(Store, Vec<StoredReservation>), StoreError> {
         let path = state_dir.join("portres.redb");
         let journal_path = state_dir.join(crate::journal::FILE);
-        let opened = open_checked(&path);
-        let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
-        let damaged = |why: String| StoreError::Damaged {
+        let damaged = |why: String, replayed: &crate::journal::Replay| StoreError::Damaged {
             path: path.clone(),
             why,
             journal: journal_path.clone(),
@@ -365,13 +400,40 @@ impl Store {
             journal_bad: replayed.bad.len(),
             state_dir: state_dir.into(),
         };
-        let (db, records, fresh) = match opened {
+        let Opened {
+            db,
+            records,
+            fresh,
+            digest,
+            recorded,
+        } = match open_checked(&path) {
             Ok(x) => x,
             Err(OpenFailure::Locked) => return Err(StoreError::Locked { path }),
             Err(OpenFailure::Schema(found)) => return Err(StoreError::Schema { path, found }),
             Err(OpenFailure::Io(why)) => return Err(StoreError::Io { path, why }),
-            Err(OpenFailure::Damaged(why)) => return Err(damaged(why)),
+            Err(OpenFailure::Damaged(why)) => {
+                let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
+                return Err(damaged(why, &replayed));
+            }
         };
+        let io = |e: std::io::Error| StoreError::Io {
+            path: journal_path.clone(),
+            why: e.to_string(),
+        };
+        // In step (the common start): the journal has the length, and the records the digest,
+        // that the store recorded with its last change. Nothing to compare; the journal is not
+        // read.
+        let journal_len = std::fs::metadata(&journal_path).map(|m| m.len()).ok();
+        if !fresh
+            && let (Some(len), Some((bytes, recorded_digest))) = (journal_len, recorded)
+            && len == bytes
+            && digest == recorded_digest
+        {
+            let journal =
+                crate::journal::Journal::open_existing(state_dir, records.len()).map_err(io)?;
+            return Ok((Store::assemble(db, journal, path), records));
+        }
+        let replayed = crate::journal::replay(&journal_path).unwrap_or_default();
         // The journal and the store that was just checked must agree. A store that lacks
         // reservations its journal holds lost them (redb repairs some damage silently, e.g.
         // after a crash; or the file is missing or empty): refuse, and keep the journal, so
@@ -401,12 +463,15 @@ impl Store {
                 .take(20)
                 .map(|(p, s)| format!("{s}/{p}"))
                 .collect();
-            return Err(damaged(format!(
-                "it lacks {} reservations that its journal holds ({}{})",
-                missing.len(),
-                names.join(", "),
-                if missing.len() > 20 { ", ..." } else { "" }
-            )));
+            return Err(damaged(
+                format!(
+                    "it lacks {} reservations that its journal holds ({}{})",
+                    missing.len(),
+                    names.join(", "),
+                    if missing.len() > 20 { ", ..." } else { "" }
+                ),
+                &replayed,
+            ));
         }
         if let Some((p, s)) = unacknowledged
             && !in_store.contains(&(p.clone(), *s))
@@ -435,16 +500,46 @@ impl Store {
             }
             crate::journal::Journal::create(state_dir, &records)
         }
-        .map_err(|e| StoreError::Io {
-            path: journal_path.clone(),
-            why: e.to_string(),
-        })?;
-        let store = Store {
+        .map_err(io)?;
+        let bytes = journal.bytes();
+        let store = Store::assemble(db, journal, path);
+        // In step from now on: the next start need not read the journal.
+        store.write(|txn| store.record(txn, bytes, Some(digest)))?;
+        Ok((store, records))
+    }
+
+    fn assemble(db: Database, journal: crate::journal::Journal, path: PathBuf) -> Store {
+        Store {
             db: std::sync::Mutex::new(Some(db)),
             journal: std::sync::Mutex::new(journal),
             path,
-        };
-        Ok((store, records))
+        }
+    }
+
+    /// Records, within the transaction of a change, the journal's length and the records'
+    /// digest (`None`: unchanged) as of this change (see [`JOURNAL_BYTES`]).
+    fn record(
+        &self,
+        txn: &redb::WriteTransaction,
+        journal_bytes: u64,
+        digest: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        meta.insert(JOURNAL_BYTES, journal_bytes)
+            .map_err(|e| self.err(e))?;
+        if let Some(d) = digest {
+            meta.insert(RECORDS_DIGEST, d).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The records' digest as recorded (0 for none), within a transaction.
+    fn recorded_digest(&self, txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        Ok(meta
+            .get(RECORDS_DIGEST)
+            .map_err(|e| self.err(e))?
+            .map_or(0, |v| v.value()))
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -517,20 +612,29 @@ impl Store {
                 });
             }
         }
+        let journal_bytes = journal.bytes();
         let written = self.write(|txn| {
-            let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-            for rec in recs {
-                let protocol: Protocol =
-                    rec.protocol.parse().map_err(|why| StoreError::Record {
-                        path: self.path.clone(),
-                        key: rec.token.to_string(),
-                        why,
-                    })?;
-                let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
-                t.insert((proto_key(protocol), rec.start), bytes.as_slice())
-                    .map_err(|e| self.err(e))?;
+            let mut digest = self.recorded_digest(txn)?;
+            {
+                let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
+                for rec in recs {
+                    let protocol: Protocol =
+                        rec.protocol.parse().map_err(|why| StoreError::Record {
+                            path: self.path.clone(),
+                            key: rec.token.to_string(),
+                            why,
+                        })?;
+                    let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
+                    digest = digest.wrapping_add(record_digest(&bytes));
+                    if let Some(old) = t
+                        .insert((proto_key(protocol), rec.start), bytes.as_slice())
+                        .map_err(|e| self.err(e))?
+                    {
+                        digest = digest.wrapping_sub(record_digest(old.value()));
+                    }
+                }
             }
-            Ok(())
+            self.record(txn, journal_bytes, Some(digest))
         });
         if written.is_err() {
             // Not acknowledged: out of the journal again (best effort; at the next start the
@@ -568,13 +672,20 @@ impl Store {
                 why: e.to_string(),
             })?;
         let mut existed = false;
+        let journal_bytes = journal.bytes();
         let written = self.write(|txn| {
-            let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-            existed = t
-                .remove((proto_key(protocol), start))
-                .map_err(|e| self.err(e))?
-                .is_some();
-            Ok(())
+            let mut digest = self.recorded_digest(txn)?;
+            {
+                let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
+                if let Some(old) = t
+                    .remove((proto_key(protocol), start))
+                    .map_err(|e| self.err(e))?
+                {
+                    digest = digest.wrapping_sub(record_digest(old.value()));
+                    existed = true;
+                }
+            }
+            self.record(txn, journal_bytes, Some(digest))
         });
         match written {
             Ok(()) => Ok(existed),
@@ -605,7 +716,12 @@ impl Store {
             .unwrap_or_default();
         if journal.wants_compaction(live.len()) {
             match crate::journal::Journal::create(&state_dir, live) {
-                Ok(j) => *journal = j,
+                Ok(j) => {
+                    let bytes = j.bytes();
+                    *journal = j;
+                    // In step again (else the next start reads the whole journal once).
+                    let _ = self.write(|txn| self.record(txn, bytes, None));
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot compact the journal"),
             }
         }
