@@ -154,6 +154,69 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `portres daemon --stop`: asks the daemon to stop (never starts one), and waits until it has.
+pub fn stop(socket: Option<PathBuf>, release: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let socket = socket.unwrap_or_else(|| paths::default_socket(Scope::for_current_user()));
+    let client = match portres_client::Client::connect_to(&socket) {
+        Ok(c) => c,
+        Err(portres_client::Error::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"stopped": false, "running": false})
+                );
+            } else {
+                println!("no daemon is running on {}", socket.display());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let status = client.status()?;
+    let pid = client.daemon().pid;
+    let pidfd = portres_sys::process::pidfd_open(pid).ok();
+    client.shutdown(release)?;
+    drop(client);
+    // The daemon exits once it has answered: wait for that (bounded).
+    let limit = std::time::Duration::from_secs(30);
+    let exited = match &pidfd {
+        Some(fd) => portres_sys::fdpass::wait_readable(fd, Some(limit)).unwrap_or(false),
+        None => true,
+    };
+    if !exited {
+        bail!(
+            "the daemon (pid {pid}) accepted the stop but has not exited within {} s; see its log",
+            limit.as_secs()
+        );
+    }
+    let runtime = status.counts.runtime;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "stopped": true, "pid": pid, "released": release,
+                "runtime_reservations": runtime,
+            })
+        );
+    } else if release {
+        println!(
+            "stopped the daemon (pid {pid}); its {runtime} runtime reservations were released \
+             and ip_local_reserved_ports restored"
+        );
+    } else {
+        println!(
+            "stopped the daemon (pid {pid}); its {runtime} runtime reservations are kept for the \
+             next daemon"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The system daemon's configuration grants administrator rights: it must be root's and
 /// writable by root alone, and so must its directory (`stat`, following the path as it is
 /// read). A missing file is fine (defaults).

@@ -47,10 +47,26 @@ enum Command {
         /// Write READY on stdout once the socket accepts, then detach stdout (used by autostart).
         #[arg(long, hide = true)]
         print_ready: bool,
+        /// Stop the running daemon, releasing every runtime reservation and restoring
+        /// ip_local_reserved_ports (a stop meant as a stop; SIGTERM keeps them for the next
+        /// daemon when live restore is on).
+        #[arg(long, conflicts_with_all = ["state_dir", "config", "print_ready"])]
+        stop: bool,
+        /// With --stop: keep the runtime reservations for the next daemon, as SIGTERM does.
+        #[arg(long, requires = "stop")]
+        keep: bool,
     },
     /// Internal: a placeholder-holding helper of the daemon (reads its standard input).
     #[command(hide = true)]
     Holder,
+    /// Internal: the daemon's keeper for live restore (its listening socket is standard input).
+    #[command(hide = true)]
+    Keeper {
+        #[arg(long)]
+        grace_secs: u64,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
     /// Every reservation with its owner.
@@ -191,9 +207,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let protocol = cli.protocol();
     match &cli.command {
         Command::Daemon {
+            stop: true, keep, ..
+        } => daemon_cmd::stop(cli.socket.clone(), !*keep, cli.json),
+        Command::Daemon {
             state_dir,
             config,
             print_ready,
+            ..
         } => daemon_cmd::run(daemon_cmd::Options {
             socket: cli.socket.clone(),
             state_dir: state_dir.clone(),
@@ -202,6 +222,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Holder => {
             portres_daemon::holder::serve_stdin()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keeper {
+            grace_secs,
+            state_dir,
+        } => {
+            portres_daemon::keeper::serve_stdin(
+                std::time::Duration::from_secs(*grace_secs),
+                state_dir,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

@@ -103,6 +103,42 @@ pub fn status(s: &StatusInfo, json: bool) {
         let state = if l.active { "active" } else { "off" };
         println!("    {:<8} {state:<7} {}", l.name, l.reason);
     }
+    if let Some(r) = &s.restore {
+        restore(r);
+    }
+}
+
+/// The live-restore lines of `status`.
+fn restore(r: &portres_client::RestoreInfo) {
+    match (r.live_restore_secs, &r.problem, r.keeper_pid) {
+        (0, _, _) => println!(
+            "  live restore:   off (live_restore_secs = 0): a stop releases every runtime \
+             reservation"
+        ),
+        (secs, Some(why), _) => println!("  live restore:   NOT WORKING: {why} (grace {secs} s)"),
+        (secs, None, pid) => println!(
+            "  live restore:   on: runtime reservations outlive a restart or crash of the daemon \
+             for up to {secs} s, kept by the keeper (pid {}); `portres daemon --stop` releases \
+             them",
+            pid.map_or("?".to_string(), |p| p.to_string())
+        ),
+    }
+    if r.restored {
+        println!(
+            "  last start:     carried on from the previous daemon: {} runtime reservations kept \
+             ({} held ports never unbound), {} dropped (owner gone), {} lost",
+            r.kept,
+            r.placeholders_kept,
+            r.dropped.len(),
+            r.lost.len()
+        );
+        for d in &r.dropped {
+            println!("    dropped: {}", portres_core::printable(d));
+        }
+        for l in &r.lost {
+            println!("    LOST:    {}", portres_core::printable(l));
+        }
+    }
 }
 
 /// `show`: an aligned table sorted by protocol then port, or `{"reservations": [...]}`.

@@ -4,8 +4,11 @@ use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::Context;
-use portres_client::{Client, Mode, Protocol, SocketKind};
+use portres_client::{Client, Error, Mode, Protocol, SocketKind};
 
 pub fn run(
     client: &Client,
@@ -63,12 +66,98 @@ pub fn run(
         .with_context(|| format!("cannot run {:?}", program))?;
     // Our copies of the sockets close with `command`; the command holds them now.
     drop(command);
+    let lost = Arc::new(AtomicBool::new(false));
+    watch_daemon(client, &block, lost.clone());
     let status = portres_sys::process::wait_forwarding_signals(&mut child)
         .context("waiting for the command")?;
-    drop(block);
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(code as u8),
-        (None, Some(sig)) => ExitCode::from(128 + sig as u8),
-        _ => ExitCode::FAILURE,
-    })
+    let what = describe(&block);
+    match block.release() {
+        Ok(()) => {}
+        Err(e @ Error::Restarted { reserved: true, .. }) => {
+            // Still reserved until we exit, which is now.
+            eprintln!("portres run: {e}");
+        }
+        Err(e) => {
+            if !lost.swap(true, Ordering::SeqCst) {
+                eprintln!("portres run: releasing {what} failed: {e}");
+            }
+        }
+    }
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(sig)) => 128 + sig as u8,
+        _ => 1,
+    };
+    if lost.load(Ordering::SeqCst) {
+        eprintln!(
+            "portres run: {what} was not reserved for the whole run (see above); exiting with \
+             status {}",
+            code.max(1)
+        );
+        return Ok(ExitCode::from(code.max(1)));
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn describe(block: &portres_client::Reservation) -> String {
+    let r = block.range();
+    format!(
+        "the reservation of ports {}-{}/{} (token {})",
+        r.start(),
+        r.last(),
+        block.protocol(),
+        block.token()
+    )
+}
+
+/// Watches the connection while the command runs: when the daemon goes away (a restart, an
+/// upgrade, a crash), says so, waits for it to come back and re-attaches the reservation, and
+/// says whether it was kept. A loss sets `lost`.
+fn watch_daemon(client: &Client, block: &portres_client::Reservation, lost: Arc<AtomicBool>) {
+    let client = client.clone();
+    let token = block.token().to_string();
+    let what = describe(block);
+    // The thread inherits the blocked signals (they are waited for by the main thread).
+    let _ = std::thread::Builder::new()
+        .name("daemon-watch".into())
+        .spawn(move || {
+            loop {
+                if client.wait_disconnected().is_err() {
+                    return;
+                }
+                if !client.daemon_gone() {
+                    // Answered meanwhile by a request of the main thread's (which reconnects
+                    // by itself), or the connection was made again already.
+                    continue;
+                }
+                eprintln!(
+                    "portres run: the daemon went away; waiting up to {} s for it to come back \
+                     (PORTRES_RECONNECT_SECS)",
+                    client.reconnect_limit().as_secs()
+                );
+                match client.reattach() {
+                    Ok(None) => {}
+                    Ok(Some(info)) => {
+                        if let Some(l) = info.lost.iter().find(|l| l.token == token) {
+                            eprintln!("portres run: {what} is LOST: {}", l.why);
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        eprintln!(
+                            "portres run: the daemon is back (pid {}); {what} is kept",
+                            client.daemon_now().pid
+                        );
+                    }
+                    Err(e @ Error::Restarted { reserved: true, .. }) => {
+                        eprintln!("portres run: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        eprintln!("portres run: {e}");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        });
 }

@@ -17,6 +17,7 @@ mod needs_root {
     mod hardening;
     mod kernel_safety;
     mod lifecycle;
+    mod live_restore;
     mod persistent;
     mod protocol;
     mod reliability;

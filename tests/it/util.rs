@@ -260,6 +260,37 @@ impl TestDaemon {
         child.wait().unwrap();
     }
 
+    /// The keeper processes of this daemon (live restore), found by their state directory.
+    pub fn keeper_pids(&self) -> Vec<u32> {
+        let want = self.state_dir.display().to_string();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == "keeper") && args.iter().any(|a| a == &want) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// `portres daemon --stop`: a stop meant as a stop (everything released, the sysctl
+    /// restored, the keeper gone); waits until the daemon has exited.
+    pub fn stop(&mut self) {
+        let out = run(self.cli().args(["daemon", "--stop"]));
+        assert!(out.status.success(), "daemon --stop: {out:?}");
+        let mut child = self.child.take().expect("running");
+        assert!(child.wait().unwrap().success(), "log:\n{}", self.log());
+    }
+
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -322,6 +353,10 @@ impl Drop for TestDaemon {
         if let Some(mut child) = self.child.take() {
             signal(child.id(), rustix::process::Signal::TERM);
             let _ = child.wait();
+        }
+        // SIGTERM leaves the runtime reservations with the keeper for a successor: none comes.
+        for pid in self.keeper_pids() {
+            signal(pid, rustix::process::Signal::KILL);
         }
         let _ = self.netns.kill();
         let _ = self.netns.wait();

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use portres_core::{ErrorCode, Mode, Operation, PortRange, Protocol, Refusal, Token};
 use portres_proto::{
-    ErrorBody, Hello, HelloReply, Reply, ReplyBody, ReplyFrame, Request, RequestFrame,
-    ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef, SocketType,
-    StatusInfo, Welcome, WhoInfo,
+    AttachInfo, ErrorBody, Hello, HelloReply, LostToken, Reply, ReplyBody, ReplyFrame, Request,
+    RequestFrame, ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef,
+    SocketType, StatusInfo, Welcome, WhoInfo,
 };
 pub use portres_sys::hold::SocketKind;
 
@@ -26,11 +26,48 @@ struct Conn {
     /// Bytes read past the last frame.
     pending: Vec<u8>,
     /// Requests sent without waiting for their replies ([`Client::release_later`]): the daemon
-    /// answers in order, so these replies come first and are skipped.
-    unanswered: usize,
+    /// answers in order, so these replies come first and are skipped. Their tokens.
+    unanswered: Vec<u64>,
     /// Descriptors received and not yet given out with their frame (one `recvmsg` may read a
     /// skipped reply and the next frame with its descriptor).
     fds: Vec<OwnedFd>,
+    /// The daemon's handshake on this connection.
+    welcome: Welcome,
+    /// Runtime reservations acquired on this session, to re-attach after a daemon restart.
+    tokens: std::collections::BTreeSet<u64>,
+    /// The daemon closed this connection (it stopped, restarted or died).
+    gone: bool,
+    /// Times the connection was made again after the daemon came back.
+    reconnects: u64,
+    /// Tokens a re-attach reported lost, with why.
+    lost: Vec<LostToken>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, welcome: Welcome) -> Conn {
+        Conn {
+            stream,
+            next_id: 1,
+            pending: Vec::new(),
+            unanswered: Vec::new(),
+            fds: Vec::new(),
+            welcome,
+            tokens: std::collections::BTreeSet::new(),
+            gone: false,
+            reconnects: 0,
+            lost: Vec::new(),
+        }
+    }
+}
+
+/// How long a client waits for a daemon that went away (a restart, an upgrade) to come back:
+/// `PORTRES_RECONNECT_SECS`, default 30; 0 fails at once.
+pub fn reconnect_limit() -> std::time::Duration {
+    let secs = std::env::var("PORTRES_RECONNECT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(30);
+    std::time::Duration::from_secs(secs)
 }
 
 /// At most this many releases are left unanswered; the next one waits for their replies
@@ -40,7 +77,12 @@ const MAX_UNANSWERED: usize = 64;
 struct Inner {
     conn: Mutex<Conn>,
     socket: PathBuf,
+    /// The daemon users this client trusts (checked again on every reconnect).
+    trusted: Vec<u32>,
+    /// The handshake of the first connection.
     welcome: Welcome,
+    /// How long to wait for a daemon that went away, in milliseconds.
+    reconnect_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A session with the daemon. Cheap to clone (clones share the connection); the session, and
@@ -151,64 +193,16 @@ impl Client {
     /// [`Client::connect_to`] trusting exactly the daemon users `uids` (e.g. root reaching a
     /// per-user daemon of another user on purpose).
     pub fn connect_trusting(socket: &Path, uids: &[u32]) -> Result<Client, Error> {
-        let untrusted = |why: String| Error::Untrusted {
-            path: socket.into(),
-            why,
-        };
-        match crate::trust::check_socket_dir(socket, uids) {
-            Ok(()) => {}
-            // A directory that does not exist yet holds no impostor: that is "no daemon".
-            Err(_) if socket.parent().is_some_and(|d| !d.exists()) => {
-                return Err(Error::Connect {
-                    path: socket.into(),
-                    source: std::io::Error::from(ErrorKind::NotFound),
-                });
-            }
-            Err(why) => return Err(untrusted(why)),
-        }
-        let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
-            path: socket.into(),
-            source,
-        })?;
-        let peer = portres_sys::creds::peer_cred(&stream).map_err(|e| {
-            untrusted(format!(
-                "cannot read the credentials of the process behind {}: {e}",
-                socket.display()
-            ))
-        })?;
-        if !uids.contains(&peer.uid) {
-            return Err(untrusted(format!(
-                "refusing the daemon at {}: it runs as {} (pid {}), not as {}; it may be another \
-                 user's program impersonating the daemon, and nothing was sent to it. If that \
-                 user runs your daemon on purpose, set PORTRES_DAEMON_USER={}",
-                socket.display(),
-                crate::trust::who_is(peer.uid),
-                peer.pid,
-                uids.iter()
-                    .map(|&u| crate::trust::who_is(u))
-                    .collect::<Vec<_>>()
-                    .join(" or "),
-                peer.uid
-            )));
-        }
-        let client_name = format!("portres-client {}", env!("CARGO_PKG_VERSION"));
-        portres_proto::write_frame(&mut stream, &Hello::new(client_name))?;
-        let reply: HelloReply = portres_proto::decode(&portres_proto::read_frame(&mut stream)?)?;
-        let welcome = match reply {
-            HelloReply::Welcome(w) => w,
-            HelloReply::Error(e) => return Err(Error::from_body(e)),
-        };
+        let (stream, welcome) = open(socket, uids)?;
         Ok(Client {
             inner: Arc::new(Inner {
-                conn: Mutex::new(Conn {
-                    stream,
-                    next_id: 1,
-                    pending: Vec::new(),
-                    unanswered: 0,
-                    fds: Vec::new(),
-                }),
+                conn: Mutex::new(Conn::new(stream, welcome.clone())),
                 socket: socket.into(),
+                trusted: uids.to_vec(),
                 welcome,
+                reconnect_ms: std::sync::atomic::AtomicU64::new(
+                    reconnect_limit().as_millis() as u64
+                ),
             }),
         })
     }
@@ -218,9 +212,210 @@ impl Client {
         &self.inner.socket
     }
 
-    /// The daemon's process id and versions, from the handshake.
+    /// The daemon's process id and versions, from the first handshake (see
+    /// [`Client::daemon_now`] after a restart).
     pub fn daemon(&self) -> &Welcome {
         &self.inner.welcome
+    }
+
+    /// The handshake of the connection in use now (another daemon's after a restart).
+    pub fn daemon_now(&self) -> Welcome {
+        self.lock().welcome.clone()
+    }
+
+    /// How many times the connection was made again after the daemon went away.
+    pub fn reconnects(&self) -> u64 {
+        self.lock().reconnects
+    }
+
+    /// Runtime reservations of this client that a re-attach after a daemon restart reported
+    /// lost (the daemon could not carry them over), with why. Empty in the normal case.
+    pub fn lost(&self) -> Vec<LostToken> {
+        self.lock().lost.clone()
+    }
+
+    /// Sets how long this client waits for a daemon that went away to come back (default:
+    /// [`reconnect_limit`]); zero fails at once.
+    pub fn set_reconnect_limit(&self, limit: std::time::Duration) {
+        self.inner.reconnect_ms.store(
+            limit.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// How long this client waits for a daemon that went away to come back.
+    pub fn reconnect_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.inner
+                .reconnect_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the connection; if the daemon went away meanwhile (a restart), waits for it
+    /// to come back ([`reconnect_limit`]), re-attaches this session's runtime reservations, and
+    /// runs `f` once more on the new connection.
+    fn on_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
+        let mut conn = self.lock();
+        if conn.gone {
+            self.reconnect(&mut conn)?;
+            return f(&mut conn);
+        }
+        match f(&mut conn) {
+            Err(e) if conn.gone && !self.reconnect_limit().is_zero() => {
+                drop(e);
+                self.reconnect(&mut conn)?;
+                f(&mut conn)
+            }
+            other => other,
+        }
+    }
+
+    /// Connects again after the daemon went away, waiting up to [`reconnect_limit`] for it to
+    /// come back, and re-attaches this session's runtime reservations (the daemon checks that
+    /// this process owns them). Releases sent with [`Client::release_later`] that were never
+    /// answered are sent again.
+    fn reconnect(&self, conn: &mut Conn) -> Result<AttachInfo, Error> {
+        let limit = self.reconnect_limit();
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(5);
+        let restarted = |why: String, reserved: bool| Error::Restarted {
+            socket: self.inner.socket.clone(),
+            why,
+            reserved,
+        };
+        let (stream, welcome) = loop {
+            match open(&self.inner.socket, &self.inner.trusted) {
+                Ok(x) => break x,
+                Err(e @ Error::Untrusted { .. }) => return Err(e),
+                Err(Error::MalformedRequest(d)) => {
+                    return Err(restarted(
+                        format!(
+                            "the daemon came back but refused this client: {}; the runtime \
+                         reservations of this process stay reserved until it exits, but this \
+                         client cannot use or release them",
+                            d.message
+                        ),
+                        true,
+                    ));
+                }
+                Err(e) if started.elapsed() >= limit => {
+                    return Err(restarted(
+                        format!(
+                            "the daemon went away and did not come back within {} s \
+                         (PORTRES_RECONNECT_SECS): {e}; the runtime reservations of this \
+                         session are no longer guaranteed",
+                            limit.as_secs()
+                        ),
+                        false,
+                    ));
+                }
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_millis(200));
+                }
+            }
+        };
+        let tokens: Vec<u64> = conn.tokens.iter().copied().collect();
+        let releases = std::mem::take(&mut conn.unanswered);
+        let mut fresh = Conn::new(stream, welcome);
+        fresh.reconnects = conn.reconnects + 1;
+        fresh.tokens = conn.tokens.clone();
+        fresh.lost = std::mem::take(&mut conn.lost);
+        *conn = fresh;
+        let mut info = AttachInfo::default();
+        if !tokens.is_empty() {
+            if conn.welcome.version < 2 {
+                return Err(restarted(
+                    "the daemon came back as a version that cannot re-attach runtime \
+                     reservations (protocol version 1); those of this process stay reserved \
+                     until it exits, but this client cannot use or release them"
+                        .into(),
+                    true,
+                ));
+            }
+            let request = Request::Attach {
+                tokens: tokens.iter().map(u64::to_string).collect(),
+            };
+            let (_, reply, _) = exchange(conn, request)?;
+            info = match reply.body {
+                ReplyBody::Ok(Reply::Attached(info)) => info,
+                ReplyBody::Error(e) => return Err(Error::from_body(e)),
+                _ => return Err(Error::Transport("an unexpected answer to attach".into())),
+            };
+            for l in &info.lost {
+                if let Ok(t) = l.token.parse::<u64>() {
+                    conn.tokens.remove(&t);
+                }
+            }
+            conn.lost.extend(info.lost.iter().cloned());
+        }
+        for token in releases {
+            if conn.tokens.remove(&token) {
+                let _ = exchange(
+                    conn,
+                    Request::Release {
+                        token: token.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(info)
+    }
+
+    /// Blocks until the daemon closes this client's connection (it stopped, restarted or died).
+    /// For a client that sends nothing meanwhile, e.g. one that holds a reservation while a
+    /// command runs; then [`Client::reattach`] connects again.
+    pub fn wait_disconnected(&self) -> Result<(), Error> {
+        let dup = {
+            let conn = self.lock();
+            if conn.gone {
+                return Ok(());
+            }
+            conn.stream
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Transport(e.to_string()))?
+        };
+        portres_sys::fdpass::wait_hangup(&dup).map_err(|e| Error::Transport(e.to_string()))
+    }
+
+    /// Whether the daemon has closed the connection in use now (it stopped, restarted or died).
+    pub fn daemon_gone(&self) -> bool {
+        let conn = self.lock();
+        conn.gone || (conn.pending.is_empty() && portres_sys::fdpass::peer_closed(&conn.stream))
+    }
+
+    /// If the daemon closed the connection, connects again (waiting up to [`reconnect_limit`])
+    /// and re-attaches this session's runtime reservations; returns what the re-attach kept
+    /// and lost, or `None` when the connection was fine (or was made again meanwhile).
+    pub fn reattach(&self) -> Result<Option<AttachInfo>, Error> {
+        let mut conn = self.lock();
+        if !conn.gone {
+            // A closed connection reads as end of file (nothing unasked is ever sent).
+            if !conn.pending.is_empty() || !portres_sys::fdpass::peer_closed(&conn.stream) {
+                return Ok(None);
+            }
+            conn.gone = true;
+        }
+        self.reconnect(&mut conn).map(Some)
+    }
+
+    /// Stops the daemon (administrators): `release` releases every runtime reservation and
+    /// restores the kernel's settings; otherwise they are kept for the next daemon.
+    pub fn shutdown(&self, release: bool) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let (_, reply, _) = exchange(&mut conn, Request::Shutdown { release })?;
+        match reply.body {
+            ReplyBody::Ok(Reply::Done) => Ok(()),
+            ReplyBody::Ok(other) => Err(unexpected(&other)),
+            ReplyBody::Error(e) => Err(Error::from_body(e)),
+            _ => Err(Error::Transport("an unexpected answer to shutdown".into())),
+        }
     }
 
     fn call(&self, request: Request) -> Result<Reply, Error> {
@@ -229,8 +424,7 @@ impl Client {
 
     /// Sends a request and reads its reply with any descriptors that came with it.
     fn call_with_fds(&self, request: Request) -> Result<(Reply, Vec<OwnedFd>), Error> {
-        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, reply, fds) = exchange(&mut conn, request)?;
+        let (_, reply, fds) = self.on_conn(|conn| exchange(conn, request.clone()))?;
         match reply.body {
             ReplyBody::Ok(r) => Ok((r, fds)),
             ReplyBody::Error(e) => Err(Error::from_body(e)),
@@ -328,6 +522,7 @@ impl Client {
             mode: Some(mode),
         })?;
         let (token, protocol, range, mode) = parse_ref(r)?;
+        self.lock().tokens.insert(token.get());
         Ok(Reservation {
             client: self.clone(),
             token,
@@ -340,11 +535,21 @@ impl Client {
 
     /// Releases a runtime reservation by token (it must be this process's).
     pub fn release(&self, token: u64) -> Result<(), Error> {
-        match self.call(Request::Release {
+        let result = self.call(Request::Release {
             token: token.to_string(),
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(&other)),
+        });
+        let mut conn = self.lock();
+        let was_lost = conn.lost.iter().any(|l| l.token == token.to_string());
+        match result {
+            Ok(Reply::Done) => {
+                conn.tokens.remove(&token);
+                Ok(())
+            }
+            // Lost across a daemon restart: it is not reserved any more, which is what a
+            // release asks for.
+            Err(Error::InvalidArgument(_)) if was_lost => Ok(()),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
         }
     }
 
@@ -354,18 +559,20 @@ impl Client {
     /// within one round trip) another process may still find the block reserved, and a held
     /// port still bound. Failures are not reported (use [`Client::release`] to see them).
     pub fn release_later(&self, token: u64) -> Result<(), Error> {
-        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.unanswered >= MAX_UNANSWERED {
-            skip_unanswered(&mut conn)?;
-        }
-        let id = conn.next_id;
-        conn.next_id += 1;
-        let request = Request::Release {
-            token: token.to_string(),
-        };
-        portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
-        conn.unanswered += 1;
-        Ok(())
+        self.on_conn(|conn| {
+            if conn.unanswered.len() >= MAX_UNANSWERED {
+                skip_unanswered(conn)?;
+            }
+            let id = conn.next_id;
+            conn.next_id += 1;
+            let request = Request::Release {
+                token: token.to_string(),
+            };
+            send_request(conn, &RequestFrame { id, request })?;
+            conn.unanswered.push(token);
+            conn.tokens.remove(&token);
+            Ok(())
+        })
     }
 
     /// Creates a persistent reservation (administrators only); returns its token.
@@ -523,8 +730,17 @@ impl Client {
         on_head: impl FnOnce(&Reply) -> Result<(), Error>,
         mut each: impl FnMut(T) -> Result<(), Error>,
     ) -> Result<Reply, Error> {
-        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let (id, head, _) = exchange(&mut conn, request)?;
+        let mut conn = self.lock();
+        if conn.gone {
+            self.reconnect(&mut conn)?;
+        }
+        let (id, head, _) = match exchange(&mut conn, request.clone()) {
+            Err(_) if conn.gone && !self.reconnect_limit().is_zero() => {
+                self.reconnect(&mut conn)?;
+                exchange(&mut conn, request)?
+            }
+            other => other?,
+        };
         let head = match head.body {
             ReplyBody::Ok(r) => r,
             ReplyBody::Error(e) => return Err(Error::from_body(e)),
@@ -590,13 +806,85 @@ impl Client {
     }
 }
 
+/// Connects to the daemon at `socket`, checks that it is trusted (see [`crate::trust`]), and
+/// shakes hands.
+fn open(socket: &Path, uids: &[u32]) -> Result<(UnixStream, Welcome), Error> {
+    let untrusted = |why: String| Error::Untrusted {
+        path: socket.into(),
+        why,
+    };
+    match crate::trust::check_socket_dir(socket, uids) {
+        Ok(()) => {}
+        // A directory that does not exist yet holds no impostor: that is "no daemon".
+        Err(_) if socket.parent().is_some_and(|d| !d.exists()) => {
+            return Err(Error::Connect {
+                path: socket.into(),
+                source: std::io::Error::from(ErrorKind::NotFound),
+            });
+        }
+        Err(why) => return Err(untrusted(why)),
+    }
+    let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+        path: socket.into(),
+        source,
+    })?;
+    let peer = portres_sys::creds::peer_cred(&stream).map_err(|e| {
+        untrusted(format!(
+            "cannot read the credentials of the process behind {}: {e}",
+            socket.display()
+        ))
+    })?;
+    if !uids.contains(&peer.uid) {
+        return Err(untrusted(format!(
+            "refusing the daemon at {}: it runs as {} (pid {}), not as {}; it may be another \
+             user's program impersonating the daemon, and nothing was sent to it. If that \
+             user runs your daemon on purpose, set PORTRES_DAEMON_USER={}",
+            socket.display(),
+            crate::trust::who_is(peer.uid),
+            peer.pid,
+            uids.iter()
+                .map(|&u| crate::trust::who_is(u))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            peer.uid
+        )));
+    }
+    let client_name = format!("portres-client {}", env!("CARGO_PKG_VERSION"));
+    portres_proto::write_frame(&mut stream, &Hello::new(client_name))?;
+    let reply: HelloReply = portres_proto::decode(&portres_proto::read_frame(&mut stream)?)?;
+    match reply {
+        HelloReply::Welcome(w) => Ok((stream, w)),
+        HelloReply::Error(e) => Err(Error::from_body(e)),
+    }
+}
+
+/// Whether an I/O error means the daemon closed the connection.
+fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+    )
+}
+
+/// Writes a request frame, noting a closed connection.
+fn send_request(conn: &mut Conn, frame: &RequestFrame) -> Result<(), Error> {
+    match portres_proto::write_frame(&mut conn.stream, frame) {
+        Ok(()) => Ok(()),
+        Err(portres_proto::FrameError::Io(e)) if is_closed(&e) => {
+            conn.gone = true;
+            Err(portres_proto::FrameError::Closed.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Sends `request` with a fresh id and reads the first frame of its reply with any
 /// descriptors that came with it (after the replies of [`Client::release_later`] still owed).
 /// A reply to another request means the connection is out of step: it is shut.
 fn exchange(conn: &mut Conn, request: Request) -> Result<(u64, ReplyFrame, Vec<OwnedFd>), Error> {
     let id = conn.next_id;
     conn.next_id += 1;
-    portres_proto::write_frame(&mut conn.stream, &RequestFrame { id, request })?;
+    send_request(conn, &RequestFrame { id, request })?;
     skip_unanswered(conn)?;
     let (body, fds) = read_frame_with_fds(conn)?;
     let reply: ReplyFrame = portres_proto::decode(&body)?;
@@ -614,11 +902,11 @@ fn exchange(conn: &mut Conn, request: Request) -> Result<(u64, ReplyFrame, Vec<O
 /// carry no descriptors: any that came with them belong to the frames after, and are kept. If
 /// this fails, the connection is shut down: which reply answers what is no longer known.
 fn skip_unanswered(conn: &mut Conn) -> Result<(), Error> {
-    while conn.unanswered > 0 {
+    while !conn.unanswered.is_empty() {
         match read_frame_with_fds(conn) {
             Ok((_, fds)) => {
                 conn.fds = fds;
-                conn.unanswered -= 1;
+                conn.unanswered.remove(0);
             }
             Err(e) => {
                 let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -646,9 +934,17 @@ fn read_frame_with_fds(conn: &mut Conn) -> Result<(Vec<u8>, Vec<OwnedFd>), Error
         let mut buf = [0u8; 16 * 1024];
         match portres_sys::fdpass::recv_with_fds(&conn.stream, &mut buf) {
             Ok((0, _)) if conn.pending.is_empty() => {
+                conn.gone = true;
                 return Err(portres_proto::FrameError::Closed.into());
             }
-            Ok((0, _)) => return Err(Error::Transport("the daemon cut a reply short".into())),
+            Ok((0, _)) => {
+                conn.gone = true;
+                return Err(Error::Transport("the daemon cut a reply short".into()));
+            }
+            Err(e) if is_closed(&e) => {
+                conn.gone = true;
+                return Err(portres_proto::FrameError::Closed.into());
+            }
             Ok((n, more)) => {
                 conn.pending.extend_from_slice(&buf[..n]);
                 conn.fds.extend(more);

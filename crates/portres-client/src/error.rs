@@ -84,6 +84,19 @@ pub enum Error {
         /// What is wrong and what to do.
         why: String,
     },
+    /// The daemon went away (a restart, an upgrade, a crash) and the client could not carry its
+    /// session over to the one that came back (or none came back in time).
+    #[error("the portres daemon at {socket} restarted: {why}")]
+    Restarted {
+        /// The socket.
+        socket: PathBuf,
+        /// What happened, and what it means for this session's reservations.
+        why: String,
+        /// Whether this session's runtime reservations are still reserved (a daemon came back
+        /// and carried them over, but this client cannot talk to it): they end when the
+        /// process exits.
+        reserved: bool,
+    },
     /// Writing out what the daemon sent failed (e.g. the reader of our output went away).
     #[error("writing the output failed: {0}")]
     Output(String),
@@ -153,7 +166,7 @@ impl Error {
     /// `ERROR_INTERNAL_ERROR` (1359).
     pub fn windows_code(&self) -> u32 {
         match self {
-            Error::Connect { .. } | Error::Autostart { .. } => 1062,
+            Error::Connect { .. } | Error::Autostart { .. } | Error::Restarted { .. } => 1062,
             // ERROR_ACCESS_DENIED.
             Error::Untrusted { .. } => 5,
             Error::Transport(_) => 1359,
@@ -168,6 +181,7 @@ impl Error {
             (Some(c), _) => c.as_str(),
             (None, Error::Connect { .. } | Error::Autostart { .. }) => "DaemonUnavailable",
             (None, Error::Untrusted { .. }) => "UntrustedDaemon",
+            (None, Error::Restarted { .. }) => "DaemonRestarted",
             (None, _) => "Transport",
         }
     }

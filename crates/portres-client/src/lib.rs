@@ -25,10 +25,11 @@ pub mod paths;
 pub mod trust;
 pub mod windows;
 
-pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket};
+pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket, reconnect_limit};
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
 pub use portres_proto::{
-    ConflictInfo, Counted, Counts, HandedOutInfo, LayerInfo, OwnerInfo, ReservationInfo,
-    ShowFilter, ShowInfo, SocketInfo, StatusInfo, WhoInfo, WhoSummary,
+    AttachInfo, ConflictInfo, Counted, Counts, HandedOutInfo, LayerInfo, LostToken, OwnerInfo,
+    ReservationInfo, RestoreInfo, ShowFilter, ShowInfo, SocketInfo, StatusInfo, WhoInfo,
+    WhoSummary,
 };

@@ -130,6 +130,42 @@ impl Reservation {
         }
     }
 
+    /// A runtime reservation carried over from a previous daemon (see
+    /// [`Table::restore_runtime`]), with the ports it had handed out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn runtime(
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+        session: SessionId,
+        owner: Owner,
+        created: u64,
+        handed_out: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        Reservation {
+            token,
+            protocol,
+            range,
+            kind: Kind::Runtime { session },
+            mode,
+            owner,
+            created,
+            handed_out: handed_out
+                .into_iter()
+                .filter(|p| range.contains(*p))
+                .collect(),
+        }
+    }
+
+    /// The session of a runtime reservation.
+    pub fn session(&self) -> Option<SessionId> {
+        match self.kind {
+            Kind::Runtime { session } => Some(session),
+            Kind::Persistent { .. } => None,
+        }
+    }
+
     /// Whether it is persistent.
     pub fn is_persistent(&self) -> bool {
         matches!(self.kind, Kind::Persistent { .. })
@@ -275,6 +311,82 @@ impl Table {
             .into_iter()
             .filter_map(|t| self.remove(t))
             .collect()
+    }
+
+    /// Puts back a runtime reservation carried over from a previous daemon, into its session
+    /// (which must be open: see [`Table::open_session`]). Refused, changing nothing, if the
+    /// token is taken, the block overlaps a live one or the session is not open.
+    pub fn restore_runtime(&mut self, r: Reservation) -> Result<(), Refusal> {
+        let op = Operation::AcquireRuntime;
+        let refuse = |why: String| Refusal::new(op, ErrorCode::Internal, why);
+        let Some(session) = r.session() else {
+            return Err(refuse(format!(
+                "reservation {} is not a runtime one",
+                r.token
+            )));
+        };
+        if self.reservations.contains_key(&r.token) {
+            return Err(refuse(format!("token {} is in use", r.token)));
+        }
+        if !self.sessions.contains_key(&session) {
+            return Err(refuse(format!("session {session} is not open")));
+        }
+        if let Some(o) = self.first_overlap(r.protocol, r.range) {
+            return Err(refuse(format!(
+                "{}/{} overlaps {} reservation {}/{}",
+                r.range,
+                r.protocol,
+                o.kind_str(),
+                o.range,
+                o.protocol
+            )));
+        }
+        self.insert(r);
+        Ok(())
+    }
+
+    /// Moves the runtime reservation `token` into session `to` (which must be open): it ends
+    /// with that session from now on. Returns the session it left, or `None` (and changes
+    /// nothing) if there is no such runtime reservation or `to` is not open.
+    pub fn move_to_session(&mut self, token: Token, to: SessionId) -> Option<SessionId> {
+        if !self.sessions.contains_key(&to) {
+            return None;
+        }
+        let r = self.reservations.get_mut(&token)?;
+        let Kind::Runtime { session } = &mut r.kind else {
+            return None;
+        };
+        let from = std::mem::replace(session, to);
+        if let Some(s) = self.sessions.get_mut(&from) {
+            s.tokens.remove(&token);
+        }
+        self.sessions
+            .get_mut(&to)
+            .expect("checked")
+            .tokens
+            .insert(token);
+        Some(from)
+    }
+
+    /// Number of runtime reservations of session `id` (0 if it is not open).
+    pub fn session_len(&self, id: SessionId) -> usize {
+        self.sessions.get(&id).map_or(0, |s| s.tokens.len())
+    }
+
+    /// Records `port` of `token`'s block as handed out (a socket carried over from a previous
+    /// daemon). Returns whether the port is in the block.
+    pub fn mark_handed(&mut self, token: Token, port: u16) -> bool {
+        match self
+            .reservations
+            .get_mut(&token)
+            .filter(|r| r.range.contains(port))
+        {
+            Some(r) => {
+                r.handed_out.insert(port);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Number of open sessions.

@@ -571,3 +571,49 @@ fn counts_past_a_u16_are_refused_never_truncated() {
     assert_eq!((r.range.start(), r.range.count()), (1, 65535));
     t.check_invariants();
 }
+
+#[test]
+fn carried_over_runtime_blocks_are_restored_and_move_to_a_new_session() {
+    let mut t = table(40000, 40100, 1000);
+    let a = caller(&mut t, 7, 100, 1000, false);
+    let r = acq(&mut t, &a, Protocol::Tcp, 40010, 3).unwrap();
+    // A new daemon's table, as live restore fills it.
+    let mut fresh = table(40000, 40100, 1000);
+    let owner = r.owner.clone();
+    let carried = Reservation::runtime(
+        r.token,
+        r.protocol,
+        r.range,
+        r.mode,
+        7,
+        owner.clone(),
+        r.created,
+        [40011, 50000],
+    );
+    // Its session must be open first; then it is refused changing nothing.
+    assert!(fresh.restore_runtime(carried.clone()).is_err());
+    assert!(fresh.is_empty());
+    fresh.open_session(7, owner.clone());
+    fresh.restore_runtime(carried.clone()).unwrap();
+    // Handed-out ports outside the block are not kept.
+    assert_eq!(
+        fresh.get(r.token).unwrap().handed_out(),
+        &BTreeSet::from([40011])
+    );
+    assert_eq!(fresh.runtime_ports_of(1000), 3);
+    // The same token or an overlapping block is refused.
+    assert!(fresh.restore_runtime(carried).is_err());
+    fresh.check_invariants();
+    // The owner reconnects: the block moves to its new session and ends with it.
+    fresh.open_session(9, owner);
+    assert_eq!(fresh.move_to_session(r.token, 9), Some(7));
+    assert_eq!(fresh.session_len(7), 0);
+    assert_eq!(fresh.session_len(9), 1);
+    assert_eq!(fresh.move_to_session(r.token, 42), None, "no such session");
+    fresh.check_invariants();
+    assert!(fresh.end_session(7).is_empty());
+    assert_eq!(fresh.end_session(9).len(), 1);
+    assert!(fresh.is_empty());
+    assert_eq!(fresh.runtime_ports_of(1000), 0);
+    fresh.check_invariants();
+}

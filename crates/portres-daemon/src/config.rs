@@ -13,6 +13,10 @@
 //! holder_uid = 2147483646
 //! # A client that reads none of a reply for this long is dropped (its session ends).
 //! reply_timeout_ms = 10000
+//! # Live restore: on SIGTERM (or a crash) the runtime reservations are kept this long for the
+//! # next daemon to carry on (0: off, SIGTERM releases everything). `portres daemon --stop`
+//! # always releases everything.
+//! live_restore_secs = 60
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -37,6 +41,7 @@ struct ConfigFile {
     dynamic_range: Option<String>,
     holder_uid: Option<u32>,
     reply_timeout_ms: Option<u64>,
+    live_restore_secs: Option<u64>,
 }
 
 /// Why the configuration could not be used.
@@ -77,9 +82,17 @@ pub struct Config {
     /// How long a reply may wait for a client that does not read it before the client is
     /// dropped.
     pub reply_timeout: std::time::Duration,
+    /// How long a stopped daemon's runtime reservations are kept for its successor (0: off).
+    pub live_restore_secs: u64,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
+
+/// Default of `live_restore_secs`.
+pub const DEFAULT_LIVE_RESTORE_SECS: u64 = 60;
+
+/// Most of `live_restore_secs` (a day).
+pub const MAX_LIVE_RESTORE_SECS: u64 = 86_400;
 
 /// Default of `reply_timeout_ms`.
 pub const DEFAULT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -93,6 +106,7 @@ impl Default for Config {
             dynamic_range: None,
             holder_uid: DEFAULT_HOLDER_UID,
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
+            live_restore_secs: DEFAULT_LIVE_RESTORE_SECS,
             source: None,
         }
     }
@@ -149,10 +163,18 @@ impl Config {
         let holder_uid = file.holder_uid.unwrap_or(DEFAULT_HOLDER_UID);
         if holder_uid == 0 || holder_uid == u32::MAX {
             return Err(invalid(format!(
-                "holder_uid = {holder_uid}: it must be a uid no process runs as (not root, not                  (uid_t)-1)"
+                "holder_uid = {holder_uid}: it must be a uid no process runs as (not root, not (uid_t)-1)"
+            )));
+        }
+        let live_restore_secs = file.live_restore_secs.unwrap_or(DEFAULT_LIVE_RESTORE_SECS);
+        if live_restore_secs > MAX_LIVE_RESTORE_SECS {
+            return Err(invalid(format!(
+                "live_restore_secs = {live_restore_secs}: at most {MAX_LIVE_RESTORE_SECS} (a \
+                 day); 0 turns live restore off"
             )));
         }
         Ok(Config {
+            live_restore_secs,
             admin_uids,
             admin_gids,
             runtime_quota: file.runtime_quota_ports.unwrap_or(DEFAULT_RUNTIME_QUOTA),
@@ -192,6 +214,7 @@ mod tests {
             "quota = 3",
             "runtime_quota_ports = \"many\"",
             "holder_uid = 0",
+            "live_restore_secs = 100000",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

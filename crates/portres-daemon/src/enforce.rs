@@ -55,6 +55,25 @@ fn sysctl_identity() -> String {
     format!("{} {netns}", boot.trim())
 }
 
+/// Puts `ip_local_reserved_ports` back as the journal in `state_dir` says it was before portres
+/// (for the keeper, when no daemon came back to carry on): returns whether it did.
+pub(crate) fn restore_sysctl_from_journal(state_dir: &std::path::Path) -> bool {
+    let journal = state_dir.join("reserved_ports.before");
+    let Ok(text) = std::fs::read_to_string(&journal) else {
+        return false;
+    };
+    let before = match text.split_once('\n') {
+        Some((id, value)) if id == sysctl_identity() => value.trim().parse::<PortSet>().ok(),
+        _ => None,
+    };
+    let Some(before) = before else { return false };
+    let written = reserved_ports::ReservedPorts::open(true).and_then(|mut f| f.write(&before));
+    if written.is_ok() {
+        let _ = std::fs::remove_file(&journal);
+    }
+    written.is_ok()
+}
+
 /// The exclude layer's bookkeeping.
 struct Exclude {
     /// Why it is off, if it is.
@@ -98,7 +117,7 @@ impl Exclude {
                 return x;
             }
         };
-        let mut file = match reserved_ports::ReservedPorts::open(true) {
+        let file = match reserved_ports::ReservedPorts::open(true) {
             Ok(f) => f,
             Err(e) => {
                 x.off = Some(format!(
@@ -108,18 +127,24 @@ impl Exclude {
                 return x;
             }
         };
-        // A journal left behind means the previous daemon died without restoring: its entries
-        // are the difference, and the journal holds the value to go back to. It counts only for
-        // the same boot and network namespace (after a reboot the sysctl starts afresh).
+        // A journal left behind means the previous daemon stopped without restoring: on
+        // SIGTERM with live restore (its successor carries its blocks on), or because it died.
+        // Its entries are the difference, and the journal holds the value to go back to. It
+        // counts only for the same boot and network namespace (after a reboot the sysctl starts
+        // afresh). Nothing is written now: the first write, after the persistent blocks and
+        // those carried over were added (`finish_start`), removes the predecessor's entries
+        // that nobody holds any more and keeps the rest, so a carried-over block never leaves
+        // the sysctl, not even for a moment.
         let here = sysctl_identity();
         let before = match std::fs::read_to_string(&x.journal) {
             Ok(text) => match text.split_once('\n') {
                 Some((id, value)) if id == here => match value.trim().parse::<PortSet>() {
                     Ok(prev) => {
-                        tracing::warn!(
-                            "previous daemon did not restore ip_local_reserved_ports; restoring \
-                             {:?}",
-                            prev.to_string()
+                        tracing::info!(
+                            "ip_local_reserved_ports as it was before portres: {:?} (from {}); \
+                             the previous daemon's entries are kept only for blocks carried over",
+                            prev.to_string(),
+                            x.journal.display()
                         );
                         prev
                     }
@@ -129,13 +154,7 @@ impl Exclude {
             },
             Err(_) => current.clone(),
         };
-        if let Err(e) = file.write(&before) {
-            x.off = Some(format!(
-                "cannot write /proc/sys/net/ipv4/ip_local_reserved_ports: {e} (it needs \
-                 CAP_NET_ADMIN in the daemon's network namespace: run the daemon as root)"
-            ));
-            return x;
-        }
+        x.added = current.difference(&before);
         if let Err(e) = std::fs::write(&x.journal, format!("{here}\n{before}\n")) {
             tracing::warn!(error = %e, "cannot write {}", x.journal.display());
         }
@@ -550,6 +569,99 @@ impl Enforcer {
             );
             self.unheld.insert(r.token, why);
         }
+    }
+
+    /// Puts back a block carried over from a previous daemon (live restore): into the exclude
+    /// layer, and, for a hold block, with the placeholders the keeper handed over (never
+    /// unbound in between). If they are missing (the keeper did not have them: the block was
+    /// held by helper processes, or the keeper was new), they are bound afresh; an error says
+    /// why that failed, and then nothing is left behind.
+    pub(crate) fn adopt(&mut self, r: &Reservation, fds: Vec<OwnedFd>) -> Result<bool, String> {
+        if r.mode == Mode::Hold {
+            if fds.len() == usize::from(r.range.count())
+                && self.held_ports + fds.len() as u64 <= self.local_budget()
+            {
+                self.held_ports += fds.len() as u64;
+                self.holds.insert(r.token, fds);
+            } else {
+                drop(fds);
+                match self.hold(r.token, r.protocol, r.range) {
+                    Ok(()) => {}
+                    Err(HoldError::Port { port, error }) => {
+                        return Err(if error.raw_os_error() == Some(98) {
+                            format!(
+                                "its placeholders were not carried over, and port {port} was \
+                                 taken meanwhile by {}",
+                                crate::visibility::describe_holder(r.protocol, port)
+                                    .unwrap_or_else(|| "another socket".into())
+                            )
+                        } else {
+                            format!(
+                                "its placeholders were not carried over, and binding port \
+                                 {port} again failed: {error}"
+                            )
+                        });
+                    }
+                    Err(HoldError::NoDescriptors { limit, .. }) => {
+                        return Err(format!(
+                            "its placeholders were not carried over, and the open-file limit \
+                             ({limit}) is reached"
+                        ));
+                    }
+                }
+                self.exclude.add(r.range);
+                return Ok(false);
+            }
+        }
+        self.exclude.add(r.range);
+        Ok(r.mode == Mode::Hold)
+    }
+
+    /// Records a socket handed out from `r`'s block by a previous daemon (live restore).
+    pub(crate) fn adopt_handed(
+        &mut self,
+        r: &Reservation,
+        port: u16,
+        h: &crate::keeper::HandedRec,
+    ) {
+        let Ok(addr) = h.addr.parse::<IpAddr>() else {
+            return;
+        };
+        self.handed.insert(
+            (r.token, port),
+            Handed {
+                inode: h.inode,
+                addr,
+                listener: h.listener,
+            },
+        );
+        // Without the shared eBPF programs, a held UDP block's wildcard socket carries a classic
+        // steering program: count it against the limit again.
+        if r.protocol == Protocol::Udp && self.udp().is_none() && addr.is_unspecified() {
+            self.classic_steered.insert((r.token, port));
+        }
+    }
+
+    /// The keeper's record of the socket handed out on `port` of `token`'s block.
+    pub(crate) fn handed_rec(&self, token: Token, port: u16) -> Option<crate::keeper::HandedRec> {
+        self.handed
+            .get(&(token, port))
+            .map(|h| crate::keeper::HandedRec {
+                port,
+                inode: h.inode,
+                addr: h.addr.to_string(),
+                listener: h.listener,
+            })
+    }
+
+    /// The placeholders the daemon itself holds for `token`'s block, if any.
+    pub(crate) fn placeholders(&self, token: Token) -> Option<&[OwnedFd]> {
+        self.holds.get(&token).map(Vec::as_slice)
+    }
+
+    /// Whether helper processes hold `token`'s block.
+    pub(crate) fn in_helpers(&self, token: Token) -> bool {
+        self.helpers.holds(token)
     }
 
     /// Writes the exclude layer once after the persistent blocks were put back.

@@ -159,8 +159,13 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             let m = m.unwrap_or(Mode::Hold);
             let (start, count) = (u32::from(start), u32::from(count));
             let mut st = shared.state.lock().unwrap();
-            let State { table, enforcer } = &mut *st;
+            let State {
+                table, enforcer, ..
+            } = &mut *st;
             let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
+            if let Ok(r) = &result {
+                st.keep(r);
+            }
             log_outcome(caller, "acquire", &result);
             result.map(|r| (reservation_ref(&r), None))
         }
@@ -170,7 +175,8 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             let mut st = shared.state.lock().unwrap();
             let result = st.table.release(caller, t);
             if let Ok(r) = &result {
-                st.enforcer.retire(r);
+                st.retire(r);
+                st.sync_keeper();
             }
             log_outcome(caller, "release", &result);
             result.map(|_| (Reply::Done, None))
@@ -201,7 +207,9 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             let command = portres_sys::process::command_line(caller.pid);
             let created = {
                 let mut st = shared.state.lock().unwrap();
-                let State { table, enforcer } = &mut *st;
+                let State {
+                    table, enforcer, ..
+                } = &mut *st;
                 table.create_persistent(
                     caller,
                     p,
@@ -227,7 +235,8 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             if let Err(e) = written {
                 let mut st = shared.state.lock().unwrap();
                 st.table.cancel(r.token);
-                st.enforcer.retire(&r);
+                st.retire(&r);
+                st.sync_keeper();
                 tracing::error!(error = %e, "store write failed");
                 return Err(Refusal::new(
                     op,
@@ -238,6 +247,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     ),
                 ));
             }
+            shared.state.lock().unwrap().keep(&r);
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
@@ -292,7 +302,8 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             {
                 let mut st = shared.state.lock().unwrap();
                 if let Some(r) = st.table.remove_persistent(token) {
-                    st.enforcer.retire(&r);
+                    st.retire(&r);
+                    st.sync_keeper();
                 }
             }
             tracing::info!(
@@ -303,6 +314,35 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared)), None)),
+        Request::Attach { tokens } => Ok((Reply::Attached(attach(shared, caller, &tokens)), None)),
+        Request::Shutdown { release } => {
+            if !caller.admin {
+                return Err(Refusal::new(
+                    Operation::Other,
+                    ErrorCode::AccessDenied,
+                    format!(
+                        "cannot stop the daemon: uid {} is not an administrator of it (root, the \
+                         daemon's own user, or admin_users/admin_groups in its configuration)",
+                        caller.uid
+                    ),
+                ));
+            }
+            use std::sync::atomic::Ordering;
+            shared.release_on_stop.store(release, Ordering::Release);
+            shared.stop_requested.store(true, Ordering::Release);
+            tracing::info!(
+                pid = caller.pid,
+                uid = caller.uid,
+                release,
+                "stop requested{}",
+                if release {
+                    ": every runtime reservation will be released"
+                } else {
+                    ""
+                }
+            );
+            Ok((Reply::Done, None))
+        }
         // Answered by `handle` (they may stream).
         Request::Who { .. } | Request::Show { .. } => Err(internal(
             Operation::Other,
@@ -395,7 +435,98 @@ fn status(shared: &Shared) -> StatusInfo {
         runtime_quota_ports: table.config().runtime_quota,
         layers: st.enforcer.layers(table.session_count()),
         counts,
+        restore: Some({
+            let mut info = shared.restore.lock().unwrap().clone();
+            info.keeper_pid = st.keeper.as_ref().and_then(|k| k.pid());
+            if let Some(p) = st.keeper.as_ref().and_then(|k| k.problem()) {
+                info.problem = Some(p.to_string());
+            } else if st.keeper.is_none() && info.problem.is_none() && info.live_restore_secs > 0 {
+                info.problem = Some("no keeper (see the daemon's log)".into());
+            }
+            info
+        }),
     }
+}
+
+/// `attach`: moves the caller's runtime reservations carried over from a previous daemon (or
+/// from another connection of the same process) into the caller's session.
+fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto::AttachInfo {
+    let mut info = portres_proto::AttachInfo::default();
+    let mut st = shared.state.lock().unwrap();
+    let mut emptied = Vec::new();
+    for t in tokens {
+        let lost = |why: String| portres_proto::LostToken {
+            token: t.clone(),
+            why,
+        };
+        let Some(tk) = t.trim().parse::<u64>().ok().and_then(Token::new) else {
+            info.lost.push(lost(format!(
+                "{t:?} is not a token (tokens are decimal numbers from 1 to 2^64-1)"
+            )));
+            continue;
+        };
+        let Some(r) = st.table.get(tk) else {
+            info.lost.push(lost(
+                "no live reservation has this token: it ended, or was not carried over the \
+                 daemon's restart (`portres status` and the daemon's log say which were kept)"
+                    .into(),
+            ));
+            continue;
+        };
+        if r.is_persistent() {
+            info.kept.push(t.clone());
+            continue;
+        }
+        if r.owner.pid != Some(caller.pid) {
+            info.lost.push(lost(format!(
+                "it belongs to {}, and only the process that acquired a runtime reservation may \
+                 re-attach it",
+                r.owner
+            )));
+            continue;
+        }
+        let from = r.session().expect("runtime");
+        if from == caller.session {
+            info.kept.push(t.clone());
+            continue;
+        }
+        // The pid matches; a carried-over session's owner is watched by pidfd, so a pid reused
+        // by another process is told apart even before the watcher has run.
+        if crate::restore::owner_exited(&st, from) {
+            info.lost.push(lost(
+                "its owner exited (this process has the same pid but is another process)".into(),
+            ));
+            continue;
+        }
+        st.table.move_to_session(tk, caller.session);
+        if let Some(k) = &mut st.keeper {
+            k.owner(caller.session, caller.pid);
+            k.moved(tk.get(), caller.session);
+        }
+        if st.table.session_len(from) == 0 {
+            emptied.push(from);
+        }
+        info.kept.push(t.clone());
+    }
+    for s in emptied {
+        if st.table.session_len(s) == 0 {
+            st.table.end_session(s);
+            if let Some(k) = &mut st.keeper {
+                k.owner_gone(s);
+            }
+        }
+    }
+    if !info.kept.is_empty() || !info.lost.is_empty() {
+        tracing::info!(
+            pid = caller.pid,
+            uid = caller.uid,
+            session = caller.session,
+            kept = info.kept.len(),
+            lost = info.lost.len(),
+            "re-attached runtime reservations"
+        );
+    }
+    info
 }
 
 /// Handed-out ports listed per row (all are counted in `handed_out_count`).
@@ -712,6 +843,9 @@ fn reclaim(st: &mut State, token: Token) {
     let Some(r) = st.table.get(token) else { return };
     for port in st.enforcer.closed_handouts(r) {
         st.table.return_port(token, port);
+        if let Some(k) = &mut st.keeper {
+            k.returned(token.get(), port);
+        }
     }
 }
 
@@ -771,6 +905,11 @@ fn associate(
     let r = st.table.get(tk).expect("live").clone();
     match st.enforcer.hand_over(&r, chosen, kind, addr, v6only) {
         Ok((fd, bound)) => {
+            if let Some(rec) = st.enforcer.handed_rec(tk, chosen)
+                && let Some(k) = &mut st.keeper
+            {
+                k.handed(tk.get(), rec);
+            }
             let local = bound.to_string();
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %tk,

@@ -15,12 +15,16 @@
 //! - `visibility`: who has a port (sockets, processes), in words.
 //! - [`holder`]: placeholder-holding helper processes for blocks beyond the descriptor budget.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
+//! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
+//! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
 pub mod config;
 mod enforce;
 mod handlers;
 pub mod holder;
 pub mod journal;
+pub mod keeper;
+mod restore;
 mod server;
 pub mod store;
 mod stream;
@@ -68,10 +72,44 @@ pub enum StartError {
     },
 }
 
-/// The table and the kernel's enforcement of it, changed together.
+/// The table and the kernel's enforcement of it, changed together; and the keeper's copy.
 pub(crate) struct State {
     pub(crate) table: Table,
     pub(crate) enforcer: enforce::Enforcer,
+    /// The link to the keeper (live restore), if it is on.
+    pub(crate) keeper: Option<keeper::Link>,
+}
+
+impl State {
+    /// Tells the keeper about a new or changed reservation (with its placeholders).
+    pub(crate) fn keep(&mut self, r: &portres_core::Reservation) {
+        let Some(k) = &mut self.keeper else { return };
+        if let (Some(session), Some(pid)) = (r.session(), r.owner.pid) {
+            k.owner(session, pid);
+        }
+        k.put(
+            r,
+            self.enforcer.placeholders(r.token),
+            self.enforcer.in_helpers(r.token),
+        );
+    }
+
+    /// A reservation ended: its placeholders close here and in the keeper, and it leaves the
+    /// exclude layer. Call [`State::sync_keeper`] before replying, so that the ports are free.
+    pub(crate) fn retire(&mut self, r: &portres_core::Reservation) {
+        let held = self.enforcer.placeholders(r.token).is_some();
+        self.enforcer.retire(r);
+        if let Some(k) = &mut self.keeper {
+            k.drop_token(r.token.get(), held);
+        }
+    }
+
+    /// Waits until the keeper has closed its copies of the placeholders retired so far.
+    pub(crate) fn sync_keeper(&mut self) {
+        if let Some(k) = &mut self.keeper {
+            k.sync();
+        }
+    }
 }
 
 /// State shared by every session.
@@ -101,17 +139,30 @@ struct Shared {
     session_ended: tokio::sync::Notify,
     /// Times accepting paused for lack of descriptors.
     accept_paused: std::sync::atomic::AtomicU64,
+    /// What was restored at start (for `status`).
+    restore: Mutex<portres_proto::RestoreInfo>,
+    /// Owners of the sessions carried over from a predecessor, to watch (taken by `run`).
+    restored_owners: Mutex<Vec<(portres_core::SessionId, std::os::fd::OwnedFd)>>,
+    /// Signalled by a `shutdown` request.
+    stop: tokio::sync::Notify,
+    /// The `shutdown` request asked to release everything.
+    release_on_stop: std::sync::atomic::AtomicBool,
+    /// A `shutdown` request was granted (the daemon stops once it is answered).
+    stop_requested: std::sync::atomic::AtomicBool,
 }
 
 /// Checks and fault injection for tests, from the environment, read once at start:
 /// `PORTRES_CHECK_INVARIANTS=1` checks the table's invariants after every request (a violation
 /// panics, which ends the daemon); `PORTRES_FAILPOINT` is a comma-separated list of
-/// `panic-on:OP` (panic when a request `OP`, e.g. `status`, arrives, to test what a panic does)
-/// and `no-ebpf` (hold UDP as a daemon that may not load eBPF does). Not for production.
-#[derive(Debug, Default)]
+/// `panic-on:OP` (panic when a request `OP`, e.g. `status`, arrives, to test what a panic does),
+/// `no-ebpf` (hold UDP as a daemon that may not load eBPF does) and `protocol:N` (speak only
+/// protocol version N, as a daemon of another version would). Not for production.
+#[derive(Debug)]
 pub(crate) struct Checks {
     pub(crate) invariants: bool,
     pub(crate) panic_on: Option<String>,
+    /// Protocol versions served.
+    pub(crate) versions: std::ops::RangeInclusive<u32>,
 }
 
 impl Checks {
@@ -122,6 +173,15 @@ impl Checks {
                 v.split(',')
                     .find_map(|f| f.strip_prefix("panic-on:").map(str::to_string))
             }),
+            versions: std::env::var("PORTRES_FAILPOINT")
+                .ok()
+                .and_then(|v| {
+                    v.split(',')
+                        .find_map(|f| f.strip_prefix("protocol:")?.parse::<u32>().ok())
+                })
+                .map_or(portres_proto::MIN_VERSION..=portres_proto::VERSION, |n| {
+                    n..=n
+                }),
         }
     }
 }
@@ -142,36 +202,26 @@ impl Daemon {
             ),
         };
         let (store, records) = Store::open(&placement.state_dir)?;
-        let mut table = Table::new(TableConfig {
-            dynamic_range,
-            runtime_quota: config.runtime_quota,
-        });
-        let mut enforcer = enforce::Enforcer::new(&placement.state_dir, config.holder_uid);
-        for rec in records {
-            let r = rec
-                .to_reservation()
-                .map_err(|why| StartError::Inconsistent {
-                    path: store.path().into(),
-                    why: format!("record {}: {why}", rec.token),
-                })?;
-            table
-                .restore_persistent(r.clone())
-                .map_err(|e| StartError::Inconsistent {
-                    path: store.path().into(),
-                    why: e.message,
-                })?;
-            enforcer.admit_at_start(&r);
-        }
-        enforcer.finish_start();
+        let mut state = State {
+            table: Table::new(TableConfig {
+                dynamic_range,
+                runtime_quota: config.runtime_quota,
+            }),
+            enforcer: enforce::Enforcer::new(&placement.state_dir, config.holder_uid),
+            keeper: None,
+        };
+        let restored = restore::at_start(&mut state, &config, &placement, &store, records)?;
         tracing::info!(
-            persistent = table.len(),
+            reservations = state.table.len(),
+            runtime_restored = restored.info.kept,
             dynamic_range = %dynamic_range,
             store = %store.path().display(),
             "table loaded"
         );
+        server::sessions_from(restored.next_session);
         Ok(Daemon {
             shared: Arc::new(Shared {
-                state: Mutex::new(State { table, enforcer }),
+                state: Mutex::new(state),
                 store: Arc::new(store),
                 persist_lock: tokio::sync::Mutex::new(()),
                 config,
@@ -185,18 +235,59 @@ impl Daemon {
                 checks: Checks::from_env(),
                 session_ended: tokio::sync::Notify::new(),
                 accept_paused: std::sync::atomic::AtomicU64::new(0),
+                restore: Mutex::new(restored.info),
+                restored_owners: Mutex::new(restored.owners),
+                stop: tokio::sync::Notify::new(),
+                release_on_stop: std::sync::atomic::AtomicBool::new(false),
+                stop_requested: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
 
-    /// Serves `listener` until `shutdown` completes. Sessions still open then are closed, which
-    /// ends their runtime reservations.
+    /// Serves `listener` until `shutdown` completes or a `shutdown` request arrives. Then, with
+    /// live restore on (and no request to release), the runtime reservations stay with the
+    /// keeper for the next daemon, and `ip_local_reserved_ports` stays as it is; otherwise
+    /// every runtime reservation ends and the sysctl is restored.
     pub async fn run(
         self,
         listener: tokio::net::UnixListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        server::serve(self.shared.clone(), listener, shutdown).await;
-        self.shared.state.lock().unwrap().enforcer.shutdown();
+        let shared = self.shared.clone();
+        restore::watch_restored_owners(&shared);
+        let stop = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = shared.stop.notified() => {}
+            }
+        };
+        server::serve(shared.clone(), listener, stop).await;
+        let release = shared
+            .release_on_stop
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut st = shared.state.lock().unwrap();
+        let keeping = !release
+            && shared.config.live_restore_secs > 0
+            && st.keeper.as_ref().is_some_and(|k| k.problem().is_none());
+        if keeping {
+            let runtime = st
+                .table
+                .reservations()
+                .filter(|r| !r.is_persistent())
+                .count();
+            tracing::info!(
+                "stopping for a restart: {runtime} runtime reservations stay with the keeper \
+                 (pid {}) for the next daemon, for up to {} s, and ip_local_reserved_ports is \
+                 left as it is; `portres daemon --stop` releases them instead",
+                st.keeper.as_ref().and_then(|k| k.pid()).unwrap_or(0),
+                shared.config.live_restore_secs
+            );
+        } else {
+            st.enforcer.shutdown();
+            if let Some(k) = st.keeper.take() {
+                k.release();
+            }
+            tracing::info!("stopping: every runtime reservation released");
+        }
     }
 }

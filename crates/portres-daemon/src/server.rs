@@ -18,6 +18,11 @@ use crate::handlers::{self, Answer};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// New sessions get ids from `next` on (above those carried over from a predecessor).
+pub(crate) fn sessions_from(next: u64) {
+    NEXT_SESSION.fetch_max(next, Ordering::Relaxed);
+}
+
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::UnixListener,
@@ -324,12 +329,21 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         Ok(()) => "closed by the client".to_string(),
         Err(why) => why,
     };
+    // Drop the stream first: its descriptor is what a paused accept waits for.
+    drop(stream);
+    finish_session(&shared, id, Some((cred.pid, cred.uid)), &why);
+}
+
+/// Ends session `id` (its connection closed, or, for a session carried over from a
+/// predecessor, its owner exited): its runtime reservations end, here and in the keeper.
+pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u32)>, why: &str) {
     let mut state = shared.state.lock().unwrap();
     let ended = state.table.end_session(id);
+    let (pid, uid) = peer.unwrap_or_default();
     tracing::info!(
         session = id,
-        pid = cred.pid,
-        uid = cred.uid,
+        pid,
+        uid,
         reservations_ended = ended.len(),
         "session ended: {why}"
     );
@@ -341,17 +355,19 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         portres_sys::process::trim_heap();
     }
     for r in &ended {
-        state.enforcer.retire(r);
+        state.retire(r);
         tracing::info!(
-            session = id, pid = cred.pid, uid = cred.uid, token = %r.token,
+            session = id, pid = r.owner.pid.unwrap_or(0), uid = r.owner.uid, token = %r.token,
             "runtime reservation {}/{} ended with its session", r.range, r.protocol
         );
     }
+    if let Some(k) = &mut state.keeper {
+        k.owner_gone(id);
+    }
+    state.sync_keeper();
     drop(state);
-    // Drop the stream first: its descriptor is what a paused accept waits for.
-    drop(stream);
     shared.session_ended.notify_waiters();
-    schedule_background_work(&shared);
+    schedule_background_work(shared);
 }
 
 /// Runs the handshake and the request loop; returns why the session ended.
@@ -369,11 +385,14 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
             h.protocol,
             portres_proto::PROTOCOL_NAME
         ))),
-        Ok(h) if h.version != portres_proto::VERSION => Some(malformed(format!(
-            "the client speaks protocol version {}, this daemon speaks {}; use a client of \
-             the daemon's version, or restart the daemon from the client's version",
+        Ok(h) if !shared.checks.versions.contains(&h.version) => Some(malformed(format!(
+            "the client speaks protocol version {}, this daemon (portres {}) speaks versions \
+             {} to {}; use a client of the daemon's version, or run the daemon of the client's \
+             version",
             h.version,
-            portres_proto::VERSION
+            env!("CARGO_PKG_VERSION"),
+            shared.checks.versions.start(),
+            shared.checks.versions.end()
         ))),
         Ok(_) => None,
     };
@@ -382,9 +401,10 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
         let _ = write_msg(s, &HelloReply::Error(err)).await;
         return Err(why);
     }
+    let version = hello.as_ref().map_or(portres_proto::VERSION, |h| h.version);
     let welcome = HelloReply::Welcome(Welcome {
         protocol: portres_proto::PROTOCOL_NAME.into(),
-        version: portres_proto::VERSION,
+        version,
         daemon_version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
     });
@@ -457,6 +477,10 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
                 let body = ReplyBody::Error(error_body(&refusal));
                 write_within(s, &encode_reply(frame.id, body), limit).await?;
             }
+        }
+        // A granted shutdown stops the daemon once its answer is written.
+        if op == "shutdown" && shared.stop_requested.load(Ordering::Acquire) {
+            shared.stop.notify_one();
         }
     }
 }

@@ -25,8 +25,12 @@ pub use message::*;
 /// The protocol's name, sent in the handshake so a stray peer is recognised at once.
 pub const PROTOCOL_NAME: &str = "portres";
 
-/// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added `attach` and `shutdown`.
+pub const VERSION: u32 = 2;
+
+/// The oldest protocol version this build's daemon still serves (a client of any version from
+/// this one to [`VERSION`] is welcome; it is answered in its own version).
+pub const MIN_VERSION: u32 = 1;
 
 /// What the daemon does with bytes from a client, for fuzzing (`fuzz/`) and the corpus replay
 /// test: split them into frames, decode each as a handshake and as a request. Never panics.

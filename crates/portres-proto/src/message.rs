@@ -180,6 +180,22 @@ pub enum Request {
         #[serde(default, flatten)]
         filter: ShowFilter,
     },
+    /// Re-attach, after a daemon restart, runtime reservations this process acquired on an
+    /// earlier connection: they move to this connection's session (and end with it). Each token
+    /// is kept (the daemon restored it and the caller is its owner) or reported lost, with why.
+    /// Protocol version 2.
+    Attach {
+        /// The tokens.
+        tokens: Vec<String>,
+    },
+    /// Stop the daemon (administrators). `release`: release every runtime reservation and
+    /// restore the kernel's settings, as a stop meant as a stop; otherwise the runtime
+    /// reservations are kept for a successor, as on SIGTERM. Protocol version 2.
+    Shutdown {
+        /// Release everything rather than keep it for a successor.
+        #[serde(default)]
+        release: bool,
+    },
 }
 
 /// Filters of [`Request::Show`]; an absent field passes everything.
@@ -241,6 +257,8 @@ impl Request {
             Request::Who { .. } => "who",
             Request::Status => "status",
             Request::Show { .. } => "show",
+            Request::Attach { .. } => "attach",
+            Request::Shutdown { .. } => "shutdown",
         }
     }
 }
@@ -316,6 +334,49 @@ pub enum Reply {
     Show(ShowInfo),
     /// Answer to [`Request::Who`].
     Who(WhoInfo),
+    /// Answer to [`Request::Attach`].
+    Attached(AttachInfo),
+}
+
+/// What [`Request::Attach`] did with each token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachInfo {
+    /// Tokens now owned by this connection's session.
+    pub kept: Vec<String>,
+    /// Tokens that are not, and why.
+    pub lost: Vec<LostToken>,
+}
+
+/// A token [`Request::Attach`] could not re-attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostToken {
+    /// The token.
+    pub token: String,
+    /// Why, in words.
+    pub why: String,
+}
+
+/// What the daemon restored when it started (`status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreInfo {
+    /// Seconds a stopped daemon's runtime reservations are kept for its successor (0: off).
+    pub live_restore_secs: u64,
+    /// The keeper process holding them across restarts, if live restore is on.
+    #[serde(default)]
+    pub keeper_pid: Option<u32>,
+    /// Why live restore is not working, if it is not.
+    #[serde(default)]
+    pub problem: Option<String>,
+    /// Whether this daemon took over from a predecessor's keeper at start.
+    pub restored: bool,
+    /// Runtime reservations restored at start.
+    pub kept: u64,
+    /// Runtime reservations dropped at start (their owner exited), by name.
+    pub dropped: Vec<String>,
+    /// Reservations whose enforcement could not be carried over, by name, with why.
+    pub lost: Vec<String>,
+    /// Hold blocks whose placeholders were handed over (never unbound).
+    pub placeholders_kept: u64,
 }
 
 /// One live socket on a port.
@@ -611,4 +672,7 @@ pub struct StatusInfo {
     pub layers: Vec<LayerInfo>,
     /// Counts.
     pub counts: Counts,
+    /// Live restore: the keeper, and what was restored at start.
+    #[serde(default)]
+    pub restore: Option<RestoreInfo>,
 }

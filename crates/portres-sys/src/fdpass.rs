@@ -62,6 +62,115 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+/// A listening `SOCK_SEQPACKET` Unix socket bound to `path` (`socket`, `bind`, `listen`), mode
+/// 0600: only its owner (and root) may connect.
+pub fn seqpacket_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // fchmod before bind: the file is created with the socket's mode, never more open.
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&fd, 16)?;
+    Ok(fd)
+}
+
+/// Connects a `SOCK_SEQPACKET` Unix socket to `path`.
+pub fn seqpacket_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(fd)
+}
+
+/// The path a Unix socket is bound to (`getsockname(2)`).
+pub fn bound_path(sock: impl AsFd) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let addr = rustix::net::getsockname(sock)?;
+    let unix = rustix::net::SocketAddrUnix::try_from(addr)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let path = unix
+        .path_bytes()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(std::ffi::OsStr::from_bytes(path).into())
+}
+
+/// `accept4(2)` on a listening socket (close-on-exec).
+pub fn accept(listener: impl AsFd) -> io::Result<OwnedFd> {
+    Ok(rustix::net::accept_with(
+        listener,
+        rustix::net::SocketFlags::CLOEXEC,
+    )?)
+}
+
+/// Waits until `fd` is readable or `timeout` passes (`poll(2)`); returns whether it is.
+pub fn wait_readable(fd: impl AsFd, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let ts = timeout.map(|t| rustix::event::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    loop {
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits until the peer of a connected stream socket has closed it (`poll(2)` for `POLLRDHUP`:
+/// data arriving does not wake it).
+pub fn wait_hangup(sock: impl AsFd) -> io::Result<()> {
+    let mut fds = [rustix::event::PollFd::new(
+        &sock,
+        rustix::event::PollFlags::RDHUP,
+    )];
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether the peer of a connected stream socket has closed it, without consuming anything:
+/// readable now (`poll(2)`, no wait) and a peek (`recv(MSG_PEEK | MSG_DONTWAIT)`) reads end of
+/// file or fails.
+pub fn peer_closed(sock: impl AsFd) -> bool {
+    if !wait_readable(&sock, Some(std::time::Duration::ZERO)).unwrap_or(true) {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            &sock,
+            &mut probe,
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
+        ),
+        Ok((0, _)) | Err(_)
+    )
+}
+
+/// `SO_SNDTIMEO`: a blocking send gives up with `EAGAIN` after `t`.
+pub fn set_send_timeout(fd: impl AsFd, t: std::time::Duration) -> io::Result<()> {
+    rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Send, Some(t))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

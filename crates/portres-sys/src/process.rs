@@ -73,6 +73,13 @@ pub fn stdout_to_dev_null() -> io::Result<()> {
     Ok(())
 }
 
+/// Points standard input at `/dev/null` (`dup2(2)`).
+pub fn stdin_to_dev_null() -> io::Result<()> {
+    let null = File::open("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null)?;
+    Ok(())
+}
+
 /// `setns(2)` on `/proc/PID/ns/net` for the calling thread only: later sockets of this thread
 /// live in `pid`'s network namespace. Needs CAP_SYS_ADMIN. Used by tests to place sockets beside
 /// a daemon started in a private namespace.
@@ -231,6 +238,80 @@ pub fn wait_forwarding_signals(
     }
 }
 
+/// `pidfd_open(2)`: a descriptor that refers to process `pid` for as long as it is open (it never
+/// comes to mean another process, even when the pid is reused) and becomes readable when the
+/// process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Whether the process behind a pidfd has exited (`poll(2)` with no wait: a pidfd is readable
+/// once its process has exited).
+pub fn pidfd_exited(pidfd: impl AsFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+}
+
+/// Waits (`poll(2)`, no timeout) until at least one of `pidfds` is readable, i.e. its process
+/// has exited; returns the indexes of those that are.
+pub fn wait_pidfds(pidfds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
+    let mut fds: Vec<rustix::event::PollFd<'_>> = pidfds
+        .iter()
+        .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+        .collect();
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(fds
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.revents().is_empty())
+        .map(|(i, _)| i)
+        .collect())
+}
+
+/// The start time of process `pid` in clock ticks since boot (`/proc/PID/stat`, field 22):
+/// with the pid, it names one process for the whole uptime (pids are reused, start times with
+/// them are not).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields are counted after
+    // the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// Makes `cmd` start in a session of its own (`setsid(2)` between fork and exec): a signal to
+/// the starter's process group or terminal does not reach it, and it outlives the starter.
+pub fn new_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +321,16 @@ mod tests {
         let me = command_line(std::process::id()).unwrap();
         assert!(me.contains("portres_sys"), "{me}");
         assert_ne!(random_u64().unwrap(), random_u64().unwrap());
+    }
+
+    #[test]
+    fn a_pidfd_tells_when_its_process_exits() {
+        let me = pidfd_open(std::process::id()).unwrap();
+        assert!(!pidfd_exited(&me));
+        assert!(start_time(std::process::id()).is_some());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        child.wait().unwrap();
+        assert!(pidfd_exited(&fd));
     }
 }

@@ -267,6 +267,8 @@ fn a_count_of_65536_is_refused_clearly() {
 fn a_panic_ends_the_daemon_and_a_restart_serves_with_persistent_reservations_intact() {
     let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "panic-on:show")]);
     let c = d.client();
+    // The panic must surface as an error here, not as a wait for the daemon to come back.
+    c.set_reconnect_limit(std::time::Duration::ZERO);
     for start in [50000, 50010, 50020] {
         c.create_persistent(&PersistentSpec::new(Protocol::Tcp, start, 5))
             .unwrap();
@@ -279,13 +281,14 @@ fn a_panic_ends_the_daemon_and_a_restart_serves_with_persistent_reservations_int
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(6), "{status:?}; log:\n{}", d.log());
     assert!(d.log().contains("panic on show"), "{}", d.log());
-    std::mem::forget(runtime); // its session died with the daemon
+    std::mem::forget(runtime); // the client cannot release it: the reconnect is off
 
     d.env.clear();
     d.launch();
     let shown = d.client().show().unwrap();
     let starts: Vec<u16> = shown.reservations.iter().map(|r| r.start).collect();
-    assert_eq!(starts, vec![50000, 50010, 50020], "{shown:?}");
+    // The runtime block is carried over too (live restore): its owner, this process, lives.
+    assert_eq!(starts, vec![50000, 50010, 50020, 51000], "{shown:?}");
     // The exclude layer was put back: the persistent blocks are in the sysctl.
     assert!(
         d.reserved_ports().contains("50000-50004"),

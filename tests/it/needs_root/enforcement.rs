@@ -118,11 +118,15 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
         || !d.reserved_ports().contains("47000"),
     );
     drop(c);
-    assert!(d.terminate().success());
+    d.stop();
     assert_eq!(
         d.reserved_ports(),
         "1000,2000-2010,3000",
-        "restored at shutdown"
+        "restored at a stop"
+    );
+    assert!(
+        d.keeper_pids().is_empty(),
+        "the keeper is gone after a stop"
     );
 
     // After a crash, the next daemon removes what its predecessor left behind, and holds the
@@ -148,12 +152,34 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
         "left behind"
     );
     d.launch();
-    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001");
+    // The runtime block's owner (this process) lives: live restore carries it on.
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001,49000");
     let won = matrix(&d, NOBODY, "tcp", &[48000, 48001]);
     assert!(
         won.is_empty(),
         "persistent hold block is held again: {won:?}"
     );
+    drop(_rt);
+    wait_until(
+        "the released runtime block to leave the sysctl",
+        Duration::from_secs(5),
+        || d.reserved_ports() == "1000,2000-2010,3000,48000-48001",
+    );
+    // After a crash with live restore off, the next daemon removes what its predecessor left.
+    let rt = d.client().acquire_at(Protocol::Udp, 49000, 1).unwrap();
+    wait_until(
+        "the held block to enter the sysctl",
+        Duration::from_secs(2),
+        || d.reserved_ports() == "1000,2000-2010,3000,48000-48001,49000",
+    );
+    d.kill9();
+    for pid in d.keeper_pids() {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+    std::fs::write(d.config.as_ref().unwrap(), "live_restore_secs = 0\n").unwrap();
+    d.launch();
+    assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001");
+    drop(rt);
 }
 
 #[test]

@@ -115,6 +115,9 @@ fn two_hundred_kill9s_during_persistent_changes_lose_nothing_acknowledged() {
     let mut acked = 0;
     while kills < 200 {
         let client = d.client();
+        // The kill must surface as an error here (this test restarts the daemon only then),
+        // not as a wait for the daemon to come back.
+        client.set_reconnect_limit(std::time::Duration::ZERO);
         let pid = d.pid;
         let delay = Duration::from_micros(rng.below(4000));
         // The kill lands at a random point of the stream of changes below.
