@@ -72,6 +72,7 @@ struct Daemon {
     child: Child,
     socket: PathBuf,
     dir: PathBuf,
+    bin: PathBuf,
 }
 
 impl Daemon {
@@ -107,6 +108,7 @@ impl Daemon {
                 child,
                 socket,
                 dir: dir.into(),
+                bin: bin.into(),
             },
             t.elapsed(),
         ))
@@ -116,10 +118,21 @@ impl Daemon {
         Client::connect_to(&self.socket).expect("connect")
     }
 
+    /// A stop meant as a stop (`portres daemon --stop`): everything released, no keeper left
+    /// holding ports for a successor. A binary without `--stop` gets SIGTERM.
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        let stopped = Command::new(&self.bin)
+            .args(["daemon", "--stop"])
+            .env("PORTRES_SOCKET", &self.socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = Command::new("kill")
+                .arg(self.child.id().to_string())
+                .status();
+        }
         let _ = self.child.wait();
         let _ = &self.dir;
     }
@@ -724,6 +737,140 @@ fn section_restart(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Live restore: 10,000 runtime reservations (half held, half exclude) of 1,000 sessions, a
+/// restart (SIGTERM, then `kill -9`) with strangers trying to find a held port unbound and an
+/// excluded port missing from the sysctl meanwhile; time from the signal to every session
+/// served again (re-attached).
+fn section_live(bin: &Path, dir: &Path) -> Result<()> {
+    const SESSIONS: usize = 1_000;
+    const PER: usize = 10;
+    let (mut d, _) = Daemon::start(bin, dir, true)?;
+    let mut clients = Vec::with_capacity(SESSIONS);
+    let mut blocks = Vec::with_capacity(SESSIONS * PER);
+    let (mut held, mut excluded) = (Vec::new(), Vec::new());
+    for _ in 0..SESSIONS {
+        let c = d.client();
+        for j in 0..PER {
+            let (protocol, mode) = if j % 2 == 0 {
+                (Protocol::Tcp, Mode::Hold)
+            } else {
+                (Protocol::Udp, Mode::Exclude)
+            };
+            let r = c.acquire_with(protocol, 0, 1, mode)?;
+            match mode {
+                Mode::Hold => held.push(r.port()),
+                Mode::Exclude => excluded.push(r.port()),
+            }
+            blocks.push(r);
+        }
+        clients.push(c);
+    }
+    // Strangers: binding the held ports by number, reading the sysctl for the excluded ones.
+    let stop = Arc::new(AtomicBool::new(false));
+    let binder = {
+        let (stop, held) = (stop.clone(), held.clone());
+        std::thread::spawn(move || {
+            let (mut attempts, mut stolen) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                for &p in &held {
+                    attempts += 1;
+                    if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok() {
+                        stolen += 1;
+                    }
+                }
+            }
+            (attempts, stolen)
+        })
+    };
+    let watcher = {
+        let (stop, excluded) = (stop.clone(), excluded.clone());
+        std::thread::spawn(move || {
+            let want: Vec<u16> = excluded;
+            let (mut reads, mut missing_reads) = (0u64, 0u64);
+            let mut longest = Duration::ZERO;
+            let mut missing_since: Option<Instant> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let set = portres_sys::reserved_ports::read().unwrap_or_default();
+                reads += 1;
+                let missing = want.iter().any(|&p| !set.contains(p));
+                match (missing, missing_since) {
+                    (true, None) => missing_since = Some(Instant::now()),
+                    (false, Some(t)) => {
+                        longest = longest.max(t.elapsed());
+                        missing_since = None;
+                    }
+                    _ => {}
+                }
+                missing_reads += u64::from(missing);
+            }
+            (reads, missing_reads, longest)
+        })
+    };
+    println!(
+        "### Live restore: {} runtime reservations of {SESSIONS} sessions across a restart\n",
+        SESSIONS * PER
+    );
+    println!(
+        "Half are held TCP ports, half exclude-mode UDP ports. From the signal to the new daemon \
+         ready, and to every session served again (each of the 1,000 clients re-attached and \
+         answered, 8 threads of clients).\n"
+    );
+    println!("| restart | signal → ready | signal → all 1,000 sessions served | kept |");
+    println!("|---|---|---|---|");
+    for how in ["SIGTERM", "SIGKILL"] {
+        let t = Instant::now();
+        let _ = Command::new("kill")
+            .arg(if how == "SIGTERM" { "-TERM" } else { "-KILL" })
+            .arg(d.child.id().to_string())
+            .status();
+        let _ = d.child.wait();
+        let (nd, _) = Daemon::start(bin, dir, false)?;
+        let ready = t.elapsed();
+        let per = clients.len().div_ceil(8);
+        std::thread::scope(|s| {
+            for chunk in clients.chunks(per) {
+                s.spawn(move || {
+                    for c in chunk {
+                        c.status().expect("served after the restart");
+                    }
+                });
+            }
+        });
+        let all = t.elapsed();
+        let kept = nd.client().status()?.restore.map_or(0, |r| r.kept);
+        println!(
+            "| {how} | {:.1} ms | {:.1} ms | {kept} |",
+            ready.as_secs_f64() * 1e3,
+            all.as_secs_f64() * 1e3
+        );
+        d = nd;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (attempts, stolen) = binder.join().unwrap();
+    let (reads, missing_reads, longest) = watcher.join().unwrap();
+    println!(
+        "\nUnprotected meanwhile: {stolen} of {attempts} binds of held ports by number \
+         succeeded; {missing_reads} of {reads} reads of ip_local_reserved_ports missed an \
+         excluded port (longest gap {:.1} ms).\n",
+        longest.as_secs_f64() * 1e3
+    );
+    let keeper_rss = d
+        .client()
+        .status()?
+        .restore
+        .and_then(|r| r.keeper_pid)
+        .map_or(0, |p| status_kib(p, "VmRSS"));
+    println!(
+        "The keeper's RSS with these 10,000 reservations: {keeper_rss} KiB (the daemon's: {} \
+         KiB).\n",
+        rss_kib(d.child.id())
+    );
+    drop(blocks);
+    drop(clients);
+    d.stop();
+    Ok(())
+}
+
 /// Wall time of a command whose output is discarded.
 fn time_command(cmd: &mut Command) -> Duration {
     let t = Instant::now();
@@ -896,8 +1043,8 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,show,who runs only those sections (default:
-    // all).
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,live,show,who runs only those sections
+    // (default: all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
     if run("rpc") || run("grants") {
@@ -918,6 +1065,9 @@ fn main() -> Result<()> {
     }
     if run("restart") {
         section_restart(&bin, &dir)?;
+    }
+    if run("live") {
+        section_live(&bin, &dir)?;
     }
     if run("show") {
         section_show(&bin, &dir)?;

@@ -202,3 +202,42 @@ print(token.value)
         token
     );
 }
+
+#[test]
+fn the_c_library_carries_its_reservation_across_a_daemon_restart() {
+    let mut d = TestDaemon::start();
+    let exe = cc(&d, "restart_test", "tests/it/c/restart_test.c");
+    let mut child = spawn(
+        d.nsenter()
+            .arg(&exe)
+            .env("PORTRES_SOCKET", &d.socket)
+            .env("PORTRES_AUTOSTART", "0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let port: u16 = first_line(&mut child).parse().unwrap();
+    assert!(d.terminate().success());
+    d.launch();
+    // Carried over, and still held while the program has not come back yet.
+    let show = d.client().show().unwrap();
+    assert!(
+        show.reservations.iter().any(|r| r.start == port),
+        "{show:?}"
+    );
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    wait_until(
+        "the released block to end",
+        std::time::Duration::from_secs(5),
+        || d.client().show().unwrap().reservations.is_empty(),
+    );
+}

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -412,4 +413,34 @@ fn a_daemon_of_a_newer_protocol_is_reported_clearly_and_the_block_stays_reserved
     let log = d.log();
     assert!(log.contains("kept runtime reservation"), "{log}");
     std::mem::forget(block);
+}
+
+#[test]
+fn the_keeper_serves_its_own_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TestDaemon::start();
+    let path = d.dir.path().join("portres.sock.keeper");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the keeper's socket is its user's alone");
+    // Another user cannot even connect: the keeper holds every placeholder.
+    let out = run(std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket,sys\ns=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+             try:\n  s.connect(sys.argv[1]); print('connected')\nexcept PermissionError: print('refused')",
+        )
+        .arg(&path)
+        .uid(NOBODY)
+        .gid(NOBODY));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused",
+        "{out:?}"
+    );
+    // status names it.
+    let info = restore_info(&d);
+    assert_eq!(
+        info["keeper_pid"].as_u64().map(|p| p as u32),
+        d.keeper_pids().first().copied()
+    );
 }
