@@ -89,7 +89,8 @@ impl Daemon {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--config")
-            .arg("/dev/null")
+            // BENCH_CONFIG: a configuration file for the daemon (e.g. to compare settings).
+            .arg(std::env::var_os("BENCH_CONFIG").unwrap_or_else(|| "/dev/null".into()))
             .env(
                 "PORTRES_LOG",
                 std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
@@ -827,16 +828,32 @@ fn section_live(bin: &Path, dir: &Path) -> Result<()> {
         let (nd, _) = Daemon::start(bin, dir, false)?;
         let ready = t.elapsed();
         let per = clients.len().div_ceil(8);
-        std::thread::scope(|s| {
-            for chunk in clients.chunks(per) {
-                s.spawn(move || {
-                    for c in chunk {
-                        c.status().expect("served after the restart");
-                    }
-                });
-            }
+        let each: Vec<Duration> = std::thread::scope(|s| {
+            let handles: Vec<_> = clients
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|c| {
+                                let t = Instant::now();
+                                c.status().expect("served after the restart");
+                                t.elapsed()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
         });
         let all = t.elapsed();
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            let (p50, p99) = pct(each);
+            eprintln!("per client: p50 {} p99 {}", us(p50), us(p99));
+        }
         let kept = nd.client().status()?.restore.map_or(0, |r| r.kept);
         println!(
             "| {how} | {:.1} ms | {:.1} ms | {kept} |",

@@ -26,7 +26,7 @@ pub use portset::PortSet;
 pub use range::{Mode, PortRange, Protocol, Token};
 pub use table::{
     Acl, Caller, ClaimError, Kind, Owner, PortClaim, Reservation, SessionId, SocketInUse, Table,
-    TableConfig, TokenSource,
+    TableConfig, TableCounts, TokenSource,
 };
 pub use text::printable;
 

@@ -203,6 +203,46 @@ pub struct TableConfig {
     pub runtime_quota: u32,
 }
 
+/// What the table holds, counted as it changes (so `status` costs the same at any size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableCounts {
+    /// Runtime reservations in `hold` mode.
+    pub runtime_hold: u64,
+    /// Runtime reservations in `exclude` mode.
+    pub runtime_exclude: u64,
+    /// Persistent reservations in `hold` mode.
+    pub persistent_hold: u64,
+    /// Persistent reservations in `exclude` mode.
+    pub persistent_exclude: u64,
+    /// Ports in every block.
+    pub ports_reserved: u64,
+    /// Ports handed out to sockets.
+    pub ports_handed_out: u64,
+}
+
+impl TableCounts {
+    fn slot(&mut self, r: &Reservation) -> &mut u64 {
+        match (r.is_persistent(), r.mode) {
+            (true, Mode::Hold) => &mut self.persistent_hold,
+            (true, Mode::Exclude) => &mut self.persistent_exclude,
+            (false, Mode::Hold) => &mut self.runtime_hold,
+            (false, Mode::Exclude) => &mut self.runtime_exclude,
+        }
+    }
+
+    fn add(&mut self, r: &Reservation) {
+        *self.slot(r) += 1;
+        self.ports_reserved += u64::from(r.range.count());
+        self.ports_handed_out += r.handed_out.len() as u64;
+    }
+
+    fn sub(&mut self, r: &Reservation) {
+        *self.slot(r) -= 1;
+        self.ports_reserved -= u64::from(r.range.count());
+        self.ports_handed_out -= r.handed_out.len() as u64;
+    }
+}
+
 /// A source of random 64-bit numbers for tokens (the daemon uses the OS random source).
 pub trait TokenSource {
     /// A fresh random number.
@@ -266,6 +306,7 @@ pub struct Table {
     free: [FreeGaps; 2],
     sessions: HashMap<SessionId, Session>,
     runtime_ports: HashMap<u32, u32>,
+    counts: TableCounts,
 }
 
 /// Candidate blocks a wildcard acquire probes before giving up.
@@ -282,12 +323,18 @@ impl Table {
             free: [gaps.clone(), gaps],
             sessions: HashMap::new(),
             runtime_ports: HashMap::new(),
+            counts: TableCounts::default(),
         }
     }
 
     /// The settings.
     pub fn config(&self) -> &TableConfig {
         &self.config
+    }
+
+    /// What the table holds (kept up to date as it changes: no walk over the table).
+    pub fn counts(&self) -> TableCounts {
+        self.counts
     }
 
     /// Registers a new connection.
@@ -382,7 +429,9 @@ impl Table {
             .filter(|r| r.range.contains(port))
         {
             Some(r) => {
-                r.handed_out.insert(port);
+                if r.handed_out.insert(port) {
+                    self.counts.ports_handed_out += 1;
+                }
                 true
             }
             None => false,
@@ -454,6 +503,7 @@ impl Table {
     }
 
     fn insert(&mut self, r: Reservation) {
+        self.counts.add(&r);
         let p = r.protocol.index();
         self.free[p].take(r.range);
         self.index[p].insert(r.range.start(), r.token);
@@ -468,6 +518,7 @@ impl Table {
 
     fn remove(&mut self, token: Token) -> Option<Reservation> {
         let r = self.reservations.remove(&token)?;
+        self.counts.sub(&r);
         let p = r.protocol.index();
         self.index[p].remove(&r.range.start());
         self.free[p].give_back(r.range);
@@ -814,15 +865,21 @@ impl Table {
             port
         };
         r.handed_out.insert(chosen);
+        self.counts.ports_handed_out += 1;
         Ok(chosen)
     }
 
     /// The socket bound to `port` from `token` closed: the port returns to its block.
     /// Returns whether it was handed out.
     pub fn return_port(&mut self, token: Token, port: u16) -> bool {
-        self.reservations
+        let returned = self
+            .reservations
             .get_mut(&token)
-            .is_some_and(|r| r.handed_out.remove(&port))
+            .is_some_and(|r| r.handed_out.remove(&port));
+        if returned {
+            self.counts.ports_handed_out -= 1;
+        }
+        returned
     }
 
     /// `CreatePersistent{Tcp,Udp}PortReservation`.
@@ -1017,6 +1074,11 @@ impl Table {
                 "free gaps plus reserved ports equal the dynamic range"
             );
         }
+        let mut recount = TableCounts::default();
+        for r in self.reservations.values() {
+            recount.add(r);
+        }
+        assert_eq!(recount, self.counts, "the counts match the table");
         let mut per_uid: HashMap<u32, u32> = HashMap::new();
         for r in self.reservations.values() {
             if let Kind::Runtime { session } = r.kind {

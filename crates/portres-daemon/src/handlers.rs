@@ -164,7 +164,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             } = &mut *st;
             let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
             if let Ok(r) = &result {
-                st.keep(r);
+                st.keep(r, false);
             }
             log_outcome(caller, "acquire", &result);
             result.map(|r| (reservation_ref(&r), None))
@@ -247,7 +247,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     ),
                 ));
             }
-            shared.state.lock().unwrap().keep(&r);
+            shared.state.lock().unwrap().keep(&r, true);
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
@@ -398,25 +398,19 @@ fn log_outcome(caller: &Caller, what: &str, result: &Result<Reservation, Refusal
 fn status(shared: &Shared) -> StatusInfo {
     let st = shared.state.lock().unwrap();
     let table = &st.table;
+    let t = table.counts();
     let mut counts = Counts {
         sessions: table.session_count() as u64,
+        runtime_hold: t.runtime_hold,
+        runtime_exclude: t.runtime_exclude,
+        persistent_hold: t.persistent_hold,
+        persistent_exclude: t.persistent_exclude,
+        runtime: t.runtime_hold + t.runtime_exclude,
+        persistent: t.persistent_hold + t.persistent_exclude,
+        ports_reserved: t.ports_reserved,
+        ports_handed_out: t.ports_handed_out,
         ..Counts::default()
     };
-    for r in table.reservations() {
-        match (r.is_persistent(), r.mode) {
-            (true, Mode::Hold) => counts.persistent_hold += 1,
-            (true, Mode::Exclude) => counts.persistent_exclude += 1,
-            (false, Mode::Hold) => counts.runtime_hold += 1,
-            (false, Mode::Exclude) => counts.runtime_exclude += 1,
-        }
-        if r.is_persistent() {
-            counts.persistent += 1;
-        } else {
-            counts.runtime += 1;
-        }
-        counts.ports_reserved += u64::from(r.range.count());
-        counts.ports_handed_out += r.handed_out().len() as u64;
-    }
     counts.ports_held = st.enforcer.held_ports();
     counts.accept_paused = shared
         .accept_paused

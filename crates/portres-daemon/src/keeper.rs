@@ -146,8 +146,9 @@ pub(crate) enum Msg {
         session: u64,
     },
     Barrier,
-    Ack,
     Dump,
+    /// The first message of a link: the keeper's end of the kick pair comes with it.
+    Kick,
     /// The end of a dump, with the keeper's pid.
     End {
         #[serde(default)]
@@ -156,46 +157,126 @@ pub(crate) enum Msg {
     Release,
 }
 
-fn encode(m: &Msg) -> Vec<u8> {
-    serde_json::to_vec(m).expect("keeper messages serialise")
+/// A frame: the JSON's length (u32, little-endian), the number of descriptors that came with
+/// it (u16; they travel as `SCM_RIGHTS` on its first byte), the JSON.
+fn frame(m: &Msg, nfds: usize) -> Vec<u8> {
+    let json = serde_json::to_vec(m).expect("keeper messages serialise");
+    let mut f = Vec::with_capacity(6 + json.len());
+    f.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    f.extend_from_slice(&(nfds as u16).to_le_bytes());
+    f.extend_from_slice(&json);
+    f
 }
 
-fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(Msg, Vec<OwnedFd>)>> {
-    loop {
-        match fdpass::recv_with_fds(sock, buf) {
-            Ok((0, _)) => return Ok(None),
-            Ok((n, fds)) => {
-                return serde_json::from_slice(&buf[..n])
-                    .map(|m| Some((m, fds)))
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+/// Writes one frame on a non-blocking stream, its descriptors with the first byte. When the
+/// stream is full (the keeper has not read for a while), `kick` wakes the keeper to read, and
+/// the write waits for room, up to [`KEEPER_TIMEOUT`].
+fn send(sock: &OwnedFd, m: &Msg, fds: &[BorrowedFd<'_>], kick: Option<&OwnedFd>) -> io::Result<()> {
+    let bytes = frame(m, fds.len());
+    let mut done = 0;
+    let mut fds = fds;
+    while done < bytes.len() {
+        match fdpass::send_with_fds(sock, &bytes[done..], fds) {
+            Ok(n) => {
+                done += n;
+                fds = &[];
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(k) = kick {
+                    // Full: the keeper has kicks to read already.
+                    let _ = fdpass::send_with_fds(k, KICK_DRAIN, &[]);
+                }
+                if !fdpass::wait_writable(sock, KEEPER_TIMEOUT)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no room to write for {} s", KEEPER_TIMEOUT.as_secs()),
+                    ));
+                }
+            }
             Err(e) => return Err(e),
         }
-    }
-}
-
-fn send(sock: &OwnedFd, m: &Msg, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let bytes = encode(m);
-    loop {
-        match fdpass::send_with_fds(sock, &bytes, fds) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Sends a record and its placeholders (in chunks of [`MAX_FDS`]).
-fn send_put(sock: &OwnedFd, record: Kept, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let token = record.token;
-    let mut chunks = fds.chunks(MAX_FDS);
-    send(sock, &Msg::Put { record }, chunks.next().unwrap_or(&[]))?;
-    for chunk in chunks {
-        send(sock, &Msg::Fds { token }, chunk)?;
     }
     Ok(())
 }
+
+/// Sends a record and its placeholders (in chunks of [`MAX_FDS`]).
+fn send_put(
+    sock: &OwnedFd,
+    record: Kept,
+    fds: &[BorrowedFd<'_>],
+    kick: Option<&OwnedFd>,
+) -> io::Result<()> {
+    let token = record.token;
+    let mut chunks = fds.chunks(MAX_FDS);
+    send(
+        sock,
+        &Msg::Put { record },
+        chunks.next().unwrap_or(&[]),
+        kick,
+    )?;
+    for chunk in chunks {
+        send(sock, &Msg::Fds { token }, chunk, kick)?;
+    }
+    Ok(())
+}
+
+/// Frames read from a non-blocking stream, with the descriptors that came with them.
+#[derive(Default)]
+struct Reader {
+    buf: Vec<u8>,
+    fds: std::collections::VecDeque<OwnedFd>,
+}
+
+impl Reader {
+    /// Reads everything there is now; `Ok(false)` once the peer has closed.
+    fn fill(&mut self, sock: &OwnedFd) -> io::Result<bool> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match fdpass::recv_with_fds(sock, &mut chunk) {
+                Ok((0, _)) => return Ok(false),
+                Ok((n, fds)) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next whole frame, if one has arrived. Descriptors arrive no later than the first
+    /// byte of their frame, and frames are taken in order, so each takes the next ones.
+    fn next(&mut self) -> io::Result<Option<(Msg, Vec<OwnedFd>)>> {
+        if self.buf.len() < 6 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+        let nfds = usize::from(u16::from_le_bytes(
+            self.buf[4..6].try_into().expect("2 bytes"),
+        ));
+        if self.buf.len() < 6 + len {
+            return Ok(None);
+        }
+        let m: Msg = serde_json::from_slice(&self.buf[6..6 + len])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.buf.drain(..6 + len);
+        if self.fds.len() < nfds {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a frame announced descriptors that did not come",
+            ));
+        }
+        Ok(Some((m, self.fds.drain(..nfds).collect())))
+    }
+}
+
+/// Kick bytes (daemon to keeper): read the stream now; a barrier is in it.
+const KICK_DRAIN: &[u8] = b"d";
+const KICK_BARRIER: &[u8] = b"b";
+/// Answer (keeper to daemon): everything up to the barrier is done.
+const ACK: u8 = b'a';
 
 /// The rendezvous socket of the keeper of the daemon listening on `socket`.
 pub(crate) fn keeper_path(socket: &Path) -> PathBuf {
@@ -214,7 +295,12 @@ pub(crate) struct Replay {
 
 /// The daemon's side of the link to its keeper.
 pub(crate) struct Link {
-    sock: OwnedFd,
+    /// The message stream (non-blocking). The keeper reads it when woken by `kick`, or every
+    /// [`DRAIN_EVERY`]: writing to it wakes nobody, so keeping the keeper up to date costs the
+    /// daemon one `sendmsg` per change and no context switch.
+    data: OwnedFd,
+    /// A `SOCK_SEQPACKET` pair shared with the keeper: a byte wakes it; it answers barriers.
+    kick: OwnedFd,
     pid: Option<u32>,
     path: PathBuf,
     /// Why the link failed, once it has (live restore is then off until a restart).
@@ -223,10 +309,29 @@ pub(crate) struct Link {
     owners: HashMap<u64, OwnedFd>,
     /// Drops sent since the last barrier, of blocks with placeholders.
     unsynced: bool,
+    /// Held blocks whose placeholders the keeper has not been given yet, oldest first.
+    pending: std::collections::VecDeque<(std::time::Instant, u64)>,
+    /// Held blocks whose placeholders the keeper has a copy of.
+    copied: std::collections::HashSet<u64>,
 }
+
+/// A held block's placeholders go to the keeper once it has lived this long (and all of them
+/// when the daemon stops for a restart). A block released sooner never costs the keeper
+/// anything, nor its release a round trip to it; a `kill -9` within this time of a grant loses
+/// that block's placeholders (the next daemon binds them again, or names the block lost).
+pub(crate) const COPY_AFTER: Duration = Duration::from_millis(100);
 
 /// How long the daemon waits for its keeper before declaring it failed.
 const KEEPER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the keeper reads its stream when nobody wakes it: a safety net only. Unread
+/// messages cost nothing but buffer space (charged to the daemon's send buffer; when it is
+/// full the daemon wakes the keeper), and they are there to be read when the daemon goes.
+const DRAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// Room for messages between the keeper's reads (the kernel caps it at `net.core.wmem_max`;
+/// when it is full, the daemon wakes the keeper).
+const STREAM_BUFFER: usize = 4 << 20;
 
 impl Link {
     /// Connects to the keeper of `socket`, or starts one if `spawn`. Returns the link and, when
@@ -240,9 +345,9 @@ impl Link {
         spawn: bool,
     ) -> io::Result<Option<(Link, Option<Replay>)>> {
         let path = keeper_path(socket);
-        match fdpass::seqpacket_connect(&path) {
-            Ok(sock) => {
-                let peer = portres_sys::creds::peer_cred(&sock)?;
+        match fdpass::stream_connect(&path) {
+            Ok(data) => {
+                let peer = portres_sys::creds::peer_cred(&data)?;
                 let me = portres_sys::creds::effective_uid();
                 if peer.uid != me {
                     return Err(io::Error::other(format!(
@@ -252,15 +357,7 @@ impl Link {
                         peer.uid
                     )));
                 }
-                fdpass::set_send_timeout(&sock, KEEPER_TIMEOUT)?;
-                let mut link = Link {
-                    sock,
-                    pid: Some(peer.pid),
-                    path,
-                    failed: None,
-                    owners: HashMap::new(),
-                    unsynced: false,
-                };
+                let mut link = Link::over(data, path, None)?;
                 let replay = link.dump()?;
                 Ok(Some((link, Some(replay))))
             }
@@ -281,7 +378,7 @@ impl Link {
                 ) =>
             {
                 let _ = std::fs::remove_file(&path);
-                let listener = fdpass::seqpacket_listen(&path)?;
+                let listener = fdpass::stream_listen(&path)?;
                 let mut cmd = std::process::Command::new(std::env::current_exe()?);
                 cmd.arg("keeper")
                     .arg("--grace-secs")
@@ -295,74 +392,95 @@ impl Link {
                 let pid = child.id();
                 // Not waited for: it outlives us. Its exit status is collected by init.
                 std::mem::forget(child);
-                let sock = fdpass::seqpacket_connect(&path)?;
-                fdpass::set_send_timeout(&sock, KEEPER_TIMEOUT)?;
-                Ok(Some((
-                    Link {
-                        sock,
-                        pid: Some(pid),
-                        path,
-                        failed: None,
-                        owners: HashMap::new(),
-                        unsynced: false,
-                    },
-                    None,
-                )))
+                let data = fdpass::stream_connect(&path)?;
+                Ok(Some((Link::over(data, path, Some(pid))?, None)))
             }
             Err(e) => Err(e),
         }
     }
 
+    /// Sets up a link over a connected stream: non-blocking, a large send buffer, and the kick
+    /// pair (the keeper's end goes in the first message).
+    fn over(data: OwnedFd, path: PathBuf, pid: Option<u32>) -> io::Result<Link> {
+        fdpass::set_nonblocking(&data)?;
+        let _ = fdpass::set_send_buffer(&data, STREAM_BUFFER);
+        let (kick, theirs) = fdpass::seqpacket_pair()?;
+        // A kick that finds the pair full is not needed: the keeper has kicks to read.
+        fdpass::set_nonblocking(&kick)?;
+        send(&data, &Msg::Kick, &[theirs.as_fd()], None)?;
+        Ok(Link {
+            data,
+            kick,
+            pid,
+            path,
+            failed: None,
+            owners: HashMap::new(),
+            unsynced: false,
+            pending: std::collections::VecDeque::new(),
+            copied: std::collections::HashSet::new(),
+        })
+    }
+
+    fn wake(&self, what: &[u8]) -> io::Result<()> {
+        match fdpass::send_with_fds(&self.kick, what, &[]) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     fn dump(&mut self) -> io::Result<Replay> {
-        send(&self.sock, &Msg::Dump, &[])?;
+        send(&self.data, &Msg::Dump, &[], Some(&self.kick))?;
+        self.wake(KICK_DRAIN)?;
         let mut replay = Replay::default();
         let mut index: HashMap<u64, usize> = HashMap::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut reader = Reader::default();
         loop {
-            if !fdpass::wait_readable(&self.sock, Some(Duration::from_secs(10)))? {
+            while let Some((m, fds)) = reader.next()? {
+                match m {
+                    Msg::Put { record } => {
+                        index.insert(record.token, replay.records.len());
+                        replay.records.push((record, fds, Vec::new()));
+                    }
+                    Msg::Fds { token } => {
+                        if let Some(&i) = index.get(&token) {
+                            replay.records[i].1.extend(fds);
+                        }
+                    }
+                    Msg::Handed { token, handed } => {
+                        if let Some(&i) = index.get(&token) {
+                            replay.records[i].2.push(handed);
+                        }
+                    }
+                    Msg::Owner {
+                        session,
+                        pid,
+                        start_time,
+                    } => {
+                        if let Some(fd) = fds.into_iter().next() {
+                            replay.owners.insert(session, (pid, start_time, fd));
+                        }
+                    }
+                    Msg::End { pid } => {
+                        if pid.is_some() {
+                            self.pid = pid;
+                        }
+                        return Ok(replay);
+                    }
+                    _ => {}
+                }
+            }
+            if !fdpass::wait_readable(&self.data, Some(Duration::from_secs(10)))? {
                 return Err(io::Error::other("the keeper did not answer within 10 s"));
             }
-            let Some((m, fds)) = recv(&self.sock, &mut buf)? else {
+            if !reader.fill(&self.data)? && reader.buf.is_empty() {
                 return Err(io::Error::other(
                     "the keeper closed the link during the dump",
                 ));
-            };
-            match m {
-                Msg::Put { record } => {
-                    index.insert(record.token, replay.records.len());
-                    replay.records.push((record, fds, Vec::new()));
-                }
-                Msg::Fds { token } => {
-                    if let Some(&i) = index.get(&token) {
-                        replay.records[i].1.extend(fds);
-                    }
-                }
-                Msg::Handed { token, handed } => {
-                    if let Some(&i) = index.get(&token) {
-                        replay.records[i].2.push(handed);
-                    }
-                }
-                Msg::Owner {
-                    session,
-                    pid,
-                    start_time,
-                } => {
-                    if let Some(fd) = fds.into_iter().next() {
-                        replay.owners.insert(session, (pid, start_time, fd));
-                    }
-                }
-                Msg::End { pid } => {
-                    if pid.is_some() {
-                        self.pid = pid;
-                    }
-                    return Ok(replay);
-                }
-                _ => {}
             }
         }
     }
 
-    /// The keeper's pid (known when this daemon started it or could read its credentials).
+    /// The keeper's pid (known when this daemon started it, or from its dump).
     pub(crate) fn pid(&self) -> Option<u32> {
         self.pid
     }
@@ -376,7 +494,7 @@ impl Link {
         if self.failed.is_some() {
             return;
         }
-        if let Err(e) = send(&self.sock, m, fds) {
+        if let Err(e) = send(&self.data, m, fds, Some(&self.kick)) {
             self.fail(format!("sending to the keeper failed: {e}"));
         }
     }
@@ -389,15 +507,72 @@ impl Link {
         self.failed = Some(why);
     }
 
-    /// A new or changed reservation (with its placeholders, if the daemon holds them).
-    pub(crate) fn put(&mut self, r: &Reservation, fds: Option<&[OwnedFd]>, in_helpers: bool) {
+    /// A new or changed reservation, with its placeholders if the daemon holds them: now if
+    /// `copy_now`, otherwise once the block has lived [`COPY_AFTER`] ([`Link::copy_due`]).
+    pub(crate) fn put(
+        &mut self,
+        r: &Reservation,
+        fds: Option<&[OwnedFd]>,
+        in_helpers: bool,
+        copy_now: bool,
+    ) {
         if self.failed.is_some() {
             return;
         }
-        let borrowed: Vec<BorrowedFd<'_>> =
-            fds.unwrap_or_default().iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = send_put(&self.sock, Kept::of(r, in_helpers), &borrowed) {
-            self.fail(format!("sending to the keeper failed: {e}"));
+        let token = r.token.get();
+        let fds = fds.filter(|f| !f.is_empty());
+        let borrowed: Vec<BorrowedFd<'_>> = match fds {
+            Some(f) if copy_now => f.iter().map(|f| f.as_fd()).collect(),
+            _ => Vec::new(),
+        };
+        if let Err(e) = send_put(
+            &self.data,
+            Kept::of(r, in_helpers),
+            &borrowed,
+            Some(&self.kick),
+        ) {
+            return self.fail(format!("sending to the keeper failed: {e}"));
+        }
+        if fds.is_some() {
+            if copy_now {
+                self.copied.insert(token);
+            } else {
+                self.pending.push_back((std::time::Instant::now(), token));
+            }
+        }
+    }
+
+    /// Whether held blocks wait for their placeholders to go to the keeper.
+    pub(crate) fn copies_pending(&self) -> bool {
+        self.failed.is_none() && !self.pending.is_empty()
+    }
+
+    /// Gives the keeper the placeholders of the held blocks that have lived `older_than` (all
+    /// of them if `None`); `placeholders` finds a block's (none: it ended meanwhile).
+    pub(crate) fn copy_due<'a>(
+        &mut self,
+        older_than: Option<Duration>,
+        placeholders: impl Fn(u64) -> Option<&'a [OwnedFd]>,
+    ) {
+        let now = std::time::Instant::now();
+        while let Some(&(at, token)) = self.pending.front() {
+            if older_than.is_some_and(|age| now.duration_since(at) < age) {
+                break;
+            }
+            self.pending.pop_front();
+            if self.failed.is_some() {
+                continue;
+            }
+            let Some(fds) = placeholders(token) else {
+                continue;
+            };
+            for chunk in fds.chunks(MAX_FDS) {
+                let borrowed: Vec<BorrowedFd<'_>> = chunk.iter().map(|f| f.as_fd()).collect();
+                if let Err(e) = send(&self.data, &Msg::Fds { token }, &borrowed, Some(&self.kick)) {
+                    return self.fail(format!("sending to the keeper failed: {e}"));
+                }
+            }
+            self.copied.insert(token);
         }
     }
 
@@ -454,11 +629,21 @@ impl Link {
         self.send(&Msg::Moved { token, session }, &[]);
     }
 
-    /// A reservation ended. `held`: it had placeholders, so its ports are free only once the
-    /// keeper has closed its copies too ([`Link::sync`] waits for that).
-    pub(crate) fn drop_token(&mut self, token: u64, held: bool) {
+    /// A reservation ended. If the keeper has copies of its placeholders, its ports are free
+    /// only once the keeper has closed them too ([`Link::sync`] waits for that).
+    pub(crate) fn drop_token(&mut self, token: u64) {
         self.send(&Msg::Drop { token }, &[]);
-        self.unsynced |= held;
+        self.unsynced |= self.copied.remove(&token);
+    }
+
+    /// The keeper has copies of `token`'s placeholders (carried over from a predecessor).
+    pub(crate) fn mark_copied(&mut self, token: u64) {
+        self.copied.insert(token);
+    }
+
+    /// The next [`Link::sync`] waits for the keeper (it may hold copies of what was dropped).
+    pub(crate) fn expect_sync(&mut self) {
+        self.unsynced = true;
     }
 
     /// Waits until the keeper has done everything sent so far, if a dropped block had
@@ -471,30 +656,47 @@ impl Link {
         if self.failed.is_some() {
             return;
         }
-        let mut buf = [0u8; 64];
-        match fdpass::wait_readable(&self.sock, Some(KEEPER_TIMEOUT)) {
-            Ok(true) => match recv(&self.sock, &mut buf) {
-                Ok(Some((Msg::Ack, _))) => {}
-                Ok(other) => self.fail(format!(
-                    "the keeper answered a barrier with {:?}",
-                    other.map(|(m, _)| m)
-                )),
-                Err(e) => self.fail(format!("reading the keeper's answer failed: {e}")),
-            },
-            Ok(false) => self.fail(format!(
-                "the keeper did not answer within {} s",
-                KEEPER_TIMEOUT.as_secs()
-            )),
-            Err(e) => self.fail(format!("waiting for the keeper failed: {e}")),
+        if let Err(e) = self.wake(KICK_BARRIER) {
+            return self.fail(format!("waking the keeper failed: {e}"));
+        }
+        let mut ack = [0u8; 16];
+        loop {
+            match fdpass::wait_readable(&self.kick, Some(KEEPER_TIMEOUT)) {
+                Ok(true) => match fdpass::recv_with_fds(&self.kick, &mut ack) {
+                    Ok((n, _)) if n > 0 && ack[..n].contains(&ACK) => return,
+                    Ok((0, _)) => return self.fail("the keeper exited".into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return self.fail(format!("reading the keeper's answer failed: {e}")),
+                },
+                Ok(false) => {
+                    return self.fail(format!(
+                        "the keeper did not answer within {} s",
+                        KEEPER_TIMEOUT.as_secs()
+                    ));
+                }
+                Err(e) => return self.fail(format!("waiting for the keeper failed: {e}")),
+            }
         }
     }
 
     /// A stop meant as a stop: the keeper closes everything and exits.
     pub(crate) fn release(self) {
-        let _ = send(&self.sock, &Msg::Release, &[]);
-        // Its end closes when it exits: wait for that (bounded), so that when we return, its
-        // copies of the placeholders are closed.
-        let _ = fdpass::wait_readable(&self.sock, Some(KEEPER_TIMEOUT));
+        let _ = send(&self.data, &Msg::Release, &[], Some(&self.kick));
+        let _ = self.wake(KICK_DRAIN);
+        // The stream reads as closed once it has exited: wait for that (bounded), so that when
+        // we return, its copies of the placeholders are closed.
+        let deadline = std::time::Instant::now() + KEEPER_TIMEOUT;
+        let mut reader = Reader::default();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match fdpass::wait_readable(&self.data, Some(left)) {
+                Ok(true) => match reader.fill(&self.data) {
+                    Ok(true) => reader.buf.clear(),
+                    _ => break,
+                },
+                _ => break,
+            }
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -558,51 +760,89 @@ impl Keeper {
         for h in self.held.values() {
             let Some(record) = &h.record else { continue };
             let fds: Vec<BorrowedFd<'_>> = h.fds.iter().map(|f| f.as_fd()).collect();
-            send_put(sock, record.clone(), &fds)?;
+            send_put(sock, record.clone(), &fds, None)?;
             for handed in h.handed.values() {
-                send(
-                    sock,
-                    &Msg::Handed {
-                        token: record.token,
-                        handed: handed.clone(),
-                    },
-                    &[],
-                )?;
+                let m = Msg::Handed {
+                    token: record.token,
+                    handed: handed.clone(),
+                };
+                send(sock, &m, &[], None)?;
             }
         }
         for (&session, (pid, start_time, fd)) in &self.owners {
-            send(
-                sock,
-                &Msg::Owner {
-                    session,
-                    pid: *pid,
-                    start_time: *start_time,
-                },
-                &[fd.as_fd()],
-            )?;
+            let m = Msg::Owner {
+                session,
+                pid: *pid,
+                start_time: *start_time,
+            };
+            send(sock, &m, &[fd.as_fd()], None)?;
         }
-        send(
-            sock,
-            &Msg::End {
-                pid: Some(std::process::id()),
-            },
-            &[],
-        )
+        let end = Msg::End {
+            pid: Some(std::process::id()),
+        };
+        send(sock, &end, &[], None)
     }
 
-    /// Serves one daemon until it goes (`Ok(false)`) or asks for release (`Ok(true)`).
-    fn serve(&mut self, sock: &OwnedFd) -> io::Result<bool> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let Some((m, fds)) = recv(sock, &mut buf)? else {
-                return Ok(false);
-            };
-            match m {
-                Msg::Dump => self.dump(sock)?,
-                Msg::Barrier => send(sock, &Msg::Ack, &[])?,
-                Msg::Release => return Ok(true),
-                other => self.apply(other, fds),
+    /// Serves one daemon until it goes (`Ok(false)`) or asks for release (`Ok(true)`). The
+    /// stream is read when the daemon wakes us (a barrier, a dump, a full stream) and every
+    /// [`DRAIN_EVERY`] otherwise; the daemon going away (the stream hung up) wakes us too.
+    fn serve(&mut self, data: &OwnedFd) -> io::Result<bool> {
+        fdpass::set_nonblocking(data)?;
+        let mut reader = Reader::default();
+        // The first message brings the kick pair's other end. A daemon may have written
+        // everything and gone before we read a byte: what was read is handled all the same.
+        let mut open = true;
+        let kick = loop {
+            if let Some((m, fds)) = reader.next()? {
+                match (m, fds.into_iter().next()) {
+                    (Msg::Kick, Some(k)) => {
+                        fdpass::set_nonblocking(&k)?;
+                        break k;
+                    }
+                    _ => {
+                        return Err(io::Error::other(
+                            "the link did not begin with its kick pair",
+                        ));
+                    }
+                }
             }
+            if !open || !fdpass::wait_readable(data, Some(KEEPER_TIMEOUT))? {
+                return Ok(false);
+            }
+            open = reader.fill(data)?;
+        };
+        loop {
+            while let Some((m, fds)) = reader.next()? {
+                match m {
+                    Msg::Dump => self.dump(data)?,
+                    Msg::Barrier => loop {
+                        match fdpass::send_with_fds(&kick, &[ACK], &[]) {
+                            Ok(_) => break,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                fdpass::wait_writable(&kick, KEEPER_TIMEOUT)?;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    },
+                    Msg::Release => return Ok(true),
+                    other => self.apply(other, fds),
+                }
+            }
+            if !open {
+                return Ok(false);
+            }
+            let (woken, _) = fdpass::wait_wake_or_hangup(&kick, data, DRAIN_EVERY)?;
+            if woken {
+                // The kick bytes themselves say nothing the stream does not: read them all.
+                let mut bytes = [0u8; 16];
+                while let Ok((n, _)) = fdpass::recv_with_fds(&kick, &mut bytes) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            open = reader.fill(data)?;
         }
     }
 }
@@ -611,6 +851,12 @@ impl Keeper {
 /// standard input, holding what they send; see the module documentation.
 pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     portres_sys::hold::raise_nofile_limit();
+    // Its work (filing copies away) is never urgent: it runs in CPU time nobody else wants, so
+    // it adds nothing to the daemon's or its clients' latency. A barrier makes the daemon wait,
+    // which leaves a CPU idle for it.
+    if let Err(e) = portres_sys::process::run_when_idle() {
+        eprintln!("portres keeper: cannot lower its scheduling class (SCHED_IDLE): {e}");
+    }
     let listener = io::stdin().as_fd().try_clone_to_owned()?;
     // Standard input itself is the listener: point it at /dev/null so the only copy is ours.
     let _ = portres_sys::process::stdin_to_dev_null();
@@ -704,7 +950,7 @@ mod tests {
                 in_helpers: false,
             },
         };
-        let back: Msg = serde_json::from_slice(&encode(&m)).unwrap();
+        let back: Msg = serde_json::from_slice(&frame(&m, 0)[6..]).unwrap();
         assert_eq!(back, m);
         // Unknown fields from a newer daemon are ignored.
         let newer: Msg = serde_json::from_str(r#"{"m":"drop","token":9,"why":"x"}"#).unwrap();
@@ -713,11 +959,13 @@ mod tests {
 
     #[test]
     fn a_keeper_keeps_what_it_is_sent_and_hands_it_back() {
-        let (a, b) = fdpass::seqpacket_pair().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a, b) = (OwnedFd::from(a), OwnedFd::from(b));
         let t = std::thread::spawn(move || {
             let mut k = Keeper::default();
             k.serve(&b).unwrap()
         });
+        let mut link = Link::over(a, PathBuf::from("/nonexistent"), None).unwrap();
         let (x, _y) = fdpass::seqpacket_pair().unwrap();
         let r = Kept {
             token: 1,
@@ -733,34 +981,69 @@ mod tests {
             created: 0,
             in_helpers: false,
         };
-        send_put(&a, r.clone(), &[x.as_fd()]).unwrap();
-        send(
-            &a,
-            &Msg::Put {
-                record: Kept {
-                    token: 2,
-                    ..r.clone()
+        // More messages than a socket queue holds unread by default: the stream buffers them
+        // (or the link wakes the keeper when it is full).
+        for token in 2..3000 {
+            link.send(
+                &Msg::Put {
+                    record: Kept { token, ..r.clone() },
                 },
-            },
-            &[],
-        )
-        .unwrap();
-        send(&a, &Msg::Drop { token: 2 }, &[]).unwrap();
-        let mut link = Link {
-            sock: a,
-            pid: None,
-            path: PathBuf::from("/nonexistent"),
-            failed: None,
-            owners: HashMap::new(),
-            unsynced: true,
-        };
+                &[],
+            );
+            link.unsynced = true;
+            link.drop_token(token);
+        }
+        send_put(&link.data, r.clone(), &[x.as_fd()], Some(&link.kick)).unwrap();
         link.sync();
-        assert!(link.failed.is_none());
+        assert!(link.failed.is_none(), "{:?}", link.failed);
         let replay = link.dump().unwrap();
         assert_eq!(replay.records.len(), 1);
         assert_eq!(replay.records[0].0, r);
         assert_eq!(replay.records[0].1.len(), 1);
-        send(&link.sock, &Msg::Release, &[]).unwrap();
+        link.release();
         assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn frames_are_read_in_order_with_their_descriptors() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a, b) = (OwnedFd::from(a), OwnedFd::from(b));
+        fdpass::set_nonblocking(&b).unwrap();
+        let (x, y) = fdpass::seqpacket_pair().unwrap();
+        send(&a, &Msg::Drop { token: 1 }, &[], None).unwrap();
+        send(
+            &a,
+            &Msg::Owner {
+                session: 2,
+                pid: 3,
+                start_time: 4,
+            },
+            &[x.as_fd(), y.as_fd()],
+            None,
+        )
+        .unwrap();
+        send(&a, &Msg::Barrier, &[], None).unwrap();
+        let mut reader = Reader::default();
+        assert!(reader.fill(&b).unwrap());
+        let got: Vec<(Msg, usize)> = std::iter::from_fn(|| reader.next().unwrap())
+            .map(|(m, f)| (m, f.len()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Msg::Drop { token: 1 }, 0),
+                (
+                    Msg::Owner {
+                        session: 2,
+                        pid: 3,
+                        start_time: 4
+                    },
+                    2
+                ),
+                (Msg::Barrier, 0)
+            ]
+        );
+        drop(a);
+        assert!(!reader.fill(&b).unwrap(), "end of stream");
     }
 }

@@ -81,8 +81,10 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Tells the keeper about a new or changed reservation (with its placeholders).
-    pub(crate) fn keep(&mut self, r: &portres_core::Reservation) {
+    /// Tells the keeper about a new or changed reservation; its placeholders go with it if
+    /// `copy_now`, else once it has lived `keeper::COPY_AFTER` (a runtime grant: most short-lived
+    /// blocks never cost the keeper anything).
+    pub(crate) fn keep(&mut self, r: &portres_core::Reservation, copy_now: bool) {
         let Some(k) = &mut self.keeper else { return };
         if let (Some(session), Some(pid)) = (r.session(), r.owner.pid) {
             k.owner(session, pid);
@@ -91,16 +93,29 @@ impl State {
             r,
             self.enforcer.placeholders(r.token),
             self.enforcer.in_helpers(r.token),
+            copy_now,
         );
+    }
+
+    /// Gives the keeper the placeholders of the held blocks older than `older_than` (all of
+    /// them if `None`).
+    pub(crate) fn copy_to_keeper(&mut self, older_than: Option<std::time::Duration>) {
+        let State {
+            enforcer, keeper, ..
+        } = self;
+        if let Some(k) = keeper {
+            k.copy_due(older_than, |t| {
+                portres_core::Token::new(t).and_then(|t| enforcer.placeholders(t))
+            });
+        }
     }
 
     /// A reservation ended: its placeholders close here and in the keeper, and it leaves the
     /// exclude layer. Call [`State::sync_keeper`] before replying, so that the ports are free.
     pub(crate) fn retire(&mut self, r: &portres_core::Reservation) {
-        let held = self.enforcer.placeholders(r.token).is_some();
         self.enforcer.retire(r);
         if let Some(k) = &mut self.keeper {
-            k.drop_token(r.token.get(), held);
+            k.drop_token(r.token.get());
         }
     }
 
@@ -143,6 +158,8 @@ struct Shared {
     restore: Mutex<portres_proto::RestoreInfo>,
     /// Owners of the sessions carried over from a predecessor, to watch (taken by `run`).
     restored_owners: Mutex<Vec<(portres_core::SessionId, std::os::fd::OwnedFd)>>,
+    /// Copying aged placeholders to the keeper is scheduled.
+    copy_scheduled: std::sync::atomic::AtomicBool,
     /// Signalled by a `shutdown` request.
     stop: tokio::sync::Notify,
     /// The `shutdown` request asked to release everything.
@@ -155,33 +172,40 @@ struct Shared {
 /// `PORTRES_CHECK_INVARIANTS=1` checks the table's invariants after every request (a violation
 /// panics, which ends the daemon); `PORTRES_FAILPOINT` is a comma-separated list of
 /// `panic-on:OP` (panic when a request `OP`, e.g. `status`, arrives, to test what a panic does),
-/// `no-ebpf` (hold UDP as a daemon that may not load eBPF does) and `protocol:N` (speak only
-/// protocol version N, as a daemon of another version would). Not for production.
+/// `no-ebpf` (hold UDP as a daemon that may not load eBPF does), `protocol:N` (speak only
+/// protocol version N, as a daemon of another version would) and `keeper-copy-after:MS` (copy
+/// held blocks' placeholders to the keeper after MS milliseconds instead of
+/// `keeper::COPY_AFTER`). Not for production.
 #[derive(Debug)]
 pub(crate) struct Checks {
     pub(crate) invariants: bool,
     pub(crate) panic_on: Option<String>,
     /// Protocol versions served.
     pub(crate) versions: std::ops::RangeInclusive<u32>,
+    /// How old a held block is when its placeholders go to the keeper.
+    pub(crate) copy_after: std::time::Duration,
 }
 
 impl Checks {
     fn from_env() -> Checks {
+        let failpoints = std::env::var("PORTRES_FAILPOINT").unwrap_or_default();
+        let value = |name: &str| {
+            failpoints
+                .split(',')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::to_string)
+        };
         Checks {
             invariants: std::env::var("PORTRES_CHECK_INVARIANTS").is_ok_and(|v| v == "1"),
-            panic_on: std::env::var("PORTRES_FAILPOINT").ok().and_then(|v| {
-                v.split(',')
-                    .find_map(|f| f.strip_prefix("panic-on:").map(str::to_string))
-            }),
-            versions: std::env::var("PORTRES_FAILPOINT")
-                .ok()
-                .and_then(|v| {
-                    v.split(',')
-                        .find_map(|f| f.strip_prefix("protocol:")?.parse::<u32>().ok())
-                })
+            panic_on: value("panic-on"),
+            versions: value("protocol")
+                .and_then(|n| n.parse::<u32>().ok())
                 .map_or(portres_proto::MIN_VERSION..=portres_proto::VERSION, |n| {
                     n..=n
                 }),
+            copy_after: value("keeper-copy-after")
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map_or(keeper::COPY_AFTER, std::time::Duration::from_millis),
         }
     }
 }
@@ -237,6 +261,7 @@ impl Daemon {
                 accept_paused: std::sync::atomic::AtomicU64::new(0),
                 restore: Mutex::new(restored.info),
                 restored_owners: Mutex::new(restored.owners),
+                copy_scheduled: std::sync::atomic::AtomicBool::new(false),
                 stop: tokio::sync::Notify::new(),
                 release_on_stop: std::sync::atomic::AtomicBool::new(false),
                 stop_requested: std::sync::atomic::AtomicBool::new(false),
@@ -270,6 +295,8 @@ impl Daemon {
             && shared.config.live_restore_secs > 0
             && st.keeper.as_ref().is_some_and(|k| k.problem().is_none());
         if keeping {
+            // Every placeholder goes to the keeper now: none is unbound in between.
+            st.copy_to_keeper(None);
             let runtime = st
                 .table
                 .reservations()

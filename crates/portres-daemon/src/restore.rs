@@ -106,7 +106,10 @@ pub(crate) fn at_start(
             l.adopt_owner(session, pidfd);
         }
         for &(token, held) in &dropped {
-            l.drop_token(token, held);
+            l.drop_token(token);
+            if held {
+                l.expect_sync();
+            }
         }
         // The dropped blocks' copies are closed before anything is bound afresh.
         l.sync();
@@ -132,8 +135,13 @@ pub(crate) fn at_start(
         match persistent.remove(&r.token.get()) {
             Some((_, fds, handed)) => {
                 match state.enforcer.adopt(&r, fds) {
-                    Ok(true) => info.placeholders_kept += u64::from(r.range.count()),
-                    Ok(false) => state.keep(&r),
+                    Ok(true) => {
+                        info.placeholders_kept += u64::from(r.range.count());
+                        if let Some(l) = &mut state.keeper {
+                            l.mark_copied(r.token.get());
+                        }
+                    }
+                    Ok(false) => state.keep(&r, true),
                     Err(why) => {
                         tracing::warn!(
                             token = %r.token,
@@ -142,7 +150,7 @@ pub(crate) fn at_start(
                         info.lost
                             .push(format!("persistent {}/{}: {why}", r.range, r.protocol));
                         state.enforcer.admit_at_start(&r);
-                        state.keep(&r);
+                        state.keep(&r, true);
                     }
                 }
                 for h in &handed {
@@ -154,7 +162,7 @@ pub(crate) fn at_start(
             None => {
                 state.enforcer.admit_at_start(&r);
                 if state.enforcer.placeholders(r.token).is_some() {
-                    state.keep(&r);
+                    state.keep(&r, true);
                 }
             }
         }
@@ -201,7 +209,8 @@ pub(crate) fn at_start(
             tracing::warn!("lost runtime reservation {}: {why}", k.name());
             info.lost.push(format!("{}: {why}", k.name()));
             if let Some(l) = &mut state.keeper {
-                l.drop_token(k.token, true);
+                l.drop_token(k.token);
+                l.expect_sync();
             }
         };
         if let Err(e) = state.table.restore_runtime(r.clone()) {
@@ -212,9 +221,12 @@ pub(crate) fn at_start(
             Ok(kept) => {
                 if kept {
                     info.placeholders_kept += u64::from(r.range.count());
+                    if let Some(l) = &mut state.keeper {
+                        l.mark_copied(r.token.get());
+                    }
                 } else if r.mode == portres_core::Mode::Hold {
                     // Bound afresh: the keeper gets the new placeholders.
-                    state.keep(&r);
+                    state.keep(&r, true);
                 }
             }
             Err(why) => {

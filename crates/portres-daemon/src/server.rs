@@ -240,13 +240,31 @@ const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_milli
 /// blocks to `ip_local_reserved_ports` and refilling the prepared placeholder sockets; a little
 /// later, writing released blocks out of it.
 fn schedule_background_work(shared: &Arc<Shared>) {
-    let (soon, dirty) = {
+    let (soon, dirty, copies) = {
         let st = shared.state.lock().unwrap();
         (
             st.enforcer.pool_wanted(st.table.session_count()) || st.enforcer.exclude_unwritten(),
             st.enforcer.exclude_dirty(),
+            st.keeper.as_ref().is_some_and(|k| k.copies_pending()),
         )
     };
+    if copies && !shared.copy_scheduled.swap(true, Ordering::AcqRel) {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Held blocks that live on get their placeholders copied to the keeper, a batch
+            // every `COPY_AFTER` while there are any.
+            let age = shared.checks.copy_after;
+            loop {
+                tokio::time::sleep(age).await;
+                let mut st = shared.state.lock().unwrap();
+                st.copy_to_keeper(Some(age));
+                if !st.keeper.as_ref().is_some_and(|k| k.copies_pending()) {
+                    shared.copy_scheduled.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
+    }
     if soon && !shared.soon_scheduled.swap(true, Ordering::AcqRel) {
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -62,13 +62,13 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
-/// A listening `SOCK_SEQPACKET` Unix socket bound to `path` (`socket`, `bind`, `listen`), mode
-/// 0600: only its owner (and root) may connect.
-pub fn seqpacket_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
+/// A listening Unix stream socket bound to `path` (`socket`, `bind`, `listen`), mode 0600: only
+/// its owner (and root) may connect.
+pub fn stream_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let fd = rustix::net::socket_with(
         AddressFamily::UNIX,
-        SocketType::SEQPACKET,
+        SocketType::STREAM,
         SocketFlags::CLOEXEC,
         None,
     )?;
@@ -79,12 +79,12 @@ pub fn seqpacket_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Connects a `SOCK_SEQPACKET` Unix socket to `path`.
-pub fn seqpacket_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
+/// Connects a Unix stream socket to `path`.
+pub fn stream_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let fd = rustix::net::socket_with(
         AddressFamily::UNIX,
-        SocketType::SEQPACKET,
+        SocketType::STREAM,
         SocketFlags::CLOEXEC,
         None,
     )?;
@@ -165,10 +165,63 @@ pub fn peer_closed(sock: impl AsFd) -> bool {
     )
 }
 
-/// `SO_SNDTIMEO`: a blocking send gives up with `EAGAIN` after `t`.
-pub fn set_send_timeout(fd: impl AsFd, t: std::time::Duration) -> io::Result<()> {
-    rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Send, Some(t))?;
+/// Makes `fd` non-blocking (`fcntl(F_SETFL, O_NONBLOCK)`).
+pub fn set_nonblocking(fd: impl AsFd) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
     Ok(())
+}
+
+/// `SO_SNDBUF`: asks for a send buffer of `bytes` (the kernel caps it at `net.core.wmem_max`).
+pub fn set_send_buffer(fd: impl AsFd, bytes: usize) -> io::Result<()> {
+    rustix::net::sockopt::set_socket_send_buffer_size(&fd, bytes)?;
+    Ok(())
+}
+
+/// Waits until `fd` can be written or `timeout` passes (`poll(2)`); returns whether it can.
+pub fn wait_writable(fd: impl AsFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::OUT,
+    )];
+    let ts = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits (`poll(2)`) until `wake` is readable, `stream`'s peer hangs up (`POLLRDHUP`: data
+/// arriving on `stream` does not wake it), or `timeout` passes. Returns (wake readable, hung up).
+pub fn wait_wake_or_hangup(
+    wake: impl AsFd,
+    stream: impl AsFd,
+    timeout: std::time::Duration,
+) -> io::Result<(bool, bool)> {
+    use rustix::event::PollFlags;
+    let mut fds = [
+        rustix::event::PollFd::new(&wake, PollFlags::IN),
+        rustix::event::PollFd::new(&stream, PollFlags::RDHUP),
+    ];
+    let ts = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) => {
+                return Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty()));
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]

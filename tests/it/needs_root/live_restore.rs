@@ -444,3 +444,38 @@ fn the_keeper_serves_its_own_user_only() {
         d.keeper_pids().first().copied()
     );
 }
+
+#[test]
+fn a_block_granted_just_before_a_kill9_is_bound_again_or_named_lost() {
+    // Blocks younger than the keeper's copy delay (made long here, so the test does not depend
+    // on timing): their placeholders die with the daemon.
+    let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "keeper-copy-after:600000")]);
+    let c = d.client();
+    let a = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
+    let b = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
+    d.kill9();
+    let pb = b.port();
+    // A stranger takes b's port while no daemon runs.
+    let squatter = d.in_netns(move || TcpListener::bind(("::", pb)).unwrap());
+    d.launch();
+    let info = restore_info(&d);
+    assert_eq!(info["kept"], 1, "{info}");
+    let lost = info["lost"].as_array().unwrap();
+    assert_eq!(lost.len(), 1, "{info}");
+    let text = lost[0].as_str().unwrap();
+    assert!(
+        text.contains(&format!("{pb}-{pb}/tcp")) && text.contains("taken meanwhile"),
+        "{text}"
+    );
+    // a is held again; the client learns at its next call that b is lost.
+    let pa = a.port();
+    assert!(!d.in_netns(move || TcpListener::bind(("::", pa)).is_ok()));
+    c.status().unwrap();
+    let lost = c.lost();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].token, b.token().to_string());
+    drop(squatter);
+    // Releasing the lost one is not an error: it is not reserved any more.
+    b.release().unwrap();
+    a.release().unwrap();
+}
