@@ -576,7 +576,23 @@ impl Enforcer {
     /// unbound in between). If they are missing (the keeper did not have them: the block was
     /// held by helper processes, or the keeper was new), they are bound afresh; an error says
     /// why that failed, and then nothing is left behind.
-    pub(crate) fn adopt(&mut self, r: &Reservation, fds: Vec<OwnedFd>) -> Result<bool, String> {
+    pub(crate) fn adopt(
+        &mut self,
+        r: &Reservation,
+        fds: Vec<OwnedFd>,
+        helpers: &[usize],
+    ) -> Result<bool, String> {
+        if r.mode == Mode::Hold
+            && fds.is_empty()
+            && self
+                .helpers
+                .adopt_block(r.token, helpers, u64::from(r.range.count()))
+        {
+            // Held all along by helpers taken over with the keeper.
+            self.held_remote += u64::from(r.range.count());
+            self.exclude.add(r.range);
+            return Ok(true);
+        }
         if r.mode == Mode::Hold {
             if fds.len() == usize::from(r.range.count())
                 && self.held_ports + fds.len() as u64 <= self.local_budget()
@@ -659,9 +675,26 @@ impl Enforcer {
         self.holds.get(&token).map(Vec::as_slice)
     }
 
-    /// Whether helper processes hold `token`'s block.
-    pub(crate) fn in_helpers(&self, token: Token) -> bool {
-        self.helpers.holds(token)
+    /// The helper processes holding `token`'s block (none: the daemon holds it, or nobody).
+    pub(crate) fn helper_indices(&self, token: Token) -> Vec<usize> {
+        self.helpers.indices(token)
+    }
+
+    /// Helpers started since the last call (index, pid, a copy of the link), for the keeper.
+    pub(crate) fn take_new_helpers(&mut self) -> Vec<(usize, u32, OwnedFd)> {
+        self.helpers.take_new()
+    }
+
+    /// Takes over a previous daemon's helper processes (live restore).
+    pub(crate) fn adopt_helpers(&mut self, helpers: Vec<(usize, u32, OwnedFd)>) {
+        for (index, pid, sock) in helpers {
+            self.helpers.adopt(index, pid, sock);
+        }
+    }
+
+    /// Tells taken-over helpers to let go of a block that is not carried on.
+    pub(crate) fn drop_adopted_block(&mut self, token: Token, indices: &[usize]) {
+        self.helpers.drop_adopted(token, indices);
     }
 
     /// Writes the exclude layer once after the persistent blocks were put back.

@@ -7,8 +7,10 @@
 //! `SCM_RIGHTS` and closes its own copies; the helper keeps them until told to drop the block.
 //! Messages (daemon to helper): 9 bytes, an op (`1` hold, `2` drop) and the token (u64, little
 //! endian), with the descriptors on hold messages. The helper answers each with one byte (`1`).
-//! A helper exits when the daemon's end closes (the daemon stopped or died), and with it its
-//! placeholders, as the daemon's own would.
+//! A helper exits when the daemon's end closes, and with it its placeholders. With live restore
+//! the keeper holds a copy of that end from the helper's start, so a helper outlives a daemon
+//! that stops or dies, and the next daemon takes it over ([`Helpers::adopt`]); it exits when the
+//! keeper lets go too.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +25,10 @@ const DROP: u8 = 2;
 pub(crate) const CHUNK: usize = 200;
 
 struct Helper {
-    child: Child,
+    /// Its pid (a helper taken over from a previous daemon is not our child).
+    pid: u32,
+    /// The child handle, when this daemon started it (never waited for: it may outlive us).
+    _child: Option<Child>,
     sock: OwnedFd,
     held: u64,
 }
@@ -44,7 +49,8 @@ impl Helper {
             .stdout(Stdio::null())
             .spawn()?;
         Ok(Helper {
-            child,
+            pid: child.id(),
+            _child: Some(child),
             sock: ours,
             held: 0,
         })
@@ -57,7 +63,7 @@ impl Helper {
             (1, _) if ack[0] == 1 => Ok(()),
             _ => Err(io::Error::other(format!(
                 "placeholder helper (pid {}) stopped answering",
-                self.child.id()
+                self.pid
             ))),
         }
     }
@@ -66,9 +72,12 @@ impl Helper {
 /// The helpers of a daemon, and which hold which blocks.
 #[derive(Default)]
 pub(crate) struct Helpers {
-    helpers: Vec<Helper>,
+    /// By index; `None` where a taken-over daemon's helper was missing.
+    helpers: Vec<Option<Helper>>,
     /// Per block: the helpers holding part of it.
     blocks: HashMap<Token, Vec<usize>>,
+    /// Helpers started since [`Helpers::take_new`] was last asked (for the keeper).
+    new: Vec<usize>,
 }
 
 impl Helpers {
@@ -76,16 +85,22 @@ impl Helpers {
     /// one if needed; `capacity` is how many descriptors one helper may hold.
     pub(crate) fn hold(&mut self, token: Token, fds: &[OwnedFd], capacity: u64) -> io::Result<()> {
         let n = fds.len() as u64;
-        let at = match self.helpers.iter().position(|h| h.held + n <= capacity) {
+        let room = self
+            .helpers
+            .iter()
+            .position(|h| h.as_ref().is_some_and(|h| h.held + n <= capacity));
+        let at = match room {
             Some(i) => i,
             None => {
-                self.helpers.push(Helper::spawn()?);
+                self.helpers.push(Some(Helper::spawn()?));
+                self.new.push(self.helpers.len() - 1);
                 self.helpers.len() - 1
             }
         };
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-        self.helpers[at].call(&message(HOLD, token), &borrowed)?;
-        self.helpers[at].held += n;
+        let h = self.helpers[at].as_mut().expect("chosen");
+        h.call(&message(HOLD, token), &borrowed)?;
+        h.held += n;
         let owners = self.blocks.entry(token).or_default();
         if !owners.contains(&at) {
             owners.push(at);
@@ -100,13 +115,16 @@ impl Helpers {
             return;
         };
         for i in owners {
-            if let Err(e) = self.helpers[i].call(&message(DROP, token), &[]) {
+            let Some(h) = self.helpers.get(i).and_then(Option::as_ref) else {
+                continue;
+            };
+            if let Err(e) = h.call(&message(DROP, token), &[]) {
                 tracing::error!(error = %e, "dropping a held block in a helper failed");
             }
         }
         // Capacity bookkeeping is approximate across helpers: spread the count back.
         let mut left = count;
-        for h in &mut self.helpers {
+        for h in self.helpers.iter_mut().flatten() {
             let take = left.min(h.held);
             h.held -= take;
             left -= take;
@@ -120,10 +138,64 @@ impl Helpers {
 
     /// Number of helper processes and ports they hold.
     pub(crate) fn summary(&self) -> (usize, u64) {
-        (
-            self.helpers.len(),
-            self.helpers.iter().map(|h| h.held).sum(),
-        )
+        let live = self.helpers.iter().flatten();
+        (live.clone().count(), live.map(|h| h.held).sum())
+    }
+
+    /// The helpers holding part of `token`'s block.
+    pub(crate) fn indices(&self, token: Token) -> Vec<usize> {
+        self.blocks.get(&token).cloned().unwrap_or_default()
+    }
+
+    /// Helpers started since the last call: index, pid and a copy of our end of its link.
+    pub(crate) fn take_new(&mut self) -> Vec<(usize, u32, OwnedFd)> {
+        std::mem::take(&mut self.new)
+            .into_iter()
+            .filter_map(|i| {
+                let h = self.helpers.get(i)?.as_ref()?;
+                Some((i, h.pid, h.sock.try_clone().ok()?))
+            })
+            .collect()
+    }
+
+    /// Takes over helper `index` (pid `pid`) of a previous daemon, through `sock`.
+    pub(crate) fn adopt(&mut self, index: usize, pid: u32, sock: OwnedFd) {
+        if self.helpers.len() <= index {
+            self.helpers.resize_with(index + 1, || None);
+        }
+        self.helpers[index] = Some(Helper {
+            pid,
+            _child: None,
+            sock,
+            held: 0,
+        });
+    }
+
+    /// Records that the taken-over helpers `indices` hold `token`'s block of `count` ports;
+    /// false (nothing recorded) if one of them was not taken over.
+    pub(crate) fn adopt_block(&mut self, token: Token, indices: &[usize], count: u64) -> bool {
+        if indices.is_empty()
+            || !indices
+                .iter()
+                .all(|&i| self.helpers.get(i).is_some_and(Option::is_some))
+        {
+            return false;
+        }
+        // Capacity bookkeeping is approximate across helpers: spread the count.
+        let share = count / indices.len() as u64 + 1;
+        for &i in indices {
+            if let Some(h) = self.helpers[i].as_mut() {
+                h.held += share;
+            }
+        }
+        self.blocks.insert(token, indices.to_vec());
+        true
+    }
+
+    /// Tells the helpers `indices` (taken over) to let go of `token`'s block.
+    pub(crate) fn drop_adopted(&mut self, token: Token, indices: &[usize]) {
+        self.blocks.insert(token, indices.to_vec());
+        self.drop_block(token, 0);
     }
 }
 

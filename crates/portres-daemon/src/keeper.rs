@@ -61,10 +61,13 @@ pub(crate) struct Kept {
     /// Its placeholders are held by helper processes, not passed to the keeper.
     #[serde(default)]
     pub in_helpers: bool,
+    /// Those helpers (the keeper has a copy of the daemon's end of their links).
+    #[serde(default)]
+    pub helpers: Vec<usize>,
 }
 
 impl Kept {
-    pub(crate) fn of(r: &Reservation, in_helpers: bool) -> Kept {
+    pub(crate) fn of(r: &Reservation, helpers: Vec<usize>) -> Kept {
         Kept {
             token: r.token.get(),
             protocol: r.protocol.as_str().into(),
@@ -77,7 +80,8 @@ impl Kept {
             uid: r.owner.uid,
             command: r.owner.command.clone(),
             created: r.created,
-            in_helpers,
+            in_helpers: !helpers.is_empty(),
+            helpers,
         }
     }
 
@@ -136,6 +140,11 @@ pub(crate) enum Msg {
     },
     Drop {
         token: u64,
+    },
+    /// A placeholder-holding helper process: the daemon's end of its link comes with it.
+    Helper {
+        index: usize,
+        pid: u32,
     },
     Owner {
         session: u64,
@@ -291,6 +300,8 @@ pub(crate) struct Replay {
     pub records: Vec<(Kept, Vec<OwnedFd>, Vec<HandedRec>)>,
     /// Owners: session → (pid, start time, pidfd).
     pub owners: HashMap<u64, (u32, u64, OwnedFd)>,
+    /// Helper processes: index, pid, the daemon's end of the link.
+    pub helpers: Vec<(usize, u32, OwnedFd)>,
 }
 
 /// The daemon's side of the link to its keeper.
@@ -460,6 +471,11 @@ impl Link {
                             replay.owners.insert(session, (pid, start_time, fd));
                         }
                     }
+                    Msg::Helper { index, pid } => {
+                        if let Some(fd) = fds.into_iter().next() {
+                            replay.helpers.push((index, pid, fd));
+                        }
+                    }
                     Msg::End { pid } => {
                         if pid.is_some() {
                             self.pid = pid;
@@ -513,7 +529,7 @@ impl Link {
         &mut self,
         r: &Reservation,
         fds: Option<&[OwnedFd]>,
-        in_helpers: bool,
+        helpers: Vec<usize>,
         copy_now: bool,
     ) {
         if self.failed.is_some() {
@@ -527,7 +543,7 @@ impl Link {
         };
         if let Err(e) = send_put(
             &self.data,
-            Kept::of(r, in_helpers),
+            Kept::of(r, helpers),
             &borrowed,
             Some(&self.kick),
         ) {
@@ -540,6 +556,12 @@ impl Link {
                 self.pending.push_back((std::time::Instant::now(), token));
             }
         }
+    }
+
+    /// A helper process the daemon started: the keeper keeps a copy of the daemon's end of its
+    /// link, so it outlives the daemon (with its placeholders) until the keeper lets go.
+    pub(crate) fn helper(&mut self, index: usize, pid: u32, link: &OwnedFd) {
+        self.send(&Msg::Helper { index, pid }, &[link.as_fd()]);
     }
 
     /// Whether held blocks wait for their placeholders to go to the keeper.
@@ -715,6 +737,7 @@ struct Held {
 struct Keeper {
     held: HashMap<u64, Held>,
     owners: HashMap<u64, (u32, u64, OwnedFd)>,
+    helpers: BTreeMap<usize, (u32, OwnedFd)>,
 }
 
 impl Keeper {
@@ -752,6 +775,11 @@ impl Keeper {
                 }
             }
             Msg::OwnerGone { session } => drop(self.owners.remove(&session)),
+            Msg::Helper { index, pid } => {
+                if let Some(fd) = fds.into_iter().next() {
+                    self.helpers.insert(index, (pid, fd));
+                }
+            }
             _ => {}
         }
     }
@@ -775,6 +803,10 @@ impl Keeper {
                 pid: *pid,
                 start_time: *start_time,
             };
+            send(sock, &m, &[fd.as_fd()], None)?;
+        }
+        for (&index, (pid, fd)) in &self.helpers {
+            let m = Msg::Helper { index, pid: *pid };
             send(sock, &m, &[fd.as_fd()], None)?;
         }
         let end = Msg::End {
@@ -948,6 +980,7 @@ mod tests {
                 command: Some("x".into()),
                 created: 1,
                 in_helpers: false,
+                helpers: vec![],
             },
         };
         let back: Msg = serde_json::from_slice(&frame(&m, 0)[6..]).unwrap();
@@ -980,6 +1013,7 @@ mod tests {
             command: None,
             created: 0,
             in_helpers: false,
+            helpers: vec![],
         };
         // More messages than a socket queue holds unread by default: the stream buffers them
         // (or the link wakes the keeper when it is full).

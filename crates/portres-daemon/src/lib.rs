@@ -89,10 +89,13 @@ impl State {
         if let (Some(session), Some(pid)) = (r.session(), r.owner.pid) {
             k.owner(session, pid);
         }
+        for (index, pid, link) in self.enforcer.take_new_helpers() {
+            k.helper(index, pid, &link);
+        }
         k.put(
             r,
             self.enforcer.placeholders(r.token),
-            self.enforcer.in_helpers(r.token),
+            self.enforcer.helper_indices(r.token),
             copy_now,
         );
     }

@@ -64,11 +64,16 @@ pub(crate) fn at_start(
         }
     };
 
+    // Helper processes that held large blocks for the predecessor (the keeper kept them alive).
+    state
+        .enforcer
+        .adopt_helpers(std::mem::take(&mut replay.helpers));
+
     // Sort what the keeper had.
     let stored: HashMap<u64, &StoredReservation> = records.iter().map(|r| (r.token, r)).collect();
     let mut persistent: HashMap<u64, Entry> = HashMap::new();
     let mut runtime: Vec<Entry> = Vec::new();
-    let mut dropped: Vec<(u64, bool)> = Vec::new();
+    let mut dropped: Vec<(u64, bool, Vec<usize>)> = Vec::new();
     for (k, fds, handed) in std::mem::take(&mut replay.records) {
         if k.persistent {
             let same = stored.get(&k.token).is_some_and(|s| {
@@ -80,7 +85,7 @@ pub(crate) fn at_start(
             if same {
                 persistent.insert(k.token, (k, fds, handed));
             } else {
-                dropped.push((k.token, !fds.is_empty()));
+                dropped.push((k.token, !fds.is_empty(), k.helpers.clone()));
             }
             continue;
         }
@@ -98,17 +103,20 @@ pub(crate) fn at_start(
             };
             tracing::info!("dropped runtime reservation {}: {why}", k.name());
             info.dropped.push(format!("{}: {why}", k.name()));
-            dropped.push((k.token, !fds.is_empty()));
+            dropped.push((k.token, !fds.is_empty(), k.helpers.clone()));
         }
     }
     if let Some(l) = &mut link {
         for (session, (_, _, pidfd)) in std::mem::take(&mut replay.owners) {
             l.adopt_owner(session, pidfd);
         }
-        for &(token, held) in &dropped {
-            l.drop_token(token);
-            if held {
+        for (token, held, helpers) in &dropped {
+            l.drop_token(*token);
+            if *held {
                 l.expect_sync();
+            }
+            if let Some(t) = Token::new(*token).filter(|_| !helpers.is_empty()) {
+                state.enforcer.drop_adopted_block(t, helpers);
             }
         }
         // The dropped blocks' copies are closed before anything is bound afresh.
@@ -133,8 +141,8 @@ pub(crate) fn at_start(
                 why: e.message,
             })?;
         match persistent.remove(&r.token.get()) {
-            Some((_, fds, handed)) => {
-                match state.enforcer.adopt(&r, fds) {
+            Some((k, fds, handed)) => {
+                match state.enforcer.adopt(&r, fds, &k.helpers) {
                     Ok(true) => {
                         info.placeholders_kept += u64::from(r.range.count());
                         if let Some(l) = &mut state.keeper {
@@ -161,7 +169,7 @@ pub(crate) fn at_start(
             }
             None => {
                 state.enforcer.admit_at_start(&r);
-                if state.enforcer.placeholders(r.token).is_some() {
+                if r.mode == portres_core::Mode::Hold {
                     state.keep(&r, true);
                 }
             }
@@ -217,7 +225,7 @@ pub(crate) fn at_start(
             lost(state, &mut info, e.message);
             continue;
         }
-        match state.enforcer.adopt(&r, fds) {
+        match state.enforcer.adopt(&r, fds, &k.helpers) {
             Ok(kept) => {
                 if kept {
                     info.placeholders_kept += u64::from(r.range.count());

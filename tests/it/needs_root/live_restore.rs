@@ -479,3 +479,34 @@ fn a_block_granted_just_before_a_kill9_is_bound_again_or_named_lost() {
     b.release().unwrap();
     a.release().unwrap();
 }
+
+#[test]
+fn blocks_held_by_helper_processes_survive_a_restart_and_a_kill9() {
+    // 9,000 placeholders for a daemon allowed 5,000 open files: helpers hold them, and the
+    // keeper keeps the helpers alive between daemons.
+    let mut d = TestDaemon::with_nofile(5000);
+    let c = d.client();
+    let r = c.acquire_at(Protocol::Tcp, 30000, 9000).unwrap();
+    let mut args = vec!["bind".to_string()];
+    args.extend(["tcp:30000", "tcp:34500", "tcp:38999"].map(String::from));
+    let binder = stranger(&d, NOBODY, &args);
+    assert!(d.terminate().success());
+    d.launch();
+    let info = restore_info(&d);
+    assert_eq!(info["kept"], 1, "{info}");
+    assert_eq!(info["placeholders_kept"], 9000, "{info}");
+    d.kill9();
+    d.launch();
+    let info = restore_info(&d);
+    assert_eq!(info["placeholders_kept"], 9000, "{info}");
+    let result = stranger_result(binder);
+    assert!(
+        result["stolen"].as_array().unwrap().is_empty(),
+        "a stranger bound a port held by a helper during a restart: {result}"
+    );
+    assert_eq!(d.client().status().unwrap().counts.ports_held, 9000);
+    // Released through the helpers the new daemon took over: the ports are free.
+    r.release().unwrap();
+    assert_eq!(d.client().status().unwrap().counts.ports_held, 0);
+    assert!(d.in_netns(|| TcpListener::bind(("::", 34500)).is_ok()));
+}
