@@ -442,47 +442,20 @@ impl Link {
     fn dump(&mut self) -> io::Result<Replay> {
         send(&self.data, &Msg::Dump, &[], Some(&self.kick))?;
         self.wake(KICK_DRAIN)?;
-        let mut replay = Replay::default();
-        let mut index: HashMap<u64, usize> = HashMap::new();
+        // The dump is the keeper's state as messages: applied to an empty keeper, it is that
+        // state again.
+        let mut copy = Keeper::default();
         let mut reader = Reader::default();
         loop {
             while let Some((m, fds)) = reader.next()? {
                 match m {
-                    Msg::Put { record } => {
-                        index.insert(record.token, replay.records.len());
-                        replay.records.push((record, fds, Vec::new()));
-                    }
-                    Msg::Fds { token } => {
-                        if let Some(&i) = index.get(&token) {
-                            replay.records[i].1.extend(fds);
-                        }
-                    }
-                    Msg::Handed { token, handed } => {
-                        if let Some(&i) = index.get(&token) {
-                            replay.records[i].2.push(handed);
-                        }
-                    }
-                    Msg::Owner {
-                        session,
-                        pid,
-                        start_time,
-                    } => {
-                        if let Some(fd) = fds.into_iter().next() {
-                            replay.owners.insert(session, (pid, start_time, fd));
-                        }
-                    }
-                    Msg::Helper { index, pid } => {
-                        if let Some(fd) = fds.into_iter().next() {
-                            replay.helpers.push((index, pid, fd));
-                        }
-                    }
                     Msg::End { pid } => {
                         if pid.is_some() {
                             self.pid = pid;
                         }
-                        return Ok(replay);
+                        return Ok(copy.into_replay());
                     }
-                    _ => {}
+                    other => copy.apply(other, fds),
                 }
             }
             if !fdpass::wait_readable(&self.data, Some(Duration::from_secs(10)))? {
@@ -741,6 +714,22 @@ struct Keeper {
 }
 
 impl Keeper {
+    fn into_replay(self) -> Replay {
+        Replay {
+            records: self
+                .held
+                .into_values()
+                .filter_map(|h| Some((h.record?, h.fds, h.handed.into_values().collect())))
+                .collect(),
+            owners: self.owners,
+            helpers: self
+                .helpers
+                .into_iter()
+                .map(|(i, (pid, fd))| (i, pid, fd))
+                .collect(),
+        }
+    }
+
     fn apply(&mut self, m: Msg, fds: Vec<OwnedFd>) {
         match m {
             Msg::Put { record } => {

@@ -65,31 +65,29 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// A listening Unix stream socket bound to `path` (`socket`, `bind`, `listen`), mode 0600: only
 /// its owner (and root) may connect.
 pub fn stream_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = unix_stream()?;
     // fchmod before bind: the file is created with the socket's mode, never more open.
     rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
-    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::bind(&fd, &rustix::net::SocketAddrUnix::new(path)?)?;
     rustix::net::listen(&fd, 16)?;
     Ok(fd)
 }
 
 /// Connects a Unix stream socket to `path`.
 pub fn stream_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let fd = unix_stream()?;
+    rustix::net::connect(&fd, &rustix::net::SocketAddrUnix::new(path)?)?;
     Ok(fd)
+}
+
+/// `socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`.
+fn unix_stream() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// The path a Unix socket is bound to (`getsockname(2)`).
