@@ -448,6 +448,7 @@ fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto:
     let mut info = portres_proto::AttachInfo::default();
     let mut st = shared.state.lock().unwrap();
     let mut emptied = Vec::new();
+    let mut moved = Vec::new();
     for t in tokens {
         let lost = |why: String| portres_proto::LostToken {
             token: t.clone(),
@@ -493,14 +494,15 @@ fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto:
             continue;
         }
         st.table.move_to_session(tk, caller.session);
-        if let Some(k) = &mut st.keeper {
-            k.owner(caller.session, caller.pid);
-            k.moved(tk.get(), caller.session);
-        }
+        moved.push(tk.get());
         if st.table.session_len(from) == 0 {
             emptied.push(from);
         }
         info.kept.push(t.clone());
+    }
+    if let Some(k) = st.keeper.as_mut().filter(|_| !moved.is_empty()) {
+        k.owner(caller.session, caller.pid);
+        k.moved(moved, caller.session);
     }
     for s in emptied {
         if st.table.session_len(s) == 0 {

@@ -118,7 +118,7 @@ pub(crate) struct HandedRec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "m", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Msg {
     Put {
         record: Kept,
@@ -135,7 +135,7 @@ pub(crate) enum Msg {
         port: u16,
     },
     Moved {
-        token: u64,
+        tokens: Vec<u64>,
         session: u64,
     },
     Drop {
@@ -155,6 +155,11 @@ pub(crate) enum Msg {
         session: u64,
     },
     Barrier,
+    /// Several messages in one frame (a dump), each with how many of the frame's descriptors
+    /// are its own, in order.
+    Batch {
+        parts: Vec<(Msg, u16)>,
+    },
     Dump,
     /// The first message of a link: the keeper's end of the kick pair comes with it.
     Kick,
@@ -335,10 +340,14 @@ pub(crate) const COPY_AFTER: Duration = Duration::from_millis(100);
 /// How long the daemon waits for its keeper before declaring it failed.
 const KEEPER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often the keeper reads its stream when nobody wakes it: a safety net only. Unread
-/// messages cost nothing but buffer space (charged to the daemon's send buffer; when it is
-/// full the daemon wakes the keeper), and they are there to be read when the daemon goes.
-const DRAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often the keeper reads its stream when nobody wakes it, while changes keep coming: it
+/// files them away in batches, so that little is left to read when the daemon goes (a restart
+/// waits for it). Unread messages cost nothing but buffer space (charged to the daemon's send
+/// buffer; when it is full the daemon wakes the keeper).
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// How long the keeper sleeps when the last read found nothing (a safety net only).
+const IDLE_DRAIN_EVERY: Duration = Duration::from_secs(10);
 
 /// Room for messages between the keeper's reads (the kernel caps it at `net.core.wmem_max`;
 /// when it is full, the daemon wakes the keeper).
@@ -550,6 +559,9 @@ impl Link {
         placeholders: impl Fn(u64) -> Option<&'a [OwnedFd]>,
     ) {
         let now = std::time::Instant::now();
+        // Many blocks' placeholders in one frame (up to MAX_FDS descriptors): few writes, and
+        // few reads for the keeper.
+        let mut batch = Batcher::default();
         while let Some(&(at, token)) = self.pending.front() {
             if older_than.is_some_and(|age| now.duration_since(at) < age) {
                 break;
@@ -562,12 +574,14 @@ impl Link {
                 continue;
             };
             for chunk in fds.chunks(MAX_FDS) {
-                let borrowed: Vec<BorrowedFd<'_>> = chunk.iter().map(|f| f.as_fd()).collect();
-                if let Err(e) = send(&self.data, &Msg::Fds { token }, &borrowed, Some(&self.kick)) {
+                if let Err(e) = batch.add(&self.data, Msg::Fds { token }, chunk, Some(&self.kick)) {
                     return self.fail(format!("sending to the keeper failed: {e}"));
                 }
             }
             self.copied.insert(token);
+        }
+        if let Err(e) = batch.flush(&self.data, Some(&self.kick)) {
+            self.fail(format!("sending to the keeper failed: {e}"));
         }
     }
 
@@ -620,8 +634,8 @@ impl Link {
         self.send(&Msg::Returned { token, port }, &[]);
     }
 
-    pub(crate) fn moved(&mut self, token: u64, session: u64) {
-        self.send(&Msg::Moved { token, session }, &[]);
+    pub(crate) fn moved(&mut self, tokens: Vec<u64>, session: u64) {
+        self.send(&Msg::Moved { tokens, session }, &[]);
     }
 
     /// A reservation ended. If the keeper has copies of its placeholders, its ports are free
@@ -732,6 +746,13 @@ impl Keeper {
 
     fn apply(&mut self, m: Msg, fds: Vec<OwnedFd>) {
         match m {
+            Msg::Batch { parts } => {
+                let mut fds = fds.into_iter();
+                for (part, n) in parts {
+                    let own: Vec<OwnedFd> = fds.by_ref().take(usize::from(n)).collect();
+                    self.apply(part, own);
+                }
+            }
             Msg::Put { record } => {
                 let h = self.held.entry(record.token).or_default();
                 h.record = Some(record);
@@ -748,9 +769,11 @@ impl Keeper {
                     h.handed.remove(&port);
                 }
             }
-            Msg::Moved { token, session } => {
-                if let Some(r) = self.held.get_mut(&token).and_then(|h| h.record.as_mut()) {
-                    r.session = session;
+            Msg::Moved { tokens, session } => {
+                for token in tokens {
+                    if let Some(r) = self.held.get_mut(&token).and_then(|h| h.record.as_mut()) {
+                        r.session = session;
+                    }
                 }
             }
             Msg::Drop { token } => drop(self.held.remove(&token)),
@@ -773,17 +796,33 @@ impl Keeper {
         }
     }
 
+    /// Sends everything it holds, as batches of messages (a few large writes rather than one
+    /// per record), then `end`.
     fn dump(&self, sock: &OwnedFd) -> io::Result<()> {
+        let mut batch = Batcher::default();
         for h in self.held.values() {
             let Some(record) = &h.record else { continue };
-            let fds: Vec<BorrowedFd<'_>> = h.fds.iter().map(|f| f.as_fd()).collect();
-            send_put(sock, record.clone(), &fds, None)?;
+            let mut chunks = h.fds.chunks(MAX_FDS);
+            let first = Msg::Put {
+                record: record.clone(),
+            };
+            batch.add(sock, first, chunks.next().unwrap_or(&[]), None)?;
+            for chunk in chunks {
+                batch.add(
+                    sock,
+                    Msg::Fds {
+                        token: record.token,
+                    },
+                    chunk,
+                    None,
+                )?;
+            }
             for handed in h.handed.values() {
                 let m = Msg::Handed {
                     token: record.token,
                     handed: handed.clone(),
                 };
-                send(sock, &m, &[], None)?;
+                batch.add(sock, m, &[], None)?;
             }
         }
         for (&session, (pid, start_time, fd)) in &self.owners {
@@ -792,12 +831,17 @@ impl Keeper {
                 pid: *pid,
                 start_time: *start_time,
             };
-            send(sock, &m, &[fd.as_fd()], None)?;
+            batch.add(sock, m, std::slice::from_ref(fd), None)?;
         }
         for (&index, (pid, fd)) in &self.helpers {
-            let m = Msg::Helper { index, pid: *pid };
-            send(sock, &m, &[fd.as_fd()], None)?;
+            batch.add(
+                sock,
+                Msg::Helper { index, pid: *pid },
+                std::slice::from_ref(fd),
+                None,
+            )?;
         }
+        batch.flush(sock, None)?;
         let end = Msg::End {
             pid: Some(std::process::id()),
         };
@@ -832,6 +876,7 @@ impl Keeper {
             }
             open = reader.fill(data)?;
         };
+        let mut busy = true;
         loop {
             while let Some((m, fds)) = reader.next()? {
                 match m {
@@ -853,7 +898,8 @@ impl Keeper {
             if !open {
                 return Ok(false);
             }
-            let (woken, _) = fdpass::wait_wake_or_hangup(&kick, data, DRAIN_EVERY)?;
+            let pause = if busy { DRAIN_EVERY } else { IDLE_DRAIN_EVERY };
+            let (woken, _) = fdpass::wait_wake_or_hangup(&kick, data, pause)?;
             if woken {
                 // The kick bytes themselves say nothing the stream does not: read them all.
                 let mut bytes = [0u8; 16];
@@ -863,8 +909,47 @@ impl Keeper {
                     }
                 }
             }
+            let before = reader.buf.len();
             open = reader.fill(data)?;
+            busy = reader.buf.len() > before;
         }
+    }
+}
+
+/// Messages gathered into [`Msg::Batch`] frames of at most [`MAX_FDS`] descriptors and about
+/// 256 KiB.
+#[derive(Default)]
+struct Batcher<'a> {
+    parts: Vec<(Msg, u16)>,
+    fds: Vec<BorrowedFd<'a>>,
+    bytes: usize,
+}
+
+impl<'a> Batcher<'a> {
+    fn add(
+        &mut self,
+        sock: &OwnedFd,
+        m: Msg,
+        fds: &'a [OwnedFd],
+        kick: Option<&OwnedFd>,
+    ) -> io::Result<()> {
+        if self.fds.len() + fds.len() > MAX_FDS || self.bytes > 256 * 1024 {
+            self.flush(sock, kick)?;
+        }
+        self.bytes += 128;
+        self.fds.extend(fds.iter().map(|f| f.as_fd()));
+        self.parts.push((m, fds.len() as u16));
+        Ok(())
+    }
+
+    fn flush(&mut self, sock: &OwnedFd, kick: Option<&OwnedFd>) -> io::Result<()> {
+        if self.parts.is_empty() {
+            return Ok(());
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let fds = std::mem::take(&mut self.fds);
+        self.bytes = 0;
+        send(sock, &Msg::Batch { parts }, &fds, kick)
     }
 }
 
@@ -872,12 +957,6 @@ impl Keeper {
 /// standard input, holding what they send; see the module documentation.
 pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     portres_sys::hold::raise_nofile_limit();
-    // Its work (filing copies away) is never urgent: it runs in CPU time nobody else wants, so
-    // it adds nothing to the daemon's or its clients' latency. A barrier makes the daemon wait,
-    // which leaves a CPU idle for it.
-    if let Err(e) = portres_sys::process::run_when_idle() {
-        eprintln!("portres keeper: cannot lower its scheduling class (SCHED_IDLE): {e}");
-    }
     let listener = io::stdin().as_fd().try_clone_to_owned()?;
     // Standard input itself is the listener: point it at /dev/null so the only copy is ours.
     let _ = portres_sys::process::stdin_to_dev_null();
@@ -975,7 +1054,7 @@ mod tests {
         let back: Msg = serde_json::from_slice(&frame(&m, 0)[6..]).unwrap();
         assert_eq!(back, m);
         // Unknown fields from a newer daemon are ignored.
-        let newer: Msg = serde_json::from_str(r#"{"m":"drop","token":9,"why":"x"}"#).unwrap();
+        let newer: Msg = serde_json::from_str(r#"{"drop":{"token":9,"why":"x"}}"#).unwrap();
         assert_eq!(newer, Msg::Drop { token: 9 });
     }
 

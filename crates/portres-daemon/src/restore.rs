@@ -45,6 +45,7 @@ pub(crate) fn at_start(
         ..RestoreInfo::default()
     };
     let spawn = config.live_restore_secs > 0;
+    let started = std::time::Instant::now();
     let (mut link, mut replay) = match keeper::Link::start(
         &placement.socket,
         &placement.state_dir,
@@ -53,6 +54,11 @@ pub(crate) fn at_start(
     ) {
         Ok(Some((link, replay))) => {
             info.restored = replay.is_some();
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                records = replay.as_ref().map_or(0, |r| r.records.len()),
+                "keeper reached"
+            );
             (Some(link), replay.unwrap_or_default())
         }
         Ok(None) => (None, keeper::Replay::default()),
@@ -284,6 +290,7 @@ pub(crate) fn at_start(
             dropped = info.dropped.len(),
             lost = info.lost.len(),
             placeholders_kept = info.placeholders_kept,
+            ms = started.elapsed().as_millis() as u64,
             "carried on from the previous daemon's keeper"
         );
     }

@@ -286,18 +286,6 @@ pub fn wait_pidfds(pidfds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<usi
         .collect())
 }
 
-/// `sched_setscheduler(2)` to `SCHED_IDLE` for the calling process: it runs only on CPUs that
-/// have nothing else to run, so its work never delays anyone else's.
-pub fn run_when_idle() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is an initialised sched_param that outlives the call; pid 0 is this process.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The start time of process `pid` in clock ticks since boot (`/proc/PID/stat`, field 22):
 /// with the pid, it names one process for the whole uptime (pids are reused, start times with
 /// them are not).
