@@ -9,7 +9,7 @@
 //! endian), with the descriptors on hold messages. The helper answers each with one byte (`1`).
 //! A helper exits when the daemon's end closes, and with it its placeholders. With live restore
 //! the keeper holds a copy of that end from the helper's start, so a helper outlives a daemon
-//! that stops or dies, and the next daemon takes it over ([`Helpers::adopt`]); it exits when the
+//! that stops or dies, and the next daemon takes it over (`Helpers::adopt`); it exits when the
 //! keeper lets go too.
 
 use std::collections::HashMap;

@@ -4,29 +4,34 @@
 //! # Why a keeper process
 //! A placeholder socket keeps its port only while some process has it open, and the daemon's
 //! copies close when it exits, however it exits. systemd's descriptor store (`FDSTORE=1`) would
-//! keep them, but only under systemd; a handover at exit would lose them on `kill -9`. So the
-//! daemon starts one keeper per socket (`portres keeper`, in a session of its own) and sends it
-//! a duplicate of every placeholder the moment it binds one, with the reservation's record and a
-//! pidfd of its owner. A daemon that stops on SIGTERM, or dies, leaves the keeper holding them;
-//! the next daemon connects to it (`SOCKET.keeper`, beside the daemon's socket, on the runtime
-//! filesystem), receives the records and descriptors, and carries on from them. State lives only
-//! in the keeper's memory: after a reboot there is nothing to restore. Kernel cost: a second
-//! descriptor for each placeholder (the socket itself is shared, not copied) and one pidfd per
-//! session that holds runtime reservations.
+//! keep them, but only under systemd; a handover at exit alone would lose them all on `kill -9`.
+//! So the daemon starts one keeper per socket (`portres keeper`, in a session of its own) and
+//! sends it every reservation's record at once, a pidfd of each owner, a duplicate of a held
+//! block's placeholders once the block has lived `COPY_AFTER` (and of all of them when it
+//! stops for a restart), and a copy of its end of each helper process's link. A daemon that
+//! stops on SIGTERM, or dies, leaves the keeper holding them; the next daemon connects to it
+//! (`SOCKET.keeper`, beside the daemon's socket, on the runtime filesystem), receives the records
+//! and descriptors, and carries on from them. State lives only in the keeper's memory: after a
+//! reboot there is nothing to restore. Kernel cost: a second descriptor for each placeholder
+//! (the socket itself is shared, not copied), one pidfd per session that holds runtime
+//! reservations, one descriptor per helper.
 //!
 //! # Messages
-//! One JSON [`Msg`] per `SOCK_SEQPACKET` message, with descriptors as `SCM_RIGHTS`. The daemon
-//! sends `put` (+ up to [`MAX_FDS`] placeholders; `fds` messages carry the rest of a large
-//! block), `handed`/`returned` for sockets handed out from a block, `moved` when a client
-//! re-attaches a reservation to a new session, `owner` (+ the pidfd) and `owner_gone`, `drop`,
-//! and `barrier` (answered `ack` once everything before it is done: a released port is free
-//! only once the keeper's copy is closed too). `dump` asks for everything: the keeper answers
-//! with the same `put`/`fds`/`handed`/`owner` messages, then `end`. `release` closes everything
-//! and ends the keeper (a stop meant as a stop). The keeper serves one daemon at a time, of its
-//! own uid only; when that daemon goes, it waits [`Config::live_restore_secs`] for a successor,
-//! and then releases everything as a stop would (restoring `ip_local_reserved_ports` from the
-//! daemon's journal) and exits. Fields are only ever added, so a keeper started by an older
-//! binary serves a newer daemon.
+//! A Unix stream of frames (a 4-byte length, a 2-byte count of descriptors, one JSON `Msg`),
+//! descriptors as `SCM_RIGHTS` on a frame's first byte. Writing to it wakes nobody: the keeper
+//! reads it every 100 ms while changes come, and when woken through a separate `SOCK_SEQPACKET`
+//! kick pair (a barrier, a dump, a full buffer) or when the daemon hangs up. The daemon sends
+//! `put` (a record, maybe with placeholders), `fds` (placeholders of a block already put),
+//! `handed`/`returned` for sockets handed out from a block, `moved` when a client re-attaches
+//! reservations to a new session, `owner` (+ the pidfd) and `owner_gone`, `helper` (+ the link),
+//! `drop`, and `barrier` (answered on the kick pair once everything before it is done: a
+//! released port is free only once the keeper's copies are closed too). `dump` asks for
+//! everything: the keeper answers with `batch` frames of the same messages, then `end`.
+//! `release` closes everything and ends the keeper (a stop meant as a stop). The keeper serves
+//! one daemon at a time, of its own uid only; when that daemon goes, it waits
+//! [`Config::live_restore_secs`] for a successor, and then releases everything as a stop would
+//! (restoring `ip_local_reserved_ports` from the daemon's journal) and exits. Fields are only
+//! ever added, so a keeper started by an older binary serves a newer daemon.
 //!
 //! [`Config::live_restore_secs`]: crate::Config
 
