@@ -122,6 +122,10 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let daemon = Daemon::open(config, placement)?;
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let our_socket = fs::symlink_metadata(&socket).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    });
     // Anyone may connect to the system daemon (SPEC §4: authorisation is per request, from
     // SO_PEERCRED); a user daemon's socket is its user's alone.
     let sock_mode = if scope == Scope::System { 0o666 } else { 0o600 };
@@ -147,9 +151,15 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
 
-    // Remove the socket under the lock, so a daemon starting now sees a clean slate.
+    // Remove the socket under the lock, so a daemon starting now sees a clean slate; unless a
+    // successor started meanwhile (after a SIGTERM with live restore) and bound its own there.
     portres_sys::process::lock_exclusive(&lock_file)?;
-    let _ = fs::remove_file(&socket);
+    if fs::symlink_metadata(&socket).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        Some((m.dev(), m.ino())) == our_socket
+    }) {
+        let _ = fs::remove_file(&socket);
+    }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,11 @@ struct Conn {
     reconnects: u64,
     /// Tokens a re-attach reported lost, with why.
     lost: Vec<LostToken>,
+    /// A reconnect waited its whole limit and failed: later ones try once, without waiting.
+    gave_up: bool,
+    /// The last request was written and its answer never came (the daemon went away in
+    /// between): it may have been carried out.
+    unanswered_request: bool,
 }
 
 impl Conn {
@@ -56,6 +61,8 @@ impl Conn {
             gone: false,
             reconnects: 0,
             lost: Vec::new(),
+            gave_up: false,
+            unanswered_request: false,
         }
     }
 }
@@ -258,8 +265,14 @@ impl Client {
 
     /// Runs `f` on the connection; if the daemon went away meanwhile (a restart), waits for it
     /// to come back ([`reconnect_limit`]), re-attaches this session's runtime reservations, and
-    /// runs `f` once more on the new connection.
-    fn on_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
+    /// runs `f` once more on the new connection: always when the request never reached the
+    /// daemon, and when it did but its answer was lost only if `repeatable` (doing it twice is
+    /// harmless). Otherwise the error says the request may have been carried out.
+    fn on_conn<T>(
+        &self,
+        repeatable: bool,
+        mut f: impl FnMut(&mut Conn) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let mut conn = self.lock();
         if conn.gone {
             self.reconnect(&mut conn)?;
@@ -267,8 +280,20 @@ impl Client {
         }
         match f(&mut conn) {
             Err(e) if conn.gone && !self.reconnect_limit().is_zero() => {
-                drop(e);
+                let in_flight = conn.unanswered_request;
                 self.reconnect(&mut conn)?;
+                if in_flight && !repeatable {
+                    return Err(Error::Restarted {
+                        socket: self.inner.socket.clone(),
+                        why: format!(
+                            "the daemon went away while this request was in flight ({e}), and \
+                             came back; the request may or may not have been carried out, so it \
+                             was not sent again: check with `portres show` (a runtime block \
+                             granted then stays reserved to this process until it exits)"
+                        ),
+                        reserved: true,
+                    });
+                }
                 f(&mut conn)
             }
             other => other,
@@ -280,7 +305,12 @@ impl Client {
     /// this process owns them). Releases sent with [`Client::release_later`] that were never
     /// answered are sent again.
     fn reconnect(&self, conn: &mut Conn) -> Result<AttachInfo, Error> {
-        let limit = self.reconnect_limit();
+        // After a reconnect that failed, one attempt each time (no waiting again per call).
+        let limit = if conn.gave_up {
+            std::time::Duration::ZERO
+        } else {
+            self.reconnect_limit()
+        };
         let started = std::time::Instant::now();
         let mut delay = std::time::Duration::from_millis(5);
         let restarted = |why: String, reserved: bool| Error::Restarted {
@@ -304,6 +334,7 @@ impl Client {
                     ));
                 }
                 Err(e) if started.elapsed() >= limit => {
+                    conn.gave_up = true;
                     return Err(restarted(
                         format!(
                             "the daemon went away and did not come back within {} s \
@@ -354,15 +385,16 @@ impl Client {
             }
             conn.lost.extend(info.lost.iter().cloned());
         }
+        // Releases sent without waiting whose answer never came: sent again (the daemon lets
+        // the process that acquired a block release it from any connection).
         for token in releases {
-            if conn.tokens.remove(&token) {
-                let _ = exchange(
-                    conn,
-                    Request::Release {
-                        token: token.to_string(),
-                    },
-                );
-            }
+            conn.tokens.remove(&token);
+            let _ = exchange(
+                conn,
+                Request::Release {
+                    token: token.to_string(),
+                },
+            );
         }
         Ok(info)
     }
@@ -424,7 +456,16 @@ impl Client {
 
     /// Sends a request and reads its reply with any descriptors that came with it.
     fn call_with_fds(&self, request: Request) -> Result<(Reply, Vec<OwnedFd>), Error> {
-        let (_, reply, fds) = self.on_conn(|conn| exchange(conn, request.clone()))?;
+        let repeatable = matches!(
+            request,
+            Request::Status
+                | Request::Show { .. }
+                | Request::Who { .. }
+                | Request::LookupPersistent { .. }
+                | Request::Associate { .. }
+                | Request::Release { .. }
+        );
+        let (_, reply, fds) = self.on_conn(repeatable, |conn| exchange(conn, request.clone()))?;
         match reply.body {
             ReplyBody::Ok(r) => Ok((r, fds)),
             ReplyBody::Error(e) => Err(Error::from_body(e)),
@@ -535,11 +576,14 @@ impl Client {
 
     /// Releases a runtime reservation by token (it must be this process's).
     pub fn release(&self, token: u64) -> Result<(), Error> {
+        let before = self.lock().reconnects;
         let result = self.call(Request::Release {
             token: token.to_string(),
         });
         let mut conn = self.lock();
-        let was_lost = conn.lost.iter().any(|l| l.token == token.to_string());
+        // Lost across a restart, or released by a first try whose answer the restart lost.
+        let was_lost =
+            conn.lost.iter().any(|l| l.token == token.to_string()) || conn.reconnects != before;
         match result {
             Ok(Reply::Done) => {
                 conn.tokens.remove(&token);
@@ -559,7 +603,7 @@ impl Client {
     /// within one round trip) another process may still find the block reserved, and a held
     /// port still bound. Failures are not reported (use [`Client::release`] to see them).
     pub fn release_later(&self, token: u64) -> Result<(), Error> {
-        self.on_conn(|conn| {
+        self.on_conn(true, |conn| {
             if conn.unanswered.len() >= MAX_UNANSWERED {
                 skip_unanswered(conn)?;
             }
@@ -884,10 +928,13 @@ fn send_request(conn: &mut Conn, frame: &RequestFrame) -> Result<(), Error> {
 fn exchange(conn: &mut Conn, request: Request) -> Result<(u64, ReplyFrame, Vec<OwnedFd>), Error> {
     let id = conn.next_id;
     conn.next_id += 1;
+    conn.unanswered_request = false;
     send_request(conn, &RequestFrame { id, request })?;
+    conn.unanswered_request = true;
     skip_unanswered(conn)?;
     let (body, fds) = read_frame_with_fds(conn)?;
     let reply: ReplyFrame = portres_proto::decode(&body)?;
+    conn.unanswered_request = false;
     if reply.id != id && reply.id != 0 {
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         return Err(Error::Transport(format!(

@@ -55,9 +55,10 @@ fn sysctl_identity() -> String {
     format!("{} {netns}", boot.trim())
 }
 
-/// Puts `ip_local_reserved_ports` back as the journal in `state_dir` says it was before portres
-/// (for the keeper, when no daemon came back to carry on): returns whether it did.
-pub(crate) fn restore_sysctl_from_journal(state_dir: &std::path::Path) -> bool {
+/// Takes the blocks `ours` out of `ip_local_reserved_ports`, except ports the journal in
+/// `state_dir` says were there before portres (for the keeper, when no daemon came back to carry
+/// on; entries others added meanwhile stay). Returns whether it did.
+pub(crate) fn restore_sysctl_from_journal(state_dir: &std::path::Path, ours: &PortSet) -> bool {
     let journal = state_dir.join("reserved_ports.before");
     let Ok(text) = std::fs::read_to_string(&journal) else {
         return false;
@@ -67,7 +68,10 @@ pub(crate) fn restore_sysctl_from_journal(state_dir: &std::path::Path) -> bool {
         _ => None,
     };
     let Some(before) = before else { return false };
-    let written = reserved_ports::ReservedPorts::open(true).and_then(|mut f| f.write(&before));
+    let written = reserved_ports::ReservedPorts::open(true).and_then(|mut f| {
+        let current = f.read()?;
+        f.write(&current.difference(&ours.difference(&before)))
+    });
     if written.is_ok() {
         let _ = std::fs::remove_file(&journal);
     }
@@ -592,6 +596,11 @@ impl Enforcer {
             self.held_remote += u64::from(r.range.count());
             self.exclude.add(r.range);
             return Ok(true);
+        }
+        if !helpers.is_empty() {
+            // Some of its helpers were not taken over: those that were let go of their part,
+            // and the block is bound afresh below.
+            self.helpers.drop_adopted(r.token, helpers);
         }
         if r.mode == Mode::Hold {
             if fds.len() == usize::from(r.range.count())

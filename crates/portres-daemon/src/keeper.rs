@@ -326,6 +326,8 @@ pub(crate) struct Link {
     path: PathBuf,
     /// Why the link failed, once it has (live restore is then off until a restart).
     failed: Option<String>,
+    /// The keeper's pidfd (to end it if the link fails).
+    pidfd: Option<OwnedFd>,
     /// Sessions whose owner (pid and pidfd) the keeper has.
     owners: HashMap<u64, OwnedFd>,
     /// Drops sent since the last barrier, of blocks with placeholders.
@@ -437,6 +439,7 @@ impl Link {
             data,
             kick,
             pid,
+            pidfd: pid.and_then(|p| portres_sys::process::pidfd_open(p).ok()),
             path,
             failed: None,
             owners: HashMap::new(),
@@ -464,8 +467,10 @@ impl Link {
             while let Some((m, fds)) = reader.next()? {
                 match m {
                     Msg::End { pid } => {
-                        if pid.is_some() {
-                            self.pid = pid;
+                        if let Some(p) = pid {
+                            self.pid = Some(p);
+                            // It is connected to us and waiting: its pid is not reused yet.
+                            self.pidfd = portres_sys::process::pidfd_open(p).ok();
                         }
                         return Ok(copy.into_replay());
                     }
@@ -475,7 +480,15 @@ impl Link {
             if !fdpass::wait_readable(&self.data, Some(Duration::from_secs(10)))? {
                 return Err(io::Error::other("the keeper did not answer within 10 s"));
             }
-            if !reader.fill(&self.data)? && reader.buf.is_empty() {
+            if !reader.fill(&self.data)? {
+                // Whole frames that came are applied on the next turn; then, with the link
+                // closed and no `end`, the dump is incomplete: an error, never a spin.
+                while let Some((m, fds)) = reader.next()? {
+                    if let Msg::End { .. } = m {
+                        return Ok(copy.into_replay());
+                    }
+                    copy.apply(m, fds);
+                }
                 return Err(io::Error::other(
                     "the keeper closed the link during the dump",
                 ));
@@ -508,6 +521,17 @@ impl Link {
              not survive a restart"
         );
         self.failed = Some(why);
+        // A keeper that no longer hears from us could still hold copies of placeholders of
+        // blocks released from now on (the ports would stay bound), and hand stale blocks to a
+        // successor: it is ended (SIGKILL through its pidfd, so never another process), and
+        // waited for.
+        if let Some(pidfd) = &self.pidfd {
+            if let Err(e) = portres_sys::process::pidfd_kill(pidfd) {
+                tracing::error!(error = %e, "cannot end the keeper");
+            }
+            let _ = fdpass::wait_readable(pidfd, Some(KEEPER_TIMEOUT));
+        }
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// A new or changed reservation, with its placeholders if the daemon holds them: now if
@@ -958,6 +982,40 @@ impl<'a> Batcher<'a> {
     }
 }
 
+/// What became of the wait for a daemon.
+enum Successor {
+    /// One connected.
+    Came,
+    /// None within the time.
+    None,
+    /// One serves the daemon's socket without having come to us.
+    Elsewhere,
+}
+
+/// Waits up to `wait` for a daemon to connect to `listener`, looking every second whether a
+/// daemon answers on `daemon_socket` meanwhile (a successor that did not find us).
+fn wait_for_successor(
+    listener: &OwnedFd,
+    wait: Option<Duration>,
+    daemon_socket: Option<&Path>,
+) -> io::Result<Successor> {
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return Ok(Successor::None);
+        }
+        let step = left.map_or(Duration::from_secs(1), |l| l.min(Duration::from_secs(1)));
+        if fdpass::wait_readable(listener, Some(step))? {
+            return Ok(Successor::Came);
+        }
+        if daemon_socket.is_some_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok()) {
+            // Connected only to see: it hangs up at once (the daemon logs a closed session).
+            return Ok(Successor::Elsewhere);
+        }
+    }
+}
+
 /// `portres keeper`: serves the daemon(s) of one socket on the listening socket passed as
 /// standard input, holding what they send; see the module documentation.
 pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
@@ -968,6 +1026,11 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     let me = portres_sys::creds::effective_uid();
     let mut keeper = Keeper::default();
     let path = portres_sys::fdpass::bound_path(&listener).ok();
+    // The daemon's socket: the keeper's path without ".keeper".
+    let daemon_socket = path.as_ref().and_then(|p| {
+        let s = p.to_str()?.strip_suffix(".keeper")?;
+        Some(PathBuf::from(s))
+    });
     let mut first = true;
     loop {
         // The daemon that started us connects at once; a successor has `grace` to come.
@@ -976,8 +1039,19 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
         } else {
             Some(grace)
         };
-        if !fdpass::wait_readable(&listener, wait)? {
-            break;
+        match wait_for_successor(&listener, wait, daemon_socket.as_deref())? {
+            Successor::Came => {}
+            Successor::None => break,
+            Successor::Elsewhere => {
+                // A daemon serves the socket and did not come to us (it could not find us, e.g.
+                // its runtime directory was emptied): it owns the sysctl now; let go quietly.
+                eprintln!(
+                    "portres keeper (pid {}): a daemon serves the socket without this keeper; \
+                     releasing its copies and exiting",
+                    std::process::id()
+                );
+                return Ok(());
+            }
         }
         let sock = match fdpass::accept(&listener) {
             Ok(s) => s,
@@ -1018,8 +1092,14 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
         let _ = std::fs::remove_file(p);
     }
     let n = keeper.held.len();
+    let mut ours = portres_core::PortSet::new();
+    for r in keeper.held.values().filter_map(|h| h.record.as_ref()) {
+        for p in u32::from(r.start)..u32::from(r.start) + u32::from(r.count) {
+            ours.insert(p as u16);
+        }
+    }
     drop(keeper);
-    let restored = crate::enforce::restore_sysctl_from_journal(state_dir);
+    let restored = crate::enforce::restore_sysctl_from_journal(state_dir, &ours);
     eprintln!(
         "portres keeper (pid {}): no daemon came back within {} s; released {n} reservations{}",
         std::process::id(),

@@ -298,8 +298,12 @@ impl Daemon {
             && shared.config.live_restore_secs > 0
             && st.keeper.as_ref().is_some_and(|k| k.problem().is_none());
         if keeping {
-            // Every placeholder goes to the keeper now: none is unbound in between.
+            // Every placeholder goes to the keeper now: none is unbound in between. Then the link
+            // closes at once (sessions still open hold `Shared` until the process exits), so the
+            // keeper is free to serve a successor that starts meanwhile.
             st.copy_to_keeper(None);
+            let keeper_pid = st.keeper.as_ref().and_then(|k| k.pid());
+            drop(st.keeper.take());
             let runtime = st
                 .table
                 .reservations()
@@ -309,7 +313,7 @@ impl Daemon {
                 "stopping for a restart: {runtime} runtime reservations stay with the keeper \
                  (pid {}) for the next daemon, for up to {} s, and ip_local_reserved_ports is \
                  left as it is; `portres daemon --stop` releases them instead",
-                st.keeper.as_ref().and_then(|k| k.pid()).unwrap_or(0),
+                keeper_pid.unwrap_or(0),
                 shared.config.live_restore_secs
             );
         } else {

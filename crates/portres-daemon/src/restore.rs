@@ -175,9 +175,9 @@ pub(crate) fn at_start(
             }
             None => {
                 state.enforcer.admit_at_start(&r);
-                if r.mode == portres_core::Mode::Hold {
-                    state.keep(&r, true);
-                }
+                // The keeper knows every block (what to take out of the sysctl if no daemon
+                // comes back), and has a held one's placeholders.
+                state.keep(&r, true);
             }
         }
     }
@@ -225,6 +225,10 @@ pub(crate) fn at_start(
             if let Some(l) = &mut state.keeper {
                 l.drop_token(k.token);
                 l.expect_sync();
+            }
+            // Helpers taken over that still hold it let go too.
+            if let Some(t) = Token::new(k.token).filter(|_| !k.helpers.is_empty()) {
+                state.enforcer.drop_adopted_block(t, &k.helpers);
             }
         };
         if let Err(e) = state.table.restore_runtime(r.clone()) {

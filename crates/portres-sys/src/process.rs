@@ -250,6 +250,12 @@ pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
     )?)
 }
 
+/// `pidfd_send_signal(2)` of SIGKILL: ends exactly the process the pidfd refers to.
+pub fn pidfd_kill(pidfd: impl AsFd) -> io::Result<()> {
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL)?;
+    Ok(())
+}
+
 /// Whether the process behind a pidfd has exited (`poll(2)` with no wait: a pidfd is readable
 /// once its process has exited).
 pub fn pidfd_exited(pidfd: impl AsFd) -> bool {

@@ -510,3 +510,130 @@ fn blocks_held_by_helper_processes_survive_a_restart_and_a_kill9() {
     assert_eq!(d.client().status().unwrap().counts.ports_held, 0);
     assert!(d.in_netns(|| TcpListener::bind(("::", 34500)).is_ok()));
 }
+
+#[test]
+fn only_an_administrator_may_stop_the_daemon() {
+    let mut d = TestDaemon::start();
+    let out = run(d.cli_as_nobody().args(["--json", "daemon", "--stop"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        err.contains("AccessDenied") && err.contains("not an administrator"),
+        "{err}"
+    );
+    // Still serving.
+    d.client().status().unwrap();
+    d.stop();
+    assert!(d.keeper_pids().is_empty());
+}
+
+#[test]
+fn a_request_in_flight_when_the_daemon_dies_is_repeated_only_if_harmless() {
+    // The daemon aborts on a request it has read and not answered, and a new one comes up: a
+    // status is simply asked again; an acquire is not repeated (it may have been granted), and
+    // the error says so.
+    for (failpoint, repeatable) in [("panic-on:status", true), ("panic-on:acquire", false)] {
+        let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", failpoint)]);
+        let c = d.client();
+        c.set_reconnect_limit(Duration::from_secs(20));
+        let asker = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                if repeatable {
+                    c.status().map(|_| ())
+                } else {
+                    c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).map(|_| ())
+                }
+            })
+        };
+        let mut child = d.child.take().unwrap();
+        let _ = child.wait();
+        d.env.clear();
+        d.launch();
+        let result = asker.join().unwrap();
+        if repeatable {
+            result.unwrap();
+        } else {
+            let e = result.unwrap_err();
+            assert!(matches!(e, Error::Restarted { reserved: true, .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("may or may not have been carried out"),
+                "{e}"
+            );
+        }
+        // The session carries on.
+        c.status().unwrap();
+        assert_eq!(c.reconnects(), 1);
+    }
+}
+
+#[test]
+fn a_keeper_left_behind_lets_go_when_a_daemon_runs_without_it() {
+    let mut d = TestDaemon::start();
+    let c = d.client();
+    c.set_reconnect_limit(Duration::ZERO);
+    let b = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
+    let port = b.port();
+    assert!(d.terminate().success());
+    let old = d.keeper_pids();
+    assert_eq!(old.len(), 1);
+    // What `systemctl stop` does to the runtime directory: the keeper cannot be found.
+    std::fs::remove_file(d.dir.path().join("portres.sock.keeper")).unwrap();
+    d.launch();
+    wait_until("the old keeper to let go", Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{}", old[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", old[0]))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(
+        d.in_netns(move || TcpListener::bind(("::", port)).is_ok()),
+        "its copies are closed"
+    );
+    std::mem::forget(b);
+}
+
+#[test]
+fn a_keeper_that_stops_answering_is_ended_and_releases_still_free_their_ports() {
+    let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "keeper-copy-after:0")]);
+    let keeper = d.keeper_pids()[0];
+    let c = d.client();
+    let b = c.acquire_with(Protocol::Tcp, 0, 2, Mode::Hold).unwrap();
+    let port = b.port();
+    // The keeper files a copy of the placeholder; then it is frozen.
+    let who = c.who(Protocol::Tcp, u32::from(port)).unwrap();
+    let inode = who
+        .sockets
+        .iter()
+        .find(|s| s.role.as_deref() == Some("portres placeholder (hold layer)"))
+        .map(|s| s.inode)
+        .expect("the placeholder");
+    let link = format!("socket:[{inode}]");
+    wait_until(
+        "the keeper to file the copy",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_dir(format!("/proc/{keeper}/fd"))
+                .unwrap()
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == link))
+        },
+    );
+    signal(keeper, rustix::process::Signal::STOP);
+    b.release().unwrap();
+    assert!(
+        d.in_netns(move || TcpListener::bind(("::", port)).is_ok()),
+        "released means free, even with a frozen keeper"
+    );
+    let info = restore_info(&d);
+    let problem = info["problem"].as_str().unwrap_or_default().to_string();
+    assert!(problem.contains("keeper"), "{info}");
+    assert!(
+        d.keeper_pids().is_empty() || {
+            let s = std::fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default();
+            s.is_empty() || s.contains(") Z ")
+        }
+    );
+    d.stop();
+    let _ = &mut d;
+}
