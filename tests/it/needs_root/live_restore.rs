@@ -180,6 +180,13 @@ fn a_hundred_holders_survive_a_sigterm_and_a_kill9_restart_never_unprotected() {
     assert_eq!(info["restored"], true, "{info}");
     assert_eq!(info["kept"], 100, "{info}");
     assert_eq!(info["placeholders_kept"], 80, "{info}");
+    let text = String::from_utf8(run(d.cli().arg("status")).stdout).unwrap();
+    assert!(
+        text.contains("live restore:   on")
+            && text.contains("last start:")
+            && text.contains("100 runtime reservations kept (80 held ports never unbound)"),
+        "{text}"
+    );
     assert_eq!(
         tokens(&d),
         before,
