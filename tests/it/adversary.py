@@ -17,6 +17,16 @@ Run inside the daemon's network namespace (nsenter), as any uid.
       loop, keeping the last hundred sockets open, until stdin closes; prints
       {"sockets": N}. Prints "started" first.
 
+  adversary.py loopmany PROTO:PORT [PROTO:PORT ...]
+      Binds every port in a tight loop (0.0.0.0 and :: dual-stack; plain, SO_REUSEADDR,
+      SO_REUSEPORT, both), until stdin closes. Prints "started" first, then
+      {"rounds": N, "attempts": N, "stolen": ["PROTO [ADDR]:PORT OPTION", ...]} (should be empty).
+
+  adversary.py sysctl PORT [PORT ...]
+      Reads net.ipv4.ip_local_reserved_ports in a tight loop until stdin closes and counts the
+      reads that miss any of the ports. Prints "started" first, then
+      {"reads": N, "missing_reads": M, "missing": [PORT, ...]} (M should be 0).
+
   adversary.py storm PROTO LOW HIGH COUNT
       Sets ip_local_port_range to LOW HIGH (needs root in the namespace) and asks the kernel for
       COUNT automatic ports per way: bind(port 0) and connect() autobind, IPv4 and IPv6, keeping
@@ -98,6 +108,63 @@ def loop(proto, port):
             if try_bind(proto, family, addr, option, port):
                 stolen += 1
     print(json.dumps({"attempts": attempts, "stolen": stolen}), flush=True)
+
+
+def until_stdin_closes():
+    import threading
+
+    stop = threading.Event()
+
+    def watch():
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    print("started", flush=True)
+    return stop
+
+
+def loopmany(targets):
+    ports = [(t.split(":")[0], int(t.split(":")[1])) for t in targets]
+    ways = [(f, a, o) for f, a in (ADDRS[0], ADDRS[2]) for o in OPTIONS[:4]]
+    stop = until_stdin_closes()
+    rounds = attempts = 0
+    stolen = []
+    while not stop.is_set():
+        rounds += 1
+        for proto, port in ports:
+            for family, addr, option in ways:
+                attempts += 1
+                if try_bind(proto, family, addr, option, port):
+                    stolen.append(f"{proto} [{addr}]:{port} {option}")
+    print(json.dumps({"rounds": rounds, "attempts": attempts, "stolen": stolen[:50]}), flush=True)
+
+
+def parse_ports(text):
+    out = set()
+    for part in text.strip().split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.update(range(int(a), int(b) + 1))
+        elif part:
+            out.add(int(part))
+    return out
+
+
+def sysctl(ports):
+    want = set(int(p) for p in ports)
+    stop = until_stdin_closes()
+    reads = missing_reads = 0
+    missing = set()
+    while not stop.is_set():
+        with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
+            gone = want - parse_ports(f.read())
+        reads += 1
+        if gone:
+            missing_reads += 1
+            missing |= gone
+    print(json.dumps({"reads": reads, "missing_reads": missing_reads,
+                      "missing": sorted(missing)[:50]}), flush=True)
 
 
 def storm(proto, low, high, count):
@@ -185,6 +252,12 @@ def intrude(proto):
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "loopmany":
+        loopmany(sys.argv[2:])
+        sys.exit(0)
+    if sys.argv[1] == "sysctl":
+        sysctl(sys.argv[2:])
+        sys.exit(0)
     mode, proto = sys.argv[1], sys.argv[2]
     args = [int(a) for a in sys.argv[3:]]
     if mode == "matrix":

@@ -69,11 +69,12 @@ struct LibHolder {
     udp: Option<UdpSocket>,
 }
 
-/// A helper (`stranger.py`) running in the daemon's namespace until its stdin closes.
+/// The adversary (`adversary.py loopmany|sysctl`) running in the daemon's namespace until its
+/// stdin closes.
 fn stranger(d: &TestDaemon, uid: u32, args: &[String]) -> Child {
     let mut c = d.nsenter_as(uid);
     c.arg("python3")
-        .arg(world_readable("stranger.py"))
+        .arg(world_readable("adversary.py"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
@@ -166,7 +167,7 @@ fn a_hundred_holders_survive_a_sigterm_and_a_kill9_restart_never_unprotected() {
         all_ports.push(p.to_string());
         held.push(format!("{}:{p}", l.block.protocol()));
     }
-    let mut args = vec!["bind".to_string()];
+    let mut args = vec!["loopmany".to_string()];
     args.extend(held.iter().cloned());
     let binder = stranger(&d, NOBODY, &args);
     let mut args = vec!["sysctl".to_string()];
@@ -494,7 +495,7 @@ fn blocks_held_by_helper_processes_survive_a_restart_and_a_kill9() {
     let mut d = TestDaemon::with_nofile(5000);
     let c = d.client();
     let r = c.acquire_at(Protocol::Tcp, 30000, 9000).unwrap();
-    let mut args = vec!["bind".to_string()];
+    let mut args = vec!["loopmany".to_string()];
     args.extend(["tcp:30000", "tcp:34500", "tcp:38999"].map(String::from));
     let binder = stranger(&d, NOBODY, &args);
     assert!(d.terminate().success());
