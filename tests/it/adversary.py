@@ -87,29 +87,6 @@ def matrix(proto, ports):
     print(json.dumps(won))
 
 
-def loop(proto, port):
-    import os
-    import select
-    import threading
-
-    stop = threading.Event()
-
-    def watch():
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    print("started", flush=True)
-    ways = [(f, a, o) for f, a in ADDRS[:4] for o in OPTIONS[:4]]
-    attempts = stolen = 0
-    while not stop.is_set():
-        for family, addr, option in ways:
-            attempts += 1
-            if try_bind(proto, family, addr, option, port):
-                stolen += 1
-    print(json.dumps({"attempts": attempts, "stolen": stolen}), flush=True)
-
-
 def until_stdin_closes():
     import threading
 
@@ -122,6 +99,18 @@ def until_stdin_closes():
     threading.Thread(target=watch, daemon=True).start()
     print("started", flush=True)
     return stop
+
+
+def loop(proto, port):
+    stop = until_stdin_closes()
+    ways = [(f, a, o) for f, a in ADDRS[:4] for o in OPTIONS[:4]]
+    attempts = stolen = 0
+    while not stop.is_set():
+        for family, addr, option in ways:
+            attempts += 1
+            if try_bind(proto, family, addr, option, port):
+                stolen += 1
+    print(json.dumps({"attempts": attempts, "stolen": stolen}), flush=True)
 
 
 def loopmany(targets):
