@@ -49,6 +49,16 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether the daemon has closed this connection (noted in `gone`). A closed connection
+    /// reads as end of file: nothing unasked is ever sent, so readable with no frame pending
+    /// means closed.
+    fn closed(&mut self) -> bool {
+        if !self.gone && self.pending.is_empty() && portres_sys::fdpass::peer_closed(&self.stream) {
+            self.gone = true;
+        }
+        self.gone
+    }
+
     fn new(stream: UnixStream, welcome: Welcome) -> Conn {
         Conn {
             stream,
@@ -418,8 +428,7 @@ impl Client {
 
     /// Whether the daemon has closed the connection in use now (it stopped, restarted or died).
     pub fn daemon_gone(&self) -> bool {
-        let conn = self.lock();
-        conn.gone || (conn.pending.is_empty() && portres_sys::fdpass::peer_closed(&conn.stream))
+        self.lock().closed()
     }
 
     /// If the daemon closed the connection, connects again (waiting up to [`reconnect_limit`])
@@ -427,12 +436,8 @@ impl Client {
     /// and lost, or `None` when the connection was fine (or was made again meanwhile).
     pub fn reattach(&self) -> Result<Option<AttachInfo>, Error> {
         let mut conn = self.lock();
-        if !conn.gone {
-            // A closed connection reads as end of file (nothing unasked is ever sent).
-            if !conn.pending.is_empty() || !portres_sys::fdpass::peer_closed(&conn.stream) {
-                return Ok(None);
-            }
-            conn.gone = true;
+        if !conn.closed() {
+            return Ok(None);
         }
         self.reconnect(&mut conn).map(Some)
     }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use portres_core::Token;
 
@@ -25,10 +25,8 @@ const DROP: u8 = 2;
 pub(crate) const CHUNK: usize = 200;
 
 struct Helper {
-    /// Its pid (a helper taken over from a previous daemon is not our child).
+    /// Its pid (never waited for: it may outlive us, kept alive by the keeper).
     pid: u32,
-    /// The child handle, when this daemon started it (never waited for: it may outlive us).
-    _child: Option<Child>,
     sock: OwnedFd,
     held: u64,
 }
@@ -50,7 +48,6 @@ impl Helper {
             .spawn()?;
         Ok(Helper {
             pid: child.id(),
-            _child: Some(child),
             sock: ours,
             held: 0,
         })
@@ -163,12 +160,7 @@ impl Helpers {
         if self.helpers.len() <= index {
             self.helpers.resize_with(index + 1, || None);
         }
-        self.helpers[index] = Some(Helper {
-            pid,
-            _child: None,
-            sock,
-            held: 0,
-        });
+        self.helpers[index] = Some(Helper { pid, sock, held: 0 });
     }
 
     /// Records that the taken-over helpers `indices` hold `token`'s block of `count` ports;

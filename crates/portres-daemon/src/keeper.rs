@@ -63,10 +63,8 @@ pub(crate) struct Kept {
     #[serde(default)]
     pub command: Option<String>,
     pub created: u64,
-    /// Its placeholders are held by helper processes, not passed to the keeper.
-    #[serde(default)]
-    pub in_helpers: bool,
-    /// Those helpers (the keeper has a copy of the daemon's end of their links).
+    /// The helper processes holding its placeholders instead of the daemon (the keeper has a
+    /// copy of the daemon's end of their links).
     #[serde(default)]
     pub helpers: Vec<usize>,
 }
@@ -85,7 +83,6 @@ impl Kept {
             uid: r.owner.uid,
             command: r.owner.command.clone(),
             created: r.created,
-            in_helpers: !helpers.is_empty(),
             helpers,
         }
     }
@@ -204,7 +201,7 @@ fn send(sock: &OwnedFd, m: &Msg, fds: &[BorrowedFd<'_>], kick: Option<&OwnedFd>)
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Some(k) = kick {
                     // Full: the keeper has kicks to read already.
-                    let _ = fdpass::send_with_fds(k, KICK_DRAIN, &[]);
+                    let _ = fdpass::send_with_fds(k, KICK, &[]);
                 }
                 if !fdpass::wait_writable(sock, KEEPER_TIMEOUT)? {
                     return Err(io::Error::new(
@@ -215,27 +212,6 @@ fn send(sock: &OwnedFd, m: &Msg, fds: &[BorrowedFd<'_>], kick: Option<&OwnedFd>)
             }
             Err(e) => return Err(e),
         }
-    }
-    Ok(())
-}
-
-/// Sends a record and its placeholders (in chunks of [`MAX_FDS`]).
-fn send_put(
-    sock: &OwnedFd,
-    record: Kept,
-    fds: &[BorrowedFd<'_>],
-    kick: Option<&OwnedFd>,
-) -> io::Result<()> {
-    let token = record.token;
-    let mut chunks = fds.chunks(MAX_FDS);
-    send(
-        sock,
-        &Msg::Put { record },
-        chunks.next().unwrap_or(&[]),
-        kick,
-    )?;
-    for chunk in chunks {
-        send(sock, &Msg::Fds { token }, chunk, kick)?;
     }
     Ok(())
 }
@@ -291,9 +267,8 @@ impl Reader {
     }
 }
 
-/// Kick bytes (daemon to keeper): read the stream now; a barrier is in it.
-const KICK_DRAIN: &[u8] = b"d";
-const KICK_BARRIER: &[u8] = b"b";
+/// The kick byte (daemon to keeper): read the stream now (what to do is in the stream).
+const KICK: &[u8] = b"k";
 /// Answer (keeper to daemon): everything up to the barrier is done.
 const ACK: u8 = b'a';
 
@@ -388,16 +363,7 @@ impl Link {
                 let replay = link.dump()?;
                 Ok(Some((link, Some(replay))))
             }
-            Err(e)
-                if !spawn
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) =>
-            {
-                let _ = std::fs::remove_file(&path);
-                Ok(None)
-            }
+            // No keeper (a stale file is removed).
             Err(e)
                 if matches!(
                     e.kind(),
@@ -405,6 +371,9 @@ impl Link {
                 ) =>
             {
                 let _ = std::fs::remove_file(&path);
+                if !spawn {
+                    return Ok(None);
+                }
                 let listener = fdpass::stream_listen(&path)?;
                 let mut cmd = std::process::Command::new(std::env::current_exe()?);
                 cmd.arg("keeper")
@@ -415,10 +384,9 @@ impl Link {
                     .stdin(std::process::Stdio::from(listener))
                     .stdout(std::process::Stdio::null());
                 portres_sys::process::new_session(&mut cmd);
-                let child = cmd.spawn()?;
-                let pid = child.id();
-                // Not waited for: it outlives us. Its exit status is collected by init.
-                std::mem::forget(child);
+                // Not waited for: it is meant to outlive us (the handle is dropped, which
+                // neither waits nor kills).
+                let pid = cmd.spawn()?.id();
                 let data = fdpass::stream_connect(&path)?;
                 Ok(Some((Link::over(data, path, Some(pid))?, None)))
             }
@@ -458,12 +426,13 @@ impl Link {
 
     fn dump(&mut self) -> io::Result<Replay> {
         send(&self.data, &Msg::Dump, &[], Some(&self.kick))?;
-        self.wake(KICK_DRAIN)?;
+        self.wake(KICK)?;
         // The dump is the keeper's state as messages: applied to an empty keeper, it is that
         // state again.
         let mut copy = Keeper::default();
         let mut reader = Reader::default();
         loop {
+            let open = reader.fill(&self.data)?;
             while let Some((m, fds)) = reader.next()? {
                 match m {
                     Msg::End { pid } => {
@@ -477,21 +446,14 @@ impl Link {
                     other => copy.apply(other, fds),
                 }
             }
-            if !fdpass::wait_readable(&self.data, Some(Duration::from_secs(10)))? {
-                return Err(io::Error::other("the keeper did not answer within 10 s"));
-            }
-            if !reader.fill(&self.data)? {
-                // Whole frames that came are applied on the next turn; then, with the link
-                // closed and no `end`, the dump is incomplete: an error, never a spin.
-                while let Some((m, fds)) = reader.next()? {
-                    if let Msg::End { .. } = m {
-                        return Ok(copy.into_replay());
-                    }
-                    copy.apply(m, fds);
-                }
+            // Closed without `end`: the dump is incomplete (an error, never a spin).
+            if !open {
                 return Err(io::Error::other(
                     "the keeper closed the link during the dump",
                 ));
+            }
+            if !fdpass::wait_readable(&self.data, Some(Duration::from_secs(10)))? {
+                return Err(io::Error::other("the keeper did not answer within 10 s"));
             }
         }
     }
@@ -525,10 +487,18 @@ impl Link {
         // blocks released from now on (the ports would stay bound), and hand stale blocks to a
         // successor: it is ended (SIGKILL through its pidfd, so never another process), and
         // waited for.
+        if let Some(pidfd) = &self.pidfd
+            && let Err(e) = portres_sys::process::pidfd_kill(pidfd)
+        {
+            tracing::error!(error = %e, "cannot end the keeper");
+        }
+        self.wait_gone();
+    }
+
+    /// Waits (bounded) until the keeper has exited, so that its copies of the placeholders are
+    /// closed; removes its rendezvous socket.
+    fn wait_gone(&self) {
         if let Some(pidfd) = &self.pidfd {
-            if let Err(e) = portres_sys::process::pidfd_kill(pidfd) {
-                tracing::error!(error = %e, "cannot end the keeper");
-            }
             let _ = fdpass::wait_readable(pidfd, Some(KEEPER_TIMEOUT));
         }
         let _ = std::fs::remove_file(&self.path);
@@ -548,16 +518,15 @@ impl Link {
         }
         let token = r.token.get();
         let fds = fds.filter(|f| !f.is_empty());
-        let borrowed: Vec<BorrowedFd<'_>> = match fds {
-            Some(f) if copy_now => f.iter().map(|f| f.as_fd()).collect(),
-            _ => Vec::new(),
+        let borrowed: &[OwnedFd] = match fds {
+            Some(f) if copy_now => f,
+            _ => &[],
         };
-        if let Err(e) = send_put(
-            &self.data,
-            Kept::of(r, helpers),
-            &borrowed,
-            Some(&self.kick),
-        ) {
+        let mut batch = Batcher::default();
+        let sent = batch
+            .add_put(&self.data, Kept::of(r, helpers), borrowed, Some(&self.kick))
+            .and_then(|()| batch.flush(&self.data, Some(&self.kick)));
+        if let Err(e) = sent {
             return self.fail(format!("sending to the keeper failed: {e}"));
         }
         if fds.is_some() {
@@ -602,10 +571,8 @@ impl Link {
             let Some(fds) = placeholders(token) else {
                 continue;
             };
-            for chunk in fds.chunks(MAX_FDS) {
-                if let Err(e) = batch.add(&self.data, Msg::Fds { token }, chunk, Some(&self.kick)) {
-                    return self.fail(format!("sending to the keeper failed: {e}"));
-                }
+            if let Err(e) = batch.add_fds(&self.data, token, fds, Some(&self.kick)) {
+                return self.fail(format!("sending to the keeper failed: {e}"));
             }
             self.copied.insert(token);
         }
@@ -694,7 +661,7 @@ impl Link {
         if self.failed.is_some() {
             return;
         }
-        if let Err(e) = self.wake(KICK_BARRIER) {
+        if let Err(e) = self.wake(KICK) {
             return self.fail(format!("waking the keeper failed: {e}"));
         }
         let mut ack = [0u8; 16];
@@ -721,30 +688,16 @@ impl Link {
     /// A stop meant as a stop: the keeper closes everything and exits.
     pub(crate) fn release(self) {
         let _ = send(&self.data, &Msg::Release, &[], Some(&self.kick));
-        let _ = self.wake(KICK_DRAIN);
-        // The stream reads as closed once it has exited: wait for that (bounded), so that when
-        // we return, its copies of the placeholders are closed.
-        let deadline = std::time::Instant::now() + KEEPER_TIMEOUT;
-        let mut reader = Reader::default();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match fdpass::wait_readable(&self.data, Some(left)) {
-                Ok(true) => match reader.fill(&self.data) {
-                    Ok(true) => reader.buf.clear(),
-                    _ => break,
-                },
-                _ => break,
-            }
-        }
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.wake(KICK);
+        self.wait_gone();
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The keeper process.
 
-#[derive(Default)]
 struct Held {
-    record: Option<Kept>,
+    record: Kept,
     fds: Vec<OwnedFd>,
     handed: BTreeMap<u16, HandedRec>,
 }
@@ -762,7 +715,7 @@ impl Keeper {
             records: self
                 .held
                 .into_values()
-                .filter_map(|h| Some((h.record?, h.fds, h.handed.into_values().collect())))
+                .map(|h| (h.record, h.fds, h.handed.into_values().collect()))
                 .collect(),
             owners: self.owners,
             helpers: self
@@ -783,11 +736,26 @@ impl Keeper {
                 }
             }
             Msg::Put { record } => {
-                let h = self.held.entry(record.token).or_default();
-                h.record = Some(record);
-                h.fds = fds;
+                let handed = self
+                    .held
+                    .remove(&record.token)
+                    .map(|h| h.handed)
+                    .unwrap_or_default();
+                self.held.insert(
+                    record.token,
+                    Held {
+                        record,
+                        fds,
+                        handed,
+                    },
+                );
             }
-            Msg::Fds { token } => self.held.entry(token).or_default().fds.extend(fds),
+            // Always after the block's `put` (and never after its `drop`).
+            Msg::Fds { token } => {
+                if let Some(h) = self.held.get_mut(&token) {
+                    h.fds.extend(fds);
+                }
+            }
             Msg::Handed { token, handed } => {
                 if let Some(h) = self.held.get_mut(&token) {
                     h.handed.insert(handed.port, handed);
@@ -800,8 +768,8 @@ impl Keeper {
             }
             Msg::Moved { tokens, session } => {
                 for token in tokens {
-                    if let Some(r) = self.held.get_mut(&token).and_then(|h| h.record.as_mut()) {
-                        r.session = session;
+                    if let Some(h) = self.held.get_mut(&token) {
+                        h.record.session = session;
                     }
                 }
             }
@@ -830,22 +798,8 @@ impl Keeper {
     fn dump(&self, sock: &OwnedFd) -> io::Result<()> {
         let mut batch = Batcher::default();
         for h in self.held.values() {
-            let Some(record) = &h.record else { continue };
-            let mut chunks = h.fds.chunks(MAX_FDS);
-            let first = Msg::Put {
-                record: record.clone(),
-            };
-            batch.add(sock, first, chunks.next().unwrap_or(&[]), None)?;
-            for chunk in chunks {
-                batch.add(
-                    sock,
-                    Msg::Fds {
-                        token: record.token,
-                    },
-                    chunk,
-                    None,
-                )?;
-            }
+            let record = &h.record;
+            batch.add_put(sock, record.clone(), &h.fds, None)?;
             for handed in h.handed.values() {
                 let m = Msg::Handed {
                     token: record.token,
@@ -971,14 +925,44 @@ impl<'a> Batcher<'a> {
         Ok(())
     }
 
-    fn flush(&mut self, sock: &OwnedFd, kick: Option<&OwnedFd>) -> io::Result<()> {
-        if self.parts.is_empty() {
-            return Ok(());
+    /// A record with its placeholders: `put` with the first [`MAX_FDS`], `fds` with the rest.
+    fn add_put(
+        &mut self,
+        sock: &OwnedFd,
+        record: Kept,
+        fds: &'a [OwnedFd],
+        kick: Option<&OwnedFd>,
+    ) -> io::Result<()> {
+        let token = record.token;
+        let first = fds.len().min(MAX_FDS);
+        self.add(sock, Msg::Put { record }, &fds[..first], kick)?;
+        self.add_fds(sock, token, &fds[first..], kick)
+    }
+
+    /// Placeholders of a block already put, in parts of at most [`MAX_FDS`].
+    fn add_fds(
+        &mut self,
+        sock: &OwnedFd,
+        token: u64,
+        fds: &'a [OwnedFd],
+        kick: Option<&OwnedFd>,
+    ) -> io::Result<()> {
+        for chunk in fds.chunks(MAX_FDS) {
+            self.add(sock, Msg::Fds { token }, chunk, kick)?;
         }
-        let parts = std::mem::take(&mut self.parts);
+        Ok(())
+    }
+
+    /// Sends what was gathered: one message as itself, several as a batch.
+    fn flush(&mut self, sock: &OwnedFd, kick: Option<&OwnedFd>) -> io::Result<()> {
+        let mut parts = std::mem::take(&mut self.parts);
         let fds = std::mem::take(&mut self.fds);
         self.bytes = 0;
-        send(sock, &Msg::Batch { parts }, &fds, kick)
+        match parts.len() {
+            0 => Ok(()),
+            1 => send(sock, &parts.pop().expect("one").0, &fds, kick),
+            _ => send(sock, &Msg::Batch { parts }, &fds, kick),
+        }
     }
 }
 
@@ -1071,7 +1055,7 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
                 let runtime = keeper
                     .held
                     .values()
-                    .filter(|h| h.record.as_ref().is_some_and(|r| !r.persistent))
+                    .filter(|h| !h.record.persistent)
                     .count();
                 eprintln!(
                     "portres keeper (pid {}): the daemon went away; keeping {runtime} runtime \
@@ -1093,9 +1077,11 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     }
     let n = keeper.held.len();
     let mut ours = portres_core::PortSet::new();
-    for r in keeper.held.values().filter_map(|h| h.record.as_ref()) {
-        for p in u32::from(r.start)..u32::from(r.start) + u32::from(r.count) {
-            ours.insert(p as u16);
+    for h in keeper.held.values() {
+        if let Ok(range) =
+            portres_core::PortRange::new(u32::from(h.record.start), u32::from(h.record.count))
+        {
+            ours.insert_range(range);
         }
     }
     drop(keeper);
@@ -1132,7 +1118,6 @@ mod tests {
                 uid: 1000,
                 command: Some("x".into()),
                 created: 1,
-                in_helpers: false,
                 helpers: vec![],
             },
         };
@@ -1165,7 +1150,6 @@ mod tests {
             uid: 0,
             command: None,
             created: 0,
-            in_helpers: false,
             helpers: vec![],
         };
         // More messages than a socket queue holds unread by default: the stream buffers them
@@ -1180,7 +1164,16 @@ mod tests {
             link.unsynced = true;
             link.drop_token(token);
         }
-        send_put(&link.data, r.clone(), &[x.as_fd()], Some(&link.kick)).unwrap();
+        let mut batch = Batcher::default();
+        batch
+            .add_put(
+                &link.data,
+                r.clone(),
+                std::slice::from_ref(&x),
+                Some(&link.kick),
+            )
+            .unwrap();
+        batch.flush(&link.data, Some(&link.kick)).unwrap();
         link.sync();
         assert!(link.failed.is_none(), "{:?}", link.failed);
         let replay = link.dump().unwrap();

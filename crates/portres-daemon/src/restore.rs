@@ -148,14 +148,8 @@ pub(crate) fn at_start(
             })?;
         match persistent.remove(&r.token.get()) {
             Some((k, fds, handed)) => {
-                match state.enforcer.adopt(&r, fds, &k.helpers) {
-                    Ok(true) => {
-                        info.placeholders_kept += u64::from(r.range.count());
-                        if let Some(l) = &mut state.keeper {
-                            l.mark_copied(r.token.get());
-                        }
-                    }
-                    Ok(false) => state.keep(&r, true),
+                match carry_on(state, &mut info, &r, fds, &k.helpers) {
+                    Ok(()) => {}
                     Err(why) => {
                         tracing::warn!(
                             token = %r.token,
@@ -167,11 +161,7 @@ pub(crate) fn at_start(
                         state.keep(&r, true);
                     }
                 }
-                for h in &handed {
-                    if state.table.mark_handed(r.token, h.port) {
-                        state.enforcer.adopt_handed(&r, h.port, h);
-                    }
-                }
+                adopt_handed(state, &r, &handed);
             }
             None => {
                 state.enforcer.admit_at_start(&r);
@@ -195,15 +185,13 @@ pub(crate) fn at_start(
         ) else {
             continue;
         };
+        let owner = Owner {
+            pid: k.pid,
+            uid: k.uid,
+            command: k.command.clone(),
+        };
         if sessions.insert(k.session) {
-            state.table.open_session(
-                k.session,
-                Owner {
-                    pid: k.pid,
-                    uid: k.uid,
-                    command: k.command.clone(),
-                },
-            );
+            state.table.open_session(k.session, owner.clone());
         }
         let r = Reservation::runtime(
             token,
@@ -211,11 +199,7 @@ pub(crate) fn at_start(
             range,
             mode,
             k.session,
-            Owner {
-                pid: k.pid,
-                uid: k.uid,
-                command: k.command.clone(),
-            },
+            owner,
             k.created,
             handed.iter().map(|h| h.port),
         );
@@ -235,27 +219,12 @@ pub(crate) fn at_start(
             lost(state, &mut info, e.message);
             continue;
         }
-        match state.enforcer.adopt(&r, fds, &k.helpers) {
-            Ok(kept) => {
-                if kept {
-                    info.placeholders_kept += u64::from(r.range.count());
-                    if let Some(l) = &mut state.keeper {
-                        l.mark_copied(r.token.get());
-                    }
-                } else if r.mode == portres_core::Mode::Hold {
-                    // Bound afresh: the keeper gets the new placeholders.
-                    state.keep(&r, true);
-                }
-            }
-            Err(why) => {
-                state.table.cancel(r.token);
-                lost(state, &mut info, why);
-                continue;
-            }
+        if let Err(why) = carry_on(state, &mut info, &r, fds, &k.helpers) {
+            state.table.cancel(r.token);
+            lost(state, &mut info, why);
+            continue;
         }
-        for h in &handed {
-            state.enforcer.adopt_handed(&r, h.port, h);
-        }
+        adopt_handed(state, &r, &handed);
         info.kept += 1;
         tracing::info!("kept runtime reservation {}", k.name());
     }
@@ -303,6 +272,36 @@ pub(crate) fn at_start(
         owners,
         next_session,
     })
+}
+
+/// Puts back the kernel side of a block carried over (`Enforcer::adopt`): placeholders handed
+/// over are counted and known to be the keeper's copies too; placeholders bound afresh go to the
+/// keeper. On failure nothing of it is left in the kernel.
+fn carry_on(
+    state: &mut State,
+    info: &mut RestoreInfo,
+    r: &Reservation,
+    fds: Vec<OwnedFd>,
+    helpers: &[usize],
+) -> Result<(), String> {
+    if state.enforcer.adopt(r, fds, helpers)? {
+        info.placeholders_kept += u64::from(r.range.count());
+        if let Some(l) = &mut state.keeper {
+            l.mark_copied(r.token.get());
+        }
+    } else if r.mode == portres_core::Mode::Hold {
+        state.keep(r, true);
+    }
+    Ok(())
+}
+
+/// The sockets a predecessor handed out from `r`'s block, in the table and the enforcer.
+fn adopt_handed(state: &mut State, r: &Reservation, handed: &[HandedRec]) {
+    for h in handed {
+        if state.table.mark_handed(r.token, h.port) {
+            state.enforcer.adopt_handed(r, h.port, h);
+        }
+    }
 }
 
 /// Watches the owners of the sessions carried over (their pidfds become readable when they

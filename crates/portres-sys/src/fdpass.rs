@@ -4,6 +4,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use crate::poll::{PollFd, PollFlags, poll};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
@@ -112,37 +113,13 @@ pub fn accept(listener: impl AsFd) -> io::Result<OwnedFd> {
 
 /// Waits until `fd` is readable or `timeout` passes (`poll(2)`); returns whether it is.
 pub fn wait_readable(fd: impl AsFd, timeout: Option<std::time::Duration>) -> io::Result<bool> {
-    let mut fds = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
-    let ts = timeout.map(|t| rustix::event::Timespec {
-        tv_sec: t.as_secs() as i64,
-        tv_nsec: i64::from(t.subsec_nanos()),
-    });
-    loop {
-        match rustix::event::poll(&mut fds, ts.as_ref()) {
-            Ok(n) => return Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(poll(&mut [PollFd::new(&fd, PollFlags::IN)], timeout)? > 0)
 }
 
 /// Waits until the peer of a connected stream socket has closed it (`poll(2)` for `POLLRDHUP`:
 /// data arriving does not wake it).
 pub fn wait_hangup(sock: impl AsFd) -> io::Result<()> {
-    let mut fds = [rustix::event::PollFd::new(
-        &sock,
-        rustix::event::PollFlags::RDHUP,
-    )];
-    loop {
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => return Ok(()),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    poll(&mut [PollFd::new(&sock, PollFlags::RDHUP)], None).map(|_| ())
 }
 
 /// Whether the peer of a connected stream socket has closed it, without consuming anything:
@@ -178,21 +155,7 @@ pub fn set_send_buffer(fd: impl AsFd, bytes: usize) -> io::Result<()> {
 
 /// Waits until `fd` can be written or `timeout` passes (`poll(2)`); returns whether it can.
 pub fn wait_writable(fd: impl AsFd, timeout: std::time::Duration) -> io::Result<bool> {
-    let mut fds = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::OUT,
-    )];
-    let ts = rustix::event::Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    loop {
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(n) => return Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(poll(&mut [PollFd::new(&fd, PollFlags::OUT)], Some(timeout))? > 0)
 }
 
 /// Waits (`poll(2)`) until `wake` is readable, `stream`'s peer hangs up (`POLLRDHUP`: data
@@ -202,24 +165,12 @@ pub fn wait_wake_or_hangup(
     stream: impl AsFd,
     timeout: std::time::Duration,
 ) -> io::Result<(bool, bool)> {
-    use rustix::event::PollFlags;
     let mut fds = [
-        rustix::event::PollFd::new(&wake, PollFlags::IN),
-        rustix::event::PollFd::new(&stream, PollFlags::RDHUP),
+        PollFd::new(&wake, PollFlags::IN),
+        PollFd::new(&stream, PollFlags::RDHUP),
     ];
-    let ts = rustix::event::Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    loop {
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(_) => {
-                return Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty()));
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    poll(&mut fds, Some(timeout))?;
+    Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty()))
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! # Layout
 //! - [`bpf`]: the eBPF programs UDP placeholders share (loaded once, attached by descriptor).
 //! - [`creds`]: peer credentials and supplementary groups of a Unix socket, user and group names.
-//! - [`fdpass`]: descriptors over Unix sockets (`SCM_RIGHTS`).
+//! - [`fdpass`]: Unix sockets: descriptors over them (`SCM_RIGHTS`), listening and connecting,
+//!   and waiting on them (readable, writable, hung up).
+//! - `poll`: `poll(2)`, the one way this crate waits on descriptors.
 //! - [`hold`]: placeholder sockets and the sockets handed out from reservations.
 //! - [`ports`]: the dynamic port range, and probing whether a port is bound.
-//! - [`process`]: command lines of processes, the OS random source, file locks, stdio.
+//! - [`process`]: command lines of processes, pidfds and start times, the OS random source,
+//!   file locks, stdio, sessions.
 //! - [`procfs`]: which processes hold which sockets.
 //! - [`rawfd`]: calls on raw descriptor numbers from C callers (socket kind, bind, dup3).
 //! - [`reserved_ports`]: the `net.ipv4.ip_local_reserved_ports` sysctl.
@@ -20,6 +23,7 @@ pub mod bpf;
 pub mod creds;
 pub mod fdpass;
 pub mod hold;
+mod poll;
 pub mod ports;
 pub mod process;
 pub mod procfs;

@@ -259,31 +259,18 @@ pub fn pidfd_kill(pidfd: impl AsFd) -> io::Result<()> {
 /// Whether the process behind a pidfd has exited (`poll(2)` with no wait: a pidfd is readable
 /// once its process has exited).
 pub fn pidfd_exited(pidfd: impl AsFd) -> bool {
-    let mut fds = [rustix::event::PollFd::new(
-        &pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let zero = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+    crate::fdpass::wait_readable(pidfd, Some(std::time::Duration::ZERO)).unwrap_or(false)
 }
 
 /// Waits (`poll(2)`, no timeout) until at least one of `pidfds` is readable, i.e. its process
 /// has exited; returns the indexes of those that are.
 pub fn wait_pidfds(pidfds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
-    let mut fds: Vec<rustix::event::PollFd<'_>> = pidfds
+    use crate::poll::{PollFd, PollFlags};
+    let mut fds: Vec<PollFd<'_>> = pidfds
         .iter()
-        .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
         .collect();
-    loop {
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => break,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::poll::poll(&mut fds, None)?;
     Ok(fds
         .iter()
         .enumerate()

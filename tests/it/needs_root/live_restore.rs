@@ -23,7 +23,16 @@ struct RunHolder {
 
 impl RunHolder {
     fn start(d: &TestDaemon, protocol: &'static str, listen: bool, count: u32) -> RunHolder {
-        let mut cmd = d.cli();
+        Self::from_cli(d.cli(), protocol, listen, count)
+    }
+
+    /// The same through `cmd` (the daemon's CLI, e.g. with more environment).
+    fn from_cli(
+        mut cmd: std::process::Command,
+        protocol: &'static str,
+        listen: bool,
+        count: u32,
+    ) -> RunHolder {
         cmd.arg("run").arg(format!("--{protocol}"));
         if listen {
             cmd.arg("--listen");
@@ -323,30 +332,21 @@ fn a_hundred_holders_survive_a_sigterm_and_a_kill9_restart_never_unprotected() {
 #[test]
 fn a_stop_meant_as_a_stop_releases_everything_and_portres_run_says_so() {
     let mut d = TestDaemon::start();
-    let mut holder = d.cli();
-    holder
-        .env("PORTRES_RECONNECT_SECS", "1")
-        .args(["run", "--listen", "--count", "2", "--", "sh", "-c"])
-        .arg("echo $PORTRES_PORTS; read x || true")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut holder = spawn(&mut holder);
-    let ports = first_line(&mut holder);
+    let mut cli = d.cli();
+    cli.env("PORTRES_RECONNECT_SECS", "1");
+    let holder = RunHolder::from_cli(cli, "tcp", true, 2);
+    let first = holder.ports.0;
     assert!(!d.reserved_ports().is_empty());
     d.stop();
     assert_eq!(d.reserved_ports(), "", "the sysctl is restored at a stop");
     assert!(d.keeper_pids().is_empty());
     // The held ports are free (the command still has the handed-out listeners).
-    drop(holder.stdin.take());
-    let out = holder.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (status, err) = holder.finish();
+    assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("did not come back") && err.contains("was not reserved for the whole run"),
         "{err}"
     );
-    let first: u16 = ports.split('-').next().unwrap().parse().unwrap();
     assert!(
         d.in_netns(move || TcpListener::bind(("::", first)).is_ok()),
         "port {first} is free after a stop"
