@@ -227,6 +227,58 @@ pub fn stop(socket: Option<PathBuf>, release: bool, json: bool) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
+/// `portres daemon --cleanup`: removes what the deny layer of the daemon with this state
+/// directory left in the kernel (pinned programs, links and maps; empty run cgroups), when no
+/// daemon serves the socket.
+pub fn cleanup(
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let scope = Scope::for_current_user();
+    let socket = socket.unwrap_or_else(|| paths::default_socket(scope));
+    let state_dir = state_dir.unwrap_or_else(|| paths::state_dir(scope));
+    if UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "a daemon serves {}: it owns the deny layer's programs and map; stop it first with \
+             `portres daemon --stop` (which removes them too), then clean up what is left",
+            socket.display()
+        );
+    }
+    let cleaned = portres_daemon::deny::cleanup(&state_dir).with_context(|| {
+        format!(
+            "removing the deny layer's pins of state directory {}",
+            state_dir.display()
+        )
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pin_dir": cleaned.pin_dir.as_ref().map(|p| p.display().to_string()),
+                "removed_pins": cleaned.pin_dir.is_some(),
+                "removed_cgroups": cleaned.cgroups,
+            })
+        );
+    } else {
+        match &cleaned.pin_dir {
+            Some(p) => println!(
+                "removed the deny layer's programs, links and maps pinned in {} (binds into \
+                 its reservations are no longer refused)",
+                p.display()
+            ),
+            None => println!(
+                "nothing pinned for state directory {} (no deny layer left behind)",
+                state_dir.display()
+            ),
+        }
+        if cleaned.cgroups > 0 {
+            println!("removed {} empty portres-run cgroups", cleaned.cgroups);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The system daemon's configuration grants administrator rights: it must be root's and
 /// writable by root alone, and so must its directory (`stat`, following the path as it is
 /// read). A missing file is fine (defaults).

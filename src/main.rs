@@ -55,6 +55,11 @@ enum Command {
         /// With --stop: keep the runtime reservations for the next daemon, as SIGTERM does.
         #[arg(long, requires = "stop")]
         keep: bool,
+        /// Remove what the deny layer left in the kernel after a crash (its pinned bind
+        /// programs, links and maps under /sys/fs/bpf/portres, and empty run cgroups), for the
+        /// daemon of --state-dir; refused while a daemon serves the socket.
+        #[arg(long, conflicts_with_all = ["stop", "config", "print_ready"])]
+        cleanup: bool,
     },
     /// Internal: a placeholder-holding helper of the daemon (reads its standard input).
     #[command(hide = true)]
@@ -209,6 +214,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon {
             stop: true, keep, ..
         } => daemon_cmd::stop(cli.socket.clone(), !*keep, cli.json),
+        Command::Daemon {
+            cleanup: true,
+            state_dir,
+            ..
+        } => daemon_cmd::cleanup(cli.socket.clone(), state_dir.clone(), cli.json),
         Command::Daemon {
             state_dir,
             config,

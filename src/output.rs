@@ -392,6 +392,19 @@ fn who_reservation(w: &WhoInfo) {
                 None => format!("administrator {}", owner_short(r, 52)),
             };
             println!("    by {by}");
+            if !r.allow_users.is_empty() || !r.allow_groups.is_empty() {
+                let mut allowed = Vec::new();
+                if !r.allow_users.is_empty() {
+                    allowed.push(format!("users {}", printable(&r.allow_users.join(", "))));
+                }
+                if !r.allow_groups.is_empty() {
+                    allowed.push(format!("groups {}", printable(&r.allow_groups.join(", "))));
+                }
+                println!("    allowed: {}", allowed.join("; "));
+            }
+            if let Some(b) = &r.binds {
+                println!("    deny layer: {b}");
+            }
         }
         None => println!("  no reservation covers it"),
     }

@@ -23,6 +23,19 @@ pub fn run(
     let mode = if listen { Mode::Hold } else { Mode::Exclude };
     let block = client.acquire_with(protocol, start.unwrap_or(0), count, mode)?;
     let r = block.range();
+    // Under the deny layer, this process and everything it starts (the command and its
+    // descendants) become the block's owner: they bind its ports by number, everyone else is
+    // refused. With the layer off (a per-user daemon), exclude mode keeps only autobind out.
+    match client.own_tree(block.token()) {
+        Ok(_) | Err(Error::InvalidArgument(_)) => {}
+        Err(e) => eprintln!(
+            "portres run: the command's process tree could not be made the owner of {}/{} \
+             ({e}); the reservation stands, but under the deny layer the command may be refused \
+             binding its ports by number",
+            r,
+            protocol.as_str()
+        ),
+    }
     let (program, args) = cmd.split_first().expect("clap requires CMD");
     let mut command = if listen {
         let kind = match protocol {

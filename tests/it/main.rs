@@ -11,6 +11,7 @@ mod needs_root {
     mod autostart;
     mod capi;
     mod cli;
+    mod deny;
     mod edges;
     mod enforcement;
     mod handover;

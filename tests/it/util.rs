@@ -91,7 +91,18 @@ impl TestDaemon {
     /// explicitly (`PORTRES_FAILPOINT=no-ebpf`), as where unprivileged BPF is disabled, so the
     /// result does not depend on this machine's `kernel.unprivileged_bpf_disabled`.
     pub fn as_user(uid: u32) -> TestDaemon {
-        Self::build_as("", "", None, Some(uid), &[("PORTRES_FAILPOINT", "no-ebpf")])
+        Self::as_user_with_config(uid, "")
+    }
+
+    /// [`TestDaemon::as_user`] with a configuration file holding `config`.
+    pub fn as_user_with_config(uid: u32, config: &str) -> TestDaemon {
+        Self::build_as(
+            config,
+            "",
+            None,
+            Some(uid),
+            &[("PORTRES_FAILPOINT", "no-ebpf")],
+        )
     }
 
     /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.
@@ -116,6 +127,13 @@ impl TestDaemon {
         // Traversable by `nobody`, like /run/portres.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config_path = dir.path().join("config.toml");
+        // The deny layer attaches programs to the machine's cgroup2 root: only the tests of
+        // `needs_root::deny` (which say `deny = true`) turn it on.
+        let config = if config.contains("deny") {
+            config.to_string()
+        } else {
+            format!("deny = false\n{config}")
+        };
         std::fs::write(&config_path, config).unwrap();
         if let Some(uid) = user {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
@@ -358,6 +376,8 @@ impl Drop for TestDaemon {
         for pid in self.keeper_pids() {
             signal(pid, rustix::process::Signal::KILL);
         }
+        // Nor does the deny layer's pinned programs' next daemon.
+        let _ = portres_daemon::deny::cleanup(&self.state_dir);
         let _ = self.netns.kill();
         let _ = self.netns.wait();
     }

@@ -455,6 +455,22 @@ impl Client {
         }
     }
 
+    /// Makes this process's tree the owner of binds into `token`'s block under the deny layer
+    /// (`own_tree`): the daemon moves this process into a cgroup of its own, below its current
+    /// one, and from then on this process and every process it starts may bind the block's
+    /// ports by number while every other process is refused. Returns the cgroup's path (below
+    /// the cgroup2 root). Fails with [`Error::InvalidArgument`] when the daemon's deny layer is
+    /// off (then nobody is refused such a bind in `exclude` mode, as without portres), and for
+    /// a token that is not a runtime reservation of this connection.
+    pub fn own_tree(&self, token: Token) -> Result<String, Error> {
+        match self.call(Request::OwnTree {
+            token: token.to_string(),
+        })? {
+            Reply::OwnedTree(info) => Ok(info.cgroup),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     fn call(&self, request: Request) -> Result<Reply, Error> {
         self.call_with_fds(request).map(|(reply, _)| reply)
     }

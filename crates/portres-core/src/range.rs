@@ -119,6 +119,26 @@ impl PortRange {
         self.count
     }
 
+    /// The block as aligned power-of-two pieces, each `(first port, fixed high bits)`: the port
+    /// prefixes a longest-prefix-match table needs to cover exactly this block (the deny
+    /// layer's map). At most 30 pieces for any block (two per bit length but the longest), so a
+    /// block costs the kernel the same few entries whatever its size.
+    pub fn prefixes(self) -> Vec<(u16, u8)> {
+        let mut out = Vec::new();
+        let mut at = u32::from(self.start);
+        let end = self.end();
+        while at < end {
+            // The largest aligned piece starting at `at` that stays inside the block.
+            let mut size = 1u32 << at.trailing_zeros().min(16);
+            while at + size > end {
+                size >>= 1;
+            }
+            out.push((at as u16, 16 - size.trailing_zeros() as u8));
+            at += size;
+        }
+        out
+    }
+
     /// Last port of the block (inclusive).
     pub fn last(self) -> u16 {
         (u32::from(self.start) + u32::from(self.count) - 1) as u16

@@ -617,3 +617,37 @@ fn carried_over_runtime_blocks_are_restored_and_move_to_a_new_session() {
     assert_eq!(fresh.runtime_ports_of(1000), 0);
     fresh.check_invariants();
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The deny layer's map keys: the prefixes of a block cover exactly its ports, each aligned,
+    /// without overlap, at most 30 of them.
+    #[test]
+    fn prefixes_cover_exactly_the_block(start in 1u32..=65535, count in 1u32..=65535) {
+        let Ok(r) = PortRange::new(start, count) else { return Ok(()) };
+        let pieces = r.prefixes();
+        prop_assert!(pieces.len() <= 30, "{} pieces for {r}", pieces.len());
+        let mut next = u32::from(r.start());
+        for (first, bits) in pieces {
+            prop_assert!(bits <= 16);
+            let size = 1u32 << (16 - bits);
+            prop_assert_eq!(u32::from(first), next, "contiguous, in order");
+            prop_assert_eq!(u32::from(first) % size, 0, "aligned");
+            next += size;
+        }
+        prop_assert_eq!(next, r.end());
+    }
+}
+
+#[test]
+fn prefixes_at_the_extremes() {
+    let one = PortRange::new(1, 1).unwrap();
+    assert_eq!(one.prefixes(), vec![(1, 16)]);
+    let top = PortRange::new(65535, 1).unwrap();
+    assert_eq!(top.prefixes(), vec![(65535, 16)]);
+    let all = PortRange::new(1, 65535).unwrap();
+    assert_eq!(all.prefixes().len(), 16);
+    let aligned = PortRange::new(32768, 32768).unwrap();
+    assert_eq!(aligned.prefixes(), vec![(32768, 1)]);
+}

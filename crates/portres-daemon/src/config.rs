@@ -17,6 +17,14 @@
 //! # next daemon to carry on (0: off, SIGTERM releases everything). `portres daemon --stop`
 //! # always releases everything.
 //! live_restore_secs = 60
+//! # The deny layer (root only): cgroup bind programs refuse a bind into a reserved port to all
+//! # but its owner. The errno such a bind fails with: "EADDRINUSE" (what programs expect of a
+//! # taken port, and what they fall back on), "EACCES" (Windows' WSAEACCES) or "EPERM".
+//! deny = true
+//! deny_errno = "EADDRINUSE"
+//! # Key the layer without network namespaces: host reservations then hold in every namespace
+//! # on the machine (containers with their own port space included).
+//! deny_all_namespaces = false
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -42,6 +50,9 @@ struct ConfigFile {
     holder_uid: Option<u32>,
     reply_timeout_ms: Option<u64>,
     live_restore_secs: Option<u64>,
+    deny: Option<bool>,
+    deny_errno: Option<String>,
+    deny_all_namespaces: Option<bool>,
 }
 
 /// Why the configuration could not be used.
@@ -84,6 +95,8 @@ pub struct Config {
     pub reply_timeout: std::time::Duration,
     /// How long a stopped daemon's runtime reservations are kept for its successor (0: off).
     pub live_restore_secs: u64,
+    /// The deny layer's settings.
+    pub deny: crate::deny::DenySettings,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -107,6 +120,7 @@ impl Default for Config {
             holder_uid: DEFAULT_HOLDER_UID,
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
             live_restore_secs: DEFAULT_LIVE_RESTORE_SECS,
+            deny: crate::deny::DenySettings::default(),
             source: None,
         }
     }
@@ -173,8 +187,25 @@ impl Config {
                  day); 0 turns live restore off"
             )));
         }
+        let errno = match file.deny_errno.as_deref() {
+            None | Some("EADDRINUSE") => Some(portres_sys::deny::EADDRINUSE),
+            Some("EACCES") => Some(portres_sys::deny::EACCES),
+            Some("EPERM") => None,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "deny_errno = {other:?}: use \"EADDRINUSE\" (the default), \"EACCES\" or \
+                     \"EPERM\""
+                )));
+            }
+        };
+        let deny = crate::deny::DenySettings {
+            enabled: file.deny.unwrap_or(true),
+            errno,
+            all_namespaces: file.deny_all_namespaces.unwrap_or(false),
+        };
         Ok(Config {
             live_restore_secs,
+            deny,
             admin_uids,
             admin_gids,
             runtime_quota: file.runtime_quota_ports.unwrap_or(DEFAULT_RUNTIME_QUOTA),
@@ -215,6 +246,8 @@ mod tests {
             "runtime_quota_ports = \"many\"",
             "holder_uid = 0",
             "live_restore_secs = 100000",
+            "deny_errno = \"ENOENT\"",
+            "deny = \"yes\"",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

@@ -267,10 +267,20 @@ pub(crate) struct Enforcer {
     placeholders_v6: bool,
     /// Why the holder uid is not as private as it must be (a passwd entry, a process).
     holder_warning: Option<String>,
+    /// The deny layer (cgroup bind programs), or why it is off. When it is on, `hold` blocks
+    /// have no placeholders: its map keeps every bind out but the daemon's own.
+    deny: Result<crate::deny::DenyLayer, String>,
+    /// Placeholders carried over from a predecessor that the deny layer replaces: closed once
+    /// the map covers their blocks ([`Enforcer::finish_start`]).
+    replaced_at_start: Vec<OwnedFd>,
 }
 
 impl Enforcer {
-    pub(crate) fn new(state_dir: &std::path::Path, holder_uid: u32) -> Enforcer {
+    pub(crate) fn new(
+        state_dir: &std::path::Path,
+        holder_uid: u32,
+        deny: crate::deny::DenySettings,
+    ) -> Enforcer {
         let nofile = hold::raise_nofile_limit();
         let own_uid = portres_sys::creds::effective_uid();
         let holder_uid = hold::can_use_holder_uid(holder_uid).then_some(holder_uid);
@@ -302,6 +312,53 @@ impl Enforcer {
             placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
                 .is_ok_and(|p| hold::prepared_is_v6(&p)),
             holder_warning,
+            deny: crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
+                tracing::info!("deny layer off: {why}");
+            }),
+            replaced_at_start: Vec::new(),
+        }
+    }
+
+    /// Whether the deny layer is on (then `hold` blocks have no placeholders).
+    pub(crate) fn deny_active(&self) -> bool {
+        self.deny.is_ok()
+    }
+
+    /// The deny layer's claim of a block: into the map (nobody but the daemon may bind it from
+    /// now on) and into `ip_local_reserved_ports` (autobind, unseen by bind hooks), then the
+    /// check that no socket has any of its ports. On failure nothing is left behind.
+    fn claim_denied(
+        &mut self,
+        token: Token,
+        protocol: Protocol,
+        range: PortRange,
+        mode: Mode,
+    ) -> Result<(), ClaimError> {
+        let deny = self.deny.as_mut().expect("checked by the caller");
+        if let Err(e) = deny.claim(token, protocol, range) {
+            return Err(ClaimError::Failed {
+                code: ErrorCode::Internal,
+                why: format!("writing the deny layer's map failed: {e}; see the daemon's log"),
+            });
+        }
+        self.exclude.add(range);
+        self.exclude.sync();
+        let orphan = if mode == Mode::Hold {
+            self.live_orphan(protocol, range)
+        } else {
+            None
+        };
+        let busy = orphan.or_else(|| first_socket_on(protocol, range));
+        match busy {
+            None => Ok(()),
+            Some(port) => {
+                if let Ok(d) = &mut self.deny {
+                    d.retire(token);
+                }
+                self.exclude.remove(range);
+                self.exclude.sync();
+                Err(in_use(protocol, port))
+            }
         }
     }
 
@@ -460,6 +517,25 @@ impl Enforcer {
     }
 }
 
+/// Blocks up to this many ports are checked free by binding each port; larger ones by one
+/// `sock_diag` dump (which walks the kernel's socket hash tables: a fixed cost of a few
+/// milliseconds for TCP, whatever the block's size).
+const PROBE_UP_TO: u16 = 512;
+
+/// The first port of `range` some socket has (bound, listening, connected or in TIME_WAIT).
+fn first_socket_on(protocol: Protocol, range: PortRange) -> Option<u16> {
+    if range.count() <= PROBE_UP_TO {
+        return portres_sys::ports::first_port_in_use(protocol, range);
+    }
+    match portres_sys::sockdiag::sockets_on_ports(protocol, range.start(), range.last()) {
+        Ok(sockets) => sockets.iter().map(|s| s.local.port()).min(),
+        Err(e) => {
+            tracing::warn!(error = %e, "sock_diag failed; probing each port instead");
+            portres_sys::ports::first_port_in_use(protocol, range)
+        }
+    }
+}
+
 /// Hold blocks larger than this are written to `ip_local_reserved_ports` before their
 /// placeholders are bound, like exclude blocks: binding them takes long enough (≈ 4 µs a port)
 /// for outgoing connections to pick ports inside them meanwhile.
@@ -497,6 +573,9 @@ impl PortClaim for Enforcer {
         range: PortRange,
         mode: Mode,
     ) -> Result<(), ClaimError> {
+        if self.deny.is_ok() {
+            return self.claim_denied(token, protocol, range, mode);
+        }
         let first = mode == Mode::Exclude || range.count() > EXCLUDE_FIRST_ABOVE;
         if first {
             self.exclude.add(range);
@@ -550,7 +629,8 @@ impl Enforcer {
     /// The exclude layer is written once by [`Enforcer::finish_start`].
     pub(crate) fn admit_at_start(&mut self, r: &Reservation) {
         self.exclude.add(r.range);
-        if r.mode != Mode::Hold {
+        if r.mode != Mode::Hold || self.deny.is_ok() {
+            // Under the deny layer the map holds it (written by `finish_start`).
             return;
         }
         let result = match self.live_orphan(r.protocol, r.range) {
@@ -586,6 +666,16 @@ impl Enforcer {
         fds: Vec<OwnedFd>,
         helpers: &[usize],
     ) -> Result<bool, String> {
+        if self.deny.is_ok() {
+            // The map holds it from `finish_start` on; until then, the predecessor's
+            // placeholders (if any) and its pinned map do.
+            self.replaced_at_start.extend(fds);
+            if !helpers.is_empty() {
+                self.helpers.drop_adopted(r.token, helpers);
+            }
+            self.exclude.add(r.range);
+            return Ok(r.mode == Mode::Hold);
+        }
         if r.mode == Mode::Hold
             && fds.is_empty()
             && self
@@ -707,8 +797,45 @@ impl Enforcer {
     }
 
     /// Writes the exclude layer once after the persistent blocks were put back.
-    pub(crate) fn finish_start(&mut self) {
+    pub(crate) fn finish_start(&mut self, table: &portres_core::Table) {
         self.exclude.sync();
+        if let Ok(d) = &mut self.deny
+            && let Err(e) = d.reconcile(table)
+        {
+            tracing::error!(error = %e, "deny layer: reconciling the map failed; layer off");
+            self.deny = Err(format!("reconciling its map with the table failed: {e}"));
+        }
+        self.replaced_at_start.clear();
+    }
+
+    /// Names a granted or changed reservation's owner in the deny layer's map.
+    pub(crate) fn set_owner(&mut self, r: &Reservation) {
+        if let Ok(d) = &mut self.deny {
+            d.set_owner(r);
+        }
+    }
+
+    /// Gives a runtime block to a cgroup of its own with process `pid` in it (`portres run`).
+    pub(crate) fn own_by_cgroup(&mut self, r: &Reservation, pid: u32) -> Result<String, String> {
+        match &mut self.deny {
+            Ok(d) => d.own_by_cgroup(r, pid),
+            Err(why) => Err(format!("the deny layer is off: {why}")),
+        }
+    }
+
+    /// Who may bind a block's ports by number, in words (deny layer on), for `who` and `show`.
+    pub(crate) fn deny_owner(&self, token: Token) -> Option<String> {
+        self.deny.as_ref().ok()?.describe_owner(token)
+    }
+
+    /// The deny layer's state for `status`.
+    pub(crate) fn deny_info(&self) -> Option<portres_proto::DenyInfo> {
+        self.deny.as_ref().ok().map(|d| d.info())
+    }
+
+    /// Whether run cgroups of ended blocks wait to be removed.
+    pub(crate) fn cgroups_pending(&self) -> bool {
+        self.deny.as_ref().is_ok_and(|d| d.cgroups_pending())
     }
 
     /// A block ended: its placeholders close (handed-out sockets keep their ports until they
@@ -723,6 +850,9 @@ impl Enforcer {
             self.remote_inodes.remove(&r.token);
         }
         self.unheld.remove(&r.token);
+        if let Ok(d) = &mut self.deny {
+            d.retire(r.token);
+        }
         if r.protocol == Protocol::Udp {
             self.classic_steered.retain(|(t, _)| *t != r.token);
         }
@@ -769,6 +899,9 @@ impl Enforcer {
     pub(crate) fn flush_exclude(&mut self) {
         if self.exclude.dirty {
             self.exclude.sync();
+        }
+        if let Ok(d) = &mut self.deny {
+            d.remove_empty_cgroups();
         }
     }
 
@@ -952,8 +1085,13 @@ impl Enforcer {
     }
 
     /// Restores the sysctl (at shutdown).
+    /// Restores the sysctl and removes the deny layer (at a stop that releases everything).
     pub(crate) fn shutdown(&mut self) {
         self.exclude.restore();
+        let deny = std::mem::replace(&mut self.deny, Err("stopped".into()));
+        if let Ok(d) = deny {
+            d.remove();
+        }
     }
 
     /// Ports held by placeholders now (in the daemon and in helpers).
@@ -1039,13 +1177,34 @@ impl Enforcer {
                 reason: why.clone(),
             },
         };
-        let deny = LayerInfo {
-            name: "deny".into(),
-            active: false,
-            reason: "the BPF bind hook is not implemented in this version; held ports are \
-                     protected by the hold layer"
-                .into(),
+        let deny = match &self.deny {
+            Ok(d) => LayerInfo {
+                name: "deny".into(),
+                active: true,
+                reason: d.reason(),
+            },
+            Err(why) => LayerInfo {
+                name: "deny".into(),
+                active: false,
+                reason: format!(
+                    "{why}; a process that binds a reserved exclude-mode port by number gets it, \
+                     and held ports are protected by placeholders (hold layer)"
+                ),
+            },
         };
+        if self.deny.is_ok() {
+            let hold = LayerInfo {
+                name: "hold".into(),
+                active: true,
+                reason: format!(
+                    "held blocks need no placeholders while the deny layer is on: its map keeps \
+                     every bind but the daemon's own out of them (0 open files per port); {} \
+                     ports held by placeholders",
+                    self.held_ports + self.held_remote
+                ),
+            };
+            return vec![hold, exclude, deny];
+        }
         vec![hold, exclude, deny]
     }
 }

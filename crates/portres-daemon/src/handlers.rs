@@ -315,6 +315,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
         }
         Request::Status => Ok((Reply::Status(status(shared)), None)),
         Request::Attach { tokens } => Ok((Reply::Attached(attach(shared, caller, &tokens)), None)),
+        Request::OwnTree { token } => own_tree(shared, caller, &token),
         Request::Shutdown { release } => {
             if !caller.admin {
                 return Err(Refusal::new(
@@ -428,6 +429,7 @@ fn status(shared: &Shared) -> StatusInfo {
         dynamic_range_source: shared.dynamic_source.clone(),
         runtime_quota_ports: table.config().runtime_quota,
         layers: st.enforcer.layers(table.session_count()),
+        deny: st.enforcer.deny_info(),
         counts,
         restore: Some({
             let mut info = shared.restore.lock().unwrap().clone();
@@ -444,6 +446,55 @@ fn status(shared: &Shared) -> StatusInfo {
 
 /// `attach`: moves the caller's runtime reservations carried over from a previous daemon (or
 /// from another connection of the same process) into the caller's session.
+/// [`Request::OwnTree`]: the caller's process tree becomes the owner of binds into one of its
+/// session's runtime blocks (a cgroup of its own; `deny.rs`).
+fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
+    let op = Operation::Other;
+    let t = parse_token(op, token)?;
+    let mut st = shared.state.lock().unwrap();
+    let Some(r) = Token::new(t)
+        .and_then(|t| st.table.get(t))
+        .filter(|r| r.session() == Some(caller.session))
+        .cloned()
+    else {
+        return Err(Refusal::new(
+            op,
+            ErrorCode::NotFound,
+            format!(
+                "cannot give reservation {token} to the caller's process tree: no runtime                  reservation of this connection has that token"
+            ),
+        ));
+    };
+    match st.enforcer.own_by_cgroup(&r, caller.pid) {
+        Ok(cgroup) => {
+            tracing::info!(
+                pid = caller.pid,
+                token = %r.token,
+                %cgroup,
+                "{}/{} owned by the process tree in cgroup {cgroup}",
+                r.range,
+                r.protocol
+            );
+            Ok((
+                Reply::OwnedTree(portres_proto::OwnedTreeInfo { cgroup }),
+                None,
+            ))
+        }
+        Err(why) => Err(Refusal::new(
+            op,
+            if st.enforcer.deny_active() {
+                ErrorCode::Internal
+            } else {
+                ErrorCode::InvalidArgument
+            },
+            format!(
+                "cannot give {}/{} to the process tree of pid {}: {why}",
+                r.range, r.protocol, caller.pid
+            ),
+        )),
+    }
+}
+
 fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto::AttachInfo {
     let mut info = portres_proto::AttachInfo::default();
     let mut st = shared.state.lock().unwrap();
@@ -532,14 +583,32 @@ const MAX_HANDED_OUT_TO_LISTED: usize = 128;
 
 /// Inodes of the sockets handed out from some reservations, by (token, port): taken under the
 /// state lock, used outside it.
-type HandedInodes = HashMap<(Token, u16), u64>;
+/// Per reservation, read under the lock for replies made outside it: the inodes of the sockets
+/// it handed out, and (deny layer on) who may bind its ports.
+#[derive(Default)]
+struct HandedInodes {
+    inodes: HashMap<(Token, u16), u64>,
+    binds: HashMap<Token, String>,
+}
+
+impl HandedInodes {
+    fn get(&self, k: &(Token, u16)) -> Option<&u64> {
+        self.inodes.get(k)
+    }
+    fn values(&self) -> impl Iterator<Item = &u64> {
+        self.inodes.values()
+    }
+}
 
 fn handed_inodes<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> HandedInodes {
-    let mut m = HashMap::new();
+    let mut m = HandedInodes::default();
     for r in rs {
+        if let Some(b) = st.enforcer.deny_owner(r.token) {
+            m.binds.insert(r.token, b);
+        }
         for &p in r.handed_out() {
             if let Some(ino) = st.enforcer.handed_inode(r.token, p) {
-                m.insert((r.token, p), ino);
+                m.inodes.insert((r.token, p), ino);
             }
         }
     }
@@ -607,6 +676,7 @@ fn reservation_info(
         handed_out_count: r.handed_out().len() as u32,
         allow_users,
         allow_groups,
+        binds: handed.binds.get(&r.token).cloned(),
     }
 }
 

@@ -1086,12 +1086,25 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     }
     drop(keeper);
     let restored = crate::enforce::restore_sysctl_from_journal(state_dir, &ours);
+    // The deny layer's pinned programs and map go too, as at a stop that releases everything.
+    let denied = match crate::deny::cleanup(state_dir) {
+        Ok(c) => c.pin_dir.is_some(),
+        Err(e) => {
+            eprintln!("portres keeper: removing the deny layer's pins failed: {e}");
+            false
+        }
+    };
     eprintln!(
-        "portres keeper (pid {}): no daemon came back within {} s; released {n} reservations{}",
+        "portres keeper (pid {}): no daemon came back within {} s; released {n} reservations{}{}",
         std::process::id(),
         grace.as_secs(),
         if restored {
             " and restored ip_local_reserved_ports"
+        } else {
+            ""
+        },
+        if denied {
+            "; removed the deny layer's programs and map"
         } else {
             ""
         }

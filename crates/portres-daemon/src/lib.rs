@@ -14,11 +14,13 @@
 //! - `stream`: streamed replies (rows made on the blocking pool, packed into frames).
 //! - `visibility`: who has a port (sockets, processes), in words.
 //! - [`holder`]: placeholder-holding helper processes for blocks beyond the descriptor budget.
+//! - [`deny`]: the deny layer: cgroup bind programs and their map of reserved ports.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 //! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
 //! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
 pub mod config;
+pub mod deny;
 mod enforce;
 mod handlers;
 pub mod holder;
@@ -84,7 +86,9 @@ impl State {
     /// Tells the keeper about a new or changed reservation; its placeholders go with it if
     /// `copy_now`, else once it has lived `keeper::COPY_AFTER` (a runtime grant: most short-lived
     /// blocks never cost the keeper anything).
+    /// Also names its owner in the deny layer's map.
     pub(crate) fn keep(&mut self, r: &portres_core::Reservation, copy_now: bool) {
+        self.enforcer.set_owner(r);
         let Some(k) = &mut self.keeper else { return };
         if let (Some(session), Some(pid)) = (r.session(), r.owner.pid) {
             k.owner(session, pid);
@@ -234,7 +238,7 @@ impl Daemon {
                 dynamic_range,
                 runtime_quota: config.runtime_quota,
             }),
-            enforcer: enforce::Enforcer::new(&placement.state_dir, config.holder_uid),
+            enforcer: enforce::Enforcer::new(&placement.state_dir, config.holder_uid, config.deny),
             keeper: None,
         };
         let restored = restore::at_start(&mut state, &config, &placement, &store, records)?;

@@ -256,7 +256,7 @@ pub(crate) fn at_start(
         }
         info.keeper_pid = None;
     }
-    state.enforcer.finish_start();
+    state.enforcer.finish_start(&state.table);
     if info.restored {
         tracing::info!(
             kept = info.kept,

@@ -244,7 +244,7 @@ fn schedule_background_work(shared: &Arc<Shared>) {
         let st = shared.state.lock().unwrap();
         (
             st.enforcer.pool_wanted(st.table.session_count()) || st.enforcer.exclude_unwritten(),
-            st.enforcer.exclude_dirty(),
+            st.enforcer.exclude_dirty() || st.enforcer.cgroups_pending(),
             st.keeper.as_ref().is_some_and(|k| k.copies_pending()),
         )
     };

@@ -196,6 +196,15 @@ pub enum Request {
         #[serde(default)]
         release: bool,
     },
+    /// Make the caller's process tree the owner of a runtime reservation of its session under
+    /// the deny layer: the daemon moves the caller into a cgroup of its own (below its current
+    /// one), and every process it starts from then on may bind the block's ports by number,
+    /// while everyone else is refused (`portres run`). Refused with `not_supported` when the
+    /// deny layer is off.
+    OwnTree {
+        /// The reservation's token.
+        token: String,
+    },
 }
 
 /// Filters of [`Request::Show`]; an absent field passes everything.
@@ -259,6 +268,7 @@ impl Request {
             Request::Show { .. } => "show",
             Request::Attach { .. } => "attach",
             Request::Shutdown { .. } => "shutdown",
+            Request::OwnTree { .. } => "own_tree",
         }
     }
 }
@@ -336,6 +346,15 @@ pub enum Reply {
     Who(WhoInfo),
     /// Answer to [`Request::Attach`].
     Attached(AttachInfo),
+    /// Answer to [`Request::OwnTree`].
+    OwnedTree(OwnedTreeInfo),
+}
+
+/// Answer to [`Request::OwnTree`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedTreeInfo {
+    /// The cgroup the caller now runs in (path below the cgroup2 root).
+    pub cgroup: String,
 }
 
 /// What [`Request::Attach`] did with each token.
@@ -580,6 +599,10 @@ pub struct ReservationInfo {
     /// Groups allowed to consume it (persistent only).
     #[serde(default)]
     pub allow_groups: Vec<String>,
+    /// Who may bind its ports by number, when the deny layer is on (e.g. "only processes in
+    /// cgroup /user.slice/portres-run-123 may bind it").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binds: Option<String>,
 }
 
 /// Answer to [`Request::Show`].
@@ -675,4 +698,30 @@ pub struct StatusInfo {
     /// Live restore: the keeper, and what was restored at start.
     #[serde(default)]
     pub restore: Option<RestoreInfo>,
+    /// The deny layer, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<DenyInfo>,
+}
+
+/// The deny layer's kernel objects (in [`StatusInfo`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenyInfo {
+    /// The bind4 and bind6 programs' kernel ids.
+    pub program_ids: Vec<u32>,
+    /// Their links' ids (attached at the cgroup2 root).
+    pub link_ids: Vec<u32>,
+    /// The ports map's id.
+    pub map_id: u32,
+    /// Entries in the ports map (each block is at most 30).
+    pub map_entries: u64,
+    /// Blocks in it.
+    pub blocks: u64,
+    /// Where the programs and maps are pinned in bpffs.
+    pub pin_dir: String,
+    /// The cgroup2 root the programs are attached to.
+    pub cgroup_root: String,
+    /// The errno a refused bind fails with.
+    pub errno: String,
+    /// Whether it is keyed without network namespaces.
+    pub all_namespaces: bool,
 }

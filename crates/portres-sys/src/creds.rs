@@ -72,6 +72,16 @@ pub fn group_name(gid: u32) -> Option<String> {
         .map(|g| g.name)
 }
 
+/// `getgrgid_r(3)`: the uids of the users listed as members of group `gid` (its supplementary
+/// members; users whose primary group it is are not listed there).
+pub fn group_members(gid: u32) -> Vec<u32> {
+    nix::unistd::Group::from_gid(gid.into())
+        .ok()
+        .flatten()
+        .map(|g| g.mem.iter().filter_map(|n| resolve_user(n)).collect())
+        .unwrap_or_default()
+}
+
 /// `getpwnam_r(3)`, or a plain number: the uid a user name or numeric string stands for.
 pub fn resolve_user(name: &str) -> Option<u32> {
     if let Ok(n) = name.parse::<u32>() {

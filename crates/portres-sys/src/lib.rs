@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`bpf`]: the eBPF programs UDP placeholders share (loaded once, attached by descriptor).
 //! - [`creds`]: peer credentials and supplementary groups of a Unix socket, user and group names.
+//! - [`deny`]: the deny layer: cgroup bind programs, their map of reserved ports, bpffs pins,
+//!   cgroup2.
 //! - [`fdpass`]: Unix sockets: descriptors over them (`SCM_RIGHTS`), listening and connecting,
 //!   and waiting on them (readable, writable, hung up).
 //! - `poll`: `poll(2)`, the one way this crate waits on descriptors.
@@ -21,6 +23,7 @@
 
 pub mod bpf;
 pub mod creds;
+pub mod deny;
 pub mod fdpass;
 pub mod hold;
 mod poll;

@@ -176,7 +176,11 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
     for pid in d.keeper_pids() {
         signal(pid, rustix::process::Signal::KILL);
     }
-    std::fs::write(d.config.as_ref().unwrap(), "live_restore_secs = 0\n").unwrap();
+    std::fs::write(
+        d.config.as_ref().unwrap(),
+        "deny = false\nlive_restore_secs = 0\n",
+    )
+    .unwrap();
     d.launch();
     assert_eq!(d.reserved_ports(), "1000,2000-2010,3000,48000-48001");
     drop(rt);

@@ -1,0 +1,411 @@
+//! The deny layer: cgroup bind programs refuse a bind into a reservation to everyone but its
+//! owner, in the daemon's network namespace, on every address and socket-option path.
+//!
+//! The programs attach to the machine's cgroup2 root (that is the layer), keyed by the test
+//! daemon's network namespace, so nothing outside that namespace is affected; each daemon's pins
+//! are removed when its test ends (`TestDaemon`'s drop).
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use portres_client::{Mode, PersistentSpec, Protocol, SocketKind};
+
+use crate::util::*;
+
+const DENY: &str = "deny = true\n";
+
+/// `bind_matrix.py` (every bind path) on `port` in the daemon's namespace, as `uid`.
+fn matrix(d: &TestDaemon, uid: u32, port: u16) -> serde_json::Map<String, serde_json::Value> {
+    let out = run(d
+        .nsenter_as(uid)
+        .arg("/usr/bin/python3")
+        .arg(world_readable("bind_matrix.py"))
+        .arg(port.to_string()));
+    assert!(out.status.success(), "bind_matrix: {out:?}");
+    json(&out).as_object().unwrap().clone()
+}
+
+/// One bind of `proto` `addr`:`port` in the daemon's namespace as `uid`: 0 or the errno.
+fn bind_as(d: &TestDaemon, uid: u32, proto: &str, addr: &str, port: u16) -> i32 {
+    let out = run(d
+        .nsenter_as(uid)
+        .arg("/usr/bin/python3")
+        .arg(world_readable("bind_matrix.py"))
+        .args(["--one", proto, addr, &port.to_string()]));
+    assert!(out.status.success(), "bind_matrix --one: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn status_json(d: &TestDaemon) -> serde_json::Value {
+    json(&run(d.cli().args(["--json", "status"])))
+}
+
+fn layer<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap()
+}
+
+/// The daemon's open descriptors.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn strangers_are_refused_on_every_path_and_the_owner_binds() {
+    let d = TestDaemon::with_config(DENY);
+    let st = status_json(&d);
+    assert_eq!(layer(&st, "deny")["active"], true, "{st}");
+    let c = d.client();
+    let tcp = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Exclude).unwrap();
+    let port = tcp.range().start();
+    let udp = c
+        .acquire_with(Protocol::Udp, u32::from(port), 1, Mode::Exclude)
+        .unwrap();
+    // Root and nobody, neither the owner: every path refused with EADDRINUSE (the default).
+    for uid in [0, NOBODY] {
+        let m = matrix(&d, uid, port);
+        assert_eq!(m.len(), 30);
+        for (case, errno) in &m {
+            assert_eq!(errno, 98, "uid {uid}, {case}: {m:?}");
+        }
+    }
+    // The next port is nobody's: every path binds.
+    let free = matrix(&d, NOBODY, port + 1);
+    for (case, errno) in &free {
+        assert_eq!(errno, 0, "{case} on a free port: {free:?}");
+    }
+    // The owner (this process, which acquired them) binds its ports by number.
+    d.in_netns(move || {
+        std::net::TcpListener::bind(("::", port)).expect("the owner binds its TCP port");
+        std::net::UdpSocket::bind(("0.0.0.0", port)).expect("the owner binds its UDP port");
+    });
+    // Released: the port is anyone's again.
+    tcp.release().unwrap();
+    udp.release().unwrap();
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", port), 0);
+    assert_eq!(bind_as(&d, NOBODY, "udp", "::", port), 0);
+}
+
+/// `portres run` in the daemon's namespace, its command reporting each bind, then waiting for
+/// its standard input to close.
+fn run_in_netns(d: &TestDaemon, count: u32, script: &str) -> Child {
+    let mut c = d.nsenter();
+    c.arg(BIN)
+        .env("PORTRES_SOCKET", &d.socket)
+        .env("PORTRES_AUTOSTART", "0")
+        .args([
+            "run",
+            "--count",
+            &count.to_string(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    spawn(&mut c)
+}
+
+#[test]
+fn a_run_command_and_its_grandchildren_bind_by_number_and_nobody_else() {
+    let d = TestDaemon::with_config(DENY);
+    let py = world_readable("bind_matrix.py");
+    let py = py.display();
+    // The command binds the first port, a grandchild (a shell's child) the second, over IPv6;
+    // then it says where it runs and waits.
+    let script = format!(
+        "/usr/bin/python3 {py} --one tcp 0.0.0.0 $PORTRES_PORT; \
+         sh -c '/usr/bin/python3 {py} --one tcp :: $(($PORTRES_PORT + 1))'; \
+         echo $PORTRES_PORT; tail -1 /proc/self/cgroup; cat"
+    );
+    let mut holder = run_in_netns(&d, 2, &script);
+    // One reader for every line (a reader per line could swallow the next ones).
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+        l.trim_end().to_string()
+    };
+    let own = line();
+    let grandchild = line();
+    let port: u16 = line().parse().unwrap();
+    let cgroup = line();
+    assert_eq!(
+        (own.as_str(), grandchild.as_str()),
+        ("0", "0"),
+        "the owner tree binds"
+    );
+    assert!(
+        cgroup.contains("/portres-run-"),
+        "the command runs in a cgroup of its own: {cgroup}"
+    );
+    // Strangers, same uid (root) or not, are refused.
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", port), 98);
+    assert_eq!(bind_as(&d, 0, "tcp", "::", port + 1), 98);
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "::ffff:127.0.0.1", port + 1), 98);
+    // `show --json` and `who` name the owner.
+    let show = json(&run(d.cli().args(["--json", "show"])));
+    let binds = show["reservations"][0]["binds"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        binds.contains("cgroup") && binds.contains("portres-run-"),
+        "{binds}"
+    );
+    let who = run(d.cli().args(["who", &port.to_string()]));
+    let who = String::from_utf8_lossy(&who.stdout);
+    assert!(
+        who.contains("deny layer: only processes in cgroup"),
+        "{who}"
+    );
+    // The command ends: the block is released, strangers bind, the cgroup goes.
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", port), 0);
+    let dir = format!(
+        "{}{}",
+        portres_sys::deny::mount_of("cgroup2").unwrap().display(),
+        cgroup.trim_start_matches("0::")
+    );
+    wait_until("the run cgroup is removed", Duration::from_secs(10), || {
+        // A request lets the daemon retry the removal of a cgroup that was still emptying.
+        let _ = d.client().status();
+        !std::path::Path::new(&dir).exists()
+    });
+}
+
+#[test]
+fn a_persistent_reservation_lets_its_allowed_users_bind_and_nobody_else() {
+    let d = TestDaemon::with_config(DENY);
+    let c = d.client();
+    let mut spec = PersistentSpec::new(Protocol::Tcp, 8443, 2);
+    spec.allow_users = vec![NOBODY.to_string()];
+    c.create_persistent(&spec).unwrap();
+    // The allowed user binds it; root (not named) and another user are refused.
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 8443), 0);
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "::", 8444), 0);
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 8443), 98);
+    assert_eq!(bind_as(&d, 65533, "tcp", "0.0.0.0", 8443), 98);
+    // Nobody named: root alone.
+    c.create_persistent(&PersistentSpec::new(Protocol::Udp, 9000, 1))
+        .unwrap();
+    assert_eq!(bind_as(&d, 0, "udp", "0.0.0.0", 9000), 0);
+    assert_eq!(bind_as(&d, NOBODY, "udp", "0.0.0.0", 9000), 98);
+    // A group: a process whose primary group it is binds.
+    let mut spec = PersistentSpec::new(Protocol::Tcp, 9100, 1);
+    spec.allow_groups = vec!["65533".into()];
+    c.create_persistent(&spec).unwrap();
+    assert_eq!(bind_as(&d, 65533, "tcp", "0.0.0.0", 9100), 0);
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 9100), 98);
+    let who = run(d.cli().args(["who", "8443"]));
+    let who = String::from_utf8_lossy(&who.stdout);
+    assert!(who.contains("deny layer: only uid 65534"), "{who}");
+    // Deleted: anyone binds.
+    c.delete_persistent(Protocol::Tcp, 8443, 2).unwrap();
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 8443), 0);
+}
+
+#[test]
+fn a_hold_block_of_60000_ports_has_no_placeholders_and_hands_out_sockets() {
+    let d = TestDaemon::with_config(DENY);
+    let before = open_files(d.pid);
+    let c = d.client();
+    // (The daemon keeps a few sockets prepared for handing out, whatever the block's size.)
+    let block = c
+        .acquire_with(Protocol::Tcp, 2000, 60_000, Mode::Hold)
+        .unwrap();
+    let st = status_json(&d);
+    assert_eq!(st["counts"]["ports_held"], 0, "{st}");
+    assert_eq!(st["counts"]["ports_reserved"], 60_000);
+    assert!(st["deny"]["map_entries"].as_u64().unwrap() <= 30, "{st}");
+    let after = open_files(d.pid);
+    assert!(
+        after < before + 100,
+        "0 open files per port: {before} before, {after} after"
+    );
+    // Strangers cannot bind any of it, not even the owner by number: a hold block is used
+    // through the sockets portres hands out.
+    for port in [2000, 31_999, 61_999] {
+        assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", port), 98, "port {port}");
+    }
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 62_000), 0);
+    let (fd, port) = c
+        .associate(
+            block.token(),
+            SocketKind::Listener { backlog: 8 },
+            None,
+            2001,
+        )
+        .unwrap();
+    assert_eq!(port, 2001);
+    let listener = std::net::TcpListener::from(fd);
+    assert_eq!(listener.local_addr().unwrap().port(), 2001);
+    close(listener);
+    block.release().unwrap();
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 31_999), 0);
+    let st = status_json(&d);
+    assert_eq!(st["deny"]["map_entries"], 0, "{st}");
+}
+
+#[test]
+fn kill_9_leaves_the_denial_in_place_a_restart_reconciles_and_cleanup_removes_it_all() {
+    let mut d = TestDaemon::with_config(DENY);
+    let c = d.client();
+    c.create_persistent(&PersistentSpec::new(Protocol::Tcp, 7000, 1))
+        .unwrap();
+    let gone = c
+        .acquire_with(Protocol::Tcp, 7100, 1, Mode::Exclude)
+        .unwrap();
+    let st = status_json(&d);
+    let programs: Vec<u32> = serde_json::from_value(st["deny"]["program_ids"].clone()).unwrap();
+    let links: Vec<u32> = serde_json::from_value(st["deny"]["link_ids"].clone()).unwrap();
+    drop(c);
+    std::mem::forget(gone);
+    d.kill9();
+    for pid in d.keeper_pids() {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+    // No daemon, no keeper: the pinned programs still refuse.
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 7000), 98);
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 7100), 98);
+    // A new daemon takes the pins over (same links, new programs) and drops the entry of the
+    // runtime block nobody carried over.
+    d.launch();
+    let st = status_json(&d);
+    let links_now: Vec<u32> = serde_json::from_value(st["deny"]["link_ids"].clone()).unwrap();
+    assert_eq!(links_now, links, "the pinned links were kept");
+    assert_eq!(st["deny"]["blocks"], 1, "{st}");
+    assert!(
+        layer(&st, "deny")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("took over"),
+        "{st}"
+    );
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 7100), 0);
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 7000), 98);
+    // Crash again, then clean up: nothing is left attached or pinned.
+    d.kill9();
+    for pid in d.keeper_pids() {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+    let refused = run(d
+        .cli()
+        .args(["daemon", "--cleanup"])
+        .arg("--state-dir")
+        .arg(&d.state_dir));
+    assert!(refused.status.success(), "{refused:?}");
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert!(out.contains("removed the deny layer's programs"), "{out}");
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 7000), 0);
+    let bpffs = portres_sys::deny::mount_of("bpf").unwrap();
+    let pins = portres_daemon::deny::pin_dir(&bpffs, &d.state_dir);
+    assert!(!pins.exists(), "{} is gone", pins.display());
+    wait_until(
+        "the programs and links are freed",
+        Duration::from_secs(10),
+        || {
+            programs
+                .iter()
+                .all(|&id| !portres_sys::deny::program_exists(id))
+                && links.iter().all(|&id| !portres_sys::deny::link_exists(id))
+        },
+    );
+}
+
+#[test]
+fn cleanup_is_refused_while_a_daemon_serves() {
+    let d = TestDaemon::with_config(DENY);
+    let out = run(d
+        .cli()
+        .args(["daemon", "--cleanup"])
+        .arg("--state-dir")
+        .arg(&d.state_dir));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(layer(&status_json(&d), "deny")["active"], true);
+}
+
+#[test]
+fn the_errno_is_configurable() {
+    for (name, errno) in [("EACCES", 13), ("EPERM", 1), ("EADDRINUSE", 98)] {
+        let d = TestDaemon::with_config(&format!("{DENY}deny_errno = \"{name}\"\n"));
+        let c = d.client();
+        let r = c.acquire_with(Protocol::Udp, 0, 1, Mode::Exclude).unwrap();
+        let port = r.range().start();
+        assert_eq!(bind_as(&d, NOBODY, "udp", "0.0.0.0", port), errno, "{name}");
+        assert_eq!(status_json(&d)["deny"]["errno"], name);
+    }
+}
+
+#[test]
+fn keyed_by_namespace_unless_told_otherwise() {
+    // Default: the same port in another namespace is free.
+    let d = TestDaemon::with_config(DENY);
+    let r = d
+        .client()
+        .acquire_with(Protocol::Tcp, 0, 1, Mode::Exclude)
+        .unwrap();
+    let other_ns = |port: u16| {
+        let out = run(Command::new("unshare")
+            .args(["-n", "/usr/bin/python3"])
+            .arg(world_readable("bind_matrix.py"))
+            .args(["--one", "tcp", "0.0.0.0", &port.to_string()]));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    assert_eq!(other_ns(r.range().start()), 0);
+    drop(r);
+    drop(d);
+    // deny_all_namespaces: the reservation holds in every namespace.
+    let d = TestDaemon::with_config(&format!("{DENY}deny_all_namespaces = true\n"));
+    let r = d
+        .client()
+        .acquire_with(Protocol::Tcp, 0, 1, Mode::Exclude)
+        .unwrap();
+    assert_eq!(other_ns(r.range().start()), 98);
+    assert_eq!(status_json(&d)["deny"]["all_namespaces"], true);
+}
+
+#[test]
+fn where_the_layer_cannot_run_status_says_why_and_everything_works_as_before() {
+    // Turned off in the configuration.
+    let d = TestDaemon::with_config("deny = false\n");
+    let st = status_json(&d);
+    let deny = layer(&st, "deny");
+    assert_eq!(deny["active"], false);
+    assert!(
+        deny["reason"].as_str().unwrap().contains("deny = false"),
+        "{st}"
+    );
+    assert!(st.get("deny").is_none_or(|v| v.is_null()));
+    // A run works; its command is not moved anywhere.
+    let mut holder = run_in_netns(&d, 1, "tail -1 /proc/self/cgroup; cat");
+    let cgroup = first_line(&mut holder);
+    assert!(!cgroup.contains("portres-run-"), "{cgroup}");
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    // A per-user daemon cannot load it.
+    let d = TestDaemon::as_user_with_config(NOBODY, DENY);
+    let out = run(d.cli_as_nobody().args(["--json", "status"]));
+    let st = json(&out);
+    let deny = layer(&st, "deny");
+    assert_eq!(deny["active"], false);
+    assert!(
+        deny["reason"].as_str().unwrap().contains("needs root"),
+        "{st}"
+    );
+    let _ = std::io::stdout().flush();
+}
