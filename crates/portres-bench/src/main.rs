@@ -77,10 +77,19 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin: &Path, dir: &Path, fresh: bool) -> Result<(Daemon, Duration)> {
+        // The deny layer changes how blocks are held: only its own section turns it on.
+        Self::start_with(bin, dir, fresh, "deny = false\n")
+    }
+
+    /// [`Daemon::start`] with a configuration file holding `config` (unless BENCH_CONFIG names
+    /// one).
+    fn start_with(bin: &Path, dir: &Path, fresh: bool, config: &str) -> Result<(Daemon, Duration)> {
         if fresh {
             let _ = std::fs::remove_dir_all(dir);
         }
         std::fs::create_dir_all(dir)?;
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config)?;
         let socket = dir.join("portres.sock");
         let t = Instant::now();
         let mut child = server_command(bin)
@@ -90,7 +99,7 @@ impl Daemon {
             .arg(dir.join("state"))
             .arg("--config")
             // BENCH_CONFIG: a configuration file for the daemon (e.g. to compare settings).
-            .arg(std::env::var_os("BENCH_CONFIG").unwrap_or_else(|| "/dev/null".into()))
+            .arg(std::env::var_os("BENCH_CONFIG").unwrap_or_else(|| config_path.into()))
             .env(
                 "PORTRES_LOG",
                 std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
@@ -685,6 +694,155 @@ fn section_hold(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Median, minimum and maximum of `v` (sorted here).
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Nanoseconds per `socket() + bind() + close()` of a TCP socket (`ports::port_in_use`) on ports from
+/// `first` (none of them reserved), `n` of them.
+fn bind_loop(first: u16, n: u16) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        assert!(!portres_sys::ports::port_in_use(Protocol::Tcp, first + i));
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
+/// The deny layer: what its programs add to every bind on the machine, and what a 30,000-port
+/// hold block costs with it, with placeholders, and raw.
+fn section_deny(bin: &Path, dir: &Path) -> Result<()> {
+    use portres_sys::deny::{Hook, Map, Owner, PortKey, Program, ProgramSettings};
+    println!("### Deny layer\n");
+    // 1. One bind, with the layer's two programs attached at the cgroup2 root and 1,000 blocks
+    // in the map, against none attached: alternating rounds in a private network namespace.
+    let (with, without) = std::thread::spawn(|| -> Result<(Vec<f64>, Vec<f64>)> {
+        portres_sys::process::enter_private_net_namespace()?;
+        let ports = Map::new_ports(1 << 16)?;
+        let allow = Map::new_allow(1024)?;
+        let netns = portres_sys::deny::netns_cookie()?;
+        for i in 0..1000u16 {
+            let k = PortKey {
+                netns,
+                protocol: 6,
+                port: 1000 + i * 8,
+                port_bits: 13,
+            };
+            ports.set_port(k, Owner::default())?;
+        }
+        let settings = ProgramSettings {
+            daemon_tgid: 1,
+            errno: Some(98),
+            all_namespaces: false,
+        };
+        let progs = [
+            Program::load(Hook::Bind4, &ports, &allow, settings)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            Program::load(Hook::Bind6, &ports, &allow, settings)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ];
+        let root = portres_sys::deny::open_dir(
+            &portres_sys::deny::mount_of("cgroup2").context("cgroup2")?,
+        )?;
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        bind_loop(40_000, 2000);
+        for _ in 0..9 {
+            without.push(bind_loop(40_000, 5000));
+            let links: Vec<_> = progs
+                .iter()
+                .map(|p| p.attach(std::os::fd::AsFd::as_fd(&root)))
+                .collect::<Result<_, _>>()?;
+            with.push(bind_loop(40_000, 5000));
+            drop(links);
+        }
+        Ok((with, without))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("bind thread panicked"))??;
+    let (mut with, mut without) = (with, without);
+    let ratios: Vec<f64> = with.iter().zip(&without).map(|(a, b)| a / b).collect();
+    let (w, wmin, wmax) = spread(&mut with);
+    let (wo, womin, womax) = spread(&mut without);
+    let (r, rmin, rmax) = spread(&mut ratios.clone());
+    println!(
+        "| socket() + bind() + close(), TCP dual-stack, 9 rounds of 5,000 | median | min | max |"
+    );
+    println!("|---|---|---|---|");
+    println!("| no programs attached | {wo:.0} ns | {womin:.0} ns | {womax:.0} ns |");
+    println!(
+        "| deny programs attached (1,000 blocks in the map) | {w:.0} ns | {wmin:.0} ns | {wmax:.0} ns |"
+    );
+    println!("| ratio per round (with ÷ without) | {r:.3}× | {rmin:.3}× | {rmax:.3}× |\n");
+
+    // 2. A 30,000-port hold block: acquire + release through the deny layer, through
+    // placeholders (helper processes), and raw placeholder binding, 5+ repetitions each.
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+    let mut raw = Vec::new();
+    for _ in 0..5 {
+        let mut total = Duration::ZERO;
+        for _ in 0..2 {
+            let b = raw_placeholders(15_000);
+            total += b.bind + b.close;
+            settle();
+        }
+        raw.push(ms(total));
+    }
+    let (d, _) = Daemon::start(bin, dir, true)?;
+    let c = d.client();
+    let mut placeholders = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        c.acquire_at(Protocol::Tcp, 20_000, 30_000)?.release()?;
+        placeholders.push(ms(t.elapsed()));
+        settle();
+    }
+    drop(c);
+    d.stop();
+    let (d, _) = Daemon::start_with(bin, dir, true, "deny = true\n")?;
+    let c = d.client();
+    let files0 = std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))?.count();
+    let mut denied = Vec::new();
+    let mut files = 0;
+    for i in 0..9 {
+        let t = Instant::now();
+        let r = c.acquire_at(Protocol::Tcp, 20_000, 30_000)?;
+        let acquired = t.elapsed();
+        if i == 0 {
+            files = std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))?.count();
+        }
+        let t = Instant::now();
+        r.release()?;
+        denied.push(ms(acquired + t.elapsed()));
+    }
+    drop(c);
+    d.stop();
+    let (dm, dmin, dmax) = spread(&mut denied);
+    let (pm, pmin, pmax) = spread(&mut placeholders);
+    let (rm, rmin, rmax) = spread(&mut raw);
+    println!(
+        "| acquire + release of a 30,000-port TCP hold block | median | min | max | placeholders ÷ this |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| deny layer (9 runs) | {dm:.2} ms | {dmin:.2} ms | {dmax:.2} ms | {:.0}× |",
+        pm / dm
+    );
+    println!(
+        "| placeholders, in helper processes (5 runs) | {pm:.1} ms | {pmin:.1} ms | {pmax:.1} ms | 1× |"
+    );
+    println!(
+        "| raw placeholder binding in-process, 2 × 15,000 (5 runs) | {rm:.1} ms | {rmin:.1} ms | {rmax:.1} ms | {:.2}× |",
+        pm / rm
+    );
+    println!(
+        "\nOpen files of the daemon with the 30,000-port block held under the deny layer: {files} \
+         ({files0} before it).\n"
+    );
+    Ok(())
+}
+
 /// A new state directory under `dir` whose store holds `blocks` (protocol, start, count) as
 /// exclude-mode persistent reservations, written in one transaction.
 fn fresh_store(dir: &Path, blocks: impl Iterator<Item = (&'static str, u16, u16)>) -> Result<()> {
@@ -1060,7 +1218,7 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,live,show,who runs only those sections
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who runs only those sections
     // (default: all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
@@ -1082,6 +1240,9 @@ fn main() -> Result<()> {
     }
     if run("restart") {
         section_restart(&bin, &dir)?;
+    }
+    if run("deny") {
+        section_deny(&bin, &dir)?;
     }
     if run("live") {
         section_live(&bin, &dir)?;

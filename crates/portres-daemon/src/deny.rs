@@ -235,11 +235,29 @@ impl DenyLayer {
                 pin_dir.display()
             ));
         }
-        let program_settings = ProgramSettings {
+        let mut program_settings = ProgramSettings {
             daemon_tgid: std::process::id(),
             errno: settings.errno,
             all_namespaces: settings.all_namespaces,
         };
+        let mut settings = settings;
+        if settings.errno.is_some()
+            && let Err(e) = Program::load(Hook::Bind4, &ports, &allow, program_settings)
+        {
+            // Kernels before 5.18 have no bpf_set_retval: refuse with the hook's EPERM.
+            program_settings.errno = None;
+            if Program::load(Hook::Bind4, &ports, &allow, program_settings).is_ok() {
+                tracing::warn!(
+                    "the kernel refused bpf_set_retval ({e}): refused binds fail with EPERM"
+                );
+                notes.push(format!(
+                    "refused binds fail with EPERM: this kernel cannot set another errno ({e})"
+                ));
+                settings.errno = None;
+            } else {
+                program_settings.errno = settings.errno;
+            }
+        }
         let root = portres_sys::deny::open_dir(&cgroup_root)
             .map_err(io_context(&format!("opening {}", cgroup_root.display())))?;
         let mut links = Vec::new();

@@ -102,7 +102,7 @@ fn json_documents_have_the_fields_of_the_spec() {
         status["layers"][2]["reason"]
             .as_str()
             .unwrap()
-            .contains("not implemented")
+            .contains("deny = false")
     );
 
     run(d.cli().args([

@@ -369,11 +369,12 @@ fn keyed_by_namespace_unless_told_otherwise() {
     assert_eq!(other_ns(r.range().start()), 0);
     drop(r);
     drop(d);
-    // deny_all_namespaces: the reservation holds in every namespace.
+    // deny_all_namespaces: the reservation holds in every namespace (on the whole machine, so
+    // a port no other test uses: the others run at the same time).
     let d = TestDaemon::with_config(&format!("{DENY}deny_all_namespaces = true\n"));
     let r = d
         .client()
-        .acquire_with(Protocol::Tcp, 0, 1, Mode::Exclude)
+        .acquire_with(Protocol::Tcp, 65_123, 1, Mode::Exclude)
         .unwrap();
     assert_eq!(other_ns(r.range().start()), 98);
     assert_eq!(status_json(&d)["deny"]["all_namespaces"], true);
@@ -408,4 +409,24 @@ fn where_the_layer_cannot_run_status_says_why_and_everything_works_as_before() {
         "{st}"
     );
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn own_tree_takes_only_the_callers_own_blocks() {
+    let d = TestDaemon::with_config(DENY);
+    let owner = d.client();
+    let r = owner
+        .acquire_with(Protocol::Tcp, 0, 1, Mode::Exclude)
+        .unwrap();
+    // Another connection (another session) cannot make itself the owner: refused, no cgroup.
+    let other = d.client();
+    let e = other.own_tree(r.token()).unwrap_err();
+    assert!(
+        matches!(e, portres_client::Error::NotFound(_)),
+        "a foreign token is refused: {e}"
+    );
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    assert!(!cgroup.contains("portres-run-"), "{cgroup}");
+    // And the block stays its acquirer's: a stranger is still refused.
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", r.range().start()), 98);
 }
