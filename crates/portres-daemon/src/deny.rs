@@ -11,7 +11,7 @@
 //!   The reservation belongs to the process that asked, as on Windows; its children are not
 //!   owners, because the kernel gives no unforgeable "descendant of" test for a process, and a
 //!   uid would let every other process of the same user in. For a process tree, `portres run`
-//!   asks for a cgroup of its own ([`DenyLayer::own_by_cgroup`]): the tree's processes bind by
+//!   asks for a cgroup of its own (`DenyLayer::own_by_cgroup`): the tree's processes bind by
 //!   number (a cgroup's members cannot leave it without write access to a common ancestor,
 //!   which only root has).
 //! - persistent `exclude` blocks: the users and groups on their access list (a user's primary
@@ -23,7 +23,7 @@
 //! instance per state directory): a daemon that crashes or restarts leaves enforcement in place.
 //! A starting daemon opens what is pinned, swaps in programs carrying its own process id
 //! (`BPF_LINK_UPDATE`: never detached in between) and reconciles the map with its table
-//! ([`DenyLayer::reconcile`]). A daemon that releases everything on stop, the keeper when no
+//! (`DenyLayer::reconcile`). A daemon that releases everything on stop, the keeper when no
 //! successor came, and `portres daemon --cleanup` remove it all ([`cleanup`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,8 +45,21 @@ const MAX_ALLOW_ENTRIES: u32 = 1 << 16;
 const BPFFS: &str = "/sys/fs/bpf";
 /// Where cgroup2 is mounted when it is not.
 const CGROUP2: &str = "/run/portres-cgroup2";
-/// Name prefix of the cgroups `portres run` gets.
+/// Name prefix of the cgroups `portres run` gets: `portres-run-INSTANCE-TOKEN`.
 pub(crate) const RUN_CGROUP_PREFIX: &str = "portres-run-";
+
+/// The prefix of the run cgroups of the daemon with state directory `state_dir`: its instance
+/// is a short hash (FNV-1a) of the state directory's path, so that [`cleanup`] removes only its
+/// own daemon's cgroups, never another daemon's that is just being filled.
+fn run_cgroup_prefix(state_dir: &Path) -> String {
+    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let mut h: u32 = 0x811c_9dc5;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{RUN_CGROUP_PREFIX}{h:08x}-")
+}
 
 /// The deny layer's settings, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +166,8 @@ pub(crate) struct DenyLayer {
     empty_later: Vec<PathBuf>,
     /// What start-up had to do (mounts, pins found), for `status`.
     notes: Vec<String>,
+    /// Name prefix of this daemon's run cgroups.
+    run_prefix: String,
 }
 
 fn io_context(what: &str) -> impl FnOnce(io::Error) -> String + '_ {
@@ -303,6 +318,7 @@ impl DenyLayer {
             next_allow_id: 1,
             empty_later: Vec::new(),
             notes,
+            run_prefix: run_cgroup_prefix(state_dir),
         })
     }
 
@@ -461,7 +477,7 @@ impl DenyLayer {
         }
         let current = portres_sys::deny::cgroup_of(pid).map_err(|e| e.to_string())?;
         let parent = self.cgroup_root.join(current.trim_start_matches('/'));
-        let dir = parent.join(format!("{RUN_CGROUP_PREFIX}{}", r.token));
+        let dir = parent.join(format!("{}{}", self.run_prefix, r.token));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -786,14 +802,14 @@ pub fn cleanup(state_dir: &Path) -> io::Result<Cleaned> {
         }
     }
     if let Some(root) = portres_sys::deny::mount_of("cgroup2") {
-        cleaned.cgroups = remove_run_cgroups(&root, 0);
+        cleaned.cgroups = remove_run_cgroups(&root, &run_cgroup_prefix(state_dir), 0);
     }
     Ok(cleaned)
 }
 
-/// Removes empty `portres-run-*` cgroups anywhere below `dir` (a walk of the cgroup tree, a few
-/// levels deep).
-fn remove_run_cgroups(dir: &Path, depth: usize) -> usize {
+/// Removes empty run cgroups named `prefix*` anywhere below `dir` (a walk of the cgroup tree, a
+/// few levels deep).
+fn remove_run_cgroups(dir: &Path, prefix: &str, depth: usize) -> usize {
     if depth > 8 {
         return 0;
     }
@@ -806,11 +822,8 @@ fn remove_run_cgroups(dir: &Path, depth: usize) -> usize {
             continue;
         }
         let path = e.path();
-        n += remove_run_cgroups(&path, depth + 1);
-        if e.file_name()
-            .to_string_lossy()
-            .starts_with(RUN_CGROUP_PREFIX)
-            && std::fs::remove_dir(&path).is_ok()
+        n += remove_run_cgroups(&path, prefix, depth + 1);
+        if e.file_name().to_string_lossy().starts_with(prefix) && std::fs::remove_dir(&path).is_ok()
         {
             n += 1;
         }

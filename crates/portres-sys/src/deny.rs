@@ -4,7 +4,7 @@
 //!
 //! Everything goes through the raw `bpf(2)` syscall with hand-assembled instructions: no clang,
 //! no libbpf, no BTF, so `cargo build` with only Rust builds it. Each instruction is commented in
-//! [`bind_program`]; the kernel's verifier checks it when it is loaded (a test loads it).
+//! `bind_program`; the kernel's verifier checks it when it is loaded (a test loads it).
 //!
 //! # The map
 //! `BPF_MAP_TYPE_LPM_TRIE`, key [`PortKey`] (12 bytes of data after the prefix length): the
@@ -632,10 +632,14 @@ fn bind_program(ports: &Map, allow: &Map, s: ProgramSettings) -> Vec<Insn> {
         fixups: Vec::new(),
         labels: Vec::new(),
     };
-    let map_fd = |a: &mut Asm, reg: u8, m: &Map| {
-        // r = map (two instructions: LD_IMM64 with a map descriptor, resolved by the kernel).
-        a.i(LD_IMM64, reg, PSEUDO_MAP_FD, 0, m.fd.as_raw_fd());
+    // r0 = bpf_map_lookup_elem(map, r10 + key): r1 = the map (LD_IMM64 of a map descriptor,
+    // two instructions, resolved by the kernel), r2 = the key on the stack.
+    let lookup = |a: &mut Asm, m: &Map, key: i32| {
+        a.i(LD_IMM64, R1, PSEUDO_MAP_FD, 0, m.fd.as_raw_fd());
         a.i(0, 0, 0, 0, 0);
+        a.i(MOV64_X, R2, R10, 0, 0);
+        a.i(ADD64_K, R2, 0, 0, key);
+        a.i(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM);
     };
     // r6 = ctx (struct bpf_sock_addr *), kept across helper calls.
     a.i(MOV64_X, R6, R1, 0, 0);
@@ -666,11 +670,8 @@ fn bind_program(ports: &Map, allow: &Map, s: ProgramSettings) -> Vec<Insn> {
     // r7 |= r8; *(u32 *)(r10 - 4) = r7: [proto][0][port hi][port lo].
     a.i(OR64_X, R7, R8, 0, 0);
     a.i(STX_W, R10, R7, -4, 0);
-    // r1 = ports map; r2 = r10 - 16 (the key); r0 = bpf_map_lookup_elem(r1, r2).
-    map_fd(&mut a, R1, ports);
-    a.i(MOV64_X, R2, R10, 0, 0);
-    a.i(ADD64_K, R2, 0, 0, -16);
-    a.i(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM);
+    // r0 = bpf_map_lookup_elem(ports map, r10 - 16).
+    lookup(&mut a, ports, -16);
     // if no entry (r0 == NULL): the port is not reserved: allow.
     a.jump(JEQ_K, R0, 0, 0, "allow");
     // r7 = the entry (struct Owner *), kept across helper calls.
@@ -709,20 +710,14 @@ fn bind_program(ports: &Map, allow: &Map, s: ProgramSettings) -> Vec<Insn> {
     a.i(ST_W, R10, 0, -28, ALLOW_UID as i32);
     a.i(STX_W, R10, R8, -24, 0);
     // r0 = bpf_map_lookup_elem(allow map, r10 - 32); if found: allow.
-    map_fd(&mut a, R1, allow);
-    a.i(MOV64_X, R2, R10, 0, 0);
-    a.i(ADD64_K, R2, 0, 0, -32);
-    a.i(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM);
+    lookup(&mut a, allow, -32);
     a.jump(JNE_K, R0, 0, 0, "allow");
     // *(u32 *)(r10 - 28) = ALLOW_GID; r8 >>= 32; *(u32 *)(r10 - 24) = gid.
     a.i(ST_W, R10, 0, -28, ALLOW_GID as i32);
     a.i(RSH64_K, R8, 0, 0, 32);
     a.i(STX_W, R10, R8, -24, 0);
     // r0 = bpf_map_lookup_elem(allow map, r10 - 32); if found: allow.
-    map_fd(&mut a, R1, allow);
-    a.i(MOV64_X, R2, R10, 0, 0);
-    a.i(ADD64_K, R2, 0, 0, -32);
-    a.i(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM);
+    lookup(&mut a, allow, -32);
     a.jump(JNE_K, R0, 0, 0, "allow");
     a.label("deny");
     if let Some(errno) = s.errno {

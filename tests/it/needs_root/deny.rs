@@ -430,3 +430,53 @@ fn own_tree_takes_only_the_callers_own_blocks() {
     // And the block stays its acquirer's: a stranger is still refused.
     assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", r.range().start()), 98);
 }
+
+#[test]
+fn a_restart_keeps_a_run_commands_ownership_and_the_denial() {
+    let mut d = TestDaemon::with_config(DENY);
+    let py = world_readable("bind_matrix.py");
+    let py = py.display();
+    // Each line on its stdin makes the command bind its port by number and say how it went.
+    let script = format!(
+        "echo $PORTRES_PORT; while read x; do /usr/bin/python3 {py} --one tcp 0.0.0.0 $PORTRES_PORT; done"
+    );
+    let mut holder = run_in_netns(&d, 1, &script);
+    let mut input = holder.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+        l.trim_end().to_string()
+    };
+    let port: u16 = line().parse().unwrap();
+    let mut bind_now = |line: &mut dyn FnMut() -> String| {
+        writeln!(input, "bind").unwrap();
+        line()
+    };
+    assert_eq!(bind_now(&mut line), "0");
+    // SIGTERM (live restore keeps the block), then a new daemon takes over the pins.
+    assert!(d.terminate().success());
+    assert_eq!(
+        bind_as(&d, 0, "tcp", "0.0.0.0", port),
+        98,
+        "refused while no daemon runs"
+    );
+    d.launch();
+    let st = status_json(&d);
+    assert_eq!(st["deny"]["blocks"], 1, "{st}");
+    // The command still binds by number, a stranger still cannot.
+    assert_eq!(bind_now(&mut line), "0");
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", port), 98);
+    let show = json(&run(d.cli().args(["--json", "show"])));
+    let binds = show["reservations"][0]["binds"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        binds.contains("portres-run-"),
+        "the run cgroup is still the owner: {binds}"
+    );
+    drop(input);
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", port), 0);
+}
