@@ -20,11 +20,7 @@ pub struct Options {
     pub print_ready: bool,
 }
 
-fn lock_path(socket: &Path) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(".lock");
-    p.into()
-}
+use portres_daemon::deny::lock_path;
 
 pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
@@ -238,19 +234,20 @@ pub fn cleanup(
     let scope = Scope::for_current_user();
     let socket = socket.unwrap_or_else(|| paths::default_socket(scope));
     let state_dir = state_dir.unwrap_or_else(|| paths::state_dir(scope));
-    if UnixStream::connect(&socket).is_ok() {
+    let Some(cleaned) = portres_daemon::deny::cleanup_unless_served(&socket, &state_dir)
+        .with_context(|| {
+            format!(
+                "removing the deny layer's pins of state directory {}",
+                state_dir.display()
+            )
+        })?
+    else {
         bail!(
             "a daemon serves {}: it owns the deny layer's programs and map; stop it first with \
              `portres daemon --stop` (which removes them too), then clean up what is left",
             socket.display()
         );
-    }
-    let cleaned = portres_daemon::deny::cleanup(&state_dir).with_context(|| {
-        format!(
-            "removing the deny layer's pins of state directory {}",
-            state_dir.display()
-        )
-    })?;
+    };
     if json {
         println!(
             "{}",

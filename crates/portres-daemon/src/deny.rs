@@ -53,12 +53,40 @@ pub(crate) const RUN_CGROUP_PREFIX: &str = "portres-run-";
 /// own daemon's cgroups, never another daemon's that is just being filled.
 fn run_cgroup_prefix(state_dir: &Path) -> String {
     let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    format!("{RUN_CGROUP_PREFIX}{:08x}-", path_hash(&abs))
+}
+
+/// FNV-1a of a path's bytes.
+fn path_hash(p: &Path) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in abs.as_os_str().as_encoded_bytes() {
+    for b in p.as_os_str().as_encoded_bytes() {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("{RUN_CGROUP_PREFIX}{h:08x}-")
+    h
+}
+
+/// The lock file a starting daemon holds while it opens its state (and takes over the pins)
+/// until its socket accepts: `SOCKET.lock`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lock");
+    p.into()
+}
+
+/// [`cleanup`], only when no daemon serves `socket` nor is starting on it (under the socket's
+/// lock, which a starting daemon holds until it accepts): `Ok(None)` when one is.
+pub fn cleanup_unless_served(socket: &Path, state_dir: &Path) -> io::Result<Option<Cleaned>> {
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(socket))?;
+    portres_sys::process::lock_exclusive(&lock)?;
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Ok(None);
+    }
+    cleanup(state_dir).map(Some)
 }
 
 /// The deny layer's settings, from the configuration.
@@ -109,13 +137,13 @@ pub fn pin_dir(bpffs: &Path, state_dir: &Path) -> PathBuf {
             _ => '_',
         })
         .collect();
-    if name.is_empty() {
-        name = "-".into();
+    if name.len() > 180 {
+        name.truncate(180);
     }
-    if name.len() > 200 {
-        name.truncate(200);
-    }
-    bpffs.join("portres").join(name)
+    // Two paths that read alike once sanitised (`/a-b`, `/a/b`) still get their own pins.
+    bpffs
+        .join("portres")
+        .join(format!("{name}-{:08x}", path_hash(&abs)))
 }
 
 /// Where bpffs is mounted (mounting it at `/sys/fs/bpf` if it is nowhere), and whether this
@@ -191,6 +219,9 @@ impl DenyLayer {
         }
         if std::env::var("PORTRES_FAILPOINT").is_ok_and(|v| v.split(',').any(|f| f == "no-ebpf")) {
             return Err("eBPF turned off by PORTRES_FAILPOINT=no-ebpf".into());
+        }
+        if let Some(why) = portres_sys::deny::pid_namespace_problem() {
+            return Err(why);
         }
         let mut notes = Vec::new();
         let (cgroup_root, mounted) = cgroup2().map_err(io_context(
@@ -448,13 +479,16 @@ impl DenyLayer {
             self.entries.get_mut(&r.token).expect("checked").allow = old_allow;
             return;
         }
-        for k in &allow {
-            if let Err(e) = self.allow.set_allow(*k) {
-                tracing::error!(error = %e, "deny layer: cannot add to the allow list of {}", r.range);
-            }
-        }
-        if let Err(e) = self.write(r.protocol, r.range, owner) {
-            tracing::error!(error = %e, "deny layer: cannot name the owner of {}/{}", r.range, r.protocol);
+        let written = allow
+            .iter()
+            .try_for_each(|k| self.allow.set_allow(*k))
+            .and_then(|()| self.write(r.protocol, r.range, owner));
+        if let Err(err) = written {
+            // The entry keeps its old owner (the daemon alone at a grant), and the next change
+            // tries again: refusing too many binds, never too few.
+            tracing::error!(error = %err, "deny layer: cannot name the owner of {}/{}", r.range, r.protocol);
+            self.entries.get_mut(&r.token).expect("checked").allow = old_allow;
+            return;
         }
         for k in old_allow.iter().filter(|k| !allow.contains(k)) {
             let _ = self.allow.delete_allow(*k);
@@ -476,7 +510,16 @@ impl DenyLayer {
             return Ok(self.relative(dir));
         }
         let current = portres_sys::deny::cgroup_of(pid).map_err(|e| e.to_string())?;
-        let parent = self.cgroup_root.join(current.trim_start_matches('/'));
+        let mut parent = self.cgroup_root.join(current.trim_start_matches('/'));
+        // A process already in one of our run cgroups (a second block) gets a sibling, not a
+        // cgroup inside the first.
+        if parent
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&self.run_prefix))
+            && let Some(up) = parent.parent()
+        {
+            parent = up.to_path_buf();
+        }
         let dir = parent.join(format!("{}{}", self.run_prefix, r.token));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}

@@ -314,6 +314,18 @@ impl Enforcer {
             holder_warning,
             deny: crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
                 tracing::info!("deny layer off: {why}");
+                // An earlier daemon's pinned programs would go on refusing binds (with a dead
+                // daemon's pid in them, its own placeholders' binds too): they go.
+                if own_uid == 0 {
+                    match crate::deny::cleanup(state_dir) {
+                        Ok(c) if c.pin_dir.is_some() => tracing::warn!(
+                            "removed the deny layer an earlier daemon left pinned in {}",
+                            c.pin_dir.as_ref().map_or(String::new(), |p| p.display().to_string())
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "removing an earlier daemon's deny layer failed"),
+                    }
+                }
             }),
             replaced_at_start: Vec::new(),
         }
@@ -524,7 +536,11 @@ const PROBE_UP_TO: u16 = 512;
 
 /// The first port of `range` some socket has (bound, listening, connected or in TIME_WAIT).
 fn first_socket_on(protocol: Protocol, range: PortRange) -> Option<u16> {
-    if range.count() <= PROBE_UP_TO {
+    // A TCP socket bound but not yet listening is in `sock_diag` dumps only from Linux 6.7
+    // (TCP_BOUND_INACTIVE); before that, every port is probed.
+    if range.count() <= PROBE_UP_TO
+        || (protocol == Protocol::Tcp && !portres_sys::sockdiag::dumps_bound_only_sockets())
+    {
         return portres_sys::ports::first_port_in_use(protocol, range);
     }
     match portres_sys::sockdiag::sockets_on_ports(protocol, range.start(), range.last()) {
@@ -674,7 +690,8 @@ impl Enforcer {
                 self.helpers.drop_adopted(r.token, helpers);
             }
             self.exclude.add(r.range);
-            return Ok(r.mode == Mode::Hold);
+            // No placeholders are kept (the keeper lets go of any copies it has).
+            return Ok(false);
         }
         if r.mode == Mode::Hold
             && fds.is_empty()
@@ -803,7 +820,29 @@ impl Enforcer {
             && let Err(e) = d.reconcile(table)
         {
             tracing::error!(error = %e, "deny layer: reconciling the map failed; layer off");
-            self.deny = Err(format!("reconciling its map with the table failed: {e}"));
+            let layer = std::mem::replace(
+                &mut self.deny,
+                Err(format!("reconciling its map with the table failed: {e}")),
+            );
+            // Hold blocks go back to placeholders (bound while the carried-over ones, if any,
+            // still hold them), then the half-written layer is removed.
+            for r in table.reservations().filter(|r| r.mode == Mode::Hold) {
+                if let Err(e) = self.hold(r.token, r.protocol, r.range) {
+                    let why = match e {
+                        HoldError::Port { port, error } => {
+                            format!("port {port} could not be held: {error}")
+                        }
+                        HoldError::NoDescriptors { limit, .. } => {
+                            format!("the open-file limit ({limit}) is reached")
+                        }
+                    };
+                    tracing::warn!(token = %r.token, "{}/{} is not held: {why}", r.range, r.protocol);
+                    self.unheld.insert(r.token, why);
+                }
+            }
+            if let Ok(layer) = layer {
+                layer.remove();
+            }
         }
         self.replaced_at_start.clear();
     }

@@ -444,8 +444,6 @@ fn status(shared: &Shared) -> StatusInfo {
     }
 }
 
-/// `attach`: moves the caller's runtime reservations carried over from a previous daemon (or
-/// from another connection of the same process) into the caller's session.
 /// [`Request::OwnTree`]: the caller's process tree becomes the owner of binds into one of its
 /// session's runtime blocks (a cgroup of its own; `deny.rs`).
 fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
@@ -461,7 +459,7 @@ fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
             op,
             ErrorCode::NotFound,
             format!(
-                "cannot give reservation {token} to the caller's process tree: no runtime                  reservation of this connection has that token"
+                "cannot give reservation {token} to the caller's process tree: no runtime reservation of this connection has that token"
             ),
         ));
     };
@@ -495,6 +493,8 @@ fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
     }
 }
 
+/// `attach`: moves the caller's runtime reservations carried over from a previous daemon (or
+/// from another connection of the same process) into the caller's session.
 fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto::AttachInfo {
     let mut info = portres_proto::AttachInfo::default();
     let mut st = shared.state.lock().unwrap();

@@ -1087,8 +1087,13 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     drop(keeper);
     let restored = crate::enforce::restore_sysctl_from_journal(state_dir, &ours);
     // The deny layer's pinned programs and map go too, as at a stop that releases everything.
-    let denied = match crate::deny::cleanup(state_dir) {
-        Ok(c) => c.pin_dir.is_some(),
+    // Under the socket's lock: a daemon starting now takes the pins over instead.
+    let cleaned = match &daemon_socket {
+        Some(socket) => crate::deny::cleanup_unless_served(socket, state_dir),
+        None => crate::deny::cleanup(state_dir).map(Some),
+    };
+    let denied = match cleaned {
+        Ok(c) => c.is_some_and(|c| c.pin_dir.is_some()),
         Err(e) => {
             eprintln!("portres keeper: removing the deny layer's pins failed: {e}");
             false

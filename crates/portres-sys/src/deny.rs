@@ -902,15 +902,32 @@ pub fn netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Mount points by filesystem type, from `/proc/self/mountinfo`: the first mount of `fstype`.
+/// Mount points by filesystem type, from `/proc/self/mountinfo`: the first mount of `fstype`
+/// that shows the whole filesystem (its root is `/`: a bind mount of a cgroup2 subtree would
+/// attach programs to that subtree only).
 pub fn mount_of(fstype: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().find_map(|l| {
         // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER"
         let (left, right) = l.split_once(" - ")?;
         let fs = right.split(' ').next()?;
-        let point = left.split(' ').nth(4)?;
-        (fs == fstype).then(|| PathBuf::from(unescape_mount(point)))
+        let mut fields = left.split(' ');
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (fs == fstype && root == "/").then(|| PathBuf::from(unescape_mount(point)))
+    })
+}
+
+/// Why bind programs could not recognise this process: `bpf_get_current_pid_tgid` gives
+/// process ids of the initial pid namespace, so a daemon in another one (its `NSpid` line in
+/// `/proc/self/status` has more than one id) would refuse its own binds.
+pub fn pid_namespace_problem() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let ids = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    (ids.split_whitespace().count() > 1).then(|| {
+        "the daemon runs in a pid namespace of its own, and bind programs see process ids of \
+         the initial one; run it in the host's pid namespace"
+            .to_string()
     })
 }
 

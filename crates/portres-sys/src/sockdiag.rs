@@ -313,6 +313,21 @@ fn read_replies(
     }
 }
 
+/// Whether this kernel's TCP dumps include sockets that are bound but neither listening nor
+/// connected (`TCP_BOUND_INACTIVE`, Linux 6.7): from `uname(2)`'s release, read once.
+pub fn dumps_bound_only_sockets() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(|| {
+        let uname = rustix::system::uname();
+        let release = uname.release().to_string_lossy();
+        let mut parts = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (6, 7)
+    })
+}
+
 /// Every socket of `protocol` in this network namespace whose local port is in
 /// `first..=last`, IPv4 and IPv6.
 pub fn sockets_on_ports(protocol: Protocol, first: u16, last: u16) -> io::Result<Vec<SocketEntry>> {

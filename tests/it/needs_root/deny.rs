@@ -480,3 +480,29 @@ fn a_restart_keeps_a_run_commands_ownership_and_the_denial() {
     assert!(holder.wait().unwrap().success());
     assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", port), 0);
 }
+
+#[test]
+fn a_daemon_started_without_the_layer_removes_what_a_crashed_one_left() {
+    let mut d = TestDaemon::with_config(DENY);
+    let mut spec = PersistentSpec::new(Protocol::Tcp, 7200, 1);
+    spec.mode = Mode::Hold;
+    d.client().create_persistent(&spec).unwrap();
+    d.kill9();
+    for pid in d.keeper_pids() {
+        signal(pid, rustix::process::Signal::KILL);
+    }
+    // Its pins still refuse, with the dead daemon's pid in them.
+    assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 7200), 98);
+    std::fs::write(d.config.as_ref().unwrap(), "deny = false\n").unwrap();
+    d.launch();
+    let bpffs = portres_sys::deny::mount_of("bpf").unwrap();
+    assert!(!portres_daemon::deny::pin_dir(&bpffs, &d.state_dir).exists());
+    // The hold block is held by placeholders again: still refused, now by the hold layer.
+    let st = status_json(&d);
+    assert_eq!(st["counts"]["ports_held"], 1, "{st}");
+    assert_eq!(bind_as(&d, NOBODY, "tcp", "0.0.0.0", 7200), 98);
+    assert!(
+        d.log()
+            .contains("removed the deny layer an earlier daemon left pinned")
+    );
+}
