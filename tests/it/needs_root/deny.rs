@@ -506,3 +506,32 @@ fn a_daemon_started_without_the_layer_removes_what_a_crashed_one_left() {
             .contains("removed the deny layer an earlier daemon left pinned")
     );
 }
+
+#[test]
+fn a_held_udp_block_hands_out_a_socket_that_receives_and_strangers_cannot_bind() {
+    let d = TestDaemon::with_config(DENY);
+    let c = d.client();
+    let block = c.acquire_with(Protocol::Udp, 0, 3, Mode::Hold).unwrap();
+    let port = block.range().start() + 1;
+    assert_eq!(status_json(&d)["counts"]["ports_held"], 0);
+    let (fd, got) = c
+        .associate(block.token(), SocketKind::Datagram, None, port)
+        .unwrap();
+    assert_eq!(got, port);
+    let sock = std::net::UdpSocket::from(fd);
+    // Another socket of the namespace sends to it; it arrives.
+    d.in_netns(move || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(b"hello", ("127.0.0.1", port)).unwrap();
+    });
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    // Nobody else binds any port of the block, the handed-out one included.
+    for p in block.range().ports() {
+        assert_eq!(bind_as(&d, NOBODY, "udp", "0.0.0.0", p), 98, "port {p}");
+    }
+    close(sock);
+}
