@@ -168,7 +168,6 @@ fn cgroup2() -> io::Result<(PathBuf, bool)> {
 /// What one block's entries say.
 #[derive(Debug, Clone)]
 struct Entry {
-    netns: u64,
     protocol: Protocol,
     range: portres_core::PortRange,
     owner: Owner,
@@ -188,7 +187,6 @@ pub(crate) struct DenyLayer {
     netns: u64,
     settings: DenySettings,
     entries: HashMap<Token, Entry>,
-    map_entries: u64,
     next_allow_id: u32,
     /// Run cgroups whose block ended but that still had processes in them.
     empty_later: Vec<PathBuf>,
@@ -286,30 +284,34 @@ impl DenyLayer {
             errno: settings.errno,
             all_namespaces: settings.all_namespaces,
         };
+        let load_both = |s: ProgramSettings| {
+            [Hook::Bind4, Hook::Bind6].map(|hook| {
+                Program::load(hook, &ports, &allow, s)
+                    .map_err(|e| format!("the kernel refused the {} program: {e}", hook.name()))
+            })
+        };
         let mut settings = settings;
-        if settings.errno.is_some()
-            && let Err(e) = Program::load(Hook::Bind4, &ports, &allow, program_settings)
-        {
+        let mut programs = load_both(program_settings);
+        if programs.iter().any(Result::is_err) && settings.errno.is_some() {
             // Kernels before 5.18 have no bpf_set_retval: refuse with the hook's EPERM.
             program_settings.errno = None;
-            if Program::load(Hook::Bind4, &ports, &allow, program_settings).is_ok() {
-                tracing::warn!(
-                    "the kernel refused bpf_set_retval ({e}): refused binds fail with EPERM"
-                );
+            let without = load_both(program_settings);
+            if without.iter().all(Result::is_ok) {
+                let why = programs.iter().find_map(|p| p.as_ref().err()).cloned();
+                let why = why.unwrap_or_default();
+                tracing::warn!("{why}: refused binds fail with EPERM");
                 notes.push(format!(
-                    "refused binds fail with EPERM: this kernel cannot set another errno ({e})"
+                    "refused binds fail with EPERM: this kernel cannot set another errno ({why})"
                 ));
                 settings.errno = None;
-            } else {
-                program_settings.errno = settings.errno;
+                programs = without;
             }
         }
         let root = portres_sys::deny::open_dir(&cgroup_root)
             .map_err(io_context(&format!("opening {}", cgroup_root.display())))?;
         let mut links = Vec::new();
-        for hook in [Hook::Bind4, Hook::Bind6] {
-            let program = Program::load(hook, &ports, &allow, program_settings)
-                .map_err(|e| format!("the kernel refused the {} program: {e}", hook.name()))?;
+        for (hook, program) in [Hook::Bind4, Hook::Bind6].into_iter().zip(programs) {
+            let program = program?;
             let path = pin_dir.join(hook.name());
             let link = match Link::open_pinned(&path) {
                 Ok(link) => {
@@ -345,7 +347,6 @@ impl DenyLayer {
             netns,
             settings,
             entries: HashMap::new(),
-            map_entries: 0,
             next_allow_id: 1,
             empty_later: Vec::new(),
             notes,
@@ -363,7 +364,7 @@ impl DenyLayer {
     }
 
     fn write(
-        &mut self,
+        &self,
         protocol: Protocol,
         range: portres_core::PortRange,
         owner: Owner,
@@ -375,7 +376,7 @@ impl DenyLayer {
         Ok(())
     }
 
-    fn erase(&mut self, protocol: Protocol, range: portres_core::PortRange) {
+    fn erase(&self, protocol: Protocol, range: portres_core::PortRange) {
         for (first, bits) in range.prefixes() {
             if let Err(e) = self.ports.delete_port(self.key(protocol, first, bits)) {
                 tracing::error!(error = %e, "deny layer: removing an entry of {range}/{protocol} failed");
@@ -396,11 +397,9 @@ impl DenyLayer {
             self.erase(protocol, range);
             return Err(e);
         }
-        self.map_entries += range.prefixes().len() as u64;
         self.entries.insert(
             token,
             Entry {
-                netns: self.netns,
                 protocol,
                 range,
                 owner,
@@ -582,12 +581,7 @@ impl DenyLayer {
         let Some(e) = self.entries.remove(&token) else {
             return;
         };
-        if e.netns == self.netns {
-            self.erase(e.protocol, e.range);
-        }
-        self.map_entries = self
-            .map_entries
-            .saturating_sub(e.range.prefixes().len() as u64);
+        self.erase(e.protocol, e.range);
         for k in e.allow {
             let _ = self.allow.delete_allow(k);
         }
@@ -624,7 +618,6 @@ impl DenyLayer {
         let mut wanted: std::collections::BTreeSet<PortKey> = Default::default();
         let mut wanted_allow: std::collections::HashSet<AllowKey> = Default::default();
         self.entries.clear();
-        self.map_entries = 0;
         for r in table.reservations() {
             let pieces = r.range.prefixes();
             let keys: Vec<PortKey> = pieces
@@ -659,11 +652,9 @@ impl DenyLayer {
                 }
                 wanted.insert(*k);
             }
-            self.map_entries += keys.len() as u64;
             self.entries.insert(
                 r.token,
                 Entry {
-                    netns: self.netns,
                     protocol: r.protocol,
                     range: r.range,
                     owner,
@@ -681,7 +672,7 @@ impl DenyLayer {
             self.allow.delete_allow(*k)?;
         }
         tracing::info!(
-            entries = self.map_entries,
+            entries = wanted.len(),
             found = existing.len(),
             removed,
             "deny layer: map reconciled with the table"
@@ -700,23 +691,14 @@ impl DenyLayer {
             who.push(format!("process {}", e.owner.tgid));
         }
         if e.owner.flags & OWNER_USERS != 0 {
-            let users: Vec<String> = e
-                .allow
-                .iter()
-                .filter(|k| k.kind == ALLOW_UID)
-                .map(|k| format!("uid {}", k.id))
-                .collect();
-            let groups: Vec<String> = e
-                .allow
-                .iter()
-                .filter(|k| k.kind == ALLOW_GID)
-                .map(|k| format!("gid {}", k.id))
-                .collect();
-            who.extend(users);
-            if !groups.is_empty() {
+            let (uids, gids): (Vec<&AllowKey>, Vec<&AllowKey>) =
+                e.allow.iter().partition(|k| k.kind == ALLOW_UID);
+            who.extend(uids.iter().map(|k| format!("uid {}", k.id)));
+            if !gids.is_empty() {
+                let gids: Vec<String> = gids.iter().map(|k| format!("gid {}", k.id)).collect();
                 who.push(format!(
                     "processes whose primary group is {}",
-                    groups.join(" or ")
+                    gids.join(" or ")
                 ));
             }
         }
@@ -738,7 +720,12 @@ impl DenyLayer {
             program_ids: programs,
             link_ids: links,
             map_id: self.ports.id().unwrap_or(0),
-            map_entries: self.map_entries,
+            // Derived (a status request is rare; each block is at most 30 pieces).
+            map_entries: self
+                .entries
+                .values()
+                .map(|e| e.range.prefixes().len() as u64)
+                .sum(),
             blocks: self.entries.len() as u64,
             pin_dir: self.pin_dir.display().to_string(),
             cgroup_root: self.cgroup_root.display().to_string(),
@@ -832,18 +819,22 @@ pub struct Cleaned {
 }
 
 /// Removes everything the deny layer of the daemon with state directory `state_dir` left in the
-/// kernel: its pinned programs (detaching them), links and maps, and empty run cgroups
+/// kernel: its pinned programs (detaching them), links and maps, and, when it finds them, the
+/// daemon's empty run cgroups
 /// (`portres daemon --cleanup`; the keeper when no successor came). Call it only when no daemon
 /// of that state directory runs.
 pub fn cleanup(state_dir: &Path) -> io::Result<Cleaned> {
     let mut cleaned = Cleaned::default();
-    if let Some(bpffs) = portres_sys::deny::mount_of("bpf") {
-        let dir = pin_dir(&bpffs, state_dir);
-        if dir.exists() {
-            remove_pins(&dir)?;
-            cleaned.pin_dir = Some(dir);
-        }
-    }
+    let Some(dir) = portres_sys::deny::mount_of("bpf")
+        .map(|bpffs| pin_dir(&bpffs, state_dir))
+        .filter(|d| d.exists())
+    else {
+        // No layer was left behind (a stop that released everything removed its cgroups too):
+        // nothing to walk the cgroup tree for.
+        return Ok(cleaned);
+    };
+    remove_pins(&dir)?;
+    cleaned.pin_dir = Some(dir);
     if let Some(root) = portres_sys::deny::mount_of("cgroup2") {
         cleaned.cgroups = remove_run_cgroups(&root, &run_cgroup_prefix(state_dir), 0);
     }

@@ -1140,6 +1140,56 @@ impl Enforcer {
 
     /// Status of each layer, with the reason.
     pub(crate) fn layers(&self, sessions: usize) -> Vec<LayerInfo> {
+        let hold = if self.deny.is_ok() {
+            LayerInfo {
+                name: "hold".into(),
+                active: true,
+                reason: format!(
+                    "held blocks need no placeholders while the deny layer is on: its map keeps \
+                     every bind but the daemon's own out of them (0 open files per port); {} \
+                     ports held by placeholders",
+                    self.held_ports + self.held_remote
+                ),
+            }
+        } else {
+            self.placeholder_layer(sessions)
+        };
+        let exclude = match &self.exclude.off {
+            None => LayerInfo {
+                name: "exclude".into(),
+                active: true,
+                reason: format!(
+                    "{} reserved ports mirrored into net.ipv4.ip_local_reserved_ports: the kernel \
+                     never hands them out as ephemeral ports",
+                    self.exclude.ours.len()
+                ),
+            },
+            Some(why) => LayerInfo {
+                name: "exclude".into(),
+                active: false,
+                reason: why.clone(),
+            },
+        };
+        let deny = match &self.deny {
+            Ok(d) => LayerInfo {
+                name: "deny".into(),
+                active: true,
+                reason: d.reason(),
+            },
+            Err(why) => LayerInfo {
+                name: "deny".into(),
+                active: false,
+                reason: format!(
+                    "{why}; a process that binds a reserved exclude-mode port by number gets it, \
+                     and held ports are protected by placeholders (hold layer)"
+                ),
+            },
+        };
+        vec![hold, exclude, deny]
+    }
+
+    /// The hold layer's line when placeholders hold the blocks (the deny layer off).
+    fn placeholder_layer(&self, sessions: usize) -> LayerInfo {
         let used = self.descriptors_in_use(sessions);
         let room = self.nofile.saturating_sub(used);
         let (helpers, in_helpers) = self.helpers.summary();
@@ -1176,7 +1226,7 @@ impl Enforcer {
                 self.classic_steered.len()
             ),
         };
-        let hold = match self.holder_uid {
+        match self.holder_uid {
             Some(h) => LayerInfo {
                 name: "hold".into(),
                 active: true,
@@ -1199,51 +1249,6 @@ impl Enforcer {
                     self.own_uid, self.own_uid
                 ),
             },
-        };
-        let exclude = match &self.exclude.off {
-            None => LayerInfo {
-                name: "exclude".into(),
-                active: true,
-                reason: format!(
-                    "{} reserved ports mirrored into net.ipv4.ip_local_reserved_ports: the kernel \
-                     never hands them out as ephemeral ports",
-                    self.exclude.ours.len()
-                ),
-            },
-            Some(why) => LayerInfo {
-                name: "exclude".into(),
-                active: false,
-                reason: why.clone(),
-            },
-        };
-        let deny = match &self.deny {
-            Ok(d) => LayerInfo {
-                name: "deny".into(),
-                active: true,
-                reason: d.reason(),
-            },
-            Err(why) => LayerInfo {
-                name: "deny".into(),
-                active: false,
-                reason: format!(
-                    "{why}; a process that binds a reserved exclude-mode port by number gets it, \
-                     and held ports are protected by placeholders (hold layer)"
-                ),
-            },
-        };
-        if self.deny.is_ok() {
-            let hold = LayerInfo {
-                name: "hold".into(),
-                active: true,
-                reason: format!(
-                    "held blocks need no placeholders while the deny layer is on: its map keeps \
-                     every bind but the daemon's own out of them (0 open files per port); {} \
-                     ports held by placeholders",
-                    self.held_ports + self.held_remote
-                ),
-            };
-            return vec![hold, exclude, deny];
         }
-        vec![hold, exclude, deny]
     }
 }

@@ -581,34 +581,23 @@ const MAX_HANDED_OUT_LISTED: usize = 2048;
 /// Handed-out ports listed with their process per row.
 const MAX_HANDED_OUT_TO_LISTED: usize = 128;
 
-/// Inodes of the sockets handed out from some reservations, by (token, port): taken under the
-/// state lock, used outside it.
-/// Per reservation, read under the lock for replies made outside it: the inodes of the sockets
-/// it handed out, and (deny layer on) who may bind its ports.
+/// Per reservation, read under the state lock for replies made outside it: the inodes of the
+/// sockets it handed out, by (token, port), and (deny layer on) who may bind its ports.
 #[derive(Default)]
-struct HandedInodes {
-    inodes: HashMap<(Token, u16), u64>,
+struct RowExtras {
+    handed: HashMap<(Token, u16), u64>,
     binds: HashMap<Token, String>,
 }
 
-impl HandedInodes {
-    fn get(&self, k: &(Token, u16)) -> Option<&u64> {
-        self.inodes.get(k)
-    }
-    fn values(&self) -> impl Iterator<Item = &u64> {
-        self.inodes.values()
-    }
-}
-
-fn handed_inodes<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> HandedInodes {
-    let mut m = HandedInodes::default();
+fn row_extras<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> RowExtras {
+    let mut m = RowExtras::default();
     for r in rs {
         if let Some(b) = st.enforcer.deny_owner(r.token) {
             m.binds.insert(r.token, b);
         }
         for &p in r.handed_out() {
             if let Some(ino) = st.enforcer.handed_inode(r.token, p) {
-                m.inodes.insert((r.token, p), ino);
+                m.handed.insert((r.token, p), ino);
             }
         }
     }
@@ -620,7 +609,7 @@ fn handed_inodes<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> H
 fn reservation_info(
     r: &Reservation,
     caller: &Caller,
-    handed: &HandedInodes,
+    extras: &RowExtras,
     holders: &HashMap<u64, Vec<u32>>,
     names: &mut Names,
 ) -> ReservationInfo {
@@ -641,7 +630,8 @@ fn reservation_info(
         .iter()
         .take(MAX_HANDED_OUT_TO_LISTED)
         .map(|&port| {
-            let pid = handed
+            let pid = extras
+                .handed
                 .get(&(r.token, port))
                 .and_then(|ino| holders.get(ino))
                 .and_then(|pids| pids.first().copied());
@@ -676,13 +666,13 @@ fn reservation_info(
         handed_out_count: r.handed_out().len() as u32,
         allow_users,
         allow_groups,
-        binds: handed.binds.get(&r.token).cloned(),
+        binds: extras.binds.get(&r.token).cloned(),
     }
 }
 
 /// Processes holding the handed-out sockets (`/proc` is read only when there are some).
-fn handout_holders(handed: &HandedInodes) -> HashMap<u64, Vec<u32>> {
-    let inodes: HashSet<u64> = handed.values().copied().collect();
+fn handout_holders(extras: &RowExtras) -> HashMap<u64, Vec<u32>> {
+    let inodes: HashSet<u64> = extras.handed.values().copied().collect();
     portres_sys::procfs::socket_owners(&inodes).0
 }
 
@@ -741,7 +731,7 @@ async fn show(
     filter: &ShowFilter,
 ) -> Result<Answer, Refusal> {
     let keep = show_filter(filter)?;
-    let (rows, handed) = {
+    let (rows, extras) = {
         let mut st = shared.state.lock().unwrap();
         reclaim_all(&mut st);
         let rows: Vec<Reservation> = st
@@ -750,16 +740,16 @@ async fn show(
             .filter(|r| keep(r))
             .cloned()
             .collect();
-        let handed = handed_inodes(&st, rows.iter());
-        (rows, handed)
+        let extras = row_extras(&st, rows.iter());
+        (rows, extras)
     };
     let caller = caller.clone();
     if !stream {
         let reservations = tokio::task::spawn_blocking(move || {
-            let holders = handout_holders(&handed);
+            let holders = handout_holders(&extras);
             let mut names = Names::default();
             rows.iter()
-                .map(|r| reservation_info(r, &caller, &handed, &holders, &mut names))
+                .map(|r| reservation_info(r, &caller, &extras, &holders, &mut names))
                 .collect()
         })
         .await
@@ -779,10 +769,10 @@ async fn show(
         total: Some(rows.len() as u64),
     });
     let items = crate::stream::spawn_rows(move || {
-        let holders = handout_holders(&handed);
+        let holders = handout_holders(&extras);
         let mut names = Names::default();
         rows.into_iter()
-            .map(move |r| reservation_info(&r, &caller, &handed, &holders, &mut names))
+            .map(move |r| reservation_info(&r, &caller, &extras, &holders, &mut names))
     });
     Ok(Answer::Stream(head, items))
 }
@@ -805,7 +795,7 @@ async fn who(
             format!("{port} is not a port; give a number from 1 to 65535"),
         )
     })?;
-    let (covering, placeholder, handed_here, handed) = {
+    let (covering, placeholder, handed_here, extras) = {
         let mut st = shared.state.lock().unwrap();
         if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
             reclaim(&mut st, t);
@@ -818,8 +808,8 @@ async fn who(
             ),
             None => (None, None),
         };
-        let handed = handed_inodes(&st, covering.iter());
-        (covering, placeholder, handed_here, handed)
+        let extras = row_extras(&st, covering.iter());
+        (covering, placeholder, handed_here, extras)
     };
     let caller = caller.clone();
     let role_of = move |inode: u64| {
@@ -845,11 +835,11 @@ async fn who(
     // the processes of the port's sockets and of the block's handed-out ones.
     let (head, seen) = tokio::task::spawn_blocking(move || {
         let mut names = Names::default();
-        let handed_set: HashSet<u64> = handed.values().copied().collect();
+        let handed_set: HashSet<u64> = extras.handed.values().copied().collect();
         let (seen, holders, hidden) = crate::visibility::sockets_on_with(p, port, &handed_set);
         let reservation = covering
             .as_ref()
-            .map(|r| reservation_info(r, &caller, &handed, &holders, &mut names));
+            .map(|r| reservation_info(r, &caller, &extras, &holders, &mut names));
         let mut summary = crate::visibility::summarise(&seen, &mut names);
         let listed: Vec<SocketInfo> = if all {
             if stream {

@@ -37,6 +37,15 @@ fn bind_as(d: &TestDaemon, uid: u32, proto: &str, addr: &str, port: u16) -> i32 
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// `binds` of the first reservation `show --json` lists: who may bind its ports.
+fn first_binds(d: &TestDaemon) -> String {
+    let show = json(&run(d.cli().args(["--json", "show"])));
+    show["reservations"][0]["binds"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn status_json(d: &TestDaemon) -> serde_json::Value {
     json(&run(d.cli().args(["--json", "status"])))
 }
@@ -152,11 +161,7 @@ fn a_run_command_and_its_grandchildren_bind_by_number_and_nobody_else() {
     assert_eq!(bind_as(&d, 0, "tcp", "::", port + 1), 98);
     assert_eq!(bind_as(&d, NOBODY, "tcp", "::ffff:127.0.0.1", port + 1), 98);
     // `show --json` and `who` name the owner.
-    let show = json(&run(d.cli().args(["--json", "show"])));
-    let binds = show["reservations"][0]["binds"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let binds = first_binds(&d);
     assert!(
         binds.contains("cgroup") && binds.contains("portres-run-"),
         "{binds}"
@@ -467,11 +472,7 @@ fn a_restart_keeps_a_run_commands_ownership_and_the_denial() {
     // The command still binds by number, a stranger still cannot.
     assert_eq!(bind_now(&mut line), "0");
     assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", port), 98);
-    let show = json(&run(d.cli().args(["--json", "show"])));
-    let binds = show["reservations"][0]["binds"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let binds = first_binds(&d);
     assert!(
         binds.contains("portres-run-"),
         "the run cgroup is still the owner: {binds}"
