@@ -90,6 +90,10 @@ enum Command {
         /// Only reservations made by this user (name or uid).
         #[arg(long, value_name = "USER")]
         user: Option<String>,
+        /// Every network namespace the daemon serves (administrators); without it, only the
+        /// caller's own namespace (port space).
+        #[arg(long)]
+        all_namespaces: bool,
     },
     /// Who has this port: reservation, live sockets and their processes, or nobody. Without
     /// --all, connections are summarised (by state, process, user and remote address).
@@ -254,8 +258,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ports,
             kind,
             user,
+            all_namespaces,
         } => {
             let filter = ShowFilter {
+                all_namespaces: *all_namespaces,
                 protocol: (cli.tcp || cli.udp).then(|| protocol.as_str().to_string()),
                 ports: ports.as_deref().map(parse_ports).transpose()?,
                 kind: kind.clone(),

@@ -91,6 +91,29 @@ pub fn status(s: &StatusInfo, json: bool) {
         c.ports_reserved, c.ports_held, c.ports_handed_out
     );
     println!("  sessions:       {}", c.sessions);
+    if let Some(ns) = &s.netns {
+        println!(
+            "  namespace:      {} (clients are served in {}); the lines above are its",
+            netns_label(ns),
+            if s.namespace_mode.as_deref() == Some("daemon") {
+                "the daemon's namespace, whatever theirs: namespaces = \"daemon\""
+            } else {
+                "their own network namespace"
+            }
+        );
+    }
+    if s.namespaces.len() > 1 {
+        println!("  namespaces served: {}", s.namespaces.len());
+        for n in &s.namespaces {
+            line_80(&format!(
+                "    {}: {} sessions, {} reservations, {} ports",
+                netns_label(&n.netns),
+                n.sessions,
+                n.reservations,
+                n.ports_reserved
+            ));
+        }
+    }
     if c.accept_paused > 0 {
         println!(
             "  descriptors:    ran out {} times (open-file limit {}): new connections waited \
@@ -192,11 +215,43 @@ pub fn show(s: &ShowInfo, json: bool) {
         }
         println!("{}", out.trim_end());
     };
-    line(head);
+    // Rows come grouped by namespace; a heading names each one when any is not the daemon's.
+    let headings = s
+        .reservations
+        .iter()
+        .any(|r| r.netns.as_ref().is_some_and(|n| !n.daemon));
+    let mut last: Option<u64> = None;
+    if !headings {
+        line(head);
+    }
     for (row, r) in rows.iter().zip(&s.reservations) {
+        if headings && r.netns.as_ref().map(|n| n.inode) != last {
+            last = r.netns.as_ref().map(|n| n.inode);
+            if let Some(n) = &r.netns {
+                line_80(&format!("network namespace {}:", netns_label(n)));
+            }
+            line(head);
+        }
         line(row.each_ref().map(String::as_str));
         handed_out_lines(r);
     }
+}
+
+/// `net:[INODE]`, with what is known of it: the daemon's own, its `ip netns` name, a process
+/// in it.
+pub fn netns_label(n: &portres_client::NetnsInfo) -> String {
+    let mut out = format!("net:[{}]", n.inode);
+    if n.daemon {
+        out.push_str(" (the daemon's own)");
+    } else if let Some(name) = &n.name {
+        out.push_str(&format!(" (ip netns {})", printable(name)));
+    } else if let Some(pid) = n.pid {
+        match &n.command {
+            Some(c) => out.push_str(&format!(" (first client pid {pid} `{}`)", printable(c))),
+            None => out.push_str(&format!(" (first client pid {pid})")),
+        }
+    }
+    out
 }
 
 /// One line per process holding sockets handed out from `r`, however many ports it has.
@@ -404,6 +459,9 @@ fn who_reservation(w: &WhoInfo) {
             }
             if let Some(b) = &r.binds {
                 println!("    deny layer: {b}");
+            }
+            if let Some(n) = r.netns.as_ref().filter(|n| !n.daemon) {
+                println!("    in network namespace {}", netns_label(n));
             }
         }
         None => println!("  no reservation covers it"),

@@ -19,6 +19,7 @@ mod needs_root {
     mod kernel_safety;
     mod lifecycle;
     mod live_restore;
+    mod namespaces;
     mod persistent;
     mod protocol;
     mod reliability;

@@ -66,6 +66,63 @@ fn new_netns(setup: &str) -> Child {
     child
 }
 
+/// A network namespace of its own (loopback up), kept by a `sleep` process; gone when dropped
+/// (the process killed), once nothing else holds it.
+pub struct Netns {
+    child: Child,
+    /// The process that keeps it, for `/proc/PID/ns/net`.
+    pub pid: u32,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let child = new_netns("");
+        Netns {
+            pid: child.id(),
+            child,
+        }
+    }
+
+    /// The namespace's inode (`net:[INODE]`).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{}/ns/net", self.pid))
+            .unwrap()
+            .ino()
+    }
+
+    /// A command prefix that runs in this namespace as `uid` (and gid `uid`).
+    pub fn nsenter_as(&self, uid: u32) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.pid))
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={uid}"))
+            .arg("--");
+        c
+    }
+
+    /// The namespace's `net.ipv4.ip_local_reserved_ports`.
+    pub fn reserved_ports(&self) -> String {
+        let out = run(self
+            .nsenter_as(0)
+            .args(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Kills the process that keeps it.
+    pub fn remove(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl TestDaemon {
     pub fn start() -> TestDaemon {
         Self::with_config("")
@@ -129,11 +186,21 @@ impl TestDaemon {
         let config_path = dir.path().join("config.toml");
         // The deny layer attaches programs to the machine's cgroup2 root: only the tests of
         // `needs_root::deny` (which say `deny = true`) turn it on.
-        let config = if config.contains("deny") {
+        let mut config = if config.contains("deny") {
             config.to_string()
         } else {
             format!("deny = false\n{config}")
         };
+        // Test clients run in the host's namespace and their daemons in private ones: served
+        // in the daemon's namespace, so that no test touches the host's port tables. Only the
+        // tests of `needs_root::namespaces` (which say `namespaces = "client"`) serve each
+        // client in its own.
+        if !config
+            .lines()
+            .any(|l| l.trim_start().starts_with("namespaces"))
+        {
+            config = format!("namespaces = \"daemon\"\n{config}");
+        }
         std::fs::write(&config_path, config).unwrap();
         if let Some(uid) = user {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();

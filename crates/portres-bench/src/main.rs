@@ -1197,6 +1197,12 @@ fn main() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("--echo-server-multi") {
         return echo_server_multi(&args[2]);
     }
+    if args.get(1).map(String::as_str) == Some("--ns-client") {
+        return ns_client(&args[2], args[3].parse()?);
+    }
+    if args.get(1).map(String::as_str) == Some("--ns-hold") {
+        return ns_hold(&args[2]);
+    }
     let bin = PathBuf::from(
         std::env::var("PORTRES_BIN").unwrap_or_else(|_| "target/release/portres".into()),
     );
@@ -1218,7 +1224,7 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who runs only those sections
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,netns runs only those sections
     // (default: all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
@@ -1253,6 +1259,141 @@ fn main() -> Result<()> {
     if run("who") {
         section_who(&bin, &dir)?;
     }
+    if run("netns") {
+        section_netns(&bin, &dir)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `--ns-client SOCKET N`: N acquire + release round trips (hold, one port) from this process
+/// (run in the daemon's namespace or in one of its own); prints the median in nanoseconds.
+fn ns_client(socket: &str, n: usize) -> Result<()> {
+    let c = Client::connect_to(Path::new(socket))?;
+    for _ in 0..200 {
+        c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold)?.release()?;
+    }
+    let v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let r = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
+            r.release().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    println!("{}", pct(v).0.as_nanos());
+    Ok(())
+}
+
+/// `--ns-hold SOCKET`: holds one port (a session) until stdin closes; prints `ready` first.
+fn ns_hold(socket: &str) -> Result<()> {
+    let c = Client::connect_to(Path::new(socket))?;
+    let _r = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+    Ok(())
+}
+
+/// The harness binary, run in a network namespace of its own (`unshare -n`) when `own_ns`.
+fn harness_command(own_ns: bool) -> Result<Command> {
+    let me = std::env::current_exe()?;
+    Ok(if own_ns {
+        let mut c = Command::new("unshare");
+        c.args(["-n", "--"]).arg(me);
+        c
+    } else {
+        Command::new(me)
+    })
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn section_netns(bin: &Path, dir: &Path) -> Result<()> {
+    println!("### Network namespaces\n");
+    let (d, _) = Daemon::start_with(bin, dir, true, "deny = false\nnamespaces = \"client\"\n")?;
+    let socket = d.socket.to_str().context("socket path")?.to_string();
+    // 1. Acquire + release from a client in another namespace (the daemon enters it to bind
+    // the placeholder) against one in the daemon's own: alternating rounds, separate processes.
+    let per = 2000;
+    let (mut own, mut other) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        for (own_ns, v) in [(false, &mut own), (true, &mut other)] {
+            let out = harness_command(own_ns)?
+                .args(["--ns-client", &socket, &per.to_string()])
+                .output()?;
+            if !out.status.success() {
+                bail!("ns client: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            v.push(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()? / 1000.0);
+        }
+    }
+    let ratios: Vec<f64> = own.iter().zip(&other).map(|(a, b)| b / a).collect();
+    let (mut o, mut x, mut r) = (own.clone(), other.clone(), ratios.clone());
+    let (om, _, _) = spread(&mut o);
+    let (xm, _, _) = spread(&mut x);
+    let (rm, rlo, rhi) = spread(&mut r);
+    println!("| acquire + release (hold, 1 port), median of 7 rounds × {per} | µs |");
+    println!("|---|---|");
+    println!("| client in the daemon's namespace | {om:.1} |");
+    println!("| client in another namespace | {xm:.1} |");
+    println!(
+        "| **ratio, paired per round** (goal ≤ 1.2×) | **{rm:.2}×** (rounds {rlo:.2}–{rhi:.2}) |\n"
+    );
+    // 2. What a served namespace costs the daemon: K sessions holding one port each, in K
+    // namespaces, against K such sessions in the daemon's own namespace.
+    let k = 100;
+    let mut cost = Vec::new();
+    for own_ns in [false, true] {
+        let (rss0, fds0, slab0) = (rss_kib(d.child.id()), open_fds(d.child.id()), slab_kib());
+        let mut kids = Vec::new();
+        for _ in 0..k {
+            let mut c = harness_command(own_ns)?
+                .args(["--ns-hold", &socket])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut line = String::new();
+            BufReader::new(c.stdout.take().unwrap()).read_line(&mut line)?;
+            if line.trim() != "ready" {
+                bail!("ns hold client did not get ready");
+            }
+            kids.push(c);
+        }
+        let (rss1, fds1, slab1) = (rss_kib(d.child.id()), open_fds(d.child.id()), slab_kib());
+        cost.push((
+            rss1 as f64 - rss0 as f64,
+            fds1 as f64 - fds0 as f64,
+            slab1 as f64 - slab0 as f64,
+        ));
+        for mut c in kids {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+    let kf = k as f64;
+    let (rss, fds, slab) = (
+        (cost[1].0 - cost[0].0) / kf,
+        (cost[1].1 - cost[0].1) / kf,
+        (cost[1].2 - cost[0].2) / kf,
+    );
+    println!(
+        "| {k} sessions holding one port each | daemon RSS | daemon open files | kernel slab (machine-wide) |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| in the daemon's namespace | +{:.0} KiB | +{:.0} | +{:.0} KiB |",
+        cost[0].0, cost[0].1, cost[0].2
+    );
+    println!(
+        "| each in a namespace of its own | +{:.0} KiB | +{:.0} | +{:.0} KiB |",
+        cost[1].0, cost[1].1, cost[1].2
+    );
+    println!(
+        "| **per served namespace** (difference ÷ {k}) | **{rss:.1} KiB** | **{fds:.1}** | {slab:.1} KiB |\n"
+    );
+    d.stop();
     Ok(())
 }

@@ -25,6 +25,10 @@
 //! # Key the layer without network namespaces: host reservations then hold in every namespace
 //! # on the machine (containers with their own port space included).
 //! deny_all_namespaces = false
+//! # Which network namespace (port space) a client is served in: "client" (its own: a client in
+//! # a container gets a reservation in the container's ports) or "daemon" (the daemon's, for
+//! # every client: a daemon dedicated to one namespace, driven from outside it).
+//! namespaces = "client"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -53,6 +57,7 @@ struct ConfigFile {
     deny: Option<bool>,
     deny_errno: Option<String>,
     deny_all_namespaces: Option<bool>,
+    namespaces: Option<String>,
 }
 
 /// Why the configuration could not be used.
@@ -97,6 +102,9 @@ pub struct Config {
     pub live_restore_secs: u64,
     /// The deny layer's settings.
     pub deny: crate::deny::DenySettings,
+    /// Whether each client is served in its own network namespace (`namespaces = "client"`,
+    /// the default) or in the daemon's (`"daemon"`).
+    pub per_client_namespaces: bool,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -121,6 +129,7 @@ impl Default for Config {
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
             live_restore_secs: DEFAULT_LIVE_RESTORE_SECS,
             deny: crate::deny::DenySettings::default(),
+            per_client_namespaces: true,
             source: None,
         }
     }
@@ -203,7 +212,18 @@ impl Config {
             errno,
             all_namespaces: file.deny_all_namespaces.unwrap_or(false),
         };
+        let per_client_namespaces = match file.namespaces.as_deref() {
+            None | Some("client") => true,
+            Some("daemon") => false,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "namespaces = {other:?}: use \"client\" (the default: each client is served \
+                     in its own network namespace) or \"daemon\" (every client in the daemon's)"
+                )));
+            }
+        };
         Ok(Config {
+            per_client_namespaces,
             live_restore_secs,
             deny,
             admin_uids,
@@ -248,6 +268,7 @@ mod tests {
             "live_restore_secs = 100000",
             "deny_errno = \"ENOENT\"",
             "deny = \"yes\"",
+            "namespaces = \"host\"",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

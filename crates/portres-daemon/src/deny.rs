@@ -168,6 +168,8 @@ fn cgroup2() -> io::Result<(PathBuf, bool)> {
 /// What one block's entries say.
 #[derive(Debug, Clone)]
 struct Entry {
+    /// The cookie of the network namespace the block is in.
+    netns: u64,
     protocol: Protocol,
     range: portres_core::PortRange,
     owner: Owner,
@@ -176,6 +178,10 @@ struct Entry {
     /// Its allow list (persistent), to remove when the block ends.
     allow: Vec<AllowKey>,
 }
+
+/// The layer, or why it is off, shared by the enforcers of every namespace the daemon serves
+/// (locked only under the state lock, so never contended).
+pub(crate) type SharedDeny = std::sync::Arc<std::sync::Mutex<Result<DenyLayer, String>>>;
 
 /// The loaded layer.
 pub(crate) struct DenyLayer {
@@ -354,9 +360,15 @@ impl DenyLayer {
         })
     }
 
-    fn key(&self, protocol: Protocol, first: u16, bits: u8) -> PortKey {
+    /// The map key of a piece of a block in the namespace with cookie `netns` (0 for every
+    /// namespace when the layer is keyed without them).
+    fn key(&self, netns: u64, protocol: Protocol, first: u16, bits: u8) -> PortKey {
         PortKey {
-            netns: self.netns,
+            netns: if self.settings.all_namespaces {
+                0
+            } else {
+                netns
+            },
             protocol: ip_proto(protocol),
             port: first,
             port_bits: bits,
@@ -365,41 +377,48 @@ impl DenyLayer {
 
     fn write(
         &self,
+        netns: u64,
         protocol: Protocol,
         range: portres_core::PortRange,
         owner: Owner,
     ) -> io::Result<()> {
         for (first, bits) in range.prefixes() {
             self.ports
-                .set_port(self.key(protocol, first, bits), owner)?;
+                .set_port(self.key(netns, protocol, first, bits), owner)?;
         }
         Ok(())
     }
 
-    fn erase(&self, protocol: Protocol, range: portres_core::PortRange) {
+    fn erase(&self, netns: u64, protocol: Protocol, range: portres_core::PortRange) {
         for (first, bits) in range.prefixes() {
-            if let Err(e) = self.ports.delete_port(self.key(protocol, first, bits)) {
+            if let Err(e) = self
+                .ports
+                .delete_port(self.key(netns, protocol, first, bits))
+            {
                 tracing::error!(error = %e, "deny layer: removing an entry of {range}/{protocol} failed");
             }
         }
     }
 
-    /// Puts a block being claimed into the map with no owner but the daemon, before the
-    /// check that its ports are free: from here on nobody else can bind them.
+    /// Puts a block being claimed in the network namespace with cookie `netns` into the map
+    /// with no owner but the daemon, before the check that its ports are free: from here on
+    /// nobody else can bind them.
     pub(crate) fn claim(
         &mut self,
         token: Token,
         protocol: Protocol,
         range: portres_core::PortRange,
+        netns: u64,
     ) -> io::Result<()> {
         let owner = Owner::default();
-        if let Err(e) = self.write(protocol, range, owner) {
-            self.erase(protocol, range);
+        if let Err(e) = self.write(netns, protocol, range, owner) {
+            self.erase(netns, protocol, range);
             return Err(e);
         }
         self.entries.insert(
             token,
             Entry {
+                netns,
                 protocol,
                 range,
                 owner,
@@ -481,7 +500,7 @@ impl DenyLayer {
         let written = allow
             .iter()
             .try_for_each(|k| self.allow.set_allow(*k))
-            .and_then(|()| self.write(r.protocol, r.range, owner));
+            .and_then(|()| self.write(self.entries[&r.token].netns, r.protocol, r.range, owner));
         if let Err(err) = written {
             // The entry keeps its old owner (the daemon alone at a grant), and the next change
             // tries again: refusing too many binds, never too few.
@@ -546,12 +565,13 @@ impl DenyLayer {
             allow_id: 0,
         };
         // The entries name the cgroup before the process moves: it never loses the right.
-        if let Err(e) = self.write(r.protocol, r.range, owner) {
+        let netns = self.entries[&r.token].netns;
+        if let Err(e) = self.write(netns, r.protocol, r.range, owner) {
             return fail(format!("updating the deny map: {e}"), &dir);
         }
         if let Err(e) = portres_sys::deny::move_to_cgroup(&dir, pid) {
             let old = self.entries[&r.token].owner;
-            let _ = self.write(r.protocol, r.range, old);
+            let _ = self.write(netns, r.protocol, r.range, old);
             return fail(
                 format!(
                     "moving process {pid} into {} failed: {e} (a cgroup with controllers \
@@ -581,7 +601,7 @@ impl DenyLayer {
         let Some(e) = self.entries.remove(&token) else {
             return;
         };
-        self.erase(e.protocol, e.range);
+        self.erase(e.netns, e.protocol, e.range);
         for k in e.allow {
             let _ = self.allow.delete_allow(k);
         }
@@ -611,7 +631,9 @@ impl DenyLayer {
     /// over keep their owner when it is a run cgroup; everything else is written afresh;
     /// entries of blocks that no longer exist are removed last (so nothing the table holds is
     /// unprotected at any moment).
-    pub(crate) fn reconcile(&mut self, table: &Table) -> io::Result<()> {
+    /// `netns` is the daemon's namespace's cookie: at start the table holds only its blocks
+    /// (another namespace's blocks end with the daemon that served them).
+    pub(crate) fn reconcile(&mut self, table: &Table, netns: u64) -> io::Result<()> {
         let existing: BTreeMap<PortKey, Owner> = self.ports.port_entries()?.into_iter().collect();
         let old_allow = self.allow.allow_entries()?;
         self.next_allow_id = old_allow.iter().map(|k| k.allow_id).max().unwrap_or(0) + 1;
@@ -622,7 +644,7 @@ impl DenyLayer {
             let pieces = r.range.prefixes();
             let keys: Vec<PortKey> = pieces
                 .iter()
-                .map(|&(f, b)| self.key(r.protocol, f, b))
+                .map(|&(f, b)| self.key(netns, r.protocol, f, b))
                 .collect();
             // A run cgroup that still owns a carried-over runtime block stays its owner.
             let kept_cgroup = (!r.is_persistent())
@@ -655,6 +677,7 @@ impl DenyLayer {
             self.entries.insert(
                 r.token,
                 Entry {
+                    netns,
                     protocol: r.protocol,
                     range: r.range,
                     owner,

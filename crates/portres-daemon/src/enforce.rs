@@ -11,6 +11,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use portres_core::{
     ClaimError, ErrorCode, Mode, PortClaim, PortRange, PortSet, Protocol, Reservation, SocketInUse,
@@ -89,8 +90,9 @@ struct Exclude {
     /// Ports this daemon added to the sysctl (not there before): removed again at shutdown.
     added: PortSet,
     /// The value before we started, kept on disk while we run, so that after a crash the next
-    /// daemon can tell its predecessor's entries from everybody else's.
-    journal: PathBuf,
+    /// daemon can tell its predecessor's entries from everybody else's (the daemon's own
+    /// namespace only: another namespace's blocks end with the daemon, see `namespaces.rs`).
+    journal: Option<PathBuf>,
     /// The sysctl file, kept open.
     file: Option<reserved_ports::ReservedPorts>,
     /// Blocks were removed from `ours` since the last write.
@@ -100,8 +102,10 @@ struct Exclude {
 }
 
 impl Exclude {
-    fn open(state_dir: &std::path::Path) -> Exclude {
-        let journal = state_dir.join("reserved_ports.before");
+    /// The calling thread's namespace's sysctl; `state_dir` holds the journal (the daemon's own
+    /// namespace), `None` for another namespace.
+    fn open(state_dir: Option<&std::path::Path>) -> Exclude {
+        let journal = state_dir.map(|d| d.join("reserved_ports.before"));
         let mut x = Exclude {
             off: None,
             count: vec![0; 65536],
@@ -139,8 +143,13 @@ impl Exclude {
         // those carried over were added (`finish_start`), removes the predecessor's entries
         // that nobody holds any more and keeps the rest, so a carried-over block never leaves
         // the sysctl, not even for a moment.
+        let Some(journal) = x.journal.clone() else {
+            // Another namespace: everything there now is somebody else's.
+            x.file = Some(file);
+            return x;
+        };
         let here = sysctl_identity();
-        let before = match std::fs::read_to_string(&x.journal) {
+        let before = match std::fs::read_to_string(&journal) {
             Ok(text) => match text.split_once('\n') {
                 Some((id, value)) if id == here => match value.trim().parse::<PortSet>() {
                     Ok(prev) => {
@@ -148,7 +157,7 @@ impl Exclude {
                             "ip_local_reserved_ports as it was before portres: {:?} (from {}); \
                              the previous daemon's entries are kept only for blocks carried over",
                             prev.to_string(),
-                            x.journal.display()
+                            journal.display()
                         );
                         prev
                     }
@@ -159,8 +168,8 @@ impl Exclude {
             Err(_) => current.clone(),
         };
         x.added = current.difference(&before);
-        if let Err(e) = std::fs::write(&x.journal, format!("{here}\n{before}\n")) {
-            tracing::warn!(error = %e, "cannot write {}", x.journal.display());
+        if let Err(e) = std::fs::write(&journal, format!("{here}\n{before}\n")) {
+            tracing::warn!(error = %e, "cannot write {}", journal.display());
         }
         x.file = Some(file);
         x
@@ -220,7 +229,9 @@ impl Exclude {
             .and_then(|c| file.write(&c.difference(&self.added)))
         {
             Ok(()) => {
-                let _ = std::fs::remove_file(&self.journal);
+                if let Some(j) = &self.journal {
+                    let _ = std::fs::remove_file(j);
+                }
                 tracing::info!("ip_local_reserved_ports restored");
             }
             Err(e) => tracing::error!(error = %e, "cannot restore ip_local_reserved_ports"),
@@ -250,6 +261,9 @@ pub(crate) struct Enforcer {
     remote_inodes: HashMap<Token, Vec<u64>>,
     held_remote: u64,
     held_ports: u64,
+    /// Placeholders the daemon process holds itself, in every namespace it serves (they share
+    /// its open-file limit).
+    all_held: Arc<std::sync::atomic::AtomicU64>,
     /// Blocks that could not be held at start-up, and why.
     unheld: HashMap<Token, String>,
     /// Each handed-out socket, by (token, port).
@@ -258,8 +272,9 @@ pub(crate) struct Enforcer {
     orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
     nofile: u64,
-    /// The eBPF programs every UDP placeholder shares, or why they could not be loaded.
-    udp_programs: Result<portres_sys::bpf::SocketPrograms, String>,
+    /// The eBPF programs every UDP placeholder shares (in every namespace), or why they could
+    /// not be loaded.
+    udp_programs: Arc<Result<portres_sys::bpf::SocketPrograms, String>>,
     /// Without them: the UDP ports of live blocks whose reuseport group carries a classic
     /// steering program (at most [`MAX_CLASSIC_STEERING`]).
     classic_steered: std::collections::HashSet<(Token, u16)>,
@@ -267,9 +282,15 @@ pub(crate) struct Enforcer {
     placeholders_v6: bool,
     /// Why the holder uid is not as private as it must be (a passwd entry, a process).
     holder_warning: Option<String>,
-    /// The deny layer (cgroup bind programs), or why it is off. When it is on, `hold` blocks
-    /// have no placeholders: its map keeps every bind out but the daemon's own.
-    deny: Result<crate::deny::DenyLayer, String>,
+    /// The deny layer (cgroup bind programs), or why it is off; one for every namespace (its
+    /// map is keyed by namespace). When it is on, `hold` blocks have no placeholders: its map
+    /// keeps every bind out but the daemon's own.
+    deny: crate::deny::SharedDeny,
+    /// This enforcer's network namespace cookie (its deny-layer map entries' key).
+    netns_cookie: u64,
+    /// Whether it serves the daemon's own namespace (which owns the deny layer and the
+    /// sysctl journal).
+    home: bool,
     /// Placeholders carried over from a predecessor that the deny layer replaces: closed once
     /// the map covers their blocks ([`Enforcer::finish_start`]).
     replaced_at_start: Vec<OwnedFd>,
@@ -302,17 +323,20 @@ impl Enforcer {
             remote_inodes: HashMap::new(),
             held_remote: 0,
             held_ports: 0,
+            all_held: Arc::default(),
             unheld: HashMap::new(),
             handed: HashMap::new(),
             orphans: HashMap::new(),
-            exclude: Exclude::open(state_dir),
+            exclude: Exclude::open(Some(state_dir)),
             nofile,
-            udp_programs: load_udp_programs(),
+            udp_programs: Arc::new(load_udp_programs()),
             classic_steered: std::collections::HashSet::new(),
             placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
                 .is_ok_and(|p| hold::prepared_is_v6(&p)),
             holder_warning,
-            deny: crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
+            netns_cookie: portres_sys::deny::netns_cookie().unwrap_or(0),
+            home: true,
+            deny: Arc::new(std::sync::Mutex::new(crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
                 tracing::info!("deny layer off: {why}");
                 // An earlier daemon's pinned programs would go on refusing binds (with a dead
                 // daemon's pid in them, its own placeholders' binds too): they go.
@@ -326,14 +350,45 @@ impl Enforcer {
                         Err(e) => tracing::error!(error = %e, "removing an earlier daemon's deny layer failed"),
                     }
                 }
-            }),
+            }))),
+            replaced_at_start: Vec::new(),
+        }
+    }
+
+    /// An enforcer for the network namespace the calling thread is in (it must have entered
+    /// it: the sysctl is opened and the cookie read there), sharing this one's deny layer, UDP
+    /// programs and settings.
+    pub(crate) fn for_this_namespace(&self) -> Enforcer {
+        Enforcer {
+            holder_uid: self.holder_uid,
+            own_uid: self.own_uid,
+            holds: HashMap::new(),
+            pool: [Vec::new(), Vec::new()],
+            helpers: crate::holder::Helpers::default(),
+            remote_inodes: HashMap::new(),
+            held_remote: 0,
+            held_ports: 0,
+            all_held: self.all_held.clone(),
+            unheld: HashMap::new(),
+            handed: HashMap::new(),
+            orphans: HashMap::new(),
+            exclude: Exclude::open(None),
+            nofile: self.nofile,
+            udp_programs: self.udp_programs.clone(),
+            classic_steered: std::collections::HashSet::new(),
+            placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
+                .is_ok_and(|p| hold::prepared_is_v6(&p)),
+            holder_warning: self.holder_warning.clone(),
+            netns_cookie: portres_sys::deny::netns_cookie().unwrap_or(0),
+            home: false,
+            deny: self.deny.clone(),
             replaced_at_start: Vec::new(),
         }
     }
 
     /// Whether the deny layer is on (then `hold` blocks have no placeholders).
     pub(crate) fn deny_active(&self) -> bool {
-        self.deny.is_ok()
+        self.deny.lock().unwrap().is_ok()
     }
 
     /// The deny layer's claim of a block: into the map (nobody but the daemon may bind it from
@@ -346,8 +401,14 @@ impl Enforcer {
         range: PortRange,
         mode: Mode,
     ) -> Result<(), ClaimError> {
-        let deny = self.deny.as_mut().expect("checked by the caller");
-        if let Err(e) = deny.claim(token, protocol, range) {
+        let claimed = self
+            .deny
+            .lock()
+            .unwrap()
+            .as_mut()
+            .expect("checked by the caller")
+            .claim(token, protocol, range, self.netns_cookie);
+        if let Err(e) = claimed {
             return Err(ClaimError::Failed {
                 code: ErrorCode::Internal,
                 why: format!("writing the deny layer's map failed: {e}; see the daemon's log"),
@@ -364,7 +425,7 @@ impl Enforcer {
         match busy {
             None => Ok(()),
             Some(port) => {
-                if let Ok(d) = &mut self.deny {
+                if let Ok(d) = &mut *self.deny.lock().unwrap() {
                     d.retire(token);
                 }
                 self.exclude.remove(range);
@@ -376,7 +437,7 @@ impl Enforcer {
 
     /// The programs UDP placeholders share, when loaded.
     fn udp(&self) -> hold::UdpPrograms<'_> {
-        self.udp_programs.as_ref().ok()
+        (*self.udp_programs).as_ref().ok()
     }
 
     /// Binds the placeholders of a `hold` block, all or nothing.
@@ -387,7 +448,7 @@ impl Enforcer {
         range: PortRange,
     ) -> Result<(), HoldError> {
         // Beyond the daemon's own descriptor budget, helper processes hold the block.
-        if self.held_ports + u64::from(range.count()) > self.local_budget() {
+        if self.all_held() + u64::from(range.count()) > self.local_budget() {
             return self.hold_in_helpers(token, protocol, range);
         }
         // Small blocks take sockets prepared ahead of time: only the bind is left.
@@ -396,12 +457,12 @@ impl Enforcer {
             let mut fds = Vec::with_capacity(usize::from(range.count()));
             for port in range.ports() {
                 let prepared = pool.pop().expect("counted");
-                match hold::bind_placeholder(prepared, port, self.udp_programs.as_ref().ok()) {
+                match hold::bind_placeholder(prepared, port, (*self.udp_programs).as_ref().ok()) {
                     Ok(fd) => fds.push(fd),
                     Err(error) => return Err(HoldError::Port { port, error }),
                 }
             }
-            self.held_ports += fds.len() as u64;
+            self.count_held(fds.len() as i64);
             self.holds.insert(token, fds);
             return Ok(());
         }
@@ -417,7 +478,7 @@ impl Enforcer {
             }
             Err((port, error)) => return Err(HoldError::Port { port, error }),
         };
-        self.held_ports += fds.len() as u64;
+        self.count_held(fds.len() as i64);
         self.holds.insert(token, fds);
         Ok(())
     }
@@ -433,7 +494,7 @@ impl Enforcer {
     /// An estimate of the descriptors in use (counting /proc/self/fd would cost a directory
     /// read): one per session and per held port, plus a few dozen of the daemon's own.
     fn descriptors_in_use(&self, sessions: usize) -> u64 {
-        self.held_ports + sessions as u64 + 64
+        self.all_held() + sessions as u64 + 64
     }
 
     /// Prepares sockets for the pools (one filesystem-uid switch), when [`Enforcer::pool_wanted`]:
@@ -589,7 +650,7 @@ impl PortClaim for Enforcer {
         range: PortRange,
         mode: Mode,
     ) -> Result<(), ClaimError> {
-        if self.deny.is_ok() {
+        if self.deny_active() {
             return self.claim_denied(token, protocol, range, mode);
         }
         let first = mode == Mode::Exclude || range.count() > EXCLUDE_FIRST_ABOVE;
@@ -645,7 +706,7 @@ impl Enforcer {
     /// The exclude layer is written once by [`Enforcer::finish_start`].
     pub(crate) fn admit_at_start(&mut self, r: &Reservation) {
         self.exclude.add(r.range);
-        if r.mode != Mode::Hold || self.deny.is_ok() {
+        if r.mode != Mode::Hold || self.deny_active() {
             // Under the deny layer the map holds it (written by `finish_start`).
             return;
         }
@@ -682,7 +743,7 @@ impl Enforcer {
         fds: Vec<OwnedFd>,
         helpers: &[usize],
     ) -> Result<bool, String> {
-        if self.deny.is_ok() {
+        if self.deny_active() {
             // The map holds it from `finish_start` on; until then, the predecessor's
             // placeholders (if any) and its pinned map do.
             self.replaced_at_start.extend(fds);
@@ -711,9 +772,9 @@ impl Enforcer {
         }
         if r.mode == Mode::Hold {
             if fds.len() == usize::from(r.range.count())
-                && self.held_ports + fds.len() as u64 <= self.local_budget()
+                && self.all_held() + fds.len() as u64 <= self.local_budget()
             {
-                self.held_ports += fds.len() as u64;
+                self.count_held(fds.len() as i64);
                 self.holds.insert(r.token, fds);
             } else {
                 drop(fds);
@@ -816,12 +877,14 @@ impl Enforcer {
     /// Writes the exclude layer once after the persistent blocks were put back.
     pub(crate) fn finish_start(&mut self, table: &portres_core::Table) {
         self.exclude.sync();
-        if let Ok(d) = &mut self.deny
-            && let Err(e) = d.reconcile(table)
-        {
+        let reconciled = match &mut *self.deny.lock().unwrap() {
+            Ok(d) => d.reconcile(table, self.netns_cookie),
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = reconciled {
             tracing::error!(error = %e, "deny layer: reconciling the map failed; layer off");
             let layer = std::mem::replace(
-                &mut self.deny,
+                &mut *self.deny.lock().unwrap(),
                 Err(format!("reconciling its map with the table failed: {e}")),
             );
             // Hold blocks go back to placeholders (bound while the carried-over ones, if any,
@@ -849,14 +912,14 @@ impl Enforcer {
 
     /// Names a granted or changed reservation's owner in the deny layer's map.
     pub(crate) fn set_owner(&mut self, r: &Reservation) {
-        if let Ok(d) = &mut self.deny {
+        if let Ok(d) = &mut *self.deny.lock().unwrap() {
             d.set_owner(r);
         }
     }
 
     /// Gives a runtime block to a cgroup of its own with process `pid` in it (`portres run`).
     pub(crate) fn own_by_cgroup(&mut self, r: &Reservation, pid: u32) -> Result<String, String> {
-        match &mut self.deny {
+        match &mut *self.deny.lock().unwrap() {
             Ok(d) => d.own_by_cgroup(r, pid),
             Err(why) => Err(format!("the deny layer is off: {why}")),
         }
@@ -864,24 +927,33 @@ impl Enforcer {
 
     /// Who may bind a block's ports by number, in words (deny layer on), for `who` and `show`.
     pub(crate) fn deny_owner(&self, token: Token) -> Option<String> {
-        self.deny.as_ref().ok()?.describe_owner(token)
+        self.deny
+            .lock()
+            .unwrap()
+            .as_ref()
+            .ok()?
+            .describe_owner(token)
     }
 
     /// The deny layer's state for `status`.
     pub(crate) fn deny_info(&self) -> Option<portres_proto::DenyInfo> {
-        self.deny.as_ref().ok().map(|d| d.info())
+        self.deny.lock().unwrap().as_ref().ok().map(|d| d.info())
     }
 
     /// Whether run cgroups of ended blocks wait to be removed.
     pub(crate) fn cgroups_pending(&self) -> bool {
-        self.deny.as_ref().is_ok_and(|d| d.cgroups_pending())
+        self.deny
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_ok_and(|d| d.cgroups_pending())
     }
 
     /// A block ended: its placeholders close (handed-out sockets keep their ports until they
     /// close), and it leaves the exclude layer.
     pub(crate) fn retire(&mut self, r: &Reservation) {
         if let Some(fds) = self.holds.remove(&r.token) {
-            self.held_ports -= fds.len() as u64;
+            self.count_held(-(fds.len() as i64));
         }
         if self.helpers.holds(r.token) {
             self.helpers.drop_block(r.token, u64::from(r.range.count()));
@@ -889,7 +961,7 @@ impl Enforcer {
             self.remote_inodes.remove(&r.token);
         }
         self.unheld.remove(&r.token);
-        if let Ok(d) = &mut self.deny {
+        if let Ok(d) = &mut *self.deny.lock().unwrap() {
             d.retire(r.token);
         }
         if r.protocol == Protocol::Udp {
@@ -939,7 +1011,7 @@ impl Enforcer {
         if self.exclude.dirty {
             self.exclude.sync();
         }
-        if let Ok(d) = &mut self.deny {
+        if let Ok(d) = &mut *self.deny.lock().unwrap() {
             d.remove_empty_cgroups();
         }
     }
@@ -1125,22 +1197,38 @@ impl Enforcer {
 
     /// Restores the sysctl (at shutdown).
     /// Restores the sysctl and removes the deny layer (at a stop that releases everything).
+    /// Another namespace's enforcer only restores its sysctl (the layer is the daemon's).
     pub(crate) fn shutdown(&mut self) {
         self.exclude.restore();
-        let deny = std::mem::replace(&mut self.deny, Err("stopped".into()));
+        if !self.home {
+            return;
+        }
+        let deny = std::mem::replace(&mut *self.deny.lock().unwrap(), Err("stopped".into()));
         if let Ok(d) = deny {
             d.remove();
         }
     }
 
     /// Ports held by placeholders now (in the daemon and in helpers).
+    /// Placeholders held by the daemon process itself, in every namespace.
+    fn all_held(&self) -> u64 {
+        self.all_held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `n` more (or fewer) placeholders held by the daemon itself.
+    fn count_held(&mut self, n: i64) {
+        self.held_ports = self.held_ports.wrapping_add_signed(n);
+        self.all_held
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn held_ports(&self) -> u64 {
         self.held_ports + self.held_remote
     }
 
     /// Status of each layer, with the reason.
     pub(crate) fn layers(&self, sessions: usize) -> Vec<LayerInfo> {
-        let hold = if self.deny.is_ok() {
+        let hold = if self.deny_active() {
             LayerInfo {
                 name: "hold".into(),
                 active: true,
@@ -1170,7 +1258,7 @@ impl Enforcer {
                 reason: why.clone(),
             },
         };
-        let deny = match &self.deny {
+        let deny = match &*self.deny.lock().unwrap() {
             Ok(d) => LayerInfo {
                 name: "deny".into(),
                 active: true,
@@ -1215,7 +1303,7 @@ impl Enforcer {
                 self.unheld.len()
             )
         };
-        let udp = match &self.udp_programs {
+        let udp = match &*self.udp_programs {
             Ok(_) => "; UDP placeholders share two eBPF programs loaded once (drop, and steering \
                       to a handed-out socket): no program per port"
                 .to_string(),

@@ -10,7 +10,7 @@ use portres_core::{
     Reservation, Token, TokenSource,
 };
 use portres_proto::{
-    ConflictInfo, Counts, HandedOutInfo, OwnerInfo, Reply, Request, ReservationInfo,
+    ConflictInfo, Counts, HandedOutInfo, NetnsInfo, OwnerInfo, Reply, Request, ReservationInfo,
     ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef, SocketType, StatusInfo, WhoInfo,
 };
 use std::sync::Arc;
@@ -158,7 +158,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
         } => {
             let m = m.unwrap_or(Mode::Hold);
             let (start, count) = (u32::from(start), u32::from(count));
-            let mut st = shared.state.lock().unwrap();
+            let mut st = shared.space(caller.session);
             let State {
                 table, enforcer, ..
             } = &mut *st;
@@ -172,7 +172,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
         Request::Release { token } => {
             let op = Operation::ReleaseRuntime;
             let t = parse_token(op, &token)?;
-            let mut st = shared.state.lock().unwrap();
+            let mut st = shared.space(caller.session);
             let result = st.table.release(caller, t);
             if let Ok(r) = &result {
                 st.retire(r);
@@ -200,13 +200,14 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             allow_groups,
         } => {
             let op = Operation::CreatePersistent;
+            outside_home(shared, caller, op)?;
             let m = m.unwrap_or(Mode::Exclude);
             let (start, count) = (u32::from(start), u32::from(count));
             let acl = resolve_acl(&allow_users, &allow_groups)?;
             let _serial = shared.persist_lock.lock().await;
             let command = portres_sys::process::command_line(caller.pid);
             let created = {
-                let mut st = shared.state.lock().unwrap();
+                let mut st = shared.home();
                 let State {
                     table, enforcer, ..
                 } = &mut *st;
@@ -233,7 +234,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 .map_err(|e| e.to_string())
                 .and_then(|w| w.map_err(|e| e.to_string()));
             if let Err(e) = written {
-                let mut st = shared.state.lock().unwrap();
+                let mut st = shared.home();
                 st.table.cancel(r.token);
                 st.retire(&r);
                 st.sync_keeper();
@@ -247,7 +248,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     ),
                 ));
             }
-            shared.state.lock().unwrap().keep(&r, true);
+            shared.home().keep(&r, true);
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
                 "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
@@ -260,7 +261,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             start,
             count,
         } => {
-            let st = shared.state.lock().unwrap();
+            let st = shared.home();
             st.table
                 .lookup_persistent(p, u32::from(start), u32::from(count))
                 .map(|r| (reservation_ref(r), None))
@@ -271,12 +272,11 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             count,
         } => {
             let op = Operation::DeletePersistent;
+            outside_home(shared, caller, op)?;
             let (start, count) = (u32::from(start), u32::from(count));
             let _serial = shared.persist_lock.lock().await;
             let found = shared
-                .state
-                .lock()
-                .unwrap()
+                .home()
                 .table
                 .check_delete_persistent(caller, p, start, count)
                 .map(|r| (r.token, r.range));
@@ -300,7 +300,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 ));
             }
             {
-                let mut st = shared.state.lock().unwrap();
+                let mut st = shared.home();
                 if let Some(r) = st.table.remove_persistent(token) {
                     st.retire(&r);
                     st.sync_keeper();
@@ -313,7 +313,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             compact_journal_if_due(shared).await;
             Ok((Reply::Done, None))
         }
-        Request::Status => Ok((Reply::Status(status(shared)), None)),
+        Request::Status => Ok((Reply::Status(status(shared, caller)), None)),
         Request::Attach { tokens } => Ok((Reply::Attached(attach(shared, caller, &tokens)), None)),
         Request::OwnTree { token } => own_tree(shared, caller, &token),
         Request::Shutdown { release } => {
@@ -353,11 +353,32 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
     }
 }
 
+/// Persistent reservations live in the daemon's own network namespace: a caller served in
+/// another one is refused a change to them (it would change another port space than its own).
+fn outside_home(shared: &Shared, caller: &Caller, op: Operation) -> Result<(), Refusal> {
+    let all = shared.spaces();
+    let Some(at) = all.of_session(caller.session) else {
+        return Ok(());
+    };
+    let (mine, home) = (all.info(Some(at)).inode, all.info(None).inode);
+    Err(Refusal::new(
+        op,
+        ErrorCode::InvalidParameter,
+        format!(
+            "persistent reservations live in the daemon's own network namespace (net:[{home}]), \
+             and this client is in another one (net:[{mine}], its own port space): nothing was \
+             changed; run the command in the daemon's namespace (e.g. `nsenter --net=/proc/{}/ns/net \
+             portres ...`), or use a runtime reservation here",
+            std::process::id()
+        ),
+    ))
+}
+
 /// Rewrites the store's journal as a snapshot when it has grown well past the table (on the
 /// blocking pool; the caller holds `persist_lock`, so no write interleaves).
 async fn compact_journal_if_due(shared: &Shared) {
     let live: Vec<StoredReservation> = {
-        let st = shared.state.lock().unwrap();
+        let st = shared.home();
         let n = st
             .table
             .reservations()
@@ -396,9 +417,11 @@ fn log_outcome(caller: &Caller, what: &str, result: &Result<Reservation, Refusal
     }
 }
 
-fn status(shared: &Shared) -> StatusInfo {
-    let st = shared.state.lock().unwrap();
+fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
+    let st = shared.space(caller.session);
     let table = &st.table;
+    let all = st.spaces();
+    let home = &all.home;
     let t = table.counts();
     let mut counts = Counts {
         sessions: table.session_count() as u64,
@@ -428,19 +451,23 @@ fn status(shared: &Shared) -> StatusInfo {
         dynamic_range: table.config().dynamic_range.to_string(),
         dynamic_range_source: shared.dynamic_source.clone(),
         runtime_quota_ports: table.config().runtime_quota,
-        layers: st.enforcer.layers(table.session_count()),
+        layers: st.enforcer.layers(all.session_count()),
         deny: st.enforcer.deny_info(),
         counts,
         restore: Some({
             let mut info = shared.restore.lock().unwrap().clone();
-            info.keeper_pid = st.keeper.as_ref().and_then(|k| k.pid());
-            if let Some(p) = st.keeper.as_ref().and_then(|k| k.problem()) {
+            info.keeper_pid = home.keeper.as_ref().and_then(|k| k.pid());
+            if let Some(p) = home.keeper.as_ref().and_then(|k| k.problem()) {
                 info.problem = Some(p.to_string());
-            } else if st.keeper.is_none() && info.problem.is_none() && info.live_restore_secs > 0 {
+            } else if home.keeper.is_none() && info.problem.is_none() && info.live_restore_secs > 0
+            {
                 info.problem = Some("no keeper (see the daemon's log)".into());
             }
             info
         }),
+        netns: Some(all.info(st.at())),
+        namespaces: all.status(),
+        namespace_mode: Some(all.mode().into()),
     }
 }
 
@@ -449,7 +476,7 @@ fn status(shared: &Shared) -> StatusInfo {
 fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
     let op = Operation::Other;
     let t = parse_token(op, token)?;
-    let mut st = shared.state.lock().unwrap();
+    let mut st = shared.space(caller.session);
     let Some(r) = Token::new(t)
         .and_then(|t| st.table.get(t))
         .filter(|r| r.session() == Some(caller.session))
@@ -497,7 +524,7 @@ fn own_tree(shared: &Shared, caller: &Caller, token: &str) -> Handled {
 /// from another connection of the same process) into the caller's session.
 fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto::AttachInfo {
     let mut info = portres_proto::AttachInfo::default();
-    let mut st = shared.state.lock().unwrap();
+    let mut st = shared.space(caller.session);
     let mut emptied = Vec::new();
     let mut moved = Vec::new();
     for t in tokens {
@@ -589,6 +616,13 @@ struct RowExtras {
     binds: HashMap<Token, String>,
 }
 
+impl RowExtras {
+    fn extend(&mut self, other: RowExtras) {
+        self.handed.extend(other.handed);
+        self.binds.extend(other.binds);
+    }
+}
+
 fn row_extras<'a>(st: &State, rs: impl Iterator<Item = &'a Reservation>) -> RowExtras {
     let mut m = RowExtras::default();
     for r in rs {
@@ -667,6 +701,7 @@ fn reservation_info(
         allow_users,
         allow_groups,
         binds: extras.binds.get(&r.token).cloned(),
+        netns: None,
     }
 }
 
@@ -731,16 +766,41 @@ async fn show(
     filter: &ShowFilter,
 ) -> Result<Answer, Refusal> {
     let keep = show_filter(filter)?;
+    if filter.all_namespaces && !caller.admin {
+        return Err(Refusal::new(
+            Operation::Other,
+            ErrorCode::AccessDenied,
+            format!(
+                "show --all-namespaces lists every network namespace's reservations, for \
+                 administrators; uid {} is not one (without it, show lists the caller's own \
+                 namespace)",
+                caller.uid
+            ),
+        ));
+    }
     let (rows, extras) = {
-        let mut st = shared.state.lock().unwrap();
-        reclaim_all(&mut st);
-        let rows: Vec<Reservation> = st
-            .table
-            .reservations()
-            .filter(|r| keep(r))
-            .cloned()
-            .collect();
-        let extras = row_extras(&st, rows.iter());
+        let mut all = shared.spaces();
+        let wanted = if filter.all_namespaces {
+            all.keys()
+        } else {
+            vec![all.of_session(caller.session)]
+        };
+        let mut rows: Vec<(Reservation, Arc<NetnsInfo>)> = Vec::new();
+        let mut extras = RowExtras::default();
+        for at in wanted {
+            let netns = Arc::new(all.info(at));
+            all.with(at, |st| {
+                reclaim_all(st);
+                let first = rows.len();
+                rows.extend(
+                    st.table
+                        .reservations()
+                        .filter(|r| keep(r))
+                        .map(|r| (r.clone(), netns.clone())),
+                );
+                extras.extend(row_extras(st, rows[first..].iter().map(|(r, _)| r)));
+            });
+        }
         (rows, extras)
     };
     let caller = caller.clone();
@@ -749,7 +809,11 @@ async fn show(
             let holders = handout_holders(&extras);
             let mut names = Names::default();
             rows.iter()
-                .map(|r| reservation_info(r, &caller, &extras, &holders, &mut names))
+                .map(|(r, ns)| {
+                    let mut info = reservation_info(r, &caller, &extras, &holders, &mut names);
+                    info.netns = Some((**ns).clone());
+                    info
+                })
                 .collect()
         })
         .await
@@ -771,8 +835,11 @@ async fn show(
     let items = crate::stream::spawn_rows(move || {
         let holders = handout_holders(&extras);
         let mut names = Names::default();
-        rows.into_iter()
-            .map(move |r| reservation_info(&r, &caller, &extras, &holders, &mut names))
+        rows.into_iter().map(move |(r, ns)| {
+            let mut info = reservation_info(&r, &caller, &extras, &holders, &mut names);
+            info.netns = Some((*ns).clone());
+            info
+        })
     });
     Ok(Answer::Stream(head, items))
 }
@@ -795,8 +862,11 @@ async fn who(
             format!("{port} is not a port; give a number from 1 to 65535"),
         )
     })?;
-    let (covering, placeholder, handed_here, extras) = {
-        let mut st = shared.state.lock().unwrap();
+    let (covering, placeholder, handed_here, extras, ns, home, netns) = {
+        let mut st = shared.space(caller.session);
+        let ns = st.spaces().netns(st.at());
+        let home = st.spaces().home_netns();
+        let netns = st.spaces().info(st.at());
         if let Some(t) = st.table.covering(p, port).map(|r| r.token) {
             reclaim(&mut st, t);
         }
@@ -809,7 +879,7 @@ async fn who(
             None => (None, None),
         };
         let extras = row_extras(&st, covering.iter());
-        (covering, placeholder, handed_here, extras)
+        (covering, placeholder, handed_here, extras, ns, home, netns)
     };
     let caller = caller.clone();
     let role_of = move |inode: u64| {
@@ -836,10 +906,15 @@ async fn who(
     let (head, seen) = tokio::task::spawn_blocking(move || {
         let mut names = Names::default();
         let handed_set: HashSet<u64> = extras.handed.values().copied().collect();
-        let (seen, holders, hidden) = crate::visibility::sockets_on_with(p, port, &handed_set);
-        let reservation = covering
-            .as_ref()
-            .map(|r| reservation_info(r, &caller, &extras, &holders, &mut names));
+        // The caller's namespace's sockets: sock_diag answers for the namespace it is asked in.
+        let (seen, holders, hidden) = crate::namespaces::run_in(&ns, &home, || {
+            crate::visibility::sockets_on_with(p, port, &handed_set)
+        });
+        let reservation = covering.as_ref().map(|r| {
+            let mut info = reservation_info(r, &caller, &extras, &holders, &mut names);
+            info.netns = Some(netns);
+            info
+        });
         let mut summary = crate::visibility::summarise(&seen, &mut names);
         let listed: Vec<SocketInfo> = if all {
             if stream {
@@ -948,7 +1023,7 @@ fn associate(
             ))
         })?,
     };
-    let mut st = shared.state.lock().unwrap();
+    let mut st = shared.space(caller.session);
     // Ports whose sockets closed go back to the block first, so "lowest free port" is true.
     if let Some(r) = Token::new(t).and_then(|tk| st.table.get(tk))
         && (port == 0 && !r.handed_out().is_empty() || r.handed_out().contains(&port))

@@ -17,6 +17,7 @@
 //! - [`deny`]: the deny layer: cgroup bind programs and their map of reserved ports.
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 //! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
+//! - `namespaces`: a table and enforcer per network namespace, each client served in its own.
 //! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
 pub mod config;
@@ -26,6 +27,7 @@ mod handlers;
 pub mod holder;
 pub mod journal;
 pub mod keeper;
+mod namespaces;
 mod restore;
 mod server;
 pub mod store;
@@ -64,6 +66,9 @@ pub enum StartError {
          {0}; set dynamic_range in the configuration"
     )]
     DynamicRange(std::io::Error),
+    /// The daemon's own network namespace could not be opened (`/proc/thread-self/ns/net`).
+    #[error("cannot open the daemon's network namespace (/proc/thread-self/ns/net): {0}")]
+    Namespace(std::io::Error),
     /// The store holds something the table refuses (overlapping or duplicate records).
     #[error("store {path}: {why}")]
     Inconsistent {
@@ -74,7 +79,8 @@ pub enum StartError {
     },
 }
 
-/// The table and the kernel's enforcement of it, changed together; and the keeper's copy.
+/// One network namespace's table and the kernel's enforcement of it, changed together; and
+/// (the daemon's own namespace) the keeper's copy.
 pub(crate) struct State {
     pub(crate) table: Table,
     pub(crate) enforcer: enforce::Enforcer,
@@ -137,8 +143,9 @@ impl State {
 /// State shared by every session.
 struct Shared {
     /// A `std` mutex: it is never held across an `.await`, and every operation under it is
-    /// short (the store is written outside it).
-    state: Mutex<State>,
+    /// short (the store is written outside it). Lock it through [`Shared::space`] and
+    /// [`Shared::home`], which enter the namespace served.
+    state: Mutex<namespaces::Spaces>,
     /// The store; written from the blocking pool, one writer at a time (see `persist_lock`).
     store: Arc<Store>,
     /// Serialises persistent create/delete so the store and the table change in the same order.
@@ -173,6 +180,27 @@ struct Shared {
     release_on_stop: std::sync::atomic::AtomicBool,
     /// A `shutdown` request was granted (the daemon stops once it is answered).
     stop_requested: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// The state of the namespace session `session` is served in, under the lock, with this
+    /// thread inside that namespace until the guard drops. No `spawn_blocking` while it
+    /// lives (a new pool thread would start in that namespace).
+    fn space(&self, session: portres_core::SessionId) -> namespaces::SpaceGuard<'_> {
+        let all = self.state.lock().unwrap();
+        let at = all.of_session(session);
+        namespaces::SpaceGuard::new(all, at)
+    }
+
+    /// The daemon's own namespace's state (persistent reservations, the keeper).
+    fn home(&self) -> namespaces::SpaceGuard<'_> {
+        namespaces::SpaceGuard::new(self.state.lock().unwrap(), None)
+    }
+
+    /// Every namespace's state.
+    fn spaces(&self) -> std::sync::MutexGuard<'_, namespaces::Spaces> {
+        self.state.lock().unwrap()
+    }
 }
 
 /// Checks and fault injection for tests, from the environment, read once at start:
@@ -250,9 +278,10 @@ impl Daemon {
             "table loaded"
         );
         server::sessions_from(restored.next_session);
+        let spaces = namespaces::Spaces::new(state, &config).map_err(StartError::Namespace)?;
         Ok(Daemon {
             shared: Arc::new(Shared {
-                state: Mutex::new(state),
+                state: Mutex::new(spaces),
                 store: Arc::new(store),
                 persist_lock: tokio::sync::Mutex::new(()),
                 config,
@@ -297,7 +326,10 @@ impl Daemon {
         let release = shared
             .release_on_stop
             .load(std::sync::atomic::Ordering::Acquire);
-        let mut st = shared.state.lock().unwrap();
+        let mut all = shared.spaces();
+        // Other namespaces' blocks end with the daemon (live restore carries the daemon's own).
+        all.shutdown_others();
+        let st = &mut all.home;
         let keeping = !release
             && shared.config.live_restore_secs > 0
             && st.keeper.as_ref().is_some_and(|k| k.problem().is_none());

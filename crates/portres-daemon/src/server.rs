@@ -49,7 +49,7 @@ pub(crate) async fn serve(
                     if !paused {
                         paused = true;
                         shared.accept_paused.fetch_add(1, Ordering::Relaxed);
-                        let sessions = shared.state.lock().unwrap().table.session_count();
+                        let sessions = shared.spaces().session_count();
                         tracing::warn!(
                             error = %e,
                             sessions,
@@ -241,11 +241,14 @@ const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_milli
 /// later, writing released blocks out of it.
 fn schedule_background_work(shared: &Arc<Shared>) {
     let (soon, dirty, copies) = {
-        let st = shared.state.lock().unwrap();
+        let all = shared.spaces();
+        let sessions = all.session_count();
         (
-            st.enforcer.pool_wanted(st.table.session_count()) || st.enforcer.exclude_unwritten(),
-            st.enforcer.exclude_dirty() || st.enforcer.cgroups_pending(),
-            st.keeper.as_ref().is_some_and(|k| k.copies_pending()),
+            all.all()
+                .any(|st| st.enforcer.pool_wanted(sessions) || st.enforcer.exclude_unwritten()),
+            all.all()
+                .any(|st| st.enforcer.exclude_dirty() || st.enforcer.cgroups_pending()),
+            all.home.keeper.as_ref().is_some_and(|k| k.copies_pending()),
         )
     };
     if copies && !shared.copy_scheduled.swap(true, Ordering::AcqRel) {
@@ -256,7 +259,7 @@ fn schedule_background_work(shared: &Arc<Shared>) {
             let age = shared.checks.copy_after;
             loop {
                 tokio::time::sleep(age).await;
-                let mut st = shared.state.lock().unwrap();
+                let mut st = shared.home();
                 st.copy_to_keeper(Some(age));
                 if !st.keeper.as_ref().is_some_and(|k| k.copies_pending()) {
                     shared.copy_scheduled.store(false, Ordering::Release);
@@ -269,10 +272,12 @@ fn schedule_background_work(shared: &Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             shared.soon_scheduled.store(false, Ordering::Release);
-            let mut st = shared.state.lock().unwrap();
-            let sessions = st.table.session_count();
-            st.enforcer.write_granted();
-            st.enforcer.refill_pool(sessions);
+            let mut all = shared.spaces();
+            let sessions = all.session_count();
+            all.each(|st| {
+                st.enforcer.write_granted();
+                st.enforcer.refill_pool(sessions);
+            });
         });
     }
     if dirty && !shared.flush_scheduled.swap(true, Ordering::AcqRel) {
@@ -280,7 +285,7 @@ fn schedule_background_work(shared: &Arc<Shared>) {
         tokio::spawn(async move {
             tokio::time::sleep(EXCLUDE_FLUSH_DELAY).await;
             shared.flush_scheduled.store(false, Ordering::Release);
-            shared.state.lock().unwrap().enforcer.flush_exclude();
+            shared.spaces().each(|st| st.enforcer.flush_exclude());
         });
     }
 }
@@ -336,12 +341,18 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         admin,
         "session opened"
     );
-    let open = {
-        let mut st = shared.state.lock().unwrap();
-        st.table.open_session(id, owner);
-        st.table.session_count()
+    let (opened, open) = {
+        let mut all = shared.spaces();
+        let opened = all.open_session(id, owner, cred.pid, &shared.config);
+        (opened, all.session_count())
     };
     shared.session_peak.fetch_max(open, Ordering::Relaxed);
+    if let Err(why) = opened {
+        tracing::warn!(pid = cred.pid, uid = cred.uid, "connection refused: {why}");
+        let refusal = Refusal::new(Operation::Other, ErrorCode::AccessDenied, why);
+        refuse_after_hello(&mut stream, error_body(&refusal)).await;
+        return;
+    }
 
     let why = match converse(&shared, &caller, &mut stream).await {
         Ok(()) => "closed by the client".to_string(),
@@ -355,7 +366,7 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
 /// Ends session `id` (its connection closed, or, for a session carried over from a
 /// predecessor, its owner exited): its runtime reservations end, here and in the keeper.
 pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u32)>, why: &str) {
-    let mut state = shared.state.lock().unwrap();
+    let mut state = shared.space(id);
     let ended = state.table.end_session(id);
     let (pid, uid) = peer.unwrap_or_default();
     tracing::info!(
@@ -366,7 +377,7 @@ pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u
         "session ended: {why}"
     );
     // When most sessions of a burst have gone, give their memory back to the system.
-    let open = state.table.session_count();
+    let open = state.spaces().session_count();
     let peak = shared.session_peak.load(Ordering::Relaxed);
     if peak >= 64 && open * 4 < peak {
         shared.session_peak.store(open, Ordering::Relaxed);
@@ -384,8 +395,18 @@ pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u
     }
     state.sync_keeper();
     drop(state);
+    shared.spaces().session_closed(id);
     shared.session_ended.notify_waiters();
     schedule_background_work(shared);
+}
+
+/// Reads the client's handshake and answers it with `err` (a connection the daemon cannot
+/// serve), so the client reports why.
+async fn refuse_after_hello(s: &mut UnixStream, err: ErrorBody) {
+    let mut pending = Vec::new();
+    if read_frame(s, &mut pending).await.is_ok() {
+        let _ = write_msg(s, &HelloReply::Error(err)).await;
+    }
 }
 
 /// Runs the handshake and the request loop; returns why the session ended.
@@ -464,7 +485,9 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
         }
         let handled = handlers::handle(shared, caller, frame.request).await;
         if shared.checks.invariants {
-            shared.state.lock().unwrap().table.check_invariants();
+            for st in shared.spaces().all() {
+                st.table.check_invariants();
+            }
         }
         schedule_background_work(shared);
         let limit = shared.config.reply_timeout;

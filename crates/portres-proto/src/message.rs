@@ -222,6 +222,9 @@ pub struct ShowFilter {
     /// Only reservations made by this user (name or uid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Every network namespace the daemon serves, not only the caller's (administrators).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_namespaces: bool,
 }
 
 /// The kind of socket an [`Request::Associate`] asks for.
@@ -603,6 +606,40 @@ pub struct ReservationInfo {
     /// cgroup /user.slice/portres-run-123 may bind it").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binds: Option<String>,
+    /// The network namespace (port space) the reservation is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsInfo>,
+}
+
+/// A network namespace the daemon serves (in [`ReservationInfo`] and [`StatusInfo`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsInfo {
+    /// Its inode (`ls -l /proc/PID/ns/net` shows `net:[INODE]`).
+    pub inode: u64,
+    /// Whether it is the daemon's own namespace (persistent reservations live there).
+    pub daemon: bool,
+    /// Its `ip netns` name (a file of `/run/netns`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A process that lives in it (the first client served there): pid and command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// That process's command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// One network namespace the daemon serves, in [`StatusInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceStatus {
+    /// Which.
+    pub netns: NetnsInfo,
+    /// Sessions served in it.
+    pub sessions: u64,
+    /// Reservations in it.
+    pub reservations: u64,
+    /// Ports those reservations cover.
+    pub ports_reserved: u64,
 }
 
 /// Answer to [`Request::Show`].
@@ -701,6 +738,18 @@ pub struct StatusInfo {
     /// The deny layer, when it is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<DenyInfo>,
+    /// The network namespace the caller is served in (its counts, dynamic range and layers
+    /// are that namespace's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsInfo>,
+    /// Every network namespace the daemon serves (the daemon's own first); `namespaces` says
+    /// whether clients are served in their own (`"client"`) or all in the daemon's
+    /// (`"daemon"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<NamespaceStatus>,
+    /// `"client"` or `"daemon"` (see [`StatusInfo::namespaces`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_mode: Option<String>,
 }
 
 /// The deny layer's kernel objects (in [`StatusInfo`]).

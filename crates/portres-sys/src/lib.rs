@@ -9,6 +9,7 @@
 //!   cgroup2.
 //! - [`fdpass`]: Unix sockets: descriptors over them (`SCM_RIGHTS`), listening and connecting,
 //!   and waiting on them (readable, writable, hung up).
+//! - [`netns`]: network namespaces: naming one, entering it (`setns(2)`).
 //! - `poll`: `poll(2)`, the one way this crate waits on descriptors.
 //! - [`hold`]: placeholder sockets and the sockets handed out from reservations.
 //! - [`ports`]: the dynamic port range, and probing whether a port is bound.
@@ -26,6 +27,7 @@ pub mod creds;
 pub mod deny;
 pub mod fdpass;
 pub mod hold;
+pub mod netns;
 mod poll;
 pub mod ports;
 pub mod process;

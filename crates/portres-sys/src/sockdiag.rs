@@ -187,9 +187,11 @@ fn addr(family: u8, raw: &[u8], port_be: [u8; 2]) -> SocketAddr {
 /// A netlink socket and receive buffer kept per thread, so a query costs a `sendto` and a
 /// `recvfrom` rather than a new socket each time. Replies are matched by sequence number; after
 /// any error the socket is dropped (it may hold the rest of a reply) and the next query opens
-/// a fresh one.
+/// a fresh one, and so does a thread that has entered another network namespace since (a
+/// netlink socket answers for the namespace it was made in).
 struct Channel {
     fd: std::os::fd::OwnedFd,
+    netns: Option<crate::netns::NetNsId>,
     seq: u32,
     buf: Vec<u8>,
 }
@@ -207,6 +209,10 @@ fn query(
     out: &mut Vec<SocketEntry>,
 ) -> io::Result<()> {
     CHANNEL.with_borrow_mut(|slot| {
+        let here = crate::netns::entered();
+        if slot.as_ref().is_some_and(|ch| ch.netns != here) {
+            *slot = None;
+        }
         if slot.is_none() {
             let fd = rustix::net::socket_with(
                 AddressFamily::NETLINK,
@@ -216,6 +222,7 @@ fn query(
             )?;
             *slot = Some(Channel {
                 fd,
+                netns: here,
                 seq: 0,
                 buf: vec![0u8; 64 * 1024],
             });

@@ -494,7 +494,11 @@ fn a_daemon_started_without_the_layer_removes_what_a_crashed_one_left() {
     }
     // Its pins still refuse, with the dead daemon's pid in them.
     assert_eq!(bind_as(&d, 0, "tcp", "0.0.0.0", 7200), 98);
-    std::fs::write(d.config.as_ref().unwrap(), "deny = false\n").unwrap();
+    std::fs::write(
+        d.config.as_ref().unwrap(),
+        "deny = false\nnamespaces = \"daemon\"\n",
+    )
+    .unwrap();
     d.launch();
     let bpffs = portres_sys::deny::mount_of("bpf").unwrap();
     assert!(!portres_daemon::deny::pin_dir(&bpffs, &d.state_dir).exists());

@@ -178,7 +178,7 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
     }
     std::fs::write(
         d.config.as_ref().unwrap(),
-        "deny = false\nlive_restore_secs = 0\n",
+        "deny = false\nnamespaces = \"daemon\"\nlive_restore_secs = 0\n",
     )
     .unwrap();
     d.launch();

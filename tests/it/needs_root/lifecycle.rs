@@ -105,9 +105,16 @@ fn system_socket_is_open_to_all_and_user_socket_is_private() {
     std::fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
     let socket = home.join("run/portres.sock");
+    // Root, whose namespace a per-user daemon may not look at (/proc/PID/ns/net), is served
+    // in the daemon's namespace (by default such a client is refused: namespaces.rs).
+    let config = home.join("config.toml");
+    std::fs::write(&config, "namespaces = \"daemon\"\n").unwrap();
+    std::os::unix::fs::chown(&config, Some(NOBODY), Some(NOBODY)).unwrap();
     let mut user_daemon = spawn(
         d.cli_as_nobody()
-            .args(["daemon", "--print-ready", "--socket"])
+            .args(["daemon", "--print-ready", "--config"])
+            .arg(&config)
+            .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(home.join("state"))
