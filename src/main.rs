@@ -162,6 +162,10 @@ enum PersistentOp {
         /// A group (name or gid) whose members may consume it; repeatable.
         #[arg(long = "allow-group", value_name = "GROUP")]
         allow_groups: Vec<String>,
+        /// The network namespace it is for, by its `ip netns` name (a file of /run/netns);
+        /// default: the daemon's own (the host's, for the system daemon).
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
     },
     /// Print the token of the one with exactly this start and count.
     Lookup {
@@ -171,6 +175,10 @@ enum PersistentOp {
         /// Number of ports.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The network namespace it is for, by its `ip netns` name (a file of /run/netns);
+        /// default: the daemon's own (the host's, for the system daemon).
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
     },
     /// Delete the one with exactly this start and count.
     Delete {
@@ -180,6 +188,10 @@ enum PersistentOp {
         /// Number of ports.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The network namespace it is for, by its `ip netns` name (a file of /run/netns);
+        /// default: the daemon's own (the host's, for the system daemon).
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
     },
 }
 
@@ -328,6 +340,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     mode,
                     allow_users,
                     allow_groups,
+                    netns,
                 } => {
                     let spec = PersistentSpec {
                         protocol,
@@ -336,16 +349,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         mode: *mode,
                         allow_users: allow_users.clone(),
                         allow_groups: allow_groups.clone(),
+                        netns: netns.clone(),
                     };
                     let token = client.create_persistent(&spec)?;
                     output::token(token, protocol, *start, *count, cli.json);
                 }
-                PersistentOp::Lookup { start, count } => {
-                    let token = client.lookup_persistent(protocol, *start, *count)?;
+                PersistentOp::Lookup {
+                    start,
+                    count,
+                    netns,
+                } => {
+                    let token =
+                        client.lookup_persistent_in(netns.as_deref(), protocol, *start, *count)?;
                     output::token(token, protocol, *start, *count, cli.json);
                 }
-                PersistentOp::Delete { start, count } => {
-                    client.delete_persistent(protocol, *start, *count)?;
+                PersistentOp::Delete {
+                    start,
+                    count,
+                    netns,
+                } => {
+                    client.delete_persistent_in(netns.as_deref(), protocol, *start, *count)?;
                     output::deleted(protocol, *start, *count, cli.json);
                 }
             }

@@ -102,6 +102,9 @@ pub fn status(s: &StatusInfo, json: bool) {
             }
         );
     }
+    for p in &s.namespace_problems {
+        println!("  NOT ENFORCED: {}", printable(p));
+    }
     if s.namespaces.len() > 1 {
         println!("  namespaces served: {}", s.namespaces.len());
         for n in &s.namespaces {

@@ -134,6 +134,9 @@ pub struct PersistentSpec {
     pub allow_users: Vec<String>,
     /// Group names or numeric gids who may consume it.
     pub allow_groups: Vec<String>,
+    /// The `ip netns` name of the network namespace it is for (a file of `/run/netns`);
+    /// `None`: the daemon's own namespace.
+    pub netns: Option<String>,
 }
 
 impl PersistentSpec {
@@ -146,6 +149,7 @@ impl PersistentSpec {
             mode: Mode::Exclude,
             allow_users: Vec::new(),
             allow_groups: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -655,6 +659,7 @@ impl Client {
             mode: Some(spec.mode),
             allow_users: spec.allow_users.clone(),
             allow_groups: spec.allow_groups.clone(),
+            netns: spec.netns.clone(),
         })?;
         Ok(parse_ref(r)?.0)
     }
@@ -666,11 +671,24 @@ impl Client {
         start: u32,
         count: u32,
     ) -> Result<Token, Error> {
+        self.lookup_persistent_in(None, protocol, start, count)
+    }
+
+    /// [`Client::lookup_persistent`] in the network namespace named `netns` (`ip netns`
+    /// name; `None`: the daemon's own).
+    pub fn lookup_persistent_in(
+        &self,
+        netns: Option<&str>,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<Token, Error> {
         let (start, count) = block_fields(Operation::LookupPersistent, protocol, start, count)?;
         let r = self.expect_reservation(Request::LookupPersistent {
             protocol,
             start,
             count,
+            netns: netns.map(str::to_string),
         })?;
         Ok(parse_ref(r)?.0)
     }
@@ -682,11 +700,24 @@ impl Client {
         start: u32,
         count: u32,
     ) -> Result<(), Error> {
+        self.delete_persistent_in(None, protocol, start, count)
+    }
+
+    /// [`Client::delete_persistent`] in the network namespace named `netns` (`ip netns`
+    /// name; `None`: the daemon's own).
+    pub fn delete_persistent_in(
+        &self,
+        netns: Option<&str>,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+    ) -> Result<(), Error> {
         let (start, count) = block_fields(Operation::DeletePersistent, protocol, start, count)?;
         match self.call(Request::DeletePersistent {
             protocol,
             start,
             count,
+            netns: netns.map(str::to_string),
         })? {
             Reply::Done => Ok(()),
             other => Err(unexpected(&other)),

@@ -261,9 +261,11 @@ pub(crate) struct Enforcer {
     remote_inodes: HashMap<Token, Vec<u64>>,
     held_remote: u64,
     held_ports: u64,
-    /// Placeholders the daemon process holds itself, in every namespace it serves (they share
-    /// its open-file limit).
+    /// Placeholders and prepared sockets the daemon process holds itself, in every namespace
+    /// it serves (they share its open-file limit).
     all_held: Arc<std::sync::atomic::AtomicU64>,
+    /// This enforcer's prepared sockets as last counted in `all_held`.
+    pool_counted: u64,
     /// Blocks that could not be held at start-up, and why.
     unheld: HashMap<Token, String>,
     /// Each handed-out socket, by (token, port).
@@ -324,6 +326,7 @@ impl Enforcer {
             held_remote: 0,
             held_ports: 0,
             all_held: Arc::default(),
+            pool_counted: 0,
             unheld: HashMap::new(),
             handed: HashMap::new(),
             orphans: HashMap::new(),
@@ -369,6 +372,7 @@ impl Enforcer {
             held_remote: 0,
             held_ports: 0,
             all_held: self.all_held.clone(),
+            pool_counted: 0,
             unheld: HashMap::new(),
             handed: HashMap::new(),
             orphans: HashMap::new(),
@@ -459,9 +463,13 @@ impl Enforcer {
                 let prepared = pool.pop().expect("counted");
                 match hold::bind_placeholder(prepared, port, (*self.udp_programs).as_ref().ok()) {
                     Ok(fd) => fds.push(fd),
-                    Err(error) => return Err(HoldError::Port { port, error }),
+                    Err(error) => {
+                        self.count_pool();
+                        return Err(HoldError::Port { port, error });
+                    }
                 }
             }
+            self.count_pool();
             self.count_held(fds.len() as i64);
             self.holds.insert(token, fds);
             return Ok(());
@@ -513,9 +521,21 @@ impl Enforcer {
             pool.extend(made);
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "cannot prepare placeholder sockets");
-                return;
+                break;
             }
         }
+        self.count_pool();
+    }
+
+    /// Brings `all_held` up to date with this enforcer's prepared sockets (after the pools
+    /// changed).
+    fn count_pool(&mut self) {
+        let now = (self.pool[0].len() + self.pool[1].len()) as u64;
+        self.all_held.fetch_add(
+            now.wrapping_sub(self.pool_counted),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.pool_counted = now;
     }
 
     /// Placeholders the daemon keeps itself: its open-file limit minus room for sessions,
@@ -617,6 +637,16 @@ fn first_socket_on(protocol: Protocol, range: PortRange) -> Option<u16> {
 /// placeholders are bound, like exclude blocks: binding them takes long enough (≈ 4 µs a port)
 /// for outgoing connections to pick ports inside them meanwhile.
 const EXCLUDE_FIRST_ABOVE: u16 = 64;
+
+impl Drop for Enforcer {
+    /// Another namespace's enforcer going: its descriptors leave the daemon's count.
+    fn drop(&mut self) {
+        self.all_held.fetch_sub(
+            self.held_ports + self.pool_counted,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
 
 /// The enforcer is the table's kernel side of granting a block. An `exclude` block goes first
 /// into the exclude layer (so autobind cannot land in it from now on), then is checked free by
@@ -730,6 +760,24 @@ impl Enforcer {
             );
             self.unheld.insert(r.token, why);
         }
+    }
+
+    /// Puts a persistent block of a named namespace in place (at the daemon's start or when the
+    /// namespace is first used): as [`Enforcer::admit_at_start`], and into the deny layer's map
+    /// at once (the daemon's own namespace's blocks go there when `finish_start` reconciles
+    /// the map). Write the exclude layer with [`Enforcer::sync_exclude`] after the last.
+    pub(crate) fn admit_persistent(&mut self, r: &Reservation) {
+        self.admit_at_start(r);
+        if let Ok(d) = &mut *self.deny.lock().unwrap()
+            && let Err(e) = d.claim(r.token, r.protocol, r.range, self.netns_cookie)
+        {
+            tracing::error!(error = %e, "deny layer: cannot add {}/{}", r.range, r.protocol);
+        }
+    }
+
+    /// Writes `ip_local_reserved_ports` now.
+    pub(crate) fn sync_exclude(&mut self) {
+        self.exclude.sync();
     }
 
     /// Puts back a block carried over from a previous daemon (live restore): into the exclude
@@ -1055,6 +1103,7 @@ impl Enforcer {
             && v6only != Some(true)
             && let Some(p) = pool.pop().filter(hold::prepared_is_v6)
         {
+            self.count_pool();
             (hold::bind_prepared_for_handover(p, kind, port)?, addr)
         } else {
             match hold::handover_socket(kind, addr, port, held, owner, v6only) {

@@ -198,16 +198,17 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             mode: m,
             allow_users,
             allow_groups,
+            netns,
         } => {
             let op = Operation::CreatePersistent;
-            outside_home(shared, caller, op)?;
             let m = m.unwrap_or(Mode::Exclude);
             let (start, count) = (u32::from(start), u32::from(count));
             let acl = resolve_acl(&allow_users, &allow_groups)?;
             let _serial = shared.persist_lock.lock().await;
+            let (at, store) = persistent_target(shared, caller, op, netns.as_deref())?;
             let command = portres_sys::process::command_line(caller.pid);
             let created = {
-                let mut st = shared.home();
+                let mut st = shared.space_at(at);
                 let State {
                     table, enforcer, ..
                 } = &mut *st;
@@ -224,20 +225,28 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     enforcer,
                 )
             };
-            let r = created?;
+            let r = match created {
+                Ok(r) => r,
+                Err(refusal) => {
+                    shared.spaces().drop_if_idle(at);
+                    return Err(refusal);
+                }
+            };
             // The reservation is in the table (so nobody else can take the block meanwhile);
             // the reply waits for the store's fsync, and a failed write takes it out again.
-            let store = shared.store.clone();
             let rec = StoredReservation::from_reservation(&r);
             let written = tokio::task::spawn_blocking(move || store.put(&rec))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|w| w.map_err(|e| e.to_string()));
             if let Err(e) = written {
-                let mut st = shared.home();
-                st.table.cancel(r.token);
-                st.retire(&r);
-                st.sync_keeper();
+                {
+                    let mut st = shared.space_at(at);
+                    st.table.cancel(r.token);
+                    st.retire(&r);
+                    st.sync_keeper();
+                }
+                shared.spaces().drop_if_idle(at);
                 tracing::error!(error = %e, "store write failed");
                 return Err(Refusal::new(
                     op,
@@ -248,20 +257,26 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     ),
                 ));
             }
-            shared.home().keep(&r, true);
+            shared.space_at(at).keep(&r, true);
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %r.token,
-                "created persistent reservation {}/{} ({})", r.range, r.protocol, r.mode
+                "created persistent reservation {}/{} ({}){}", r.range, r.protocol, r.mode,
+                netns.as_deref().map_or(String::new(), |n| format!(" in network namespace {n}"))
             );
-            compact_journal_if_due(shared).await;
+            if at.is_none() {
+                compact_journal_if_due(shared).await;
+            }
             Ok((reservation_ref(&r), None))
         }
         Request::LookupPersistent {
             protocol: p,
             start,
             count,
+            netns,
         } => {
-            let st = shared.home();
+            let op = Operation::LookupPersistent;
+            let (at, _) = persistent_target(shared, caller, op, netns.as_deref())?;
+            let st = shared.space_at(at);
             st.table
                 .lookup_persistent(p, u32::from(start), u32::from(count))
                 .map(|r| (reservation_ref(r), None))
@@ -270,20 +285,20 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             protocol: p,
             start,
             count,
+            netns,
         } => {
             let op = Operation::DeletePersistent;
-            outside_home(shared, caller, op)?;
             let (start, count) = (u32::from(start), u32::from(count));
             let _serial = shared.persist_lock.lock().await;
+            let (at, store) = persistent_target(shared, caller, op, netns.as_deref())?;
             let found = shared
-                .home()
+                .space_at(at)
                 .table
                 .check_delete_persistent(caller, p, start, count)
                 .map(|r| (r.token, r.range));
             let (token, range) = found?;
             // Off the disk first: a crash after this and before the reply leaves it deleted,
             // never half-deleted.
-            let store = shared.store.clone();
             let removed = tokio::task::spawn_blocking(move || store.delete(p, range.start()))
                 .await
                 .map_err(|e| e.to_string())
@@ -300,17 +315,21 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 ));
             }
             {
-                let mut st = shared.home();
+                let mut st = shared.space_at(at);
                 if let Some(r) = st.table.remove_persistent(token) {
                     st.retire(&r);
                     st.sync_keeper();
                 }
             }
+            shared.spaces().drop_if_idle(at);
             tracing::info!(
                 pid = caller.pid, uid = caller.uid, token = %token,
-                "deleted persistent reservation {range}/{p}"
+                "deleted persistent reservation {range}/{p}{}",
+                netns.as_deref().map_or(String::new(), |n| format!(" in network namespace {n}"))
             );
-            compact_journal_if_due(shared).await;
+            if at.is_none() {
+                compact_journal_if_due(shared).await;
+            }
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared, caller)), None)),
@@ -351,6 +370,65 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             "who/show reached the single-reply path",
         )),
     }
+}
+
+/// The namespace and store a persistent request acts on: the daemon's own (`netns` is
+/// `None`), or the `ip netns` namespace named (served from now on if it was not).
+fn persistent_target(
+    shared: &Shared,
+    caller: &Caller,
+    op: Operation,
+    netns: Option<&str>,
+) -> Result<(Option<portres_sys::netns::NetNsId>, Arc<crate::Store>), Refusal> {
+    let lookup = op == Operation::LookupPersistent;
+    let Some(name) = netns else {
+        if !lookup {
+            outside_home(shared, caller, op)?;
+        }
+        return Ok((None, shared.store.clone()));
+    };
+    let what = match op {
+        Operation::CreatePersistent => "create",
+        Operation::DeletePersistent => "delete",
+        _ => "look up",
+    };
+    if !lookup && !caller.admin {
+        return Err(Refusal::new(
+            op,
+            ErrorCode::AccessDenied,
+            format!(
+                "cannot {what} a persistent reservation: uid {} is not an administrator of this \
+                 daemon",
+                caller.uid
+            ),
+        ));
+    }
+    let state_dir = &shared.placement.state_dir;
+    if op != Operation::CreatePersistent
+        && !crate::namespaces::named_store_dir(state_dir, name).exists()
+    {
+        return Err(Refusal::new(
+            op,
+            ErrorCode::NotFound,
+            format!(
+                "cannot {what} the persistent reservation: none was ever made for network \
+                 namespace {:?}",
+                portres_core::printable(name)
+            ),
+        ));
+    }
+    let create = op == Operation::CreatePersistent;
+    shared
+        .spaces()
+        .named(name, create, state_dir, &shared.config)
+        .map(|(k, store)| (Some(k), store))
+        .map_err(|why| {
+            Refusal::new(
+                op,
+                ErrorCode::InvalidParameter,
+                format!("cannot {what} a persistent reservation in network namespace: {why}"),
+            )
+        })
 }
 
 /// Persistent reservations live in the daemon's own network namespace: a caller served in
@@ -468,6 +546,7 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
         netns: Some(all.info(st.at())),
         namespaces: all.status(),
         namespace_mode: Some(all.mode().into()),
+        namespace_problems: all.problems.clone(),
     }
 }
 

@@ -192,6 +192,12 @@ impl Shared {
         namespaces::SpaceGuard::new(all, at)
     }
 
+    /// The state of namespace `at` (`None`: the daemon's own), entered until the guard drops.
+    /// `at` must be served (e.g. it holds the reservation being worked on).
+    fn space_at(&self, at: Option<portres_sys::netns::NetNsId>) -> namespaces::SpaceGuard<'_> {
+        namespaces::SpaceGuard::new(self.state.lock().unwrap(), at)
+    }
+
     /// The daemon's own namespace's state (persistent reservations, the keeper).
     fn home(&self) -> namespaces::SpaceGuard<'_> {
         namespaces::SpaceGuard::new(self.state.lock().unwrap(), None)
@@ -278,7 +284,9 @@ impl Daemon {
             "table loaded"
         );
         server::sessions_from(restored.next_session);
-        let spaces = namespaces::Spaces::new(state, &config).map_err(StartError::Namespace)?;
+        let mut spaces = namespaces::Spaces::new(state, &config).map_err(StartError::Namespace)?;
+        // Persistent reservations of named namespaces (`persistent add --netns NAME`).
+        spaces.load_named(&placement.state_dir, &config);
         Ok(Daemon {
             shared: Arc::new(Shared {
                 state: Mutex::new(spaces),

@@ -29,11 +29,16 @@ use portres_core::{Owner, SessionId, Table, TableConfig};
 use portres_proto::{NamespaceStatus, NetnsInfo};
 use portres_sys::netns::{NetNs, NetNsId};
 
+use crate::store::Store;
 use crate::{Config, State};
 
 /// Most namespaces served at once besides the daemon's own (each costs a table, an enforcer
 /// with its sysctl descriptor, a bitmap of 64 KiB and a few prepared sockets).
 pub(crate) const MAX_NAMESPACES: usize = 1024;
+
+/// Most namespaces first served for one user who is not an administrator (anyone may make
+/// network namespaces with `unshare -Urn`: one user must not take every slot).
+pub(crate) const MAX_NAMESPACES_PER_USER: usize = 64;
 
 /// The namespaces served, each with its table and enforcer.
 pub(crate) struct Spaces {
@@ -45,6 +50,15 @@ pub(crate) struct Spaces {
     session_ns: HashMap<SessionId, NetNsId>,
     /// Whether clients are served in their own namespaces (`namespaces = "client"`).
     per_client: bool,
+    /// The named namespaces served, by name (one whose `/run/netns` file was removed since
+    /// stays reachable by its name while the daemon serves it).
+    names: HashMap<String, NetNsId>,
+    /// Records read from a named namespace's store, until loaded into its table.
+    pending: HashMap<String, Vec<crate::store::StoredReservation>>,
+    /// The stores of named namespaces' persistent reservations (`STATE/netns/NAME`), by name.
+    stores: HashMap<String, Arc<Store>>,
+    /// What could not be loaded or enforced of named namespaces' reservations, for `status`.
+    pub(crate) problems: Vec<String>,
 }
 
 /// Another namespace, served while it has sessions.
@@ -54,6 +68,8 @@ pub(crate) struct Other {
     sessions: usize,
     /// The first client served there (a process that lives in it), for `show` and `status`.
     pid: u32,
+    /// That client's uid (counted against [`MAX_NAMESPACES_PER_USER`]).
+    uid: u32,
     command: Option<String>,
 }
 
@@ -75,6 +91,10 @@ impl Spaces {
             others: HashMap::new(),
             session_ns: HashMap::new(),
             per_client: config.per_client_namespaces && !config.deny.all_namespaces,
+            stores: HashMap::new(),
+            problems: Vec::new(),
+            pending: HashMap::new(),
+            names: HashMap::new(),
         })
     }
 
@@ -86,6 +106,7 @@ impl Spaces {
         id: SessionId,
         owner: Owner,
         pid: u32,
+        admin: bool,
         config: &Config,
     ) -> Result<(), String> {
         if !self.per_client {
@@ -132,6 +153,15 @@ impl Spaces {
                      most; try again when some have ended"
                 ));
             }
+            let theirs = self.others.values().filter(|o| o.uid == owner.uid).count();
+            if !admin && theirs >= MAX_NAMESPACES_PER_USER {
+                return Err(format!(
+                    "uid {} already has {theirs} network namespaces served by this daemon, the \
+                     most for a user who is not an administrator; end sessions in some of them \
+                     first",
+                    owner.uid
+                ));
+            }
             let state = self.build_in(&ns, config)?;
             tracing::info!(
                 netns = key.ino,
@@ -146,6 +176,7 @@ impl Spaces {
                     ns: Arc::new(ns),
                     sessions: 0,
                     pid,
+                    uid: owner.uid,
                     command: owner.command.clone(),
                 },
             );
@@ -210,8 +241,19 @@ impl Spaces {
             return;
         };
         other.sessions -= 1;
+        self.drop_if_idle(Some(key));
+    }
+
+    /// Drops namespace `at` if it has no session and no reservation (e.g. its last persistent
+    /// reservation was deleted).
+    pub(crate) fn drop_if_idle(&mut self, at: Option<NetNsId>) {
+        let Some(key) = at else { return };
+        let Some(other) = self.others.get(&key) else {
+            return;
+        };
         if other.sessions == 0 && other.state.table.is_empty() {
             let mut other = self.others.remove(&key).expect("present");
+            self.names.retain(|_, k| *k != key);
             // Its released blocks leave its sysctl now (through the descriptor opened there).
             other.state.enforcer.shutdown();
             tracing::info!(
@@ -219,6 +261,156 @@ impl Spaces {
                 "network namespace net:[{}] has no session left: no longer served",
                 key.ino
             );
+        }
+    }
+
+    /// The namespace named `name` (`ip netns`: `/run/netns/NAME`), served from now on if it was
+    /// not (its persistent reservations, kept in `STATE/netns/NAME`, loaded into its table);
+    /// with `create`, its store is created if it has none. Refused, saying why, for a name
+    /// that is not a network namespace, or is the daemon's own.
+    pub(crate) fn named(
+        &mut self,
+        name: &str,
+        create: bool,
+        state_dir: &std::path::Path,
+        config: &Config,
+    ) -> Result<(NetNsId, Arc<Store>), String> {
+        check_name(name)?;
+        let path = std::path::Path::new("/run/netns").join(name);
+        let dir = named_store_dir(state_dir, name);
+        if let Some(&key) = self.names.get(name)
+            && self.others.contains_key(&key)
+            && NetNs::open(&path).is_err()
+        {
+            // `ip netns del` removed the name; the daemon's reservations keep it alive until
+            // they are deleted.
+            let store = self.stores.get(name).expect("loaded with it").clone();
+            return Ok((key, store));
+        }
+        let ns = NetNs::open(&path).map_err(|e| {
+            let kept = if dir.exists() {
+                format!(
+                    "; the persistent reservations made for it are kept in {} and apply again \
+                     once it exists (on first use, or at the daemon's next start)",
+                    dir.display()
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "there is no network namespace named {name:?} ({}: {e}); create it with `ip \
+                 netns add {name}`{kept}",
+                path.display()
+            )
+        })?;
+        let key = ns.id();
+        if key == self.home_ns.id() {
+            return Err(format!(
+                "{} is the daemon's own network namespace: leave out the namespace name",
+                path.display()
+            ));
+        }
+        if !create && !dir.exists() {
+            return Err(format!(
+                "no persistent reservation was made for network namespace {name}"
+            ));
+        }
+        let store = match self.stores.get(name) {
+            Some(s) => s.clone(),
+            None => self.open_store(name, &dir)?,
+        };
+        if !self.others.contains_key(&key) {
+            let state = self.build_in(&ns, config).map_err(|why| {
+                why.replace("the client is in", &format!("{} is", path.display()))
+            })?;
+            self.others.insert(
+                key,
+                Other {
+                    state,
+                    ns: Arc::new(ns),
+                    sessions: 0,
+                    pid: 0,
+                    uid: 0,
+                    command: None,
+                },
+            );
+            self.load_records(key, name, &store);
+        }
+        self.names.insert(name.to_string(), key);
+        Ok((key, store))
+    }
+
+    /// Opens (creating it if need be) the store of namespace `name`'s persistent reservations.
+    fn open_store(&mut self, name: &str, dir: &std::path::Path) -> Result<Arc<Store>, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let (store, records) = Store::open(dir).map_err(|e| e.to_string())?;
+        let store = Arc::new(store);
+        self.stores.insert(name.to_string(), store.clone());
+        self.pending.insert(name.to_string(), records);
+        Ok(store)
+    }
+
+    /// Puts the records read from `name`'s store into namespace `key`'s table and kernel.
+    fn load_records(&mut self, key: NetNsId, name: &str, store: &Store) {
+        let records = self.pending.remove(name).unwrap_or_default();
+        let before = format!("network namespace {name}:");
+        self.problems.retain(|p| !p.starts_with(&before));
+        let mut problems = Vec::new();
+        self.with(Some(key), |st| {
+            for rec in &records {
+                let r = match rec.to_reservation() {
+                    Ok(r) => r,
+                    Err(why) => {
+                        problems.push(format!(
+                            "{}: record {}: {why}",
+                            store.path().display(),
+                            rec.token
+                        ));
+                        continue;
+                    }
+                };
+                if let Err(e) = st.table.restore_persistent(r.clone()) {
+                    problems.push(format!("{}: {}", store.path().display(), e.message));
+                    continue;
+                }
+                st.enforcer.admit_persistent(&r);
+                st.keep(&r, true);
+            }
+            st.enforcer.sync_exclude();
+        });
+        if !records.is_empty() {
+            tracing::info!(
+                netns = key.ino,
+                "network namespace {name} (net:[{}]): {} persistent reservations enforced",
+                key.ino,
+                records.len() - problems.len()
+            );
+        }
+        for p in &problems {
+            tracing::error!("network namespace {name}: {p}");
+        }
+        self.problems
+            .extend(problems.into_iter().map(|p| format!("{before} {p}")));
+    }
+
+    /// At start: every named namespace with a store in `STATE/netns` is served, its
+    /// reservations enforced; what cannot be is logged and listed in `status`.
+    pub(crate) fn load_named(&mut self, state_dir: &std::path::Path, config: &Config) {
+        let Ok(dir) = std::fs::read_dir(state_dir.join("netns")) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if let Err(why) = self.named(&name, false, state_dir, config) {
+                tracing::warn!(
+                    "persistent reservations of network namespace {name} are not enforced: {why}"
+                );
+                self.problems
+                    .push(format!("network namespace {name}: not enforced: {why}"));
+            }
         }
     }
 
@@ -320,7 +512,7 @@ impl Spaces {
                 .iter()
                 .find(|(_, n)| *n == id)
                 .map(|(name, _)| name.clone()),
-            pid: other.map(|o| o.pid),
+            pid: other.map(|o| o.pid).filter(|&p| p != 0),
             command: other
                 .and_then(|o| o.command.clone())
                 .map(crate::visibility::cap_command),
@@ -354,6 +546,31 @@ impl Spaces {
             o.state.enforcer.shutdown();
         }
         self.session_ns.clear();
+    }
+}
+
+/// Where the persistent reservations of namespace `name` are kept.
+pub(crate) fn named_store_dir(state_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    state_dir.join("netns").join(name)
+}
+
+/// An `ip netns` name portres accepts: letters, digits, `-`, `_`, `.`, not starting with `.`,
+/// at most 64 bytes (it names a directory of the state directory).
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is not a network namespace name portres accepts: use letters, digits, '-', \
+             '_' and '.' (not first), at most 64 characters",
+            portres_core::printable(name)
+        ))
     }
 }
 
@@ -429,4 +646,29 @@ pub(crate) fn run_in<T>(ns: &NetNs, home: &NetNs, f: impl FnOnce() -> T) -> T {
     enter(ns);
     let _back = Back(home);
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn namespace_names_that_could_leave_the_state_directory_are_refused() {
+        for good in ["a", "ci-runner_7", "x.y", &"n".repeat(64)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "sp ace",
+            "é",
+            &"n".repeat(65),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -343,7 +343,7 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
     );
     let (opened, open) = {
         let mut all = shared.spaces();
-        let opened = all.open_session(id, owner, cred.pid, &shared.config);
+        let opened = all.open_session(id, owner, cred.pid, admin, &shared.config);
         (opened, all.session_count())
     };
     shared.session_peak.fetch_max(open, Ordering::Relaxed);

@@ -109,6 +109,10 @@ pub enum Request {
         /// Group names or numeric gids who may consume it.
         #[serde(default)]
         allow_groups: Vec<String>,
+        /// The `ip netns` name (a file of `/run/netns`) of the network namespace it belongs to;
+        /// default: the daemon's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
     },
     /// Find the token of the persistent reservation with exactly this start and count.
     LookupPersistent {
@@ -121,6 +125,10 @@ pub enum Request {
         /// Number of ports (1 to 65535).
         #[serde(deserialize_with = "fields::count")]
         count: u16,
+        /// The `ip netns` name (a file of `/run/netns`) of the network namespace it belongs to;
+        /// default: the daemon's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
     },
     /// Delete the persistent reservation with exactly this start and count (administrators).
     DeletePersistent {
@@ -133,6 +141,10 @@ pub enum Request {
         /// Number of ports (1 to 65535).
         #[serde(deserialize_with = "fields::count")]
         count: u16,
+        /// The `ip netns` name (a file of `/run/netns`) of the network namespace it belongs to;
+        /// default: the daemon's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
     },
     /// A socket bound to a port of a reservation, passed back with `SCM_RIGHTS`.
     Associate {
@@ -750,6 +762,10 @@ pub struct StatusInfo {
     /// `"client"` or `"daemon"` (see [`StatusInfo::namespaces`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_mode: Option<String>,
+    /// Persistent reservations of named network namespaces that could not be loaded or are
+    /// not enforced (e.g. the namespace does not exist), each with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespace_problems: Vec<String>,
 }
 
 /// The deny layer's kernel objects (in [`StatusInfo`]).

@@ -349,3 +349,201 @@ fn the_deny_layer_keys_each_namespace_apart() {
         "B's block is still denied"
     );
 }
+
+/// A namespace made with `ip netns add` (a file of /run/netns), deleted when dropped.
+struct NamedNetns {
+    name: String,
+}
+
+impl NamedNetns {
+    fn new(tag: &str) -> NamedNetns {
+        let name = format!("prt-{tag}-{}", std::process::id());
+        let out = run(std::process::Command::new("ip").args(["netns", "add", &name]));
+        assert!(out.status.success(), "ip netns add: {out:?}");
+        run(std::process::Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        NamedNetns { name }
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    fn reserved_ports(&self) -> String {
+        let out = run(std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .args(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// What a bind of 127.0.0.1:port by `nobody` in it gets ("bound" or an errno).
+    fn bind_as_nobody(&self, port: u16) -> String {
+        let script = format!(
+            "import socket\ns = socket.socket()\ntry:\n    s.bind(('127.0.0.1', {port}))\n    \
+             print('bound')\nexcept OSError as e:\n    print(e.errno)\n"
+        );
+        let out = run(std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .args([
+                &format!("--setuid={NOBODY}"),
+                &format!("--setgid={NOBODY}"),
+                "--",
+            ])
+            .args(["python3", "-c", &script]));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = run(std::process::Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// `portres ARGS` as root in the daemon's namespace.
+fn cli_in_daemon_ns(d: &TestDaemon, args: &[&str]) -> std::process::Output {
+    run(d
+        .nsenter()
+        .arg(BIN)
+        .args(args)
+        .env("PORTRES_SOCKET", &d.socket)
+        .env("PORTRES_AUTOSTART", "0"))
+}
+
+#[test]
+fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
+    let mut d = TestDaemon::with_config(CLIENT_NAMESPACES);
+    let n = NamedNetns::new("named");
+    let add = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "add",
+            "--netns",
+            &n.name,
+            "--start",
+            "42000",
+            "--count",
+            "2",
+            "--mode",
+            "hold",
+        ],
+    );
+    assert!(add.status.success(), "{add:?}");
+    // In the named namespace's sysctl and held there; not in the daemon's.
+    assert!(
+        contains_port(&n.reserved_ports(), 42001),
+        "{}",
+        n.reserved_ports()
+    );
+    assert_eq!(n.bind_as_nobody(42001), "98");
+    assert!(!contains_port(&d.reserved_ports(), 42001));
+    // Looked up by namespace; the daemon's own namespace has no such reservation.
+    let found = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "lookup",
+            "--netns",
+            &n.name,
+            "--start",
+            "42000",
+            "--count",
+            "2",
+        ],
+    );
+    assert!(found.status.success(), "{found:?}");
+    let home = cli_in_daemon_ns(
+        &d,
+        &["persistent", "lookup", "--start", "42000", "--count", "2"],
+    );
+    assert!(!home.status.success());
+
+    // A restart (a stop that releases everything, then a start): loaded from its store.
+    d.stop();
+    assert!(
+        !contains_port(&n.reserved_ports(), 42001),
+        "released at the stop"
+    );
+    d.launch();
+    assert!(
+        contains_port(&n.reserved_ports(), 42001),
+        "{}",
+        n.reserved_ports()
+    );
+    assert_eq!(n.bind_as_nobody(42001), "98");
+    let all = json(&cli_in_daemon_ns(
+        &d,
+        &["--json", "show", "--all-namespaces"],
+    ));
+    let rows = all["reservations"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{all}");
+    assert_eq!(rows[0]["netns"]["name"], n.name.as_str(), "{all}");
+    assert_eq!(rows[0]["kind"], "persistent");
+
+    // A client inside the namespace is served against it: the block is taken there.
+    let out = run(std::process::Command::new("nsenter")
+        .arg(format!("--net={}", n.path()))
+        .arg(BIN)
+        .args(["run", "--start", "42001", "--", "true"])
+        .env("PORTRES_SOCKET", &d.socket)
+        .env("PORTRES_AUTOSTART", "0"));
+    assert!(!out.status.success(), "{out:?}");
+
+    // Deleted: out of its sysctl, bindable again, and the namespace no longer served.
+    let del = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "delete",
+            "--netns",
+            &n.name,
+            "--start",
+            "42000",
+            "--count",
+            "2",
+        ],
+    );
+    assert!(del.status.success(), "{del:?}");
+    wait_until(
+        "the block leaves the sysctl",
+        Duration::from_secs(10),
+        || !contains_port(&n.reserved_ports(), 42001),
+    );
+    assert_eq!(n.bind_as_nobody(42001), "bound");
+    assert_eq!(daemon_status(&d)["namespaces"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_named_namespace_that_does_not_exist_or_a_bad_name_is_refused() {
+    let d = TestDaemon::with_config(CLIENT_NAMESPACES);
+    let out = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "add",
+            "--netns",
+            "prt-no-such-ns",
+            "--start",
+            "42100",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ip netns add prt-no-such-ns"), "{err}");
+    for bad in ["../etc", ".hidden", "a/b", ""] {
+        let out = cli_in_daemon_ns(
+            &d,
+            &["persistent", "add", "--netns", bad, "--start", "42100"],
+        );
+        assert!(!out.status.success(), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not a network namespace name"),
+            "{bad:?}: {err}"
+        );
+    }
+    // Nothing was created on disk for them.
+    assert!(!d.state_dir.join("netns").join("prt-no-such-ns").exists());
+    assert!(!d.state_dir.join("etc").exists());
+    assert_eq!(daemon_status(&d)["counts"]["persistent"], 0);
+}
