@@ -214,6 +214,10 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Autostart runs this very executable as the daemon, whatever it is called.
+    if let Ok(me) = std::env::current_exe() {
+        portres_client::set_daemon_binary(me);
+    }
     let json = cli.json;
     match dispatch(cli) {
         Ok(code) => code,

@@ -26,5 +26,6 @@ mod needs_root {
     mod runtime;
     mod scale;
     mod security;
+    mod testing_helpers;
     mod visibility;
 }

@@ -18,11 +18,25 @@ use std::process::{Command, Stdio};
 
 use crate::Error;
 
-/// The `portres` executable to start: `PORTRES_DAEMON_BIN`; this program if it is `portres`; a
-/// `portres` beside this program or one directory up (cargo's `target/*/deps` layout); `PATH`.
+/// The executable set by [`set_daemon_binary`].
+static DAEMON_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes autostart run `path` as the daemon (`path daemon --socket ...`) unless
+/// `PORTRES_DAEMON_BIN` names another: the `portres` CLI sets its own executable, so a renamed
+/// or relocated binary starts itself. Only the first call counts.
+pub fn set_daemon_binary(path: PathBuf) {
+    let _ = DAEMON_BINARY.set(path);
+}
+
+/// The `portres` executable to start: `PORTRES_DAEMON_BIN`; the one set with
+/// [`set_daemon_binary`]; this program if it is `portres`; a `portres` beside this program or
+/// one directory up (cargo's `target/*/deps` layout); `PATH`.
 fn daemon_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PORTRES_DAEMON_BIN").filter(|p| !p.is_empty()) {
         return Some(p.into());
+    }
+    if let Some(p) = DAEMON_BINARY.get() {
+        return Some(p.clone());
     }
     let exe = std::env::current_exe().ok();
     if let Some(exe) = &exe {
@@ -110,4 +124,42 @@ pub(crate) fn start_daemon(socket: &Path, state_dir: &Path) -> Result<(), Error>
         log_path.display(),
         tail(&log_path, 15)
     )))
+}
+
+/// After starting a daemon: when it is a per-user daemon that cannot enforce every layer, says
+/// once, in one line on standard error, what is and is not enforced and how to get the rest
+/// (`PORTRES_QUIET=1` silences it).
+pub(crate) fn say_what_is_enforced(client: &crate::Client) {
+    if std::env::var_os("PORTRES_QUIET").is_some_and(|v| v == "1") {
+        return;
+    }
+    let Ok(status) = client.status() else { return };
+    let off: Vec<&str> = status
+        .layers
+        .iter()
+        .filter(|l| !l.active)
+        .map(|l| l.name.as_str())
+        .collect();
+    if status.scope != "user" || off.is_empty() {
+        return;
+    }
+    let mut not = Vec::new();
+    if off.contains(&"deny") {
+        not.push("a program that binds an exclude-mode port by number is not stopped");
+    }
+    if off.contains(&"exclude") {
+        not.push("the kernel may hand an exclude-mode port out as an ephemeral port");
+    }
+    if off.contains(&"hold") {
+        not.push("held ports are not bound");
+    }
+    eprintln!(
+        "portres: started a per-user daemon (pid {}, {}): other portres clients never get your \
+         ports, but {} (layers off: {}); for full enforcement run the system daemon as root \
+         (`sudo portres daemon`, or the unit in contrib/); `portres status` says why",
+        status.pid,
+        status.socket,
+        not.join(", and "),
+        off.join(", ")
+    );
 }

@@ -198,7 +198,9 @@ impl Client {
                     ) =>
             {
                 crate::autostart::start_daemon(socket, &paths::state_dir(scope))?;
-                Self::connect_to(socket)
+                let client = Self::connect_to(socket)?;
+                crate::autostart::say_what_is_enforced(&client);
+                Ok(client)
             }
             other => other,
         }

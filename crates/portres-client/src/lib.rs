@@ -15,6 +15,7 @@
 //! - [`Error`] (`error.rs`): one variant per outcome of SPEC §2, plus transport failures.
 //! - [`paths`]: where the daemon's socket, state and configuration live by default.
 //! - `autostart.rs`: starting a user-mode daemon when none answers.
+//! - [`testing`]: reserved ports for tests (`cargo test`, `cargo nextest`), never probed.
 //! - [`windows`]: the persistent functions with their Windows names and conventions.
 #![deny(missing_docs)]
 
@@ -22,9 +23,11 @@ mod autostart;
 mod client;
 mod error;
 pub mod paths;
+pub mod testing;
 pub mod trust;
 pub mod windows;
 
+pub use autostart::set_daemon_binary;
 pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket, reconnect_limit};
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
