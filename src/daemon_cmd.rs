@@ -18,6 +18,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub print_ready: bool,
+    /// `--portserver [ADDRESS]`.
+    pub portserver: Option<String>,
 }
 
 use portres_daemon::deny::lock_path;
@@ -115,7 +117,21 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         socket: socket.clone(),
         state_dir: state_dir.clone(),
     };
-    let daemon = Daemon::open(config, placement)?;
+    let portserver = opts
+        .portserver
+        .clone()
+        .or_else(|| config.portserver.clone());
+    let mut daemon = Daemon::open(config, placement)?;
+    if let Some(address) = &portserver {
+        let l = portres_daemon::portserver::bind(address).with_context(|| {
+            format!(
+                "cannot listen for the portserver protocol on {address} (is another portserver \
+                 there? give --portserver another address)"
+            )
+        })?;
+        daemon.serve_portserver(l, address);
+        tracing::info!(%address, "answering the portserver protocol");
+    }
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     let our_socket = fs::symlink_metadata(&socket).ok().map(|m| {

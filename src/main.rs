@@ -44,6 +44,12 @@ enum Command {
         /// ~/.config/portres/config.toml for a user daemon.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Also answer Google's portserver protocol (what portpicker's `pick_unused_port()`
+        /// asks when PORTSERVER_ADDRESS is set) at ADDRESS: `@name` (an abstract socket) or a
+        /// path; default `@unittest-portserver`. Overrides `portserver` in the configuration.
+        #[arg(long, value_name = "ADDRESS", num_args = 0..=1,
+              default_missing_value = portres_daemon::portserver::DEFAULT_ADDRESS)]
+        portserver: Option<String>,
         /// Write READY on stdout once the socket accepts, then detach stdout (used by autostart).
         #[arg(long, hide = true)]
         print_ready: bool,
@@ -243,12 +249,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             config,
             print_ready,
+            portserver,
             ..
         } => daemon_cmd::run(daemon_cmd::Options {
             socket: cli.socket.clone(),
             state_dir: state_dir.clone(),
             config: config.clone(),
             print_ready: *print_ready,
+            portserver: portserver.clone(),
         }),
         Command::Holder => {
             portres_daemon::holder::serve_stdin()?;

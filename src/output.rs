@@ -91,6 +91,9 @@ pub fn status(s: &StatusInfo, json: bool) {
         c.ports_reserved, c.ports_held, c.ports_handed_out
     );
     println!("  sessions:       {}", c.sessions);
+    if let Some(p) = &s.portserver {
+        println!("  portserver:     {}", printable(p));
+    }
     if let Some(ns) = &s.netns {
         println!(
             "  namespace:      {} (clients are served in {}); the lines above are its",

@@ -21,6 +21,7 @@ mod needs_root {
     mod live_restore;
     mod namespaces;
     mod persistent;
+    mod portserver;
     mod protocol;
     mod reliability;
     mod runtime;

@@ -29,6 +29,10 @@
 //! # a container gets a reservation in the container's ports) or "daemon" (the daemon's, for
 //! # every client: a daemon dedicated to one namespace, driven from outside it).
 //! namespaces = "client"
+//! # Also answer Google's portserver protocol (portpicker's PORTSERVER_ADDRESS) here: "@name"
+//! # (an abstract socket) or a path; grants come from portserver_range, or the dynamic range.
+//! portserver = "@unittest-portserver"
+//! portserver_range = "20000-29999"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -58,6 +62,8 @@ struct ConfigFile {
     deny_errno: Option<String>,
     deny_all_namespaces: Option<bool>,
     namespaces: Option<String>,
+    portserver: Option<String>,
+    portserver_range: Option<String>,
 }
 
 /// Why the configuration could not be used.
@@ -105,6 +111,10 @@ pub struct Config {
     /// Whether each client is served in its own network namespace (`namespaces = "client"`,
     /// the default) or in the daemon's (`"daemon"`).
     pub per_client_namespaces: bool,
+    /// The portserver protocol's address (`@name` or a path), when it is served.
+    pub portserver: Option<String>,
+    /// Where portserver grants come from (default: the dynamic range).
+    pub portserver_range: Option<PortRange>,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -130,6 +140,8 @@ impl Default for Config {
             live_restore_secs: DEFAULT_LIVE_RESTORE_SECS,
             deny: crate::deny::DenySettings::default(),
             per_client_namespaces: true,
+            portserver: None,
+            portserver_range: None,
             source: None,
         }
     }
@@ -222,7 +234,24 @@ impl Config {
                 )));
             }
         };
+        if let Some(a) = &file.portserver
+            && (a.is_empty() || a == "@")
+        {
+            return Err(invalid(
+                "portserver = \"\": give \"@name\" (an abstract socket) or a path".into(),
+            ));
+        }
+        let portserver_range = file
+            .portserver_range
+            .map(|r| {
+                r.parse::<PortRange>().map_err(|e| {
+                    invalid(format!("portserver_range: {e}; write it as \"FIRST-LAST\""))
+                })
+            })
+            .transpose()?;
         Ok(Config {
+            portserver: file.portserver,
+            portserver_range,
             per_client_namespaces,
             live_restore_secs,
             deny,
@@ -269,6 +298,8 @@ mod tests {
             "deny_errno = \"ENOENT\"",
             "deny = \"yes\"",
             "namespaces = \"host\"",
+            "portserver = \"\"",
+            "portserver_range = \"9-1\"",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

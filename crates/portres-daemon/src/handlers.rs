@@ -431,6 +431,73 @@ fn persistent_target(
         })
 }
 
+/// A portserver grant (`portserver.rs`): one TCP port in `exclude` mode for `caller` (the
+/// grantee's session), from the dynamic range, or from `range` searched from `cursor` on.
+pub(crate) fn portserver_acquire(
+    shared: &Shared,
+    caller: &Caller,
+    range: Option<portres_core::PortRange>,
+    cursor: &std::sync::atomic::AtomicU32,
+) -> Result<Reservation, Refusal> {
+    use std::sync::atomic::Ordering;
+    let mut st = shared.space(caller.session);
+    let State {
+        table, enforcer, ..
+    } = &mut *st;
+    let result = match range {
+        None => table.acquire(
+            caller,
+            Protocol::Tcp,
+            0,
+            1,
+            Mode::Exclude,
+            now(),
+            &mut OsRandom,
+            enforcer,
+        ),
+        Some(range) => {
+            let n = u32::from(range.count());
+            let from = cursor.load(Ordering::Relaxed);
+            let mut last = None;
+            let mut found = None;
+            for i in 0..n {
+                let port = u32::from(range.start()) + (from + i) % n;
+                match table.acquire(
+                    caller,
+                    Protocol::Tcp,
+                    port,
+                    1,
+                    Mode::Exclude,
+                    now(),
+                    &mut OsRandom,
+                    enforcer,
+                ) {
+                    Ok(r) => {
+                        cursor.store((from + i + 1) % n, Ordering::Relaxed);
+                        found = Some(r);
+                        break;
+                    }
+                    Err(e) if e.code == ErrorCode::QuotaExceeded => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            found.ok_or_else(|| {
+                last.unwrap_or_else(|| {
+                    internal(Operation::AcquireRuntime, "portserver", "empty range")
+                })
+            })
+        }
+    };
+    if let Ok(r) = &result {
+        st.keep(r, false);
+    }
+    log_outcome(caller, "portserver grant", &result);
+    result
+}
+
 /// Persistent reservations live in the daemon's own network namespace: a caller served in
 /// another one is refused a change to them (it would change another port space than its own).
 fn outside_home(shared: &Shared, caller: &Caller, op: Operation) -> Result<(), Refusal> {
@@ -547,6 +614,10 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
         namespaces: all.status(),
         namespace_mode: Some(all.mode().into()),
         namespace_problems: all.problems.clone(),
+        portserver: shared
+            .portserver
+            .as_deref()
+            .map(|a| crate::portserver::describe(a, shared.config.portserver_range)),
     }
 }
 

@@ -18,6 +18,7 @@
 //! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
 //! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
 //! - `namespaces`: a table and enforcer per network namespace, each client served in its own.
+//! - [`portserver`]: Google's portserver protocol (portpicker's `PORTSERVER_ADDRESS`).
 //! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
 pub mod config;
@@ -28,6 +29,7 @@ pub mod holder;
 pub mod journal;
 pub mod keeper;
 mod namespaces;
+pub mod portserver;
 mod restore;
 mod server;
 pub mod store;
@@ -180,6 +182,10 @@ struct Shared {
     release_on_stop: std::sync::atomic::AtomicBool,
     /// A `shutdown` request was granted (the daemon stops once it is answered).
     stop_requested: std::sync::atomic::AtomicBool,
+    /// The processes the portserver endpoint granted ports to.
+    grantees: portserver::Grantees,
+    /// The portserver endpoint's address, when it is served.
+    portserver: Option<String>,
 }
 
 impl Shared {
@@ -254,6 +260,8 @@ impl Checks {
 /// A daemon ready to serve: configuration read, store opened, persistent reservations loaded.
 pub struct Daemon {
     shared: Arc<Shared>,
+    /// The portserver socket, bound ([`Daemon::serve_portserver`]).
+    portserver: Option<std::os::unix::net::UnixListener>,
 }
 
 impl Daemon {
@@ -309,8 +317,21 @@ impl Daemon {
                 stop: tokio::sync::Notify::new(),
                 release_on_stop: std::sync::atomic::AtomicBool::new(false),
                 stop_requested: std::sync::atomic::AtomicBool::new(false),
+                grantees: portserver::Grantees::default(),
+                portserver: None,
             }),
+            portserver: None,
         })
+    }
+
+    /// Also answers Google's portserver protocol on `listener` (bound with
+    /// [`portserver::bind`]) while it runs.
+    /// `address` is what `status` shows.
+    pub fn serve_portserver(&mut self, listener: std::os::unix::net::UnixListener, address: &str) {
+        self.portserver = Some(listener);
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.portserver = Some(address.to_string());
+        }
     }
 
     /// Serves `listener` until `shutdown` completes or a `shutdown` request arrives. Then, with
@@ -324,6 +345,18 @@ impl Daemon {
     ) {
         let shared = self.shared.clone();
         restore::watch_restored_owners(&shared);
+        if let Some(l) = self.portserver {
+            match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(portserver::serve(
+                        shared.clone(),
+                        l,
+                        std::future::pending::<()>(),
+                    ));
+                }
+                Err(e) => tracing::error!(error = %e, "portserver: cannot serve its socket"),
+            }
+        }
         let stop = async {
             tokio::select! {
                 _ = shutdown => {}

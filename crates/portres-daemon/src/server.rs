@@ -18,6 +18,20 @@ use crate::handlers::{self, Answer};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh session id.
+pub(crate) fn new_session_id() -> u64 {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Whether uid `uid` with groups `gids` administers this daemon: root, the daemon's own user,
+/// `admin_users`, `admin_groups`.
+pub(crate) fn is_admin(shared: &Shared, uid: u32, gids: &[u32]) -> bool {
+    uid == 0
+        || uid == shared.own_uid
+        || shared.config.admin_uids.contains(&uid)
+        || gids.iter().any(|g| shared.config.admin_gids.contains(g))
+}
+
 /// New sessions get ids from `next` on (above those carried over from a predecessor).
 pub(crate) fn sessions_from(next: u64) {
     NEXT_SESSION.fetch_max(next, Ordering::Relaxed);
@@ -239,7 +253,7 @@ const EXCLUDE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_milli
 /// current reply (and those of every other session ready at the same time), writing newly held
 /// blocks to `ip_local_reserved_ports` and refilling the prepared placeholder sockets; a little
 /// later, writing released blocks out of it.
-fn schedule_background_work(shared: &Arc<Shared>) {
+pub(crate) fn schedule_background_work(shared: &Arc<Shared>) {
     let (soon, dirty, copies) = {
         let all = shared.spaces();
         let sessions = all.session_count();
@@ -317,11 +331,8 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
     };
     let mut gids = portres_sys::creds::peer_groups(&stream).unwrap_or_default();
     gids.push(cred.gid);
-    let admin = cred.uid == 0
-        || cred.uid == shared.own_uid
-        || shared.config.admin_uids.contains(&cred.uid)
-        || gids.iter().any(|g| shared.config.admin_gids.contains(g));
-    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let admin = is_admin(&shared, cred.uid, &gids);
+    let id = new_session_id();
     let caller = Caller {
         session: id,
         pid: cred.pid,

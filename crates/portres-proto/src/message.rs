@@ -766,6 +766,9 @@ pub struct StatusInfo {
     /// not enforced (e.g. the namespace does not exist), each with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespace_problems: Vec<String>,
+    /// Where the daemon also answers Google's portserver protocol, and from which ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portserver: Option<String>,
 }
 
 /// The deny layer's kernel objects (in [`StatusInfo`]).
