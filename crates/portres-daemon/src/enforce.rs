@@ -46,10 +46,11 @@ fn in_use(protocol: Protocol, port: u16) -> ClaimError {
     })
 }
 
-/// This boot and network namespace, as the journal records them: `BOOT_ID NETNS_INODE`.
+/// This boot and the calling thread's network namespace, as the journal records them:
+/// `BOOT_ID NETNS_INODE`.
 fn sysctl_identity() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let netns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| {
+    let netns = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| {
         use std::os::unix::fs::MetadataExt;
         m.ino()
     });
@@ -103,7 +104,8 @@ struct Exclude {
 
 impl Exclude {
     /// The calling thread's namespace's sysctl; `state_dir` holds the journal (the daemon's own
-    /// namespace), `None` for another namespace.
+    /// namespace, a named one's store directory), `None` for a namespace without one (a
+    /// container's: its entries end with it).
     fn open(state_dir: Option<&std::path::Path>) -> Exclude {
         let journal = state_dir.map(|d| d.join("reserved_ports.before"));
         let mut x = Exclude {
@@ -361,7 +363,9 @@ impl Enforcer {
     /// An enforcer for the network namespace the calling thread is in (it must have entered
     /// it: the sysctl is opened and the cookie read there), sharing this one's deny layer, UDP
     /// programs and settings.
-    pub(crate) fn for_this_namespace(&self) -> Enforcer {
+    /// `journal_dir` keeps its `ip_local_reserved_ports` journal (a named namespace's store
+    /// directory), so a successor after a crash tells this daemon's entries from others'.
+    pub(crate) fn for_this_namespace(&self, journal_dir: Option<&std::path::Path>) -> Enforcer {
         Enforcer {
             holder_uid: self.holder_uid,
             own_uid: self.own_uid,
@@ -376,7 +380,7 @@ impl Enforcer {
             unheld: HashMap::new(),
             handed: HashMap::new(),
             orphans: HashMap::new(),
-            exclude: Exclude::open(None),
+            exclude: Exclude::open(journal_dir),
             nofile: self.nofile,
             udp_programs: self.udp_programs.clone(),
             classic_steered: std::collections::HashSet::new(),

@@ -159,6 +159,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             let m = m.unwrap_or(Mode::Hold);
             let (start, count) = (u32::from(start), u32::from(count));
             let mut st = shared.space(caller.session);
+            quota_across_namespaces(&st, caller, count)?;
             let State {
                 table, enforcer, ..
             } = &mut *st;
@@ -276,10 +277,14 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
         } => {
             let op = Operation::LookupPersistent;
             let (at, _) = persistent_target(shared, caller, op, netns.as_deref())?;
-            let st = shared.space_at(at);
-            st.table
+            let found = shared
+                .space_at(at)
+                .table
                 .lookup_persistent(p, u32::from(start), u32::from(count))
-                .map(|r| (reservation_ref(r), None))
+                .map(|r| (reservation_ref(r), None));
+            // A namespace served only for this answer is let go again.
+            shared.spaces().drop_if_idle(at);
+            found
         }
         Request::DeletePersistent {
             protocol: p,
@@ -296,6 +301,9 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 .table
                 .check_delete_persistent(caller, p, start, count)
                 .map(|r| (r.token, r.range));
+            if found.is_err() {
+                shared.spaces().drop_if_idle(at);
+            }
             let (token, range) = found?;
             // Off the disk first: a crash after this and before the reply leaves it deleted,
             // never half-deleted.
@@ -403,6 +411,13 @@ fn persistent_target(
             ),
         ));
     }
+    crate::namespaces::check_name(name).map_err(|why| {
+        Refusal::new(
+            op,
+            ErrorCode::InvalidParameter,
+            format!("cannot {what} a persistent reservation: {why}"),
+        )
+    })?;
     let state_dir = &shared.placement.state_dir;
     if op != Operation::CreatePersistent
         && !crate::namespaces::named_store_dir(state_dir, name).exists()
@@ -431,6 +446,41 @@ fn persistent_target(
         })
 }
 
+/// A user's runtime quota covers every namespace together (each table counts only its own):
+/// refuses `count` more ports for `caller` when its ports in the other namespaces and in this
+/// one would exceed it.
+fn quota_across_namespaces(
+    st: &crate::namespaces::SpaceGuard<'_>,
+    caller: &Caller,
+    count: u32,
+) -> Result<(), Refusal> {
+    if caller.admin {
+        return Ok(());
+    }
+    let all = st.spaces();
+    let total: u32 = all
+        .all()
+        .map(|s| s.table.runtime_ports_of(caller.uid))
+        .sum();
+    let here = st.table.runtime_ports_of(caller.uid);
+    let quota = st.table.config().runtime_quota;
+    if total > here && total.saturating_add(count) > quota {
+        return Err(Refusal::new(
+            Operation::AcquireRuntime,
+            ErrorCode::QuotaExceeded,
+            format!(
+                "cannot reserve {count} more ports: uid {} holds {total} runtime ports across the \
+                 network namespaces this daemon serves ({} in others), and the quota is {quota} \
+                 for all of them together; release reservations it no longer needs, or ask an \
+                 administrator to raise runtime_quota_ports",
+                caller.uid,
+                total - here
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A portserver grant (`portserver.rs`): one TCP port in `exclude` mode for `caller` (the
 /// grantee's session), from the dynamic range, or from `range` searched from `cursor` on.
 pub(crate) fn portserver_acquire(
@@ -441,6 +491,7 @@ pub(crate) fn portserver_acquire(
 ) -> Result<Reservation, Refusal> {
     use std::sync::atomic::Ordering;
     let mut st = shared.space(caller.session);
+    quota_across_namespaces(&st, caller, 1)?;
     let State {
         table, enforcer, ..
     } = &mut *st;
@@ -611,7 +662,19 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
             info
         }),
         netns: Some(all.info(st.at())),
-        namespaces: all.status(),
+        // Other namespaces' first clients (pid, command) are for administrators.
+        namespaces: if caller.admin {
+            all.status()
+        } else {
+            all.status()
+                .into_iter()
+                .map(|mut n| {
+                    n.netns.pid = None;
+                    n.netns.command = None;
+                    n
+                })
+                .collect()
+        },
         namespace_mode: Some(all.mode().into()),
         namespace_problems: all.problems.clone(),
         portserver: shared

@@ -292,7 +292,8 @@ impl Daemon {
             "table loaded"
         );
         server::sessions_from(restored.next_session);
-        let mut spaces = namespaces::Spaces::new(state, &config).map_err(StartError::Namespace)?;
+        let mut spaces = namespaces::Spaces::new(state, &config, &placement.state_dir)
+            .map_err(StartError::Namespace)?;
         // Persistent reservations of named namespaces (`persistent add --netns NAME`).
         spaces.load_named(&placement.state_dir, &config);
         Ok(Daemon {

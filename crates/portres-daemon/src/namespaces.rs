@@ -50,6 +50,8 @@ pub(crate) struct Spaces {
     session_ns: HashMap<SessionId, NetNsId>,
     /// Whether clients are served in their own namespaces (`namespaces = "client"`).
     per_client: bool,
+    /// The daemon's state directory (named namespaces' stores are under `netns/`).
+    state_dir: std::path::PathBuf,
     /// The named namespaces served, by name (one whose `/run/netns` file was removed since
     /// stays reachable by its name while the daemon serves it).
     names: HashMap<String, NetNsId>,
@@ -84,7 +86,11 @@ fn return_home(home: &NetNs) {
 
 impl Spaces {
     /// The daemon's own namespace is the one the calling thread is in.
-    pub(crate) fn new(home: State, config: &Config) -> std::io::Result<Spaces> {
+    pub(crate) fn new(
+        home: State,
+        config: &Config,
+        state_dir: &std::path::Path,
+    ) -> std::io::Result<Spaces> {
         Ok(Spaces {
             home,
             home_ns: Arc::new(NetNs::current()?),
@@ -95,6 +101,7 @@ impl Spaces {
             problems: Vec::new(),
             pending: HashMap::new(),
             names: HashMap::new(),
+            state_dir: state_dir.to_path_buf(),
         })
     }
 
@@ -108,6 +115,7 @@ impl Spaces {
         pid: u32,
         admin: bool,
         config: &Config,
+        pidfd: Option<&std::os::fd::OwnedFd>,
     ) -> Result<(), String> {
         if !self.per_client {
             self.home.table.open_session(id, owner);
@@ -141,6 +149,14 @@ impl Spaces {
                  namespace"
             )
         })?;
+        // The pid named the client when it connected; a pidfd taken then (SO_PEERPIDFD) that
+        // has not exited proves the namespace just read is still that process's.
+        if pidfd.is_some_and(portres_sys::process::pidfd_exited) {
+            return Err(format!(
+                "the client (pid {pid}) exited before the daemon could tell its network \
+                 namespace"
+            ));
+        }
         let key = ns.id();
         if key == self.home_ns.id() {
             self.home.table.open_session(id, owner);
@@ -162,7 +178,11 @@ impl Spaces {
                     owner.uid
                 ));
             }
-            let state = self.build_in(&ns, config)?;
+            let named = self.stored_name_of(key);
+            let journal = named
+                .as_deref()
+                .map(|n| named_store_dir(&self.state_dir, n));
+            let state = self.build_in(&ns, config, journal.as_deref())?;
             tracing::info!(
                 netns = key.ino,
                 pid,
@@ -180,6 +200,10 @@ impl Spaces {
                     command: owner.command.clone(),
                 },
             );
+            // A named namespace with persistent reservations: they apply from now on.
+            if let Some(name) = named {
+                self.named_loaded(&name, key);
+            }
         }
         let other = self.others.get_mut(&key).expect("inserted");
         other.sessions += 1;
@@ -188,8 +212,46 @@ impl Spaces {
         Ok(())
     }
 
+    /// The `ip netns` name of namespace `key`, if reservations were ever made for that name
+    /// (its store exists) and they are not loaded yet.
+    fn stored_name_of(&self, key: NetNsId) -> Option<String> {
+        portres_sys::netns::named()
+            .into_iter()
+            .find(|(name, id)| {
+                *id == key
+                    && !self.names.contains_key(name)
+                    && named_store_dir(&self.state_dir, name).is_dir()
+            })
+            .map(|(name, _)| name)
+    }
+
+    /// Loads `name`'s store into namespace `key` (served already); failures go to `problems`.
+    fn named_loaded(&mut self, name: &str, key: NetNsId) {
+        let dir = named_store_dir(&self.state_dir, name);
+        let store = match self.stores.get(name) {
+            Some(s) => s.clone(),
+            None => match self.open_store(name, &dir) {
+                Ok(s) => s,
+                Err(why) => {
+                    self.problems
+                        .push(format!("network namespace {name}: not enforced: {why}"));
+                    return;
+                }
+            },
+        };
+        if self.pending.contains_key(name) {
+            self.load_records(key, name, &store);
+        }
+        self.names.insert(name.to_string(), key);
+    }
+
     /// A table and enforcer made inside `ns`.
-    fn build_in(&mut self, ns: &NetNs, config: &Config) -> Result<State, String> {
+    fn build_in(
+        &mut self,
+        ns: &NetNs,
+        config: &Config,
+        journal_dir: Option<&std::path::Path>,
+    ) -> Result<State, String> {
         if let Err(e) = ns.enter() {
             let why = if e.raw_os_error() == Some(1) {
                 format!(
@@ -212,7 +274,7 @@ impl Spaces {
             Some(r) => Ok(r),
             None => portres_sys::ports::ip_local_port_range(),
         };
-        let enforcer = self.home.enforcer.for_this_namespace();
+        let enforcer = self.home.enforcer.for_this_namespace(journal_dir);
         return_home(&self.home_ns);
         let dynamic_range = dynamic_range.map_err(|e| {
             format!(
@@ -276,6 +338,14 @@ impl Spaces {
         config: &Config,
     ) -> Result<(NetNsId, Arc<Store>), String> {
         check_name(name)?;
+        if config.deny.all_namespaces {
+            return Err(
+                "the deny layer is keyed without namespaces (deny_all_namespaces = true): a \
+                 reservation for one namespace would hold in all of them; turn that off to \
+                 reserve per namespace"
+                    .into(),
+            );
+        }
         let path = std::path::Path::new("/run/netns").join(name);
         let dir = named_store_dir(state_dir, name);
         if let Some(&key) = self.names.get(name)
@@ -320,7 +390,13 @@ impl Spaces {
             None => self.open_store(name, &dir)?,
         };
         if !self.others.contains_key(&key) {
-            let state = self.build_in(&ns, config).map_err(|why| {
+            if self.others.len() >= MAX_NAMESPACES {
+                return Err(format!(
+                    "the daemon already serves {MAX_NAMESPACES} other network namespaces, its \
+                     most; try again when some have ended"
+                ));
+            }
+            let state = self.build_in(&ns, config, Some(&dir)).map_err(|why| {
                 why.replace("the client is in", &format!("{} is", path.display()))
             })?;
             self.others.insert(
@@ -334,10 +410,61 @@ impl Spaces {
                     command: None,
                 },
             );
+        }
+        // The name now names another namespace than the one its reservations are in (`ip netns
+        // del` then `add` while the daemon ran): they move to the new one.
+        if let Some(old) = self.names.get(name).copied().filter(|&old| old != key) {
+            self.move_persistent(old, key, name);
+        }
+        // Its records, read when its store was opened (at first use, which may come after a
+        // client inside it made the daemon serve it), go into its table.
+        if self.pending.contains_key(name) {
             self.load_records(key, name, &store);
         }
         self.names.insert(name.to_string(), key);
         Ok((key, store))
+    }
+
+    /// Moves every persistent reservation of namespace `from` to `to` (the name `name` was
+    /// given to another namespace); `from` is dropped if nothing else keeps it.
+    fn move_persistent(&mut self, from: NetNsId, to: NetNsId, name: &str) {
+        if !self.others.contains_key(&from) {
+            return;
+        }
+        let moved: Vec<portres_core::Reservation> = self.with(Some(from), |st| {
+            let tokens: Vec<portres_core::Token> = st
+                .table
+                .reservations()
+                .filter(|r| r.is_persistent())
+                .map(|r| r.token)
+                .collect();
+            let mut out = Vec::new();
+            for t in tokens {
+                if let Some(r) = st.table.remove_persistent(t) {
+                    st.retire(&r);
+                    out.push(r);
+                }
+            }
+            st.enforcer.flush_exclude();
+            out
+        });
+        self.drop_if_idle(Some(from));
+        tracing::warn!(
+            "network namespace {name} is now net:[{}] (it was net:[{}]): its {} persistent \
+             reservations move there",
+            to.ino,
+            from.ino,
+            moved.len()
+        );
+        self.with(Some(to), |st| {
+            for r in moved {
+                if st.table.restore_persistent(r.clone()).is_ok() {
+                    st.enforcer.admit_persistent(&r);
+                    st.keep(&r, true);
+                }
+            }
+            st.enforcer.sync_exclude();
+        });
     }
 
     /// Opens (creating it if need be) the store of namespace `name`'s persistent reservations.
@@ -536,6 +663,13 @@ impl Spaces {
     pub(crate) fn shutdown_others(&mut self) {
         for (key, mut o) in self.others.drain() {
             let n = o.state.table.len();
+            // Out of the deny layer's map too (it outlives the daemon when live restore is on);
+            // a named namespace's persistent ones are put back by the next start.
+            let all: Vec<portres_core::Reservation> =
+                o.state.table.reservations().cloned().collect();
+            for r in &all {
+                o.state.enforcer.retire(r);
+            }
             if n > 0 {
                 tracing::info!(
                     netns = key.ino,
@@ -556,7 +690,7 @@ pub(crate) fn named_store_dir(state_dir: &std::path::Path, name: &str) -> std::p
 
 /// An `ip netns` name portres accepts: letters, digits, `-`, `_`, `.`, not starting with `.`,
 /// at most 64 bytes (it names a directory of the state directory).
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')

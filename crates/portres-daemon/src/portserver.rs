@@ -201,7 +201,7 @@ fn session_for(
     let admin = crate::server::is_admin(shared, uid, &[]);
     shared
         .spaces()
-        .open_session(session, owner, pid, admin, &shared.config)?;
+        .open_session(session, owner, pid, admin, &shared.config, Some(&pidfd))?;
     by_pid.insert(pid, Grantee { session, started });
     drop(by_pid);
     tracing::info!(

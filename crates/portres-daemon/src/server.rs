@@ -352,9 +352,10 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         admin,
         "session opened"
     );
+    let pidfd = portres_sys::creds::peer_pidfd(&stream).ok();
     let (opened, open) = {
         let mut all = shared.spaces();
-        let opened = all.open_session(id, owner, cred.pid, admin, &shared.config);
+        let opened = all.open_session(id, owner, cred.pid, admin, &shared.config, pidfd.as_ref());
         (opened, all.session_count())
     };
     shared.session_peak.fetch_max(open, Ordering::Relaxed);

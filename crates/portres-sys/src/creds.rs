@@ -24,6 +24,37 @@ pub fn peer_cred(sock: impl AsFd) -> io::Result<PeerCred> {
     })
 }
 
+/// `getsockopt(SO_PEERPIDFD)` (Linux 6.5): a pidfd of the process that connected. Unlike the
+/// pid of `SO_PEERCRED`, it cannot come to name another process: while it has not exited
+/// (`process::pidfd_exited`), its pid is still its own.
+pub fn peer_pidfd(sock: impl AsFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    /// Not in every libc release yet: `include/uapi/asm-generic/socket.h`.
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let fd = sock.as_fd().as_raw_fd();
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a valid descriptor borrowed for the call; the pointer and `len` describe
+    // `pidfd` exactly, and the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut pidfd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pidfd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: the kernel just installed `pidfd` in our table for us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) })
+}
+
 /// `getsockopt(SO_PEERGROUPS)` (Linux 4.13): the peer's supplementary groups at `connect()`.
 pub fn peer_groups(sock: impl AsFd) -> io::Result<Vec<u32>> {
     let fd = sock.as_fd().as_raw_fd();

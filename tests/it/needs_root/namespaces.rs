@@ -547,3 +547,98 @@ fn a_named_namespace_that_does_not_exist_or_a_bad_name_is_refused() {
     assert!(!d.state_dir.join("etc").exists());
     assert_eq!(daemon_status(&d)["counts"]["persistent"], 0);
 }
+
+#[test]
+fn stored_reservations_of_a_named_namespace_apply_when_it_exists_again() {
+    let mut d = TestDaemon::with_config(CLIENT_NAMESPACES);
+    let n = NamedNetns::new("again");
+    let add = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "add",
+            "--netns",
+            &n.name,
+            "--start",
+            "42200",
+            "--mode",
+            "hold",
+        ],
+    );
+    assert!(add.status.success(), "{add:?}");
+    // Stopped, the namespace gone, started again: not enforced, and `status` says so.
+    d.stop();
+    let name = n.name.clone();
+    drop(n);
+    d.launch();
+    let status = daemon_status(&d);
+    let problems = status["namespace_problems"].to_string();
+    assert!(
+        problems.contains(&name) && problems.contains("ip netns add"),
+        "{status}"
+    );
+    // It comes back; a client inside it is the first to use it: the reservation applies.
+    let out = run(std::process::Command::new("ip").args(["netns", "add", &name]));
+    assert!(out.status.success());
+    let n = NamedNetns { name };
+    let out = run(std::process::Command::new("nsenter")
+        .arg(format!("--net={}", n.path()))
+        .arg(BIN)
+        .args(["status"])
+        .env("PORTRES_SOCKET", &d.socket)
+        .env("PORTRES_AUTOSTART", "0"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        contains_port(&n.reserved_ports(), 42200),
+        "{}",
+        n.reserved_ports()
+    );
+    assert_eq!(n.bind_as_nobody(42200), "98");
+    assert!(daemon_status(&d)["namespace_problems"].is_null());
+    let del = cli_in_daemon_ns(
+        &d,
+        &[
+            "persistent",
+            "delete",
+            "--netns",
+            &n.name,
+            "--start",
+            "42200",
+        ],
+    );
+    assert!(del.status.success(), "{del:?}");
+}
+
+#[test]
+fn a_users_quota_covers_all_namespaces_together() {
+    let d = TestDaemon::with_config(&format!("{CLIENT_NAMESPACES}runtime_quota_ports = 4\n"));
+    let (a, b) = (Netns::new(), Netns::new());
+    let first = Session::open(
+        &d,
+        &a,
+        NOBODY,
+        r#"{"op":"acquire","protocol":"tcp","start":0,"count":3,"mode":"exclude"}"#,
+    );
+    assert!(first.reply["ok"]["token"].is_string(), "{}", first.reply);
+    let second = Session::open(
+        &d,
+        &b,
+        NOBODY,
+        r#"{"op":"acquire","protocol":"tcp","start":0,"count":2,"mode":"exclude"}"#,
+    );
+    assert_eq!(
+        second.reply["error"]["code"], "QuotaExceeded",
+        "{}",
+        second.reply
+    );
+    let msg = second.reply["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("across the network namespaces"), "{msg}");
+    // Within the quota it is granted there.
+    let third = Session::open(
+        &d,
+        &b,
+        NOBODY,
+        r#"{"op":"acquire","protocol":"tcp","start":0,"count":1,"mode":"exclude"}"#,
+    );
+    assert!(third.reply["ok"]["token"].is_string(), "{}", third.reply);
+}
