@@ -23,6 +23,7 @@ mod needs_root {
     mod persistent;
     mod portserver;
     mod protocol;
+    mod python_client;
     mod reliability;
     mod runtime;
     mod scale;

@@ -566,3 +566,57 @@ pub fn raw_client(socket: &Path) -> Command {
     .arg(socket);
     c
 }
+
+/// Python with `portpicker`, `pytest`, `pytest-xdist` (from PyPI) and this repository's
+/// `python/` package, in a virtual environment under the target directory, made once per run
+/// of the suite. Fails — never skips — when they cannot be installed (the tests that use it
+/// need them; `.ci/run` has the registries).
+pub fn test_python() -> &'static Path {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
+        let py = dir.join("bin/python");
+        let has = |py: &Path| {
+            Command::new(py)
+                .args(["-c", "import portpicker, pytest, xdist, setuptools, wheel"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let pip = |args: &[&str]| {
+            let out = run(Command::new(dir.join("bin/pip"))
+                .args(["--disable-pip-version-check", "-q"])
+                .args(args));
+            assert!(
+                out.status.success(),
+                "these tests need Python packages and could not install them (pip {args:?} \
+                 into {}): {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if !has(&py) {
+            let out = run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
+            assert!(out.status.success(), "python3 -m venv failed: {out:?}");
+            pip(&[
+                "install",
+                "portpicker==1.6.0",
+                "pytest>=7",
+                "pytest-xdist>=3",
+                "setuptools>=61",
+                "wheel",
+            ]);
+        }
+        // This repository's package, as a user installs it (`pip install ./python`).
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+        pip(&[
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--force-reinstall",
+            src,
+        ]);
+        // Readable by `nobody` too.
+        let _ = run(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir));
+        py
+    })
+}

@@ -1224,7 +1224,8 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,netns runs only those sections
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,portserver,netns runs only
+    // those sections
     // (default: all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
@@ -1258,6 +1259,12 @@ fn main() -> Result<()> {
     }
     if run("who") {
         section_who(&bin, &dir)?;
+    }
+    if run("portserver") {
+        match portserver.as_deref() {
+            Some(p) => section_portserver(&bin, &dir, p)?,
+            None => println!("### Portserver protocol\n\n(not run: PORTSERVER is not set)\n"),
+        }
     }
     if run("netns") {
         section_netns(&bin, &dir)?;
@@ -1395,5 +1402,42 @@ fn section_netns(bin: &Path, dir: &Path) -> Result<()> {
         "| **per served namespace** (difference ÷ {k}) | **{rss:.1} KiB** | **{fds:.1}** | {slab:.1} KiB |\n"
     );
     d.stop();
+    Ok(())
+}
+
+/// Grants per second from the daemon's portserver endpoint (a fresh daemon, ports from
+/// 10000-60000 as Google's portserver is given), with the same client as Google's.
+fn grants_portres_portserver(bin: &Path, dir: &Path, clients: usize, dur: Duration) -> Result<f64> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("portres-bench-ps-{}-{clients}", std::process::id());
+    let config =
+        format!("deny = false\nportserver = \"@{name}\"\nportserver_range = \"10000-60000\"\n");
+    let (d, _) = Daemon::start_with(bin, dir, true, &config)?;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let rate = rate(clients, dur, || {
+        let addr = addr.clone();
+        move || portserver_request(&addr).is_some()
+    });
+    d.stop();
+    Ok(rate)
+}
+
+fn section_portserver(bin: &Path, dir: &Path, script: &Path) -> Result<()> {
+    println!("### Portserver protocol: portres's endpoint beside Google's portserver\n");
+    println!(
+        "Same client (connect, write the pid, read the port), same pool (10000-60000), 2 s per \
+         cell, cells alternating.\n"
+    );
+    println!("| clients | portres --portserver | Google's portserver | ratio |");
+    println!("|---|---|---|---|");
+    for clients in [1, 8, 64] {
+        let ours = grants_portres_portserver(bin, dir, clients, Duration::from_secs(2))?;
+        let theirs = grants_portserver(script, clients, Duration::from_secs(2))?;
+        println!(
+            "| {clients} | {ours:.0}/s | {theirs:.0}/s | **{:.2}×** |",
+            ours / theirs
+        );
+    }
+    println!();
     Ok(())
 }

@@ -2,47 +2,10 @@
 //! a virtual environment, as `.ci/run` does) against the daemon's portserver endpoint.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::util::*;
-
-/// Python with `portpicker` (PyPI, pinned), in a virtual environment under the target
-/// directory, made once. Fails — never skips — when it cannot be installed.
-fn portpicker_python() -> &'static Path {
-    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PY.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("portpicker-venv");
-        let py = dir.join("bin/python");
-        let has = |py: &Path| {
-            Command::new(py)
-                .args(["-c", "import portpicker"])
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !has(&py) {
-            let out = run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
-            assert!(out.status.success(), "python3 -m venv failed: {out:?}");
-            let out = run(Command::new(dir.join("bin/pip")).args([
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "portpicker==1.6.0",
-            ]));
-            assert!(
-                out.status.success(),
-                "this test needs portpicker from PyPI and could not install it (pip install \
-                 portpicker==1.6.0 into {}): {}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        // Readable by `nobody` too.
-        let _ = run(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir));
-        py
-    })
-}
 
 /// Picks a port with portpicker through the portserver, binds it, prints it, and keeps it
 /// until stdin closes.
@@ -66,7 +29,7 @@ fn grants(d: &TestDaemon) -> Vec<serde_json::Value> {
 #[test]
 fn many_portpicker_processes_at_once_get_distinct_ports_until_they_exit() {
     let d = TestDaemon::with_config(CONFIG);
-    let py = portpicker_python();
+    let py = test_python();
     let workers: Vec<_> = (0..24)
         .map(|_| {
             let mut c = d.nsenter();
