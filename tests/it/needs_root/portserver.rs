@@ -2,7 +2,7 @@
 //! a virtual environment, as `.ci/run` does) against the daemon's portserver endpoint.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::util::*;
