@@ -165,12 +165,13 @@ fn grant(shared: &Arc<Shared>, caller_uid: u32, pid: u32) -> Result<u16, String>
         ));
     }
     let session = session_for(shared, pid, uid, pidfd)?;
+    // The grant is the named process's: its uid's quota (none for an administrator's).
     let caller = Caller {
         session,
         pid,
         uid,
         gids: Vec::new(),
-        admin: false,
+        admin: crate::server::is_admin(shared, uid, &[]),
     };
     let range = shared.config.portserver_range;
     let r = crate::handlers::portserver_acquire(shared, &caller, range, &shared.grantees.cursor)
