@@ -155,3 +155,21 @@ fn the_portserver_grants_only_to_live_processes_of_the_callers_own_user() {
         || grants(&d).is_empty(),
     );
 }
+
+#[test]
+fn portserver_grants_count_in_the_users_quota() {
+    let d = TestDaemon::with_config(&format!("{CONFIG}runtime_quota_ports = 2\n"));
+    let mut sleeper = spawn(
+        d.nsenter_as(NOBODY)
+            .args(["sleep", "1000"])
+            .stdout(Stdio::null()),
+    );
+    let pid = sleeper.id().to_string();
+    assert!(ask(&d, NOBODY, &pid).parse::<u16>().is_ok());
+    assert!(ask(&d, NOBODY, &pid).parse::<u16>().is_ok());
+    // The third port would exceed nobody's quota of 2: the empty reply, and the log says why.
+    assert_eq!(ask(&d, NOBODY, &pid), "");
+    assert!(d.log().contains("quota"), "{}", d.log());
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
