@@ -123,14 +123,23 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .or_else(|| config.portserver.clone());
     let mut daemon = Daemon::open(config, placement)?;
     if let Some(address) = &portserver {
-        let l = portres_daemon::portserver::bind(address).with_context(|| {
-            format!(
-                "cannot listen for the portserver protocol on {address} (is another portserver \
-                 there? give --portserver another address)"
-            )
-        })?;
-        daemon.serve_portserver(l, address);
-        tracing::info!(%address, "answering the portserver protocol");
+        // Not being able to answer portpicker never keeps the daemon from starting (anyone may
+        // squat an abstract name first): it says so, in the log and in `status`.
+        match portres_daemon::portserver::bind(address) {
+            Ok(l) => {
+                daemon.serve_portserver(l, address);
+                tracing::info!(%address, "answering the portserver protocol");
+            }
+            Err(e) => {
+                let why = format!(
+                    "NOT SERVED: cannot listen on {address}: {e} (another process has it; give \
+                     another address, e.g. a path in the daemon's runtime directory, which \
+                     nobody else can take)"
+                );
+                tracing::error!("portserver: {why}");
+                daemon.portserver_problem(&why);
+            }
+        }
     }
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;

@@ -89,6 +89,16 @@ def test_no_daemon_gives_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(portres.ConnectError) as e:
         portres.connect(str(tmp_path / "none.sock"))
     assert "none.sock" in str(e.value) and "PORTRES_SOCKET" in str(e.value)
+    # No daemon ever ran: not even its directory exists.
+    with pytest.raises(portres.ConnectError) as e:
+        portres.connect(str(tmp_path / "never" / "portres.sock"))
+    assert "PORTRES_SOCKET" in str(e.value)
+
+
+def test_a_closed_client_says_so(client):
+    client.close()
+    with pytest.raises(portres.ConnectError):
+        client.status()
 
 
 def test_the_plugin_fixtures(portres_port, portres_ports, portres_listener, portres_client):

@@ -606,15 +606,25 @@ pub fn test_python() -> &'static Path {
                 "wheel",
             ]);
         }
-        // This repository's package, as a user installs it (`pip install ./python`).
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+        // This repository's package, as a user installs it (`pip install ./python`), from a
+        // copy (a build leaves files in the directory it builds).
+        let copy = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("python-src-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&copy);
+        let out = run(Command::new("cp")
+            .arg("-r")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+            .arg(&copy));
+        assert!(out.status.success(), "copying python/: {out:?}");
+        let _ = std::fs::remove_dir_all(copy.join("build"));
         pip(&[
             "install",
             "--no-deps",
             "--no-build-isolation",
             "--force-reinstall",
-            src,
+            copy.to_str().unwrap(),
         ]);
+        let _ = std::fs::remove_dir_all(&copy);
         // Readable by `nobody` too.
         let _ = run(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir));
         py

@@ -91,11 +91,11 @@ impl From<crate::Error> for Error {
 /// The process's connection, made on first use.
 static CLIENT: Mutex<Option<Client>> = Mutex::new(None);
 
-/// The shared connection (made now if there is none, or if the daemon it reached has gone for
-/// good).
+/// The shared connection, made on first use. After a daemon restart it reconnects by itself
+/// and re-attaches this process's reservations (never a second daemon elsewhere).
 pub fn client() -> Result<Client, Error> {
     let mut c = CLIENT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(existing) = c.as_ref().filter(|c| !c.daemon_gone()) {
+    if let Some(existing) = c.as_ref() {
         return Ok(existing.clone());
     }
     let fresh = Client::connect().map_err(Error)?;

@@ -507,11 +507,14 @@ pub(crate) fn portserver_acquire(
             enforcer,
         ),
         Some(range) => {
+            // A bounded search (a grant must not hold the state lock for a scan of a whole
+            // busy range): at most this many ports, from where the last grant stopped.
+            const ATTEMPTS: u32 = 64;
             let n = u32::from(range.count());
             let from = cursor.load(Ordering::Relaxed);
             let mut last = None;
             let mut found = None;
-            for i in 0..n {
+            for i in 0..n.min(ATTEMPTS) {
                 let port = u32::from(range.start()) + (from + i) % n;
                 match table.acquire(
                     caller,
@@ -534,6 +537,9 @@ pub(crate) fn portserver_acquire(
                     }
                     Err(e) => last = Some(e),
                 }
+            }
+            if found.is_none() {
+                cursor.store((from + n.min(ATTEMPTS)) % n, Ordering::Relaxed);
             }
             found.ok_or_else(|| {
                 last.unwrap_or_else(|| {
@@ -677,10 +683,13 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
         },
         namespace_mode: Some(all.mode().into()),
         namespace_problems: all.problems.clone(),
-        portserver: shared
-            .portserver
-            .as_deref()
-            .map(|a| crate::portserver::describe(a, shared.config.portserver_range)),
+        portserver: shared.portserver.as_deref().map(|a| {
+            if a.starts_with("NOT SERVED") {
+                a.to_string()
+            } else {
+                crate::portserver::describe(a, shared.config.portserver_range)
+            }
+        }),
     }
 }
 

@@ -335,6 +335,13 @@ impl Daemon {
         }
     }
 
+    /// The portserver endpoint could not be served: `status` says `why`.
+    pub fn portserver_problem(&mut self, why: &str) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.portserver = Some(why.to_string());
+        }
+    }
+
     /// Serves `listener` until `shutdown` completes or a `shutdown` request arrives. Then, with
     /// live restore on (and no request to release), the runtime reservations stay with the
     /// keeper for the next daemon, and `ip_local_reserved_ports` stays as it is; otherwise

@@ -135,8 +135,15 @@ def _check_dir(path, trusted):
     """The socket's directory must be a real directory of a trusted user nobody else may
     write (as the Rust client checks): whoever could write it could put another socket
     there."""
-    st = os.lstat(path)
     import stat as _stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ConnectError(
+            "no portres daemon has run here: %s does not exist; start one, or set "
+            "PORTRES_SOCKET" % path
+        ) from None
 
     if _stat.S_ISLNK(st.st_mode):
         raise ConnectError("%s is a symbolic link; portres never follows one for its socket" % path)
@@ -172,7 +179,7 @@ def _open(path):
 
 
 def _autostart_allowed():
-    return os.environ.get("PORTRES_AUTOSTART", "1") != "0"
+    return os.environ.get("PORTRES_AUTOSTART", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def connect(path=None):
@@ -202,8 +209,10 @@ def _connect_or_start(path):
     # The CLI starts a daemon on this socket (and waits until it is ready).
     env = dict(os.environ, PORTRES_SOCKET=path)
     try:
+        # Its standard error is the user's: the CLI says there what a per-user daemon it
+        # started cannot enforce.
         done = subprocess.run(
-            ["portres", "--json", "status"], env=env, capture_output=True, text=True
+            ["portres", "--json", "status"], env=env, stdout=subprocess.PIPE, text=True
         )
     except FileNotFoundError:
         raise ConnectError(
@@ -211,7 +220,7 @@ def _connect_or_start(path):
             "install portres, or start a daemon and set PORTRES_SOCKET" % path
         ) from None
     if done.returncode != 0:
-        raise ConnectError("starting a daemon at %s failed: %s" % (path, done.stdout + done.stderr))
+        raise ConnectError("starting a daemon at %s failed: %s" % (path, done.stdout))
     return _open(path)
 
 
@@ -273,8 +282,13 @@ class Client:
         self._lock = threading.Lock()
         self._next = 1
         self._fds = []
-        self._send({"protocol": PROTOCOL, "version": VERSION, "client": "portres-python"})
-        hello = self._recv()
+        self._broken = None
+        try:
+            self._send({"protocol": PROTOCOL, "version": VERSION, "client": "portres-python"})
+            hello = self._recv()
+        except BaseException:
+            self._sock.close()
+            raise
         if "welcome" not in hello:
             self._sock.close()
             raise _refusal(hello.get("error", {}))
@@ -290,6 +304,9 @@ class Client:
         buf = b""
         while len(buf) < n:
             data, fds, _flags, _addr = socket.recv_fds(self._sock, n - len(buf), 4)
+            for fd in fds:
+                # Never inherited by a child this process starts (the port would stay bound).
+                os.set_inheritable(fd, False)
             self._fds.extend(fds)
             if not data:
                 raise ConnectError("the daemon closed the connection")
@@ -306,32 +323,61 @@ class Client:
         """Sends one request (a dict with ``op``); returns the ``ok`` reply, the rows of a
         streamed one (``stream=True``), or raises the refusal."""
         with self._lock:
-            rid = self._next
-            self._next += 1
-            msg = dict(request, id=rid)
+            if self._broken:
+                raise ConnectError(self._broken)
+            try:
+                return self._call_locked(request, stream)
+            except PortresError as e:
+                if isinstance(e, ConnectError):
+                    self._break(str(e))
+                raise
+            except BaseException as e:
+                # Mid-frame (an interrupt, a malformed frame): the stream is out of step and
+                # every later answer would go to the wrong request. The connection is closed.
+                self._break("the connection was abandoned mid-reply (%r); connect again" % (e,))
+                raise
+
+    def _break(self, why):
+        self._broken = why
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _call_locked(self, request, stream):
+        rid = self._next
+        self._next += 1
+        self._fds = []
+        self._send(dict(request, id=rid))
+        head = self._recv()
+        if head.get("id") not in (rid, 0):
+            raise MalformedRequest("the daemon answered request %s to request %d" % (head.get("id"), rid))
+        if "error" in head:
+            if head.get("id") == 0:
+                self._break(head["error"].get("message", "the daemon closed the connection"))
+            raise _refusal(head["error"])
+        reply = head["ok"]
+        if self._fds:
+            reply = dict(reply, __fds__=self._fds)
             self._fds = []
-            self._send(msg)
-            head = self._recv()
-            if "error" in head:
-                raise _refusal(head["error"])
-            reply = head["ok"]
-            if self._fds:
-                reply = dict(reply, __fds__=self._fds)
-                self._fds = []
-            if not (stream and reply.get("more")):
-                return reply
-            rows = []
-            while True:
-                frame = self._recv()
-                if "items" in frame:
-                    rows.extend(frame["items"])
-                elif "end" in frame:
-                    return reply, rows
-                elif "error" in frame:
-                    raise _refusal(frame["error"])
+        if not (stream and reply.get("more")):
+            return reply
+        rows = []
+        while True:
+            frame = self._recv()
+            if "items" in frame:
+                rows.extend(frame["items"])
+            elif "end" in frame:
+                return reply, rows
+            elif "error" in frame:
+                raise _refusal(frame["error"])
 
     def close(self):
-        self._sock.close()
+        with self._lock:
+            self._break("closed")
 
     def __enter__(self):
         return self
@@ -374,12 +420,15 @@ class Client:
 
     def who(self, port, protocol="tcp", all=False):
         if all:
-            head, rows = self.call(
+            out = self.call(
                 {"op": "who", "protocol": protocol, "port": port, "all": True, "stream": True},
                 stream=True,
             )
-            head["sockets"] = rows
-            return head
+            if isinstance(out, tuple):
+                head, rows = out
+                head["sockets"] = rows
+                return head
+            return out
         return self.call({"op": "who", "protocol": protocol, "port": port})
 
     def show(self, protocol=None, ports=None, kind=None, user=None):

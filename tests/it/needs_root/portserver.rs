@@ -169,7 +169,81 @@ fn portserver_grants_count_in_the_users_quota() {
     assert!(ask(&d, NOBODY, &pid).parse::<u16>().is_ok());
     // The third port would exceed nobody's quota of 2: the empty reply, and the log says why.
     assert_eq!(ask(&d, NOBODY, &pid), "");
-    assert!(d.log().contains("quota"), "{}", d.log());
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains("portserver: no port") && l.contains("quota")),
+        "{}",
+        d.log()
+    );
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
+}
+
+#[test]
+fn a_squatted_portserver_address_does_not_keep_the_daemon_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("squatter.pid");
+    // Another process takes the abstract name first (anyone may).
+    let setup = format!(
+        "python3 -c \"import socket, time; s = socket.socket(socket.AF_UNIX); \
+         s.bind('\\0unittest-portserver'); s.listen(); time.sleep(600)\" & echo $! > {} ; \
+         while ! grep -q unittest-portserver /proc/net/unix; do sleep 0.01; done;",
+        pidfile.display()
+    );
+    let d = TestDaemon::with_setup(CONFIG, &setup);
+    let status = json(&run(d.cli().args(["--json", "status"])));
+    let said = status["portserver"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let squatter: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    signal(squatter, rustix::process::Signal::KILL);
+    assert!(
+        said.contains("NOT SERVED") && said.contains("unittest-portserver"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_caller_in_another_pid_namespace_may_name_only_itself() {
+    let d = TestDaemon::with_config(CONFIG);
+    // Python as pid 1 of a pid namespace of its own asks for itself (1), then for pid 2.
+    let script = "import socket, os\n\
+        def ask(pid):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect('\\0unittest-portserver')\n    \
+        s.sendall(b'%d\\n' % pid)\n    return s.recv(100).decode().strip()\n\
+        print(os.getpid(), repr(ask(os.getpid())), repr(ask(2)), flush=True)\n\
+        input()\n";
+    let mut c = d.nsenter();
+    c.args(["unshare", "--pid", "--fork", "python3", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = spawn(&mut c);
+    let line = first_line(&mut child);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[0], "1", "{line}");
+    assert!(
+        fields[1].trim_matches('\'').parse::<u16>().is_ok(),
+        "its own pid: {line}"
+    );
+    assert_eq!(fields[2], "''", "another pid of its namespace: {line}");
+    // The grant belongs to the process as the daemon sees it (its pid out here).
+    let rows = grants(&d);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_ne!(rows[0]["owner"]["pid"], 1);
+    assert!(
+        rows[0]["owner"]["command"]
+            .as_str()
+            .unwrap()
+            .contains("python3")
+    );
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    wait_until("it ends with the process", Duration::from_secs(10), || {
+        grants(&d).is_empty()
+    });
 }

@@ -96,9 +96,15 @@ fn a_hundred_servers_under_xdist_never_collide_with_an_intruder() {
         count(&last, "failed")
     );
     drop(intruder);
-    // Everything the suites reserved is back.
-    let show = json(&run(d.cli().args(["--json", "show"])));
-    assert_eq!(show["reservations"], serde_json::json!([]), "{show}");
+    // Everything the suites reserved is back once their processes are gone.
+    wait_until(
+        "every reservation of the suites ends",
+        std::time::Duration::from_secs(10),
+        || {
+            let show = json(&run(d.cli().args(["--json", "show"])));
+            show["reservations"] == serde_json::json!([])
+        },
+    );
 }
 
 #[test]
