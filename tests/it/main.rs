@@ -2,8 +2,10 @@
 //! real client library and the real CLI.
 //!
 //! Every test here starts its daemon with `unshare -n` so that port probes never touch the
-//! host's port tables, and several run clients as `nobody`: they need root, and say so by their
-//! module name. Run as root: `cargo test --workspace`.
+//! host's port tables. Run as root, every test runs. Run as an ordinary user, each test says
+//! first what it needs (`util::run_elsewhere`): most run again as root of a user + network +
+//! mount namespace of their own; those that need a second uid or root on the host are skipped,
+//! each saying so on standard error.
 
 mod util;
 

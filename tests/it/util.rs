@@ -17,6 +17,72 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portres");
 /// uid/gid of `nobody`.
 pub const NOBODY: u32 = 65534;
 
+/// What a test of `needs_root` needs beyond an ordinary user.
+#[derive(Debug, Clone, Copy)]
+pub enum Needs {
+    /// Root of a user + network namespace of its own (`unshare -Urn`) is enough.
+    Namespace,
+    /// A second uid (`nobody`), which an unprivileged user namespace cannot map.
+    SecondUid,
+    /// Root on the host, for the reason given.
+    HostRoot(&'static str),
+}
+
+/// Called first by every test of `needs_root`. As root (on the host, or of the user namespace
+/// this runs in): false, the test runs here. As an ordinary user: with `Needs::Namespace`, runs
+/// this one test again as root of a user + network + mount namespace of its own (`unshare
+/// --user --map-root-user --net --mount`) and fails if it fails there; otherwise says on standard error that
+/// the test is skipped and why (CI runs every test as root). True: the test is done.
+pub fn run_elsewhere(needs: Needs) -> bool {
+    use std::io::Write;
+    if rustix::process::geteuid().as_raw() == 0 {
+        return false;
+    }
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    let skip = |why: &str| {
+        // Past the test harness's capture: the user sees it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {name}: {why}; it runs as root (in CI: `sudo cargo test --workspace`)"
+        );
+        true
+    };
+    match needs {
+        Needs::SecondUid => {
+            return skip(
+                "it needs a second uid (nobody), which a user namespace made without root \
+                 cannot map",
+            );
+        }
+        Needs::HostRoot(why) => return skip(&format!("it needs root on the host: {why}")),
+        Needs::Namespace => {}
+    }
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--mount", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            name.as_str(),
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env_remove("RUST_TEST_THREADS")
+        .output()
+        .expect("run unshare(1)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name}, run as root of a user + network namespace of its own (unshare -Urn), \
+         failed:\n{text}"
+    );
+    true
+}
+
 pub fn require_root() {
     let euid = rustix::process::geteuid().as_raw();
     assert_eq!(

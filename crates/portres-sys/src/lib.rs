@@ -35,3 +35,55 @@ pub mod procfs;
 pub mod rawfd;
 pub mod reserved_ports;
 pub mod sockdiag;
+
+/// For the tests of this crate that need root.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::io::Write;
+
+    /// As root: false (the test runs here). As an ordinary user: runs this one test again as
+    /// root of a user + network namespace of its own (`unshare -Urn`), fails if it fails there,
+    /// and returns true (the test is done).
+    pub(crate) fn run_as_namespace_root() -> bool {
+        if rustix::process::geteuid().is_root() {
+            return false;
+        }
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        let out = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--net", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                name.as_str(),
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .output()
+            .expect("run unshare(1)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{name}, run as root of a user + network namespace (unshare -Urn), failed:\n{text}"
+        );
+        true
+    }
+
+    /// As an ordinary user: says on standard error (past the harness's capture) that the test
+    /// is skipped, and why; returns true. As root: false.
+    pub(crate) fn skip_unless_root(why: &str) -> bool {
+        if rustix::process::geteuid().is_root() {
+            return false;
+        }
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {name}: it needs root on the host: {why}; it runs as root (in CI)"
+        );
+        true
+    }
+}

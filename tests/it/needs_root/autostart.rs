@@ -20,6 +20,9 @@ fn daemons_serving(socket: &std::path::Path) -> Vec<u32> {
 
 #[test]
 fn racing_clients_start_exactly_one_daemon() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/portres.sock");
@@ -62,6 +65,9 @@ fn racing_clients_start_exactly_one_daemon() {
 
 #[test]
 fn a_renamed_cli_starts_itself_and_says_what_a_per_user_daemon_cannot_enforce() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     require_root();
     // A directory `nobody` owns, holding the CLI under another name and nothing called
     // `portres`, and no `portres` on PATH: only its own executable can be started.

@@ -68,6 +68,11 @@ fn open_files(pid: u32) -> usize {
 
 #[test]
 fn strangers_are_refused_on_every_path_and_the_owner_binds() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let st = status_json(&d);
     assert_eq!(layer(&st, "deny")["active"], true, "{st}");
@@ -125,6 +130,11 @@ fn run_in_netns(d: &TestDaemon, count: u32, script: &str) -> Child {
 
 #[test]
 fn a_run_command_and_its_grandchildren_bind_by_number_and_nobody_else() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let py = world_readable("bind_matrix.py");
     let py = py.display();
@@ -190,6 +200,11 @@ fn a_run_command_and_its_grandchildren_bind_by_number_and_nobody_else() {
 
 #[test]
 fn a_persistent_reservation_lets_its_allowed_users_bind_and_nobody_else() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let c = d.client();
     let mut spec = PersistentSpec::new(Protocol::Tcp, 8443, 2);
@@ -221,6 +236,11 @@ fn a_persistent_reservation_lets_its_allowed_users_bind_and_nobody_else() {
 
 #[test]
 fn a_hold_block_of_60000_ports_has_no_placeholders_and_hands_out_sockets() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let before = open_files(d.pid);
     let c = d.client();
@@ -263,6 +283,11 @@ fn a_hold_block_of_60000_ports_has_no_placeholders_and_hands_out_sockets() {
 
 #[test]
 fn kill_9_leaves_the_denial_in_place_a_restart_reconciles_and_cleanup_removes_it_all() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let mut d = TestDaemon::with_config(DENY);
     let c = d.client();
     c.create_persistent(&PersistentSpec::new(Protocol::Tcp, 7000, 1))
@@ -329,6 +354,11 @@ fn kill_9_leaves_the_denial_in_place_a_restart_reconciles_and_cleanup_removes_it
 
 #[test]
 fn cleanup_is_refused_while_a_daemon_serves() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let out = run(d
         .cli()
@@ -343,6 +373,11 @@ fn cleanup_is_refused_while_a_daemon_serves() {
 
 #[test]
 fn the_errno_is_configurable() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     for (name, errno) in [("EACCES", 13), ("EPERM", 1), ("EADDRINUSE", 98)] {
         let d = TestDaemon::with_config(&format!("{DENY}deny_errno = \"{name}\"\n"));
         let c = d.client();
@@ -355,6 +390,11 @@ fn the_errno_is_configurable() {
 
 #[test]
 fn keyed_by_namespace_unless_told_otherwise() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     // Default: the same port in another namespace is free.
     let d = TestDaemon::with_config(DENY);
     let r = d
@@ -387,6 +427,11 @@ fn keyed_by_namespace_unless_told_otherwise() {
 
 #[test]
 fn where_the_layer_cannot_run_status_says_why_and_everything_works_as_before() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     // Turned off in the configuration.
     let d = TestDaemon::with_config("deny = false\n");
     let st = status_json(&d);
@@ -418,6 +463,11 @@ fn where_the_layer_cannot_run_status_says_why_and_everything_works_as_before() {
 
 #[test]
 fn own_tree_takes_only_the_callers_own_blocks() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let owner = d.client();
     let r = owner
@@ -438,6 +488,11 @@ fn own_tree_takes_only_the_callers_own_blocks() {
 
 #[test]
 fn a_restart_keeps_a_run_commands_ownership_and_the_denial() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let mut d = TestDaemon::with_config(DENY);
     let py = world_readable("bind_matrix.py");
     let py = py.display();
@@ -484,6 +539,11 @@ fn a_restart_keeps_a_run_commands_ownership_and_the_denial() {
 
 #[test]
 fn a_daemon_started_without_the_layer_removes_what_a_crashed_one_left() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let mut d = TestDaemon::with_config(DENY);
     let mut spec = PersistentSpec::new(Protocol::Tcp, 7200, 1);
     spec.mode = Mode::Hold;
@@ -514,6 +574,11 @@ fn a_daemon_started_without_the_layer_removes_what_a_crashed_one_left() {
 
 #[test]
 fn a_held_udp_block_hands_out_a_socket_that_receives_and_strangers_cannot_bind() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(DENY);
     let c = d.client();
     let block = c.acquire_with(Protocol::Udp, 0, 3, Mode::Hold).unwrap();

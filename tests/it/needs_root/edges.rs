@@ -229,17 +229,24 @@ fn run_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn requests_at_the_edges_get_a_result_or_a_clear_error(ops in prop::collection::vec(op(), 1..24)) {
-        run_sequence(&ops)?;
+#[test]
+fn requests_at_the_edges_get_a_result_or_a_clear_error() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
     }
+    proptest!(
+        ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() },
+        |(ops in prop::collection::vec(op(), 1..24))| {
+            run_sequence(&ops)?;
+        }
+    );
 }
 
 #[test]
 fn a_count_of_65536_is_refused_clearly() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let out = run(d.cli().args(["run", "--count", "65536", "--", "true"]));
     assert!(!out.status.success());
@@ -265,6 +272,9 @@ fn a_count_of_65536_is_refused_clearly() {
 
 #[test]
 fn a_panic_ends_the_daemon_and_a_restart_serves_with_persistent_reservations_intact() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "panic-on:show")]);
     let c = d.client();
     // The panic must surface as an error here, not as a wait for the daemon to come back.

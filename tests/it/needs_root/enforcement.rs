@@ -20,6 +20,9 @@ fn matrix(d: &TestDaemon, uid: u32, proto: &str, ports: &[u16]) -> Vec<String> {
 
 #[test]
 fn held_ports_cannot_be_bound_by_any_means() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let tcp = c.acquire_at(Protocol::Tcp, 45000, 3).unwrap();
@@ -60,6 +63,9 @@ fn storm(d: &TestDaemon, proto: &str, low: u16, high: u16) -> Vec<u16> {
 
 #[test]
 fn autobind_storm_never_lands_in_a_hold_or_exclude_block() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let mut blocks = Vec::new();
@@ -83,6 +89,9 @@ fn autobind_storm_never_lands_in_a_hold_or_exclude_block() {
 
 #[test]
 fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let mut d = TestDaemon::with_setup(
         "",
         "echo 1000,2000-2010 > /proc/sys/net/ipv4/ip_local_reserved_ports &&",
@@ -188,6 +197,9 @@ fn reserved_ports_sysctl_is_merged_with_others_and_restored() {
 
 #[test]
 fn a_holders_death_frees_its_ports_within_100_ms() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::start();
     let mut holder = spawn(
         d.raw_client_as(0)
@@ -230,6 +242,9 @@ fn a_holders_death_frees_its_ports_within_100_ms() {
 
 #[test]
 fn blocks_beyond_the_open_file_limit_are_held_by_helper_processes() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     // 12,000 placeholders for a daemon allowed 5,000 open files: helpers hold them.
     let d = TestDaemon::with_nofile(5000);
     let c = d.client();

@@ -34,6 +34,9 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_damaged_store_never_panics_and_restore_brings_back_every_reservation() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let c = d.client();
     let expected: BTreeSet<u16> = (0..50).map(|i| 20_000 + 2 * i).collect();
@@ -158,6 +161,9 @@ fn a_damaged_store_never_panics_and_restore_brings_back_every_reservation() {
 
 #[test]
 fn a_full_disk_refuses_clearly_changes_nothing_and_recovers() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     assert!(d.terminate().success());
     // The state directory on a small filesystem of its own.
@@ -255,6 +261,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn out_of_descriptors_connections_wait_without_a_busy_loop_and_resume() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_nofile(64);
     // Fill the daemon's descriptors with sessions.
     let mut held = Vec::new();
@@ -302,6 +311,9 @@ fn out_of_descriptors_connections_wait_without_a_busy_loop_and_resume() {
 
 #[test]
 fn portres_run_passes_signals_on_and_waits_for_its_command() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let script = d.dir.path().join("child.py");
     std::fs::write(
@@ -353,6 +365,9 @@ fn portres_run_passes_signals_on_and_waits_for_its_command() {
 
 #[test]
 fn a_thousand_stalled_clients_do_not_slow_anyone_or_grow_the_daemon() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let rss = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))

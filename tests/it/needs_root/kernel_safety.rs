@@ -83,6 +83,11 @@ fn peak_programs_while_cycling(d: &TestDaemon, start: u32, count: u32, rounds: u
 
 #[test]
 fn system_daemon_udp_placeholders_share_two_ebpf_programs() {
+    if run_elsewhere(Needs::HostRoot(
+        "loading eBPF programs, which kernel.unprivileged_bpf_disabled keeps from a user namespace",
+    )) {
+        return;
+    }
     let _one = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
     let d = TestDaemon::start();
     let c = d.client();
@@ -121,6 +126,9 @@ fn system_daemon_udp_placeholders_share_two_ebpf_programs() {
 
 #[test]
 fn user_daemon_holds_udp_without_a_program_per_port() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let _one = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
     let d = TestDaemon::as_user(NOBODY);
     let c = d.client();

@@ -10,6 +10,9 @@ use crate::util::*;
 
 #[test]
 fn sigkill_of_the_client_ends_its_reservations() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let mut holder = spawn(
         d.cli()
@@ -46,6 +49,9 @@ fn sigkill_of_the_client_ends_its_reservations() {
 
 #[test]
 fn clean_close_ends_reservations_and_other_sessions_keep_theirs() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let mine = c.acquire_at(Protocol::Udp, 49500, 2).unwrap();
@@ -69,6 +75,9 @@ fn clean_close_ends_reservations_and_other_sessions_keep_theirs() {
 
 #[test]
 fn sigterm_stops_cleanly_and_removes_the_socket() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let status = d.terminate();
     assert!(status.success(), "{status:?}; log:\n{}", d.log());
@@ -79,6 +88,9 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
 
 #[test]
 fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let out = run(Command::new(BIN)
         .args(["daemon", "--socket"])
@@ -93,6 +105,9 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start() {
 
 #[test]
 fn system_socket_is_open_to_all_and_user_socket_is_private() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::start();
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666);

@@ -114,6 +114,9 @@ fn restore_info(d: &TestDaemon) -> serde_json::Value {
 
 #[test]
 fn a_hundred_holders_survive_a_sigterm_and_a_kill9_restart_never_unprotected() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let mut d = TestDaemon::start();
     // 60 `portres run` holders: exclude blocks, and held blocks whose sockets were handed out
     // (TCP listeners, UDP sockets) to the command.
@@ -331,6 +334,9 @@ fn a_hundred_holders_survive_a_sigterm_and_a_kill9_restart_never_unprotected() {
 
 #[test]
 fn a_stop_meant_as_a_stop_releases_everything_and_portres_run_says_so() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let mut cli = d.cli();
     cli.env("PORTRES_RECONNECT_SECS", "1");
@@ -355,6 +361,9 @@ fn a_stop_meant_as_a_stop_releases_everything_and_portres_run_says_so() {
 
 #[test]
 fn with_no_successor_the_keeper_releases_everything_after_the_grace() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::with_config("live_restore_secs = 1\n");
     let c = d.client();
     c.set_reconnect_limit(Duration::from_millis(300));
@@ -395,6 +404,9 @@ fn with_no_successor_the_keeper_releases_everything_after_the_grace() {
 
 #[test]
 fn a_daemon_of_a_newer_protocol_is_reported_clearly_and_the_block_stays_reserved() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let c = d.client();
     let block = c.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold).unwrap();
@@ -425,6 +437,9 @@ fn a_daemon_of_a_newer_protocol_is_reported_clearly_and_the_block_stays_reserved
 
 #[test]
 fn the_keeper_serves_its_own_user_only() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let d = TestDaemon::start();
     let path = d.dir.path().join("portres.sock.keeper");
@@ -455,6 +470,9 @@ fn the_keeper_serves_its_own_user_only() {
 
 #[test]
 fn a_block_granted_just_before_a_kill9_is_bound_again_or_named_lost() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     // Blocks younger than the keeper's copy delay (made long here, so the test does not depend
     // on timing): their placeholders die with the daemon.
     let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "keeper-copy-after:600000")]);
@@ -490,6 +508,9 @@ fn a_block_granted_just_before_a_kill9_is_bound_again_or_named_lost() {
 
 #[test]
 fn blocks_held_by_helper_processes_survive_a_restart_and_a_kill9() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     // 9,000 placeholders for a daemon allowed 5,000 open files: helpers hold them, and the
     // keeper keeps the helpers alive between daemons.
     let mut d = TestDaemon::with_nofile(5000);
@@ -521,6 +542,9 @@ fn blocks_held_by_helper_processes_survive_a_restart_and_a_kill9() {
 
 #[test]
 fn only_an_administrator_may_stop_the_daemon() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let out = run(d.cli_as_nobody().args(["--json", "daemon", "--stop"]));
     assert!(!out.status.success());
@@ -537,6 +561,9 @@ fn only_an_administrator_may_stop_the_daemon() {
 
 #[test]
 fn a_request_in_flight_when_the_daemon_dies_is_repeated_only_if_harmless() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     // The daemon aborts on a request it has read and not answered, and a new one comes up: a
     // status is simply asked again; an acquire is not repeated (it may have been granted), and
     // the error says so.
@@ -578,6 +605,9 @@ fn a_request_in_flight_when_the_daemon_dies_is_repeated_only_if_harmless() {
 
 #[test]
 fn a_keeper_left_behind_lets_go_when_a_daemon_runs_without_it() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let c = d.client();
     c.set_reconnect_limit(Duration::ZERO);
@@ -603,6 +633,9 @@ fn a_keeper_left_behind_lets_go_when_a_daemon_runs_without_it() {
 
 #[test]
 fn a_keeper_that_stops_answering_is_ended_and_releases_still_free_their_ports() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::with_env(&[("PORTRES_FAILPOINT", "keeper-copy-after:0")]);
     let keeper = d.keeper_pids()[0];
     let c = d.client();

@@ -114,6 +114,9 @@ fn contains_port(reserved: &str, port: u16) -> bool {
 
 #[test]
 fn each_client_is_served_in_its_own_namespace() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config(CLIENT_NAMESPACES);
     let nets: Vec<Netns> = (0..3).map(|_| Netns::new()).collect();
     // The same port, held in three namespaces at once.
@@ -226,6 +229,9 @@ fn each_client_is_served_in_its_own_namespace() {
 
 #[test]
 fn a_namespace_that_goes_away_is_released_and_not_kept_alive() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config(CLIENT_NAMESPACES);
     let n = Netns::new();
     let inode = n.inode();
@@ -270,6 +276,9 @@ fn a_namespace_that_goes_away_is_released_and_not_kept_alive() {
 
 #[test]
 fn a_daemon_that_cannot_enter_the_namespace_refuses_with_the_reason() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     // A per-user daemon has no CAP_SYS_ADMIN: it cannot serve another namespace.
     let d = TestDaemon::as_user_with_config(NOBODY, CLIENT_NAMESPACES);
     let n = Netns::new();
@@ -311,6 +320,11 @@ fn a_daemon_that_cannot_enter_the_namespace_refuses_with_the_reason() {
 
 #[test]
 fn the_deny_layer_keys_each_namespace_apart() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches BPF programs to the host's cgroup2 root",
+    )) {
+        return;
+    }
     let d = TestDaemon::with_config(&format!("deny = true\n{CLIENT_NAMESPACES}"));
     let (a, b) = (Netns::new(), Netns::new());
     // An exclude block in A: the deny layer refuses strangers' binds there (no placeholder).
@@ -411,6 +425,11 @@ fn cli_in_daemon_ns(d: &TestDaemon, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
+    if run_elsewhere(Needs::HostRoot(
+        "`ip netns add` mounts the namespace in /run/netns",
+    )) {
+        return;
+    }
     let mut d = TestDaemon::with_config(CLIENT_NAMESPACES);
     let n = NamedNetns::new("named");
     let add = cli_in_daemon_ns(
@@ -515,6 +534,9 @@ fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
 
 #[test]
 fn a_named_namespace_that_does_not_exist_or_a_bad_name_is_refused() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config(CLIENT_NAMESPACES);
     let out = cli_in_daemon_ns(
         &d,
@@ -550,6 +572,11 @@ fn a_named_namespace_that_does_not_exist_or_a_bad_name_is_refused() {
 
 #[test]
 fn stored_reservations_of_a_named_namespace_apply_when_it_exists_again() {
+    if run_elsewhere(Needs::HostRoot(
+        "`ip netns add` mounts the namespace in /run/netns",
+    )) {
+        return;
+    }
     let mut d = TestDaemon::with_config(CLIENT_NAMESPACES);
     let n = NamedNetns::new("again");
     let add = cli_in_daemon_ns(
@@ -611,6 +638,9 @@ fn stored_reservations_of_a_named_namespace_apply_when_it_exists_again() {
 
 #[test]
 fn a_users_quota_covers_all_namespaces_together() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config(&format!("{CLIENT_NAMESPACES}runtime_quota_ports = 4\n"));
     let (a, b) = (Netns::new(), Netns::new());
     let first = Session::open(

@@ -8,6 +8,9 @@ use crate::util::*;
 
 #[test]
 fn create_lookup_delete_rows() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::start();
     for (start, count) in [("0", "1"), ("5000", "0"), ("65535", "2"), ("70000", "1")] {
         let out = run(d.cli().args([
@@ -175,6 +178,9 @@ fn create_lookup_delete_rows() {
 
 #[test]
 fn survive_kill9_and_restart_with_identical_tokens() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let c = d.client();
     let mut expect = BTreeMap::new();
@@ -228,6 +234,9 @@ fn survive_kill9_and_restart_with_identical_tokens() {
 
 #[test]
 fn windows_named_functions_use_network_byte_order() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     use portres_client::windows::*;
     let d = TestDaemon::start();
     // SAFETY: no other test of this binary reads PORTRES_SOCKET (they use explicit sockets).

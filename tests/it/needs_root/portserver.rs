@@ -28,6 +28,11 @@ fn grants(d: &TestDaemon) -> Vec<serde_json::Value> {
 
 #[test]
 fn many_portpicker_processes_at_once_get_distinct_ports_until_they_exit() {
+    // The virtual environment is made out here (the namespace has no network).
+    test_python();
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config(CONFIG);
     let py = test_python();
     let workers: Vec<_> = (0..24)
@@ -115,6 +120,9 @@ fn ask(d: &TestDaemon, uid: u32, pid: &str) -> String {
 
 #[test]
 fn the_portserver_grants_only_to_live_processes_of_the_callers_own_user() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config(CONFIG);
     // A process of nobody's that lives while we ask.
     let mut sleeper = spawn(
@@ -158,6 +166,9 @@ fn the_portserver_grants_only_to_live_processes_of_the_callers_own_user() {
 
 #[test]
 fn portserver_grants_count_in_the_users_quota() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config(&format!("{CONFIG}runtime_quota_ports = 2\n"));
     let mut sleeper = spawn(
         d.nsenter_as(NOBODY)
@@ -182,6 +193,9 @@ fn portserver_grants_count_in_the_users_quota() {
 
 #[test]
 fn a_squatted_portserver_address_does_not_keep_the_daemon_from_starting() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("squatter.pid");
     // Another process takes the abstract name first (anyone may).
@@ -211,6 +225,9 @@ fn a_squatted_portserver_address_does_not_keep_the_daemon_from_starting() {
 
 #[test]
 fn a_caller_in_another_pid_namespace_may_name_only_itself() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config(CONFIG);
     // Python as pid 1 of a pid namespace of its own asks for itself (1), then for pid 2.
     let script = "import socket, os\n\

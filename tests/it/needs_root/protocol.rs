@@ -41,6 +41,9 @@ fn expect_error_then_close(s: &mut UnixStream, id: u64, what: &str) {
 
 #[test]
 fn malformed_frames_get_an_error_and_everyone_else_is_unaffected() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let held = c.acquire_at(Protocol::Tcp, 44000, 3).unwrap();

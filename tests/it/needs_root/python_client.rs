@@ -11,9 +11,12 @@ use crate::util::*;
 const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
 
 fn pytest(d: &TestDaemon, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    // Its own temporary directory (pytest refuses a /tmp/pytest-of-USER of another owner).
+    let basetemp = d.dir.path().join("pytest");
     let mut c = d.nsenter();
     c.arg(test_python())
         .args(["-m", "pytest", "-p", "no:cacheprovider", "-q"])
+        .arg(format!("--basetemp={}", basetemp.display()))
         .args(args)
         .env("PORTRES_SOCKET", &d.socket)
         .env("PORTRES_AUTOSTART", "0")
@@ -27,6 +30,11 @@ fn pytest(d: &TestDaemon, args: &[&str], env: &[(&str, &str)]) -> std::process::
 
 #[test]
 fn the_python_client_speaks_the_protocol() {
+    // The virtual environment is made out here (the namespace has no network).
+    test_python();
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let out = pytest(&d, &["tests/test_client.py"], &[]);
     assert!(
@@ -61,6 +69,11 @@ fn count(summary: &str, what: &str) -> u32 {
 
 #[test]
 fn a_hundred_servers_under_xdist_never_collide_with_an_intruder() {
+    // The virtual environment is made out here (the namespace has no network).
+    test_python();
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let mut intruder = d.nsenter();
     intruder
@@ -109,6 +122,11 @@ fn a_hundred_servers_under_xdist_never_collide_with_an_intruder() {
 
 #[test]
 fn pip_installs_the_package_with_its_pytest_plugin() {
+    // The virtual environment is made out here (the namespace has no network).
+    test_python();
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let out = run(Command::new(test_python()).args([
         "-c",
         "import importlib.metadata as m; \

@@ -51,6 +51,9 @@ fn finish(mut child: Child) -> serde_json::Value {
 
 #[test]
 fn thirty_two_workers_never_collide_under_an_autobind_storm() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     // The dynamic range (where wildcard blocks and the kernel's ephemeral ports both come from)
     // is squeezed to 200 ports, so the storm and the workers fight over the same space.
     let d = TestDaemon::with_setup(
@@ -107,6 +110,9 @@ enum Op {
 
 #[test]
 fn two_hundred_kill9s_during_persistent_changes_lose_nothing_acknowledged() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     // start -> (count, token) of every acknowledged create not acknowledged-deleted since.
@@ -193,6 +199,9 @@ fn two_hundred_kill9s_during_persistent_changes_lose_nothing_acknowledged() {
 
 #[test]
 fn killed_holders_give_back_every_port_and_no_port_is_ever_held_twice() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config("dynamic_range = \"41000-41099\"\n");
     let c = d.client();
     let mut holders = Vec::new();
@@ -259,6 +268,9 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_thousand_sessions_keep_the_daemon_responsive_and_leave_nothing_behind() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let probe = d.client();
     let rss_before = rss_kib(d.pid);
@@ -308,6 +320,9 @@ fn a_thousand_sessions_keep_the_daemon_responsive_and_leave_nothing_behind() {
 
 #[test]
 fn random_garbage_on_the_wire_never_takes_the_daemon_down() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let healthy = d.client();
     let held = healthy.acquire_at(Protocol::Tcp, 42500, 2).unwrap();

@@ -6,6 +6,9 @@ use crate::util::*;
 
 #[test]
 fn acquire_specific_and_wildcard_blocks() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config("dynamic_range = \"41000-41009\"\n");
     let c = d.client();
     let w = c.acquire(Protocol::Tcp, 4).unwrap();
@@ -34,6 +37,9 @@ fn acquire_specific_and_wildcard_blocks() {
 
 #[test]
 fn invalid_arguments_change_nothing() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     for (start, count) in [(0, 0), (40000, 0), (65530, 7), (70000, 1)] {
@@ -49,6 +55,9 @@ fn invalid_arguments_change_nothing() {
 
 #[test]
 fn overlapping_block_is_address_in_use_and_names_the_holder() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let held = c.acquire_at(Protocol::Tcp, 45000, 10).unwrap();
@@ -80,6 +89,9 @@ fn overlapping_block_is_address_in_use_and_names_the_holder() {
 
 #[test]
 fn port_bound_by_another_socket_is_address_in_use() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config("dynamic_range = \"46000-46005\"\n");
     let _listener = d.bind_tcp(46001);
     let c = d.client();
@@ -99,6 +111,9 @@ fn port_bound_by_another_socket_is_address_in_use() {
 
 #[test]
 fn drop_releases_and_release_rows() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     let r = c.acquire_at(Protocol::Tcp, 47000, 2).unwrap();
@@ -160,6 +175,9 @@ fn drop_releases_and_release_rows() {
 
 #[test]
 fn quota_limits_non_admins_only() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config("runtime_quota_ports = 5\n");
     let out = run(d
         .cli_as_nobody()
@@ -199,6 +217,9 @@ fn quota_limits_non_admins_only() {
 
 #[test]
 fn release_later_takes_effect_before_the_clients_next_request() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     // The same client sees it released at once: the daemon answers in order.

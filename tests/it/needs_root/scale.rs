@@ -45,6 +45,9 @@ fn reply(s: &mut UnixStream) -> ReplyFrame {
 
 #[test]
 fn who_on_a_port_with_10000_connections() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::with_config("reply_timeout_ms = 500\n");
     let mut busy = busy_port(&d, 9000, 10_000);
 
@@ -123,6 +126,9 @@ fn who_on_a_port_with_10000_connections() {
 
 #[test]
 fn show_of_a_big_table_streams_and_filters() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let c = d.client();
     for i in 0..300u32 {

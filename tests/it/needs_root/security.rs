@@ -72,6 +72,9 @@ fn cli_as(uid: u32) -> Command {
 
 #[test]
 fn a_squatted_socket_directory_is_refused_and_the_squatter_gets_nothing() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     require_root();
     let dir = std::path::PathBuf::from(format!("/tmp/portres-{VICTIM}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -97,6 +100,9 @@ fn a_squatted_socket_directory_is_refused_and_the_squatter_gets_nothing() {
 
 #[test]
 fn a_daemon_running_as_another_user_is_refused() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     require_root();
     let dir = tempfile::tempdir().unwrap();
     // The victim's own private directory; the listener in it runs as another uid.
@@ -132,6 +138,9 @@ fn a_daemon_running_as_another_user_is_refused() {
 
 #[test]
 fn a_symlinked_runtime_directory_is_refused_by_client_and_daemon() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     require_root();
     let base = tempfile::tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -167,6 +176,9 @@ fn a_symlinked_runtime_directory_is_refused_by_client_and_daemon() {
 
 #[test]
 fn a_configuration_others_could_write_is_refused() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let mut d = TestDaemon::start();
     assert!(d.terminate().success());
     let config = d.config.clone().unwrap();
@@ -182,6 +194,9 @@ fn a_configuration_others_could_write_is_refused() {
 
 #[test]
 fn untrusted_text_stays_text() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let d = TestDaemon::start();
     let evil = "\u{1b}[2J\u{1b}[31mEVIL\nINFO forged log line";
     let script = d.dir.path().join("evil.py");
@@ -244,6 +259,9 @@ fn untrusted_text_stays_text() {
 
 #[test]
 fn a_holder_uid_that_belongs_to_somebody_is_warned_about() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::with_config(&format!("holder_uid = {NOBODY}\n"));
     let status = d.client().status().unwrap();
     let hold = status.layers.iter().find(|l| l.name == "hold").unwrap();

@@ -29,6 +29,9 @@ fn rows_of(d: &TestDaemon, pid: u32) -> usize {
 
 #[test]
 fn the_documented_example_holds_its_ports_while_it_lives() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
     let d = TestDaemon::start();
     for ending in ["exits", "is killed"] {
         let mut c = d.nsenter();
@@ -79,6 +82,9 @@ fn the_documented_example_holds_its_ports_while_it_lives() {
 
 #[test]
 fn without_a_daemon_the_helpers_say_why_and_what_to_do() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let out = run(Command::new(example())
         .env("PORTRES_SOCKET", dir.path().join("none.sock"))
