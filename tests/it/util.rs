@@ -57,7 +57,8 @@ pub fn run_elsewhere(needs: Needs) -> bool {
         Needs::HostRoot(why) => return skip(&format!("it needs root on the host: {why}")),
         Needs::Namespace => {}
     }
-    let out = Command::new("unshare")
+    let mut again = Command::new("unshare");
+    again
         .args(["--user", "--map-root-user", "--net", "--mount", "--"])
         .arg(std::env::current_exe().unwrap())
         .args([
@@ -67,9 +68,11 @@ pub fn run_elsewhere(needs: Needs) -> bool {
             "--test-threads",
             "1",
         ])
-        .env_remove("RUST_TEST_THREADS")
-        .output()
-        .expect("run unshare(1)");
+        .env_remove("RUST_TEST_THREADS");
+    if PYTHON_READY.load(std::sync::atomic::Ordering::Acquire) {
+        again.env("PORTRES_TEST_PYTHON_READY", "1");
+    }
+    let out = again.output().expect("run unshare(1)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -642,6 +645,13 @@ pub fn test_python() -> &'static Path {
     PY.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
         let py = dir.join("bin/python");
+        // Made ready by the process that re-ran this test in a namespace (which has no network).
+        if std::env::var_os("PORTRES_TEST_PYTHON_READY").is_some() {
+            return py;
+        }
+        // One process at a time (test processes of `cargo nextest` run side by side).
+        let lock = std::fs::File::create(dir.with_extension("lock")).unwrap();
+        portres_sys::process::lock_exclusive(&lock).unwrap();
         let has = |py: &Path| {
             Command::new(py)
                 .args(["-c", "import portpicker, pytest, xdist, setuptools, wheel"])
@@ -693,6 +703,11 @@ pub fn test_python() -> &'static Path {
         let _ = std::fs::remove_dir_all(&copy);
         // Readable by `nobody` too.
         let _ = run(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir));
+        drop(lock);
+        PYTHON_READY.store(true, std::sync::atomic::Ordering::Release);
         py
     })
 }
+
+/// The virtual environment of [`test_python`] is ready in this process.
+static PYTHON_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
