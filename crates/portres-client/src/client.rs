@@ -911,16 +911,24 @@ fn open(socket: &Path, uids: &[u32]) -> Result<(UnixStream, Welcome), Error> {
         path: socket.into(),
         why,
     };
-    match crate::trust::check_socket_dir(socket, uids) {
-        Ok(()) => {}
+    let checked = crate::trust::check_socket_dir(socket, uids).or_else(|_| {
         // A directory that does not exist yet holds no impostor: that is "no daemon".
-        Err(_) if socket.parent().is_some_and(|d| !d.exists()) => {
+        if socket.parent().is_some_and(|d| !d.exists()) {
+            return Err(None);
+        }
+        // It may have been made between the check and now (another client starting the
+        // daemon): the second look decides.
+        crate::trust::check_socket_dir(socket, uids).map_err(Some)
+    });
+    match checked {
+        Ok(()) => {}
+        Err(None) => {
             return Err(Error::Connect {
                 path: socket.into(),
                 source: std::io::Error::from(ErrorKind::NotFound),
             });
         }
-        Err(why) => return Err(untrusted(why)),
+        Err(Some(why)) => return Err(untrusted(why)),
     }
     let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
         path: socket.into(),
