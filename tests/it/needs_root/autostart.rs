@@ -124,8 +124,19 @@ fn a_renamed_cli_starts_itself_and_says_what_a_per_user_daemon_cannot_enforce() 
     let first = run(&mut as_nobody(&mut cli()));
     assert!(first.status.success(), "{first:?}");
     let status = json(&first);
-    assert_eq!(status["scope"], "user");
     let pid = status["pid"].as_u64().unwrap() as u32;
+    // The daemon and its keeper go when the test ends, whatever happens.
+    struct Stop(u32, Option<u64>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            signal(self.0, rustix::process::Signal::TERM);
+            if let Some(k) = self.1 {
+                signal(k as u32, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    let _stop = Stop(pid, status["restore"]["keeper_pid"].as_u64());
+    assert_eq!(status["scope"], "user");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(
         String::from_utf8_lossy(&cmdline).starts_with(&renamed.to_string_lossy().to_string()),
@@ -169,9 +180,4 @@ fn a_renamed_cli_starts_itself_and_says_what_a_per_user_daemon_cannot_enforce() 
         String::from_utf8_lossy(&third.stdout).contains("may not enter it"),
         "{third:?}"
     );
-    let keeper = status["restore"]["keeper_pid"].as_u64();
-    signal(pid, rustix::process::Signal::TERM);
-    if let Some(k) = keeper {
-        signal(k as u32, rustix::process::Signal::KILL);
-    }
 }
