@@ -103,54 +103,35 @@ pub fn client() -> Result<Client, Error> {
     Ok(fresh)
 }
 
-/// A listening TCP socket on a reserved (held) port; the reservation ends when it is dropped.
+/// A socket on a reserved (held) port; the reservation ends when it is dropped. Derefs to the
+/// socket.
 #[derive(Debug)]
-pub struct ReservedListener {
-    listener: TcpListener,
+pub struct Reserved<S> {
+    socket: S,
     reservation: Reservation,
 }
 
-impl ReservedListener {
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.reservation.port()
-    }
+/// A listening TCP socket on a held port ([`tcp_listener`]).
+pub type ReservedListener = Reserved<TcpListener>;
 
-    /// The listener, keeping the reservation until the returned pair is dropped.
-    pub fn into_parts(self) -> (TcpListener, Reservation) {
-        (self.listener, self.reservation)
-    }
-}
+/// A UDP socket on a held port ([`udp_socket`]).
+pub type ReservedUdpSocket = Reserved<UdpSocket>;
 
-impl Deref for ReservedListener {
-    type Target = TcpListener;
-    fn deref(&self) -> &TcpListener {
-        &self.listener
-    }
-}
-
-/// A UDP socket bound to a reserved (held) port; the reservation ends when it is dropped.
-#[derive(Debug)]
-pub struct ReservedUdpSocket {
-    socket: UdpSocket,
-    reservation: Reservation,
-}
-
-impl ReservedUdpSocket {
+impl<S> Reserved<S> {
     /// The port.
     pub fn port(&self) -> u16 {
         self.reservation.port()
     }
 
     /// The socket, keeping the reservation until the returned pair is dropped.
-    pub fn into_parts(self) -> (UdpSocket, Reservation) {
+    pub fn into_parts(self) -> (S, Reservation) {
         (self.socket, self.reservation)
     }
 }
 
-impl Deref for ReservedUdpSocket {
-    type Target = UdpSocket;
-    fn deref(&self) -> &UdpSocket {
+impl<S> Deref for Reserved<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
         &self.socket
     }
 }
@@ -181,9 +162,9 @@ impl Deref for ReservedPorts {
 /// portres for as long as the value lives.
 pub fn tcp_listener() -> Result<ReservedListener, Error> {
     let reservation = client()?.acquire_with(Protocol::Tcp, 0, 1, Mode::Hold)?;
-    let listener = reservation.listen(reservation.port())?;
-    Ok(ReservedListener {
-        listener,
+    let socket = reservation.listen(reservation.port())?;
+    Ok(Reserved {
+        socket,
         reservation,
     })
 }
@@ -193,7 +174,7 @@ pub fn tcp_listener() -> Result<ReservedListener, Error> {
 pub fn udp_socket() -> Result<ReservedUdpSocket, Error> {
     let reservation = client()?.acquire_with(Protocol::Udp, 0, 1, Mode::Hold)?;
     let socket = reservation.udp_socket(None, reservation.port())?;
-    Ok(ReservedUdpSocket {
+    Ok(Reserved {
         socket,
         reservation,
     })

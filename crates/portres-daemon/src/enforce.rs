@@ -250,7 +250,18 @@ struct Handed {
     listener: bool,
 }
 
-/// The enforcement state of the daemon.
+/// What the enforcers of every namespace share: the daemon's settings and kernel objects.
+struct Common {
+    holder_uid: Option<u32>,
+    own_uid: u32,
+    nofile: u64,
+    udp_programs: Arc<Result<portres_sys::bpf::SocketPrograms, String>>,
+    holder_warning: Option<String>,
+    deny: crate::deny::SharedDeny,
+    all_held: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The enforcement state of one network namespace (the daemon's own, or a client's).
 pub(crate) struct Enforcer {
     /// The uid placeholders and handed-out sockets are created under (root only).
     holder_uid: Option<u32>,
@@ -318,78 +329,79 @@ impl Enforcer {
             tracing::warn!("{w}");
             Some(w)
         });
-        Enforcer {
-            holder_uid,
-            own_uid,
-            holds: HashMap::new(),
-            pool: [Vec::new(), Vec::new()],
-            helpers: crate::holder::Helpers::default(),
-            remote_inodes: HashMap::new(),
-            held_remote: 0,
-            held_ports: 0,
-            all_held: Arc::default(),
-            pool_counted: 0,
-            unheld: HashMap::new(),
-            handed: HashMap::new(),
-            orphans: HashMap::new(),
-            exclude: Exclude::open(Some(state_dir)),
-            nofile,
-            udp_programs: Arc::new(load_udp_programs()),
-            classic_steered: std::collections::HashSet::new(),
-            placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
-                .is_ok_and(|p| hold::prepared_is_v6(&p)),
-            holder_warning,
-            netns_cookie: portres_sys::deny::netns_cookie().unwrap_or(0),
-            home: true,
-            deny: Arc::new(std::sync::Mutex::new(crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
-                tracing::info!("deny layer off: {why}");
-                // An earlier daemon's pinned programs would go on refusing binds (with a dead
-                // daemon's pid in them, its own placeholders' binds too): they go.
-                if own_uid == 0 {
-                    match crate::deny::cleanup(state_dir) {
-                        Ok(c) if c.pin_dir.is_some() => tracing::warn!(
-                            "removed the deny layer an earlier daemon left pinned in {}",
-                            c.pin_dir.as_ref().map_or(String::new(), |p| p.display().to_string())
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "removing an earlier daemon's deny layer failed"),
+        let deny = crate::deny::DenyLayer::load(state_dir, deny).inspect_err(|why| {
+            tracing::info!("deny layer off: {why}");
+            // An earlier daemon's pinned programs would go on refusing binds (with a dead
+            // daemon's pid in them, its own placeholders' binds too): they go.
+            if own_uid == 0 {
+                match crate::deny::cleanup(state_dir) {
+                    Ok(c) if c.pin_dir.is_some() => tracing::warn!(
+                        "removed the deny layer an earlier daemon left pinned in {}",
+                        c.pin_dir.as_ref().map_or(String::new(), |p| p.display().to_string())
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "removing an earlier daemon's deny layer failed")
                     }
                 }
-            }))),
-            replaced_at_start: Vec::new(),
-        }
+            }
+        });
+        let common = Common {
+            holder_uid,
+            own_uid,
+            nofile,
+            udp_programs: Arc::new(load_udp_programs()),
+            holder_warning,
+            deny: Arc::new(std::sync::Mutex::new(deny)),
+            all_held: Arc::default(),
+        };
+        Enforcer::with(common, Exclude::open(Some(state_dir)), true)
     }
 
     /// An enforcer for the network namespace the calling thread is in (it must have entered
     /// it: the sysctl is opened and the cookie read there), sharing this one's deny layer, UDP
-    /// programs and settings.
-    /// `journal_dir` keeps its `ip_local_reserved_ports` journal (a named namespace's store
-    /// directory), so a successor after a crash tells this daemon's entries from others'.
+    /// programs, descriptor count and settings. `journal_dir` keeps its
+    /// `ip_local_reserved_ports` journal (a named namespace's store directory), so a successor
+    /// after a crash tells this daemon's entries from others'.
     pub(crate) fn for_this_namespace(&self, journal_dir: Option<&std::path::Path>) -> Enforcer {
-        Enforcer {
+        let common = Common {
             holder_uid: self.holder_uid,
             own_uid: self.own_uid,
+            nofile: self.nofile,
+            udp_programs: self.udp_programs.clone(),
+            holder_warning: self.holder_warning.clone(),
+            deny: self.deny.clone(),
+            all_held: self.all_held.clone(),
+        };
+        Enforcer::with(common, Exclude::open(journal_dir), false)
+    }
+
+    /// An enforcer holding nothing yet, in the calling thread's network namespace.
+    fn with(common: Common, exclude: Exclude, home: bool) -> Enforcer {
+        Enforcer {
+            holder_uid: common.holder_uid,
+            own_uid: common.own_uid,
             holds: HashMap::new(),
             pool: [Vec::new(), Vec::new()],
             helpers: crate::holder::Helpers::default(),
             remote_inodes: HashMap::new(),
             held_remote: 0,
             held_ports: 0,
-            all_held: self.all_held.clone(),
+            all_held: common.all_held,
             pool_counted: 0,
             unheld: HashMap::new(),
             handed: HashMap::new(),
             orphans: HashMap::new(),
-            exclude: Exclude::open(journal_dir),
-            nofile: self.nofile,
-            udp_programs: self.udp_programs.clone(),
+            exclude,
+            nofile: common.nofile,
+            udp_programs: common.udp_programs,
             classic_steered: std::collections::HashSet::new(),
             placeholders_v6: hold::prepare_placeholder(Protocol::Udp, None)
                 .is_ok_and(|p| hold::prepared_is_v6(&p)),
-            holder_warning: self.holder_warning.clone(),
+            holder_warning: common.holder_warning,
             netns_cookie: portres_sys::deny::netns_cookie().unwrap_or(0),
-            home: false,
-            deny: self.deny.clone(),
+            home,
+            deny: common.deny,
             replaced_at_start: Vec::new(),
         }
     }

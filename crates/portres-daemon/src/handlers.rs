@@ -411,38 +411,22 @@ fn persistent_target(
             ),
         ));
     }
-    crate::namespaces::check_name(name).map_err(|why| {
-        Refusal::new(
-            op,
-            ErrorCode::InvalidParameter,
-            format!("cannot {what} a persistent reservation: {why}"),
-        )
-    })?;
-    let state_dir = &shared.placement.state_dir;
-    if op != Operation::CreatePersistent
-        && !crate::namespaces::named_store_dir(state_dir, name).exists()
-    {
-        return Err(Refusal::new(
-            op,
-            ErrorCode::NotFound,
-            format!(
-                "cannot {what} the persistent reservation: none was ever made for network \
-                 namespace {:?}",
-                portres_core::printable(name)
-            ),
-        ));
-    }
     let create = op == Operation::CreatePersistent;
     shared
         .spaces()
-        .named(name, create, state_dir, &shared.config)
+        .named(name, create, &shared.config)
         .map(|(k, store)| (Some(k), store))
-        .map_err(|why| {
-            Refusal::new(
+        .map_err(|e| match e {
+            crate::namespaces::NamedError::NotFound(why) => Refusal::new(
+                op,
+                ErrorCode::NotFound,
+                format!("cannot {what} the persistent reservation: {why}"),
+            ),
+            crate::namespaces::NamedError::Invalid(why) => Refusal::new(
                 op,
                 ErrorCode::InvalidParameter,
                 format!("cannot {what} a persistent reservation in network namespace: {why}"),
-            )
+            ),
         })
 }
 
@@ -683,13 +667,10 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
         },
         namespace_mode: Some(all.mode().into()),
         namespace_problems: all.problems.clone(),
-        portserver: shared.portserver.as_deref().map(|a| {
-            if a.starts_with("NOT SERVED") {
-                a.to_string()
-            } else {
-                crate::portserver::describe(a, shared.config.portserver_range)
-            }
-        }),
+        portserver: shared
+            .portserver
+            .as_ref()
+            .map(|e| e.describe(shared.config.portserver_range)),
     }
 }
 

@@ -184,8 +184,8 @@ struct Shared {
     stop_requested: std::sync::atomic::AtomicBool,
     /// The processes the portserver endpoint granted ports to.
     grantees: portserver::Grantees,
-    /// The portserver endpoint's address, when it is served.
-    portserver: Option<String>,
+    /// The portserver endpoint, when one was asked for.
+    portserver: Option<portserver::Endpoint>,
 }
 
 impl Shared {
@@ -295,7 +295,7 @@ impl Daemon {
         let mut spaces = namespaces::Spaces::new(state, &config, &placement.state_dir)
             .map_err(StartError::Namespace)?;
         // Persistent reservations of named namespaces (`persistent add --netns NAME`).
-        spaces.load_named(&placement.state_dir, &config);
+        spaces.load_named(&config);
         Ok(Daemon {
             shared: Arc::new(Shared {
                 state: Mutex::new(spaces),
@@ -331,14 +331,14 @@ impl Daemon {
     pub fn serve_portserver(&mut self, listener: std::os::unix::net::UnixListener, address: &str) {
         self.portserver = Some(listener);
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.portserver = Some(address.to_string());
+            shared.portserver = Some(portserver::Endpoint::Serving(address.to_string()));
         }
     }
 
     /// The portserver endpoint could not be served: `status` says `why`.
     pub fn portserver_problem(&mut self, why: &str) {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.portserver = Some(why.to_string());
+            shared.portserver = Some(portserver::Endpoint::Failed(why.to_string()));
         }
     }
 

@@ -52,15 +52,33 @@ pub(crate) struct Spaces {
     per_client: bool,
     /// The daemon's state directory (named namespaces' stores are under `netns/`).
     state_dir: std::path::PathBuf,
-    /// The named namespaces served, by name (one whose `/run/netns` file was removed since
-    /// stays reachable by its name while the daemon serves it).
-    names: HashMap<String, NetNsId>,
-    /// Records read from a named namespace's store, until loaded into its table.
-    pending: HashMap<String, Vec<crate::store::StoredReservation>>,
-    /// The stores of named namespaces' persistent reservations (`STATE/netns/NAME`), by name.
-    stores: HashMap<String, Arc<Store>>,
+    /// The named namespaces whose stored reservations are loaded, by name (one whose
+    /// `/run/netns` file was removed since stays reachable by its name while it is served).
+    named: HashMap<String, Named>,
     /// What could not be loaded or enforced of named namespaces' reservations, for `status`.
     pub(crate) problems: Vec<String>,
+}
+
+/// A named namespace's persistent reservations: their store (`STATE/netns/NAME`) and the
+/// namespace they are loaded in.
+struct Named {
+    store: Arc<Store>,
+    key: NetNsId,
+}
+
+/// Why a named namespace cannot be used.
+pub(crate) enum NamedError {
+    /// Nothing was ever reserved for it.
+    NotFound(String),
+    /// A bad name, a namespace that does not exist or cannot be served.
+    Invalid(String),
+}
+
+/// The first client of a namespace, for `show`, `status` and the per-user limit.
+struct FirstClient {
+    pid: u32,
+    uid: u32,
+    command: Option<String>,
 }
 
 /// Another namespace, served while it has sessions.
@@ -97,10 +115,8 @@ impl Spaces {
             others: HashMap::new(),
             session_ns: HashMap::new(),
             per_client: config.per_client_namespaces && !config.deny.all_namespaces,
-            stores: HashMap::new(),
+            named: HashMap::new(),
             problems: Vec::new(),
-            pending: HashMap::new(),
-            names: HashMap::new(),
             state_dir: state_dir.to_path_buf(),
         })
     }
@@ -163,12 +179,6 @@ impl Spaces {
             return Ok(());
         }
         if !self.others.contains_key(&key) {
-            if self.others.len() >= MAX_NAMESPACES {
-                return Err(format!(
-                    "the daemon already serves {MAX_NAMESPACES} other network namespaces, its \
-                     most; try again when some have ended"
-                ));
-            }
             let theirs = self.others.values().filter(|o| o.uid == owner.uid).count();
             if !admin && theirs >= MAX_NAMESPACES_PER_USER {
                 return Err(format!(
@@ -178,31 +188,21 @@ impl Spaces {
                     owner.uid
                 ));
             }
-            let named = self.stored_name_of(key);
-            let journal = named
-                .as_deref()
-                .map(|n| named_store_dir(&self.state_dir, n));
-            let state = self.build_in(&ns, config, journal.as_deref())?;
-            tracing::info!(
-                netns = key.ino,
+            // A named namespace with stored reservations keeps its sysctl journal with them,
+            // and they apply from now on.
+            let name = self.stored_name_of(key);
+            let journal = name.as_deref().map(|n| named_store_dir(&self.state_dir, n));
+            let first = FirstClient {
                 pid,
-                "serving a new network namespace (net:[{}])",
-                key.ino
-            );
-            self.others.insert(
-                key,
-                Other {
-                    state,
-                    ns: Arc::new(ns),
-                    sessions: 0,
-                    pid,
-                    uid: owner.uid,
-                    command: owner.command.clone(),
-                },
-            );
-            // A named namespace with persistent reservations: they apply from now on.
-            if let Some(name) = named {
-                self.named_loaded(&name, key);
+                uid: owner.uid,
+                command: owner.command.clone(),
+            };
+            self.serve(ns, config, journal.as_deref(), first)?;
+            if let Some(name) = name
+                && let Err(why) = self.attach_store(&name, key)
+            {
+                self.problems
+                    .push(format!("network namespace {name}: not enforced: {why}"));
             }
         }
         let other = self.others.get_mut(&key).expect("inserted");
@@ -219,30 +219,46 @@ impl Spaces {
             .into_iter()
             .find(|(name, id)| {
                 *id == key
-                    && !self.names.contains_key(name)
+                    && !self.named.contains_key(name)
                     && named_store_dir(&self.state_dir, name).is_dir()
             })
             .map(|(name, _)| name)
     }
 
-    /// Loads `name`'s store into namespace `key` (served already); failures go to `problems`.
-    fn named_loaded(&mut self, name: &str, key: NetNsId) {
-        let dir = named_store_dir(&self.state_dir, name);
-        let store = match self.stores.get(name) {
-            Some(s) => s.clone(),
-            None => match self.open_store(name, &dir) {
-                Ok(s) => s,
-                Err(why) => {
-                    self.problems
-                        .push(format!("network namespace {name}: not enforced: {why}"));
-                    return;
-                }
-            },
-        };
-        if self.pending.contains_key(name) {
-            self.load_records(key, name, &store);
+    /// Serves namespace `ns` from now on: its table and enforcer, made inside it.
+    fn serve(
+        &mut self,
+        ns: NetNs,
+        config: &Config,
+        journal_dir: Option<&std::path::Path>,
+        first: FirstClient,
+    ) -> Result<NetNsId, String> {
+        if self.others.len() >= MAX_NAMESPACES {
+            return Err(format!(
+                "the daemon already serves {MAX_NAMESPACES} other network namespaces, its most; \
+                 try again when some have ended"
+            ));
         }
-        self.names.insert(name.to_string(), key);
+        let key = ns.id();
+        let state = self.build_in(&ns, config, journal_dir)?;
+        tracing::info!(
+            netns = key.ino,
+            pid = first.pid,
+            "serving a new network namespace (net:[{}])",
+            key.ino
+        );
+        self.others.insert(
+            key,
+            Other {
+                state,
+                ns: Arc::new(ns),
+                sessions: 0,
+                pid: first.pid,
+                uid: first.uid,
+                command: first.command,
+            },
+        );
+        Ok(key)
     }
 
     /// A table and enforcer made inside `ns`.
@@ -315,7 +331,8 @@ impl Spaces {
         };
         if other.sessions == 0 && other.state.table.is_empty() {
             let mut other = self.others.remove(&key).expect("present");
-            self.names.retain(|_, k| *k != key);
+            // Its store is let go too (read again if it is used again).
+            self.named.retain(|_, n| n.key != key);
             // Its released blocks leave its sysctl now (through the descriptor opened there).
             other.state.enforcer.shutdown();
             tracing::info!(
@@ -334,95 +351,105 @@ impl Spaces {
         &mut self,
         name: &str,
         create: bool,
-        state_dir: &std::path::Path,
         config: &Config,
-    ) -> Result<(NetNsId, Arc<Store>), String> {
-        check_name(name)?;
+    ) -> Result<(NetNsId, Arc<Store>), NamedError> {
+        check_name(name).map_err(NamedError::Invalid)?;
         if config.deny.all_namespaces {
-            return Err(
+            return Err(NamedError::Invalid(
                 "the deny layer is keyed without namespaces (deny_all_namespaces = true): a \
                  reservation for one namespace would hold in all of them; turn that off to \
                  reserve per namespace"
                     .into(),
-            );
+            ));
         }
         let path = std::path::Path::new("/run/netns").join(name);
-        let dir = named_store_dir(state_dir, name);
-        if let Some(&key) = self.names.get(name)
-            && self.others.contains_key(&key)
-            && NetNs::open(&path).is_err()
-        {
-            // `ip netns del` removed the name; the daemon's reservations keep it alive until
-            // they are deleted.
-            let store = self.stores.get(name).expect("loaded with it").clone();
-            return Ok((key, store));
+        let dir = named_store_dir(&self.state_dir, name);
+        if !create && !dir.exists() {
+            return Err(NamedError::NotFound(format!(
+                "none was ever made for network namespace {:?}",
+                portres_core::printable(name)
+            )));
         }
-        let ns = NetNs::open(&path).map_err(|e| {
-            let kept = if dir.exists() {
-                format!(
-                    "; the persistent reservations made for it are kept in {} and apply again \
-                     once it exists (on first use, or at the daemon's next start)",
-                    dir.display()
-                )
-            } else {
-                String::new()
-            };
-            format!(
-                "there is no network namespace named {name:?} ({}: {e}); create it with `ip \
-                 netns add {name}`{kept}",
-                path.display()
-            )
-        })?;
+        let ns = match NetNs::open(&path) {
+            Ok(ns) => ns,
+            // `ip netns del` removed the name; the daemon's reservations keep the namespace
+            // alive until they are deleted.
+            Err(_) if self.named.contains_key(name) => {
+                let n = &self.named[name];
+                return Ok((n.key, n.store.clone()));
+            }
+            Err(e) => {
+                let kept = if dir.exists() {
+                    format!(
+                        "; the persistent reservations made for it are kept in {} and apply \
+                         again once it exists (on first use, or at the daemon's next start)",
+                        dir.display()
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(NamedError::Invalid(format!(
+                    "there is no network namespace named {name:?} ({}: {e}); create it with `ip \
+                     netns add {name}`{kept}",
+                    path.display()
+                )));
+            }
+        };
         let key = ns.id();
         if key == self.home_ns.id() {
-            return Err(format!(
+            return Err(NamedError::Invalid(format!(
                 "{} is the daemon's own network namespace: leave out the namespace name",
                 path.display()
-            ));
+            )));
         }
-        if !create && !dir.exists() {
-            return Err(format!(
-                "no persistent reservation was made for network namespace {name}"
-            ));
-        }
-        let store = match self.stores.get(name) {
-            Some(s) => s.clone(),
-            None => self.open_store(name, &dir)?,
-        };
+        // Before its enforcer, which keeps its sysctl journal there.
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NamedError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
         if !self.others.contains_key(&key) {
-            if self.others.len() >= MAX_NAMESPACES {
-                return Err(format!(
-                    "the daemon already serves {MAX_NAMESPACES} other network namespaces, its \
-                     most; try again when some have ended"
-                ));
-            }
-            let state = self.build_in(&ns, config, Some(&dir)).map_err(|why| {
-                why.replace("the client is in", &format!("{} is", path.display()))
+            let first = FirstClient {
+                pid: 0,
+                uid: 0,
+                command: None,
+            };
+            self.serve(ns, config, Some(&dir), first).map_err(|why| {
+                NamedError::Invalid(
+                    why.replace("the client is in", &format!("{} is", path.display())),
+                )
             })?;
-            self.others.insert(
-                key,
-                Other {
-                    state,
-                    ns: Arc::new(ns),
-                    sessions: 0,
-                    pid: 0,
-                    uid: 0,
-                    command: None,
-                },
-            );
         }
-        // The name now names another namespace than the one its reservations are in (`ip netns
-        // del` then `add` while the daemon ran): they move to the new one.
-        if let Some(old) = self.names.get(name).copied().filter(|&old| old != key) {
-            self.move_persistent(old, key, name);
-        }
-        // Its records, read when its store was opened (at first use, which may come after a
-        // client inside it made the daemon serve it), go into its table.
-        if self.pending.contains_key(name) {
-            self.load_records(key, name, &store);
-        }
-        self.names.insert(name.to_string(), key);
+        let store = self.attach_store(name, key).map_err(|why| {
+            self.drop_if_idle(Some(key));
+            NamedError::Invalid(why)
+        })?;
         Ok((key, store))
+    }
+
+    /// Makes `name`'s stored reservations hold in namespace `key` (served already): its store
+    /// opened and its records loaded the first time; moved there from another namespace when
+    /// the name has been given to a new one (`ip netns del` then `add` while the daemon ran).
+    fn attach_store(&mut self, name: &str, key: NetNsId) -> Result<Arc<Store>, String> {
+        if let Some(n) = self.named.get(name) {
+            let (old, store) = (n.key, n.store.clone());
+            if old != key {
+                self.move_persistent(old, key, name);
+                self.named.get_mut(name).expect("present").key = key;
+            }
+            return Ok(store);
+        }
+        let dir = named_store_dir(&self.state_dir, name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let (store, records) = Store::open(&dir).map_err(|e| e.to_string())?;
+        let store = Arc::new(store);
+        self.load_records(key, name, &store, records);
+        self.named.insert(
+            name.to_string(),
+            Named {
+                store: store.clone(),
+                key,
+            },
+        );
+        Ok(store)
     }
 
     /// Moves every persistent reservation of namespace `from` to `to` (the name `name` was
@@ -467,20 +494,14 @@ impl Spaces {
         });
     }
 
-    /// Opens (creating it if need be) the store of namespace `name`'s persistent reservations.
-    fn open_store(&mut self, name: &str, dir: &std::path::Path) -> Result<Arc<Store>, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let (store, records) = Store::open(dir).map_err(|e| e.to_string())?;
-        let store = Arc::new(store);
-        self.stores.insert(name.to_string(), store.clone());
-        self.pending.insert(name.to_string(), records);
-        Ok(store)
-    }
-
     /// Puts the records read from `name`'s store into namespace `key`'s table and kernel.
-    fn load_records(&mut self, key: NetNsId, name: &str, store: &Store) {
-        let records = self.pending.remove(name).unwrap_or_default();
+    fn load_records(
+        &mut self,
+        key: NetNsId,
+        name: &str,
+        store: &Store,
+        records: Vec<crate::store::StoredReservation>,
+    ) {
         let before = format!("network namespace {name}:");
         self.problems.retain(|p| !p.starts_with(&before));
         let mut problems = Vec::new();
@@ -523,15 +544,17 @@ impl Spaces {
 
     /// At start: every named namespace with a store in `STATE/netns` is served, its
     /// reservations enforced; what cannot be is logged and listed in `status`.
-    pub(crate) fn load_named(&mut self, state_dir: &std::path::Path, config: &Config) {
-        let Ok(dir) = std::fs::read_dir(state_dir.join("netns")) else {
+    pub(crate) fn load_named(&mut self, config: &Config) {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("netns")) else {
             return;
         };
         for e in dir.flatten() {
             let Some(name) = e.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            if let Err(why) = self.named(&name, false, state_dir, config) {
+            if let Err(NamedError::Invalid(why) | NamedError::NotFound(why)) =
+                self.named(&name, false, config)
+            {
                 tracing::warn!(
                     "persistent reservations of network namespace {name} are not enforced: {why}"
                 );
@@ -684,13 +707,13 @@ impl Spaces {
 }
 
 /// Where the persistent reservations of namespace `name` are kept.
-pub(crate) fn named_store_dir(state_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+fn named_store_dir(state_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     state_dir.join("netns").join(name)
 }
 
 /// An `ip netns` name portres accepts: letters, digits, `-`, `_`, `.`, not starting with `.`,
 /// at most 64 bytes (it names a directory of the state directory).
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')

@@ -351,10 +351,21 @@ fn session_for(
     Ok((session, true))
 }
 
-/// The range grants come from, in words (for `status`).
-pub(crate) fn describe(address: &str, range: Option<PortRange>) -> String {
-    match range {
-        Some(r) => format!("{address} (ports {r})"),
-        None => format!("{address} (the dynamic range)"),
+/// The endpoint as asked for in the configuration or on the command line.
+pub(crate) enum Endpoint {
+    /// Answering at this address.
+    Serving(String),
+    /// Not served, and why.
+    Failed(String),
+}
+
+impl Endpoint {
+    /// In words, with the range grants come from (for `status`).
+    pub(crate) fn describe(&self, range: Option<PortRange>) -> String {
+        match (self, range) {
+            (Endpoint::Failed(why), _) => why.clone(),
+            (Endpoint::Serving(address), Some(r)) => format!("{address} (ports {r})"),
+            (Endpoint::Serving(address), None) => format!("{address} (the dynamic range)"),
+        }
     }
 }

@@ -352,7 +352,12 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
         admin,
         "session opened"
     );
-    let pidfd = portres_sys::creds::peer_pidfd(&stream).ok();
+    // Only needed to read the client's namespace safely (see `Spaces::open_session`).
+    let pidfd = shared
+        .config
+        .per_client_namespaces
+        .then(|| portres_sys::creds::peer_pidfd(&stream).ok())
+        .flatten();
     let (opened, open) = {
         let mut all = shared.spaces();
         let opened = all.open_session(id, owner, cred.pid, admin, &shared.config, pidfd.as_ref());

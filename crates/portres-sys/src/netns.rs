@@ -86,15 +86,6 @@ pub fn entered() -> Option<NetNsId> {
     ENTERED.get()
 }
 
-/// `stat(2)` of `/proc/thread-self/ns/net`: the calling thread's namespace, without opening it.
-pub fn current_id() -> io::Result<NetNsId> {
-    let st = rustix::fs::stat("/proc/thread-self/ns/net")?;
-    Ok(NetNsId {
-        dev: st.st_dev,
-        ino: st.st_ino,
-    })
-}
-
 /// The names `ip netns` gives namespaces: the files of `/run/netns` (bind mounts of `ns/net`
 /// files), with their identities; empty when there is no such directory.
 pub fn named() -> Vec<(String, NetNsId)> {
@@ -123,7 +114,6 @@ mod tests {
     #[test]
     fn a_thread_names_its_own_namespace_alike_both_ways() {
         let ns = NetNs::current().unwrap();
-        assert_eq!(ns.id(), current_id().unwrap());
         assert_eq!(NetNs::of_pid(std::process::id()).unwrap().id(), ns.id());
     }
 }

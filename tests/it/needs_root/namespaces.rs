@@ -6,7 +6,6 @@
 //! `namespaces = "client"` the daemon would otherwise serve the test process in the host's
 //! port space.
 
-use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -35,10 +34,7 @@ impl Session {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = spawn(&mut c);
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = first_line(&mut child);
         match serde_json::from_str(&line) {
             Ok(reply) => Session { child, reply },
             Err(e) => {
@@ -54,7 +50,6 @@ impl Session {
 
     /// Ends the session (the client exits).
     fn close(mut self) {
-        let _ = self.child.stdin.take().unwrap().write_all(b"");
         drop(self.child.stdin.take());
         self.child.wait().unwrap();
     }
@@ -67,15 +62,15 @@ impl Drop for Session {
     }
 }
 
-/// What a bind of `127.0.0.1:port` (TCP, `SO_REUSEADDR`) as `uid` in `ns` gets: "bound" or an
-/// errno.
-fn bind_in(ns: &Netns, uid: u32, port: u16) -> String {
+/// What a bind of `127.0.0.1:port` (TCP, `SO_REUSEADDR`) gets when run by `prefix` (a
+/// namespace and a user: `nsenter_as`): "bound" or an errno.
+fn bind_in(mut prefix: std::process::Command, port: u16) -> String {
     let script = format!(
         "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          try:\n    s.bind(('127.0.0.1', {port}))\n    print('bound')\n\
          except OSError as e:\n    print(e.errno)\n"
     );
-    let out = run(ns.nsenter_as(uid).args(["python3", "-c", &script]));
+    let out = run(prefix.args(["python3", "-c", &script]));
     assert!(out.status.success(), "bind probe failed: {out:?}");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -132,16 +127,15 @@ fn each_client_is_served_in_its_own_namespace() {
             "{}",
             n.reserved_ports()
         );
-        assert_eq!(bind_in(n, NOBODY, 41000), "98", "held in its namespace");
+        assert_eq!(
+            bind_in(n.nsenter_as(NOBODY), 41000),
+            "98",
+            "held in its namespace"
+        );
     }
     // Nothing in the daemon's own namespace: the same port is free there.
     assert!(!contains_port(&d.reserved_ports(), 41000));
-    let free = run(d.nsenter_as(NOBODY).args([
-        "python3",
-        "-c",
-        "import socket; socket.socket().bind(('127.0.0.1', 41000)); print('bound')",
-    ]));
-    assert!(free.status.success(), "{free:?}");
+    assert_eq!(bind_in(d.nsenter_as(NOBODY), 41000), "bound");
 
     // show: each client sees its own namespace, named by inode.
     for n in &nets {
@@ -211,8 +205,8 @@ fn each_client_is_served_in_its_own_namespace() {
         Duration::from_secs(10),
         || !contains_port(&nets[0].reserved_ports(), 41000),
     );
-    assert_eq!(bind_in(&nets[0], NOBODY, 41000), "bound");
-    assert_eq!(bind_in(&nets[1], NOBODY, 41000), "98");
+    assert_eq!(bind_in(nets[0].nsenter_as(NOBODY), 41000), "bound");
+    assert_eq!(bind_in(nets[1].nsenter_as(NOBODY), 41000), "98");
 
     // Persistent reservations live in the daemon's namespace: a change from another is refused.
     let out = run(nets[1]
@@ -335,15 +329,10 @@ fn the_deny_layer_keys_each_namespace_apart() {
         r#"{"op":"acquire","protocol":"tcp","start":41500,"count":3,"mode":"exclude"}"#,
     );
     assert_eq!(s.reply["ok"]["start"], 41500, "{}", s.reply);
-    assert_eq!(bind_in(&a, NOBODY, 41501), "98");
+    assert_eq!(bind_in(a.nsenter_as(NOBODY), 41501), "98");
     // B's port space is untouched, and so is the daemon's.
-    assert_eq!(bind_in(&b, NOBODY, 41501), "bound");
-    let free = run(d.nsenter_as(NOBODY).args([
-        "python3",
-        "-c",
-        "import socket; socket.socket().bind(('127.0.0.1', 41501)); print('bound')",
-    ]));
-    assert!(free.status.success(), "{free:?}");
+    assert_eq!(bind_in(b.nsenter_as(NOBODY), 41501), "bound");
+    assert_eq!(bind_in(d.nsenter_as(NOBODY), 41501), "bound");
     // The same port in B at the same time.
     let s2 = Session::open(
         &d,
@@ -352,13 +341,13 @@ fn the_deny_layer_keys_each_namespace_apart() {
         r#"{"op":"acquire","protocol":"tcp","start":41500,"count":3,"mode":"exclude"}"#,
     );
     assert_eq!(s2.reply["ok"]["start"], 41500, "{}", s2.reply);
-    assert_eq!(bind_in(&b, NOBODY, 41501), "98");
+    assert_eq!(bind_in(b.nsenter_as(NOBODY), 41501), "98");
     s.close();
     wait_until("A's entries leave the map", Duration::from_secs(10), || {
-        bind_in(&a, NOBODY, 41501) == "bound"
+        bind_in(a.nsenter_as(NOBODY), 41501) == "bound"
     });
     assert_eq!(
-        bind_in(&b, NOBODY, 41501),
+        bind_in(b.nsenter_as(NOBODY), 41501),
         "98",
         "B's block is still denied"
     );
@@ -382,27 +371,20 @@ impl NamedNetns {
         format!("/run/netns/{}", self.name)
     }
 
-    fn reserved_ports(&self) -> String {
-        let out = run(std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .args(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    /// A command prefix that runs in it as `uid` (and gid `uid`).
+    fn nsenter_as(&self, uid: u32) -> std::process::Command {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net={}", self.path()))
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={uid}"))
+            .arg("--");
+        c
     }
 
-    /// What a bind of 127.0.0.1:port by `nobody` in it gets ("bound" or an errno).
-    fn bind_as_nobody(&self, port: u16) -> String {
-        let script = format!(
-            "import socket\ns = socket.socket()\ntry:\n    s.bind(('127.0.0.1', {port}))\n    \
-             print('bound')\nexcept OSError as e:\n    print(e.errno)\n"
-        );
-        let out = run(std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .args([
-                &format!("--setuid={NOBODY}"),
-                &format!("--setgid={NOBODY}"),
-                "--",
-            ])
-            .args(["python3", "-c", &script]));
+    fn reserved_ports(&self) -> String {
+        let out = run(self
+            .nsenter_as(0)
+            .args(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 }
@@ -454,7 +436,7 @@ fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
         "{}",
         n.reserved_ports()
     );
-    assert_eq!(n.bind_as_nobody(42001), "98");
+    assert_eq!(bind_in(n.nsenter_as(NOBODY), 42001), "98");
     assert!(!contains_port(&d.reserved_ports(), 42001));
     // Looked up by namespace; the daemon's own namespace has no such reservation.
     let found = cli_in_daemon_ns(
@@ -489,7 +471,7 @@ fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
         "{}",
         n.reserved_ports()
     );
-    assert_eq!(n.bind_as_nobody(42001), "98");
+    assert_eq!(bind_in(n.nsenter_as(NOBODY), 42001), "98");
     let all = json(&cli_in_daemon_ns(
         &d,
         &["--json", "show", "--all-namespaces"],
@@ -528,7 +510,7 @@ fn persistent_reservations_for_a_named_namespace_hold_there_across_restarts() {
         Duration::from_secs(10),
         || !contains_port(&n.reserved_ports(), 42001),
     );
-    assert_eq!(n.bind_as_nobody(42001), "bound");
+    assert_eq!(bind_in(n.nsenter_as(NOBODY), 42001), "bound");
     assert_eq!(daemon_status(&d)["namespaces"].as_array().unwrap().len(), 1);
 }
 
@@ -620,7 +602,7 @@ fn stored_reservations_of_a_named_namespace_apply_when_it_exists_again() {
         "{}",
         n.reserved_ports()
     );
-    assert_eq!(n.bind_as_nobody(42200), "98");
+    assert_eq!(bind_in(n.nsenter_as(NOBODY), 42200), "98");
     assert!(daemon_status(&d)["namespace_problems"].is_null());
     let del = cli_in_daemon_ns(
         &d,
