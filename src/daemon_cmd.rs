@@ -25,18 +25,25 @@ pub struct Options {
 use portres_daemon::deny::lock_path;
 
 pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PORTRES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Before any thread starts: the socket systemd passed, if any (and LISTEN_* cleared).
+    let inherited = portres_sys::activation::take_listeners()?;
+    init_logging();
     abort_on_panic();
 
     let scope = Scope::for_current_user();
-    let socket = opts.socket.unwrap_or_else(|| paths::default_socket(scope));
+    let activated = activated_listener(inherited)?;
+    let socket = match &activated {
+        // The socket unit's path; `--socket` only names it for messages then.
+        Some(l) => l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .context(
+                "socket activation: the inherited socket has no path (ListenStream= must be a \
+                 path, not an abstract name)",
+            )?,
+        None => opts.socket.unwrap_or_else(|| paths::default_socket(scope)),
+    };
     let state_dir = opts.state_dir.unwrap_or_else(|| paths::state_dir(scope));
     let config_path = opts
         .config
@@ -93,7 +100,9 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .open(lock_path(&socket))
         .with_context(|| format!("cannot open lock file {}", lock_path(&socket).display()))?;
     portres_sys::process::lock_exclusive(&lock_file).context("cannot lock the socket")?;
-    if UnixStream::connect(&socket).is_ok() {
+    // An inherited socket is the service manager's: nobody else serves it, and connecting to it
+    // would only queue a connection to ourselves.
+    if activated.is_none() && UnixStream::connect(&socket).is_ok() {
         if opts.print_ready {
             // Autostart race lost: exit without READY; the starter finds the winner answering.
             tracing::info!(socket = %socket.display(), "another daemon serves this socket already");
@@ -104,11 +113,13 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             socket.display()
         );
     }
-    match fs::remove_file(&socket) {
-        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).context(format!("cannot remove stale socket {}", socket.display()));
+    if activated.is_none() {
+        match fs::remove_file(&socket) {
+            Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).context(format!("cannot remove stale socket {}", socket.display()));
+            }
         }
     }
 
@@ -141,17 +152,27 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let listener = UnixListener::bind(&socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    let our_socket = fs::symlink_metadata(&socket).ok().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.dev(), m.ino())
-    });
-    // Anyone may connect to the system daemon (SPEC §4: authorisation is per request, from
-    // SO_PEERCRED); a user daemon's socket is its user's alone.
-    let sock_mode = if scope == Scope::System { 0o666 } else { 0o600 };
-    fs::set_permissions(&socket, fs::Permissions::from_mode(sock_mode))
-        .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
+    let (listener, our_socket) = match activated {
+        Some(l) => {
+            // The service manager made it (its SocketMode=) and removes it: never ours to remove.
+            tracing::info!(socket = %socket.display(), "serving the socket passed by the service manager");
+            (l, None)
+        }
+        None => {
+            let listener = UnixListener::bind(&socket)
+                .with_context(|| format!("cannot listen on {}", socket.display()))?;
+            let ours = fs::symlink_metadata(&socket).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            // Anyone may connect to the system daemon (docs/behaviour.md §4: authorisation is
+            // per request, from SO_PEERCRED); a user daemon's socket is its user's alone.
+            let sock_mode = if scope == Scope::System { 0o666 } else { 0o600 };
+            fs::set_permissions(&socket, fs::Permissions::from_mode(sock_mode))
+                .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
+            (listener, ours)
+        }
+    };
     listener.set_nonblocking(true)?;
     portres_sys::process::unlock(&lock_file)?;
 
@@ -175,14 +196,88 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     // Remove the socket under the lock, so a daemon starting now sees a clean slate; unless a
     // successor started meanwhile (after a SIGTERM with live restore) and bound its own there.
     portres_sys::process::lock_exclusive(&lock_file)?;
-    if fs::symlink_metadata(&socket).is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        Some((m.dev(), m.ino())) == our_socket
-    }) {
+    if our_socket.is_some()
+        && fs::symlink_metadata(&socket).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            Some((m.dev(), m.ino())) == our_socket
+        })
+    {
         let _ = fs::remove_file(&socket);
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The socket passed by the service manager (socket activation), if any: the only one, or
+/// the one named `portres` (`FileDescriptorName=portres`) among several.
+fn activated_listener(
+    inherited: Vec<(String, UnixListener)>,
+) -> anyhow::Result<Option<UnixListener>> {
+    if inherited.len() <= 1 {
+        return Ok(inherited.into_iter().next().map(|(_, l)| l));
+    }
+    let names: Vec<String> = inherited.iter().map(|(n, _)| n.clone()).collect();
+    inherited
+        .into_iter()
+        .find(|(n, _)| n == "portres")
+        .map(|(_, l)| Some(l))
+        .with_context(|| {
+            format!(
+                "socket activation: {} sockets were passed ({}) and none is named \"portres\"; \
+                 give the daemon's socket FileDescriptorName=portres",
+                names.len(),
+                names.join(", ")
+            )
+        })
+}
+
+/// Logs to standard error: plain lines with timestamps, or, when standard error is the journal
+/// (`JOURNAL_STREAM`), no timestamps of our own (the journal has them) and each line prefixed
+/// with its priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug: `sd-daemon(3)`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTRES_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if portres_sys::activation::stderr_is_journal() {
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_level(false)
+            .with_ansi(false);
+        builder
+            .with_ansi(false)
+            .event_format(JournalPriority(format))
+            .init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// Prefixes each event with its journal priority (`sd-daemon(3)`), then formats it with `F`.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// `portres daemon --stop`: asks the daemon to stop (never starts one), and waits until it has.

@@ -22,6 +22,7 @@ mod needs_root {
     mod lifecycle;
     mod live_restore;
     mod namespaces;
+    mod operators;
     mod persistent;
     mod portserver;
     mod protocol;

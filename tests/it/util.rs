@@ -113,6 +113,8 @@ pub struct TestDaemon {
     pub user: Option<u32>,
     /// Extra environment for the daemon (applied at each launch).
     pub env: Vec<(String, String)>,
+    /// A command the daemon runs under (e.g. `setpriv ... --`), placed before the binary.
+    pub wrapper: Vec<String>,
     netns: Child,
     /// A process in the namespace, for `/proc/PID/ns/net`.
     pub ns_pid: u32,
@@ -231,6 +233,12 @@ impl TestDaemon {
         )
     }
 
+    /// Starts a daemon with a configuration file holding `config`, run under `wrapper` (a
+    /// command prefix such as `setpriv ... --`).
+    pub fn with_wrapper(config: &str, wrapper: &[&str]) -> TestDaemon {
+        Self::build_full(config, "", None, None, &[], wrapper)
+    }
+
     /// Starts a daemon after running `setup` (shell, ending in `&&` or `;`) in its namespace.
     pub fn with_setup(config: &str, setup: &str) -> TestDaemon {
         Self::build(config, setup, None)
@@ -246,6 +254,17 @@ impl TestDaemon {
         nofile: Option<u32>,
         user: Option<u32>,
         env: &[(&str, &str)],
+    ) -> TestDaemon {
+        Self::build_full(config, setup, nofile, user, env, &[])
+    }
+
+    fn build_full(
+        config: &str,
+        setup: &str,
+        nofile: Option<u32>,
+        user: Option<u32>,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
     ) -> TestDaemon {
         require_root();
         let netns = new_netns(setup);
@@ -288,6 +307,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             ns_pid: netns.id(),
             netns,
         };
@@ -368,6 +388,7 @@ impl TestDaemon {
             Some(_) => nobody_binary(),
             None => Path::new(BIN),
         };
+        cmd.args(&self.wrapper);
         cmd.arg(bin)
             .arg("daemon")
             .arg("--socket")

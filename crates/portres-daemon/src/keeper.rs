@@ -35,6 +35,18 @@
 //!
 //! [`Config::live_restore_secs`]: crate::Config
 
+/// A line on standard error: with its journal priority first (`<3>` error, `<4>` warning,
+/// `<6>` info: `sd-daemon(3)`) when standard error is the journal, as the daemon's own lines.
+macro_rules! say {
+    ($priority:expr, $($arg:tt)*) => {{
+        if portres_sys::activation::stderr_is_journal() {
+            eprintln!("<{}>{}", $priority, format_args!($($arg)*));
+        } else {
+            eprintln!($($arg)*);
+        }
+    }};
+}
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -1029,7 +1041,8 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
             Successor::Elsewhere => {
                 // A daemon serves the socket and did not come to us (it could not find us, e.g.
                 // its runtime directory was emptied): it owns the sysctl now; let go quietly.
-                eprintln!(
+                say!(
+                    6,
                     "portres keeper (pid {}): a daemon serves the socket without this keeper; \
                      releasing its copies and exiting",
                     std::process::id()
@@ -1057,14 +1070,16 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
                     .values()
                     .filter(|h| !h.record.persistent)
                     .count();
-                eprintln!(
+                say!(
+                    4,
                     "portres keeper (pid {}): the daemon went away; keeping {runtime} runtime \
                      reservations for a successor for up to {} s",
                     std::process::id(),
                     grace.as_secs()
                 );
             }
-            Err(e) => eprintln!(
+            Err(e) => say!(
+                3,
                 "portres keeper (pid {}): the link to the daemon failed: {e}; waiting for a \
                  successor",
                 std::process::id()
@@ -1095,11 +1110,15 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     let denied = match cleaned {
         Ok(c) => c.is_some_and(|c| c.pin_dir.is_some()),
         Err(e) => {
-            eprintln!("portres keeper: removing the deny layer's pins failed: {e}");
+            say!(
+                3,
+                "portres keeper: removing the deny layer's pins failed: {e}"
+            );
             false
         }
     };
-    eprintln!(
+    say!(
+        4,
         "portres keeper (pid {}): no daemon came back within {} s; released {n} reservations{}{}",
         std::process::id(),
         grace.as_secs(),

@@ -3,6 +3,7 @@
 //! is sound in a `// SAFETY:` comment.
 //!
 //! # Layout
+//! - [`activation`]: sockets inherited from systemd (socket activation), and the journal.
 //! - [`bpf`]: the eBPF programs UDP placeholders share (loaded once, attached by descriptor).
 //! - [`creds`]: peer credentials and supplementary groups of a Unix socket, user and group names.
 //! - [`deny`]: the deny layer: cgroup bind programs, their map of reserved ports, bpffs pins,
@@ -22,6 +23,7 @@
 #![allow(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod activation;
 pub mod bpf;
 pub mod creds;
 pub mod deny;

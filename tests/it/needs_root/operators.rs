@@ -1,0 +1,364 @@
+//! Running it as an operator would: systemd socket activation and readiness, journal logging,
+//! the unit's capability set.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// The service unit as shipped.
+fn service_unit() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd/portres.service"),
+    )
+    .unwrap()
+}
+
+/// The daemon started by `systemd-socket-activate` (which listens, then execs the daemon with
+/// `LISTEN_FDS` on the first connection, as systemd does): READY on `NOTIFY_SOCKET`, requests
+/// answered on the inherited socket, and the socket left to its owner at exit.
+#[test]
+fn socket_activation_serves_the_inherited_socket_and_says_ready() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("portres.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "namespaces = \"daemon\"\ndeny = false\n").unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut child = spawn(
+        ns.nsenter_as(0)
+            .arg("systemd-socket-activate")
+            .arg("--listen")
+            .arg(&socket)
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .arg("--setenv=PORTRES_LOG=debug")
+            .arg("--")
+            .arg(BIN)
+            .args(["daemon", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    wait_until("the activation socket", Duration::from_secs(30), || {
+        socket.exists()
+    });
+    // The first connection starts the daemon; the client waits in the socket's backlog.
+    let client = portres_client::Client::connect_to(&socket).expect("connect to the socket");
+    let status = client.status().unwrap();
+    assert_eq!(status.socket, socket.display().to_string());
+    let mut buf = [0u8; 4096];
+    let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert_eq!(
+        status.pid,
+        child.id(),
+        "systemd-socket-activate execs the daemon in place"
+    );
+    drop(client);
+
+    signal(child.id(), rustix::process::Signal::TERM);
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("serving the socket passed by the service manager"),
+        "{log}"
+    );
+    // The service manager's socket: not the daemon's to remove.
+    assert!(socket.exists(), "the daemon removed the inherited socket");
+}
+
+/// Several inherited sockets and none named `portres`: the daemon refuses to guess and says
+/// what to do.
+#[test]
+fn socket_activation_with_unnamed_sockets_says_which_to_name() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let child = spawn(
+        ns.nsenter_as(0)
+            .arg("systemd-socket-activate")
+            .arg("--listen")
+            .arg(dir.path().join("c.sock"))
+            .arg("--listen")
+            .arg(dir.path().join("d.sock"))
+            .arg("--fdname=one:two")
+            .arg("--")
+            .arg(BIN)
+            .args(["daemon", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .args(["--config", "/dev/null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let c = dir.path().join("c.sock");
+    wait_until("the activation sockets", Duration::from_secs(30), || {
+        c.exists()
+    });
+    let _conn = std::os::unix::net::UnixStream::connect(&c).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("2 sockets were passed (one, two)")
+            && err.contains("FileDescriptorName=portres"),
+        "{err}"
+    );
+}
+
+/// With standard error on the journal (`JOURNAL_STREAM` naming it), lines carry the journal
+/// priority and no timestamp of our own; otherwise they have timestamps.
+#[test]
+fn journal_stream_gets_priorities_and_no_timestamps() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let socket = dir.path().join("portres.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "namespaces = \"daemon\"\ndeny = false\n").unwrap();
+    let mut child = spawn(
+        ns.nsenter_as(0)
+            .arg(BIN)
+            .args(["daemon", "--print-ready", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--config")
+            .arg(&config)
+            .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+            .env("PORTRES_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log),
+    );
+    assert_eq!(first_line(&mut child).trim(), "READY");
+    signal(child.id(), rustix::process::Signal::TERM);
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(
+            l.starts_with("<3>")
+                || l.starts_with("<4>")
+                || l.starts_with("<6>")
+                || l.starts_with("<7>"),
+            "no journal priority: {l:?}\n{text}"
+        );
+        assert!(!l[3..].starts_with("20"), "a timestamp of our own: {l:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("ready")),
+        "{text}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("<7>")), "{text}");
+
+    // The same daemon without JOURNAL_STREAM (the harness's log): timestamps, no priorities.
+    let d = TestDaemon::start();
+    let log = d.log();
+    let first = log.lines().next().unwrap();
+    assert!(
+        first.starts_with("20") && !first.starts_with('<'),
+        "{first}"
+    );
+}
+
+/// The unit's `CapabilityBoundingSet` (and `NoNewPrivileges`) is enough for every layer:
+/// a daemon run with exactly those capabilities holds a port below 1024 for the holder uid,
+/// excludes, loads the deny layer, names another user's process in `who`, and serves a client
+/// in another network namespace.
+#[test]
+fn the_units_capabilities_are_enough_for_every_layer() {
+    if run_elsewhere(Needs::HostRoot(
+        "the deny layer attaches to the machine's cgroup2 root, and `who` reads another uid's \
+         processes",
+    )) {
+        return;
+    }
+    let unit = service_unit();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(unit.lines().any(|l| l == "NoNewPrivileges=yes"));
+    let bounding = format!("--bounding-set=-all,{}", caps.join(","));
+    let wrapper = [
+        "setpriv",
+        &bounding,
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+    ];
+    let in_ns = |d: &TestDaemon, args: &[&str]| {
+        let out = run(d
+            .nsenter()
+            .arg(BIN)
+            .env("PORTRES_SOCKET", &d.socket)
+            .env("PORTRES_AUTOSTART", "0")
+            .args(args));
+        assert!(out.status.success(), "{args:?}: {out:?}\n{}", d.log());
+        out
+    };
+
+    // The deny layer loads and attaches (CAP_BPF, CAP_NET_ADMIN); every layer is on.
+    {
+        let d = TestDaemon::with_wrapper("deny = true\n", &wrapper);
+        let st = json(&in_ns(&d, &["--json", "status"]));
+        for layer in st["layers"].as_array().unwrap() {
+            assert_eq!(layer["active"], true, "{layer}\n{st}");
+        }
+        assert!(
+            st["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["name"] == "deny")
+        );
+    }
+
+    // Without it, holds are placeholder sockets: the rest is checked there.
+    let d = TestDaemon::with_wrapper("deny = false\nnamespaces = \"client\"\n", &wrapper);
+    // Only those capabilities, really.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid)).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let eff = u64::from_str_radix(&eff, 16).unwrap();
+    assert_eq!(
+        eff.count_ones() as usize,
+        caps.len(),
+        "CapEff {eff:x} for {caps:?}"
+    );
+    let in_daemon_ns = |args: &[&str]| in_ns(&d, args);
+    let st = json(&in_daemon_ns(&["--json", "status"]));
+    for layer in st["layers"].as_array().unwrap() {
+        assert_eq!(layer["active"], layer["name"] != "deny", "{layer}\n{st}");
+    }
+    // Hold below 1024 (CAP_NET_BIND_SERVICE, CAP_SETUID for the holder uid), TCP and UDP
+    // (the socket filters: CAP_BPF); exclude (CAP_NET_ADMIN over the sysctl).
+    in_daemon_ns(&["persistent", "add", "--start", "80", "--mode", "hold"]);
+    in_daemon_ns(&[
+        "--udp",
+        "persistent",
+        "add",
+        "--start",
+        "81",
+        "--mode",
+        "hold",
+    ]);
+    in_daemon_ns(&["persistent", "add", "--start", "9000", "--count", "10"]);
+    assert!(
+        d.reserved_ports().contains("9000-9009"),
+        "{}",
+        d.reserved_ports()
+    );
+    let who = json(&in_daemon_ns(&["--json", "--udp", "who", "81"]));
+    assert_eq!(
+        who["sockets"][0]["role"], "portres placeholder (hold layer)",
+        "{who}"
+    );
+
+    // Another user's socket, named with its process (CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH).
+    let mut listener = spawn(
+        d.nsenter_as(NOBODY)
+            .args([
+                "python3",
+                "-c",
+                "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', 7070)); s.listen(); \
+                 print('ready', flush=True); sys.stdin.read()",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    assert_eq!(first_line(&mut listener).trim(), "ready");
+    let who = json(&in_daemon_ns(&["--json", "who", "7070"]));
+    assert_eq!(who["sockets"][0]["uid"], NOBODY, "{who}");
+    assert!(
+        who["sockets"][0]["pid"].as_u64().is_some(),
+        "the process behind another user's socket is not named: {who}"
+    );
+    let _ = listener.kill();
+    let _ = listener.wait();
+
+    // A client in another network namespace is served there (setns: CAP_SYS_ADMIN).
+    let other = Netns::new();
+    let out = run(other
+        .nsenter_as(0)
+        .arg(BIN)
+        .env("PORTRES_SOCKET", &d.socket)
+        .env("PORTRES_AUTOSTART", "0")
+        .args(["run", "--start", "7000", "--", "true"]));
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    let log = d.log();
+    assert!(!log.contains("Operation not permitted"), "{log}");
+}
+
+/// The shipped units pass `systemd-analyze verify`, and the service's exposure stays what the
+/// README records (`systemd-analyze security --offline`, at most 5.5 of 10).
+#[test]
+fn the_units_verify_and_their_exposure_is_bounded() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    // The unit names the installed binary; verify checks it exists: point it at the one built.
+    let service = service_unit().replace("/usr/bin/portres", BIN);
+    std::fs::write(dir.path().join("portres.service"), service).unwrap();
+    std::fs::copy(
+        contrib.join("portres.socket"),
+        dir.path().join("portres.socket"),
+    )
+    .unwrap();
+    let out = run(std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("portres.service"))
+        .arg(dir.path().join("portres.socket")));
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+    let out = run(std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=55", "--no-pager"])
+        .arg(dir.path().join("portres.service")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let overall = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(out.status.success(), "exposure above 5.5: {overall}");
+    assert!(
+        overall.contains("portres.service: 5.") || overall.contains(": 4."),
+        "{overall}"
+    );
+}
