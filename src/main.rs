@@ -1,5 +1,5 @@
-//! `portres`: the command line (SPEC §7) and the daemon's entry point. Parsing, dispatch and
-//! exit codes only; the work lives in the library crates.
+//! `portres`: the command line (docs/behaviour.md §7) and the daemon's entry point. Parsing,
+//! dispatch and exit codes only; the work lives in the library crates.
 
 mod daemon_cmd;
 mod output;
@@ -80,6 +80,19 @@ enum Command {
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
+    /// Print the shell completion script for SHELL on standard output (e.g. `portres
+    /// completions bash > /usr/share/bash-completion/completions/portres`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (portres(1) and one per command, e.g. portres-persistent-add(1))
+    /// into DIR, generated from the same definition as --help.
+    Man {
+        /// Where to write them (made if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
     /// Every reservation with its owner.
     Show {
         /// `table` (default) or `netsh` (the layout of Windows'
@@ -270,6 +283,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::time::Duration::from_secs(*grace_secs),
                 state_dir,
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "portres",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir).map_err(|e| {
+                anyhow::anyhow!("cannot write the man pages into {}: {e}", dir.display())
+            })?;
+            let mut pages: Vec<String> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("portres") && n.ends_with(".1"))
+                .collect();
+            pages.sort();
+            if cli.json {
+                println!("{}", serde_json::json!({"dir": dir, "pages": pages}));
+            } else {
+                println!("wrote {} man pages into {}", pages.len(), dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

@@ -1,4 +1,4 @@
-//! What the CLI prints: human text or one JSON document (SPEC §7).
+//! What the CLI prints: human text or one JSON document (docs/behaviour.md §7).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,6 +1,6 @@
-//! `portres-bench`: every figure of SPEC §8 measured beside its baseline in one run, printed as
-//! Markdown for BENCHMARKS.md. Run it with `bench/run.sh` (as root: it works in a private network
-//! namespace, starts its own daemon, and, when given one, Google's portserver).
+//! `portres-bench`: every figure of docs/behaviour.md §8 measured beside its baseline in one run,
+//! printed as Markdown for BENCHMARKS.md. Run it with `bench/run.sh` (as root: it works in a
+//! private network namespace, starts its own daemon, and, when given one, Google's portserver).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

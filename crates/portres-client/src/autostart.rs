@@ -1,4 +1,4 @@
-//! Starting a user-mode daemon when none answers (SPEC §6, issue "portres v0").
+//! Starting a user-mode daemon when none answers (docs/behaviour.md §7, issue "portres v0").
 //!
 //! The daemon is started detached (through `sh -c '... &'`, so it is reparented and never
 //! becomes our zombie; in its own process group, so a terminal's Ctrl-C does not reach it),

@@ -169,10 +169,10 @@ fn parse_ref(r: ReservationRef) -> Result<(Token, Protocol, PortRange, Mode), Er
 }
 
 impl Client {
-    /// Connects to the default daemon (SPEC §6): `PORTRES_SOCKET` if set; else, for root, the
-    /// system socket; else the system socket if a daemon answers there, and the user's own socket
-    /// otherwise. When nobody answers, a user-mode daemon is started in the background (unless
-    /// `PORTRES_AUTOSTART=0`) and the call waits until it is ready.
+    /// Connects to the default daemon (docs/behaviour.md §7): `PORTRES_SOCKET` if set; else, for
+    /// root, the system socket; else the system socket if a daemon answers there, and the user's
+    /// own socket otherwise. When nobody answers, a user-mode daemon is started in the background
+    /// (unless `PORTRES_AUTOSTART=0`) and the call waits until it is ready.
     pub fn connect() -> Result<Client, Error> {
         let scope = Scope::for_current_user();
         if let Some(socket) = paths::socket_override() {

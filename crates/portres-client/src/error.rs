@@ -1,4 +1,5 @@
-//! The client's error type: one variant per outcome of SPEC §2, plus transport failures.
+//! The client's error type: one variant per outcome of docs/behaviour.md §2, plus transport
+//! failures.
 
 use std::io;
 use std::path::PathBuf;

@@ -12,7 +12,8 @@
 //!
 //! # Layout
 //! - [`Client`] and [`Reservation`] (`client.rs`): connections, requests, RAII reservations.
-//! - [`Error`] (`error.rs`): one variant per outcome of SPEC §2, plus transport failures.
+//! - [`Error`] (`error.rs`): one variant per outcome of docs/behaviour.md §2, plus transport
+//!   failures.
 //! - [`paths`]: where the daemon's socket, state and configuration live by default.
 //! - `autostart.rs`: starting a user-mode daemon when none answers.
 //! - [`testing`]: reserved ports for tests (`cargo test`, `cargo nextest`), never probed.

@@ -1,4 +1,4 @@
-//! Where things live by default (SPEC §6).
+//! Where things live by default (docs/behaviour.md §7).
 //!
 //! | | system (root) | user (anyone else) |
 //! |---|---|---|

@@ -10,8 +10,8 @@
 //! ```
 //!
 //! Each call connects with [`Client::connect`] (so `PORTRES_SOCKET` and autostart apply). Errors
-//! are the codes of SPEC §2: `ERROR_INVALID_PARAMETER` (87), `ERROR_ACCESS_DENIED` (5),
-//! `ERROR_SHARING_VIOLATION` (32), `ERROR_NOT_FOUND` (1168); when no daemon can be reached,
+//! are the codes of docs/behaviour.md §2: `ERROR_INVALID_PARAMETER` (87), `ERROR_ACCESS_DENIED`
+//! (5), `ERROR_SHARING_VIOLATION` (32), `ERROR_NOT_FOUND` (1168); when no daemon can be reached,
 //! `ERROR_SERVICE_NOT_ACTIVE` (1062); other failures `ERROR_INTERNAL_ERROR` (1359).
 
 use crate::{Client, PersistentSpec, Protocol};

@@ -1,4 +1,5 @@
-//! The heart of portres: the reservation table and the rules of SPEC §1 and §2, with no I/O.
+//! The heart of portres: the reservation table and the rules of docs/behaviour.md §1 and §2, with
+//! no I/O.
 //!
 //! Everything here is plain data and pure functions over it. The daemon feeds in who is asking
 //! ([`Caller`]), the time, fresh random numbers ([`TokenSource`]) and the kernel's side of taking
@@ -7,8 +8,8 @@
 //!
 //! # Layout
 //! - [`range`]: `Protocol`, `PortRange`, `Token` — the vocabulary, with their invariants in types.
-//! - [`outcome`]: the error codes of SPEC §2 with their Windows numbers, and [`Refusal`], the
-//!   error every operation returns.
+//! - [`outcome`]: the error codes of docs/behaviour.md §2 with their Windows numbers, and
+//!   [`Refusal`], the error every operation returns.
 //! - [`gaps`]: the free-space index of the dynamic range that makes wildcard acquires O(log n).
 //! - [`portset`]: a set of ports with the text form of `ip_local_reserved_ports`.
 //! - [`table`]: [`Table`], the set of live reservations, sessions and quotas, and the operations.

@@ -1,5 +1,5 @@
-//! Outcomes of SPEC §2: stable names, their Windows codes, and the [`Refusal`] every failed
-//! operation returns.
+//! Outcomes of docs/behaviour.md §2: stable names, their Windows codes, and the [`Refusal`] every
+//! failed operation returns.
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,8 +7,9 @@ use std::str::FromStr;
 use crate::range::{PortRange, Protocol};
 use crate::table::Owner;
 
-/// The operations of SPEC §2. The Windows code of an outcome depends on the operation: runtime
-/// and association calls report Winsock codes, persistent calls report Win32 codes.
+/// The operations of docs/behaviour.md §2. The Windows code of an outcome depends on the
+/// operation: runtime and association calls report Winsock codes, persistent calls report Win32
+/// codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     /// `SIO_ACQUIRE_PORT_RESERVATION`.
@@ -37,7 +38,8 @@ impl Operation {
     }
 }
 
-/// Every way a request can fail, by its stable name (SPEC §2), plus two for the transport.
+/// Every way a request can fail, by its stable name (docs/behaviour.md §2), plus two for the
+/// transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// WSAEINVAL 10022: bad count or range, unknown or ended token, port outside the block.

@@ -217,7 +217,7 @@ impl fmt::Display for Token {
     }
 }
 
-/// How the kernel is asked to keep a block (SPEC §3).
+/// How the kernel is asked to keep a block (docs/behaviour.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Only sockets handed out by portres may use the block.

@@ -1,4 +1,4 @@
-//! [`Table`]: every live reservation, every session, and the operations of SPEC §2.
+//! [`Table`]: every live reservation, every session, and the operations of docs/behaviour.md §2.
 //!
 //! Invariants (property-tested in `src/tests.rs`):
 //! - no two live blocks of one protocol share a port;

@@ -1,4 +1,5 @@
-//! Unit and property tests of the table: every SPEC §2 row the core decides, and the invariants.
+//! Unit and property tests of the table: every docs/behaviour.md §2 row the core decides, and the
+//! invariants.
 
 use std::collections::BTreeSet;
 

@@ -1,12 +1,12 @@
-//! The deny layer (SPEC §3, layer 3): cgroup `bind4`/`bind6` programs at the cgroup2 root refuse
-//! every bind into a reserved port to everyone but the block's owner. The kernel objects are in
-//! `portres_sys::deny`; this module decides what goes into the map, and keeps it in step with
-//! the table.
+//! The deny layer (docs/behaviour.md §3, layer 3): cgroup `bind4`/`bind6` programs at the cgroup2
+//! root refuse every bind into a reserved port to everyone but the block's owner. The kernel
+//! objects are in `portres_sys::deny`; this module decides what goes into the map, and keeps it in
+//! step with the table.
 //!
 //! # Owners (who may bind a block's ports by number)
 //! - Always the daemon itself (its process id is baked into the programs): it binds the sockets
 //!   it hands out (`associate`, `run --listen`), so a `hold` block needs no placeholder at all.
-//! - `hold` blocks: nobody else. Only sockets portres hands out use them (SPEC §3).
+//! - `hold` blocks: nobody else. Only sockets portres hands out use them (docs/behaviour.md §3).
 //! - runtime `exclude` blocks: the acquiring process (its thread group id, from `SO_PEERCRED`).
 //!   The reservation belongs to the process that asked, as on Windows; its children are not
 //!   owners, because the kernel gives no unforgeable "descendant of" test for a process, and a

@@ -1,5 +1,5 @@
-//! Kernel enforcement (SPEC §3): the hold layer (placeholder sockets), the exclude layer
-//! (`net.ipv4.ip_local_reserved_ports`), and the sockets handed out from reservations.
+//! Kernel enforcement (docs/behaviour.md §3): the hold layer (placeholder sockets), the exclude
+//! layer (`net.ipv4.ip_local_reserved_ports`), and the sockets handed out from reservations.
 //!
 //! Everything here runs under the state mutex together with the table, so the kernel's view and
 //! the table change together: a block is in the table only if its placeholders are bound. The

@@ -15,7 +15,8 @@
 //! - `visibility`: who has a port (sockets, processes), in words.
 //! - [`holder`]: placeholder-holding helper processes for blocks beyond the descriptor budget.
 //! - [`deny`]: the deny layer: cgroup bind programs and their map of reserved ports.
-//! - `enforce`: the kernel side (SPEC §3): placeholders, `ip_local_reserved_ports`, handover.
+//! - `enforce`: the kernel side (docs/behaviour.md §3): placeholders, `ip_local_reserved_ports`,
+//!   handover.
 //! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
 //! - `namespaces`: a table and enforcer per network namespace, each client served in its own.
 //! - [`portserver`]: Google's portserver protocol (portpicker's `PORTSERVER_ADDRESS`).

@@ -1,5 +1,6 @@
-//! Who has a port (SPEC §5): live sockets from the kernel's socket table (`sock_diag`), mapped to
-//! processes through `/proc`, described in words for `who`, `show` and conflict messages.
+//! Who has a port (docs/behaviour.md §7): live sockets from the kernel's socket table
+//! (`sock_diag`), mapped to processes through `/proc`, described in words for `who`, `show` and
+//! conflict messages.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

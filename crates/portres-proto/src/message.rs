@@ -537,7 +537,7 @@ pub struct SocketRef {
 /// A failure: the stable outcome name, the Windows code and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Outcome name (SPEC §2), e.g. `"AddressInUse"`.
+    /// Outcome name (docs/behaviour.md §2), e.g. `"AddressInUse"`.
     pub code: String,
     /// The Windows code for the operation, e.g. 10048.
     pub windows_code: u32,
@@ -668,7 +668,7 @@ pub struct ShowInfo {
     pub total: Option<u64>,
 }
 
-/// One enforcement layer of SPEC §3.
+/// One enforcement layer of docs/behaviour.md §3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
     /// `"hold"`, `"exclude"` or `"deny"`.

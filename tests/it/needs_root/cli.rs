@@ -1,4 +1,4 @@
-//! The command line: `run`, `show`, `status`, JSON shapes and human errors (SPEC §7).
+//! The command line: `run`, `show`, `status`, JSON shapes and human errors (docs/behaviour.md §7).
 
 use crate::util::*;
 

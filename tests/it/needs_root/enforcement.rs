@@ -1,5 +1,5 @@
-//! The kernel honours reservations (SPEC §3): held ports cannot be bound by anyone else,
-//! automatic port selection never lands in a block, the sysctl is merged and restored, and a
+//! The kernel honours reservations (docs/behaviour.md §3): held ports cannot be bound by anyone
+//! else, automatic port selection never lands in a block, the sysctl is merged and restored, and a
 //! holder's death frees its ports at once.
 
 use std::process::Stdio;

@@ -362,3 +362,67 @@ fn the_units_verify_and_their_exposure_is_bounded() {
         "{overall}"
     );
 }
+
+/// Completions and man pages come from the same definition as `--help`: every long flag of
+/// `persistent add --help` is in its man page and in each shell's completions. Needs nothing
+/// (no daemon).
+#[test]
+fn completions_and_man_pages_follow_the_help() {
+    let help = run(std::process::Command::new(BIN).args(["persistent", "add", "--help"]));
+    let help = String::from_utf8(help.stdout).unwrap();
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .collect();
+    assert!(
+        flags.contains(&"--allow-user") && flags.contains(&"--netns"),
+        "{help}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(std::process::Command::new(BIN)
+        .args(["--json", "man", "--dir"])
+        .arg(dir.path()));
+    assert!(out.status.success(), "{out:?}");
+    let pages = json(&out)["pages"].clone();
+    for page in [
+        "portres.1",
+        "portres-persistent-add.1",
+        "portres-who.1",
+        "portres-completions.1",
+    ] {
+        assert!(
+            pages.as_array().unwrap().iter().any(|p| p == page),
+            "{pages}"
+        );
+    }
+    // Internal commands have none.
+    assert!(!dir.path().join("portres-keeper.1").exists());
+    let man = std::fs::read_to_string(dir.path().join("portres-persistent-add.1")).unwrap();
+    // roff escapes '-' as '\-'.
+    let man = man.replace("\\-", "-");
+    for f in &flags {
+        assert!(man.contains(f), "{f} missing from the man page");
+    }
+
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(std::process::Command::new(BIN).args(["completions", shell]));
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("persistent"), "{shell}");
+        for f in &flags {
+            let bare = f.trim_start_matches("--");
+            assert!(
+                text.contains(bare),
+                "{f} missing from the {shell} completions"
+            );
+        }
+    }
+    let out = run(std::process::Command::new(BIN).args(["completions", "tcsh"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("possible values"),
+        "{out:?}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Persistent reservations: every row of SPEC §2, durability across `kill -9`, the Windows names.
+//! Persistent reservations: every row of docs/behaviour.md §2, durability across `kill -9`, the
+//! Windows names.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! Runtime reservations: every row of SPEC §2 for acquire and release.
+//! Runtime reservations: every row of docs/behaviour.md §2 for acquire and release.
 
 use portres_client::{Error, Protocol};
 

@@ -1,4 +1,5 @@
-//! Visibility (SPEC §5): `who`, `show`, `show --format netsh`, and conflicts that name holders.
+//! Visibility (docs/behaviour.md §7): `who`, `show`, `show --format netsh`, and conflicts that
+//! name holders.
 
 use std::process::{Child, Stdio};
 
