@@ -52,10 +52,15 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     if scope == Scope::System {
         check_system_config(&config_path)?;
     }
-    let config = match &opts.config {
+    let mut config = match &opts.config {
         Some(path) => Config::load(path, true)?,
         None => Config::load(&paths::config_file(scope), false)?,
     };
+    // Declarative reservation files: reservations.d beside the configuration file, unless the
+    // configuration names another directory (or is /dev/null: none).
+    if config.reservations_dir.is_none() && config_path != Path::new("/dev/null") {
+        config.reservations_dir = config_path.parent().map(|d| d.join("reservations.d"));
+    }
 
     // The socket's directory: world-traversable for the system daemon, private for a user's.
     let dir_mode = if scope == Scope::System { 0o755 } else { 0o700 };
@@ -132,7 +137,22 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         .portserver
         .clone()
         .or_else(|| config.portserver.clone());
+    let config_metrics = config.metrics_listen;
     let mut daemon = Daemon::open(config, placement)?;
+    if let Some(addr) = config_metrics {
+        // As the portserver: a taken address never keeps the daemon from starting.
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+                daemon.serve_metrics(l);
+            }
+            Err(e) => {
+                let why = format!("cannot listen on {addr}: {e}");
+                tracing::error!("metrics: NOT SERVED: {why}");
+                daemon.metrics_problem(&why);
+            }
+        }
+    }
     if let Some(address) = &portserver {
         // Not being able to answer portpicker never keeps the daemon from starting (anyone may
         // squat an abstract name first): it says so, in the log and in `status`.

@@ -80,6 +80,20 @@ enum Command {
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
+    /// Print the daemon's metrics in the Prometheus text format (for node_exporter's textfile
+    /// collector: `portres metrics > /var/lib/node_exporter/portres.prom`).
+    Metrics,
+    /// Apply the reservation files (the daemon's reservations_dir, by default
+    /// /etc/portres/reservations.d): shows the difference with what the daemon holds from
+    /// files, then applies it, all or nothing, once confirmed.
+    Apply {
+        /// Apply without asking (for scripts).
+        #[arg(long, conflicts_with = "check")]
+        yes: bool,
+        /// Only show the difference; exit status 2 if there is one (0 if none).
+        #[arg(long)]
+        check: bool,
+    },
     /// Print the shell completion script for SHELL on standard output (e.g. `portres
     /// completions bash > /usr/share/bash-completion/completions/portres`).
     Completions {
@@ -247,6 +261,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// `portres apply`: the difference, then (confirmed, or `--yes`) the same difference applied.
+fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let client = cli.client()?;
+    let shown = client.apply(true, None)?;
+    let differs = !shown.changes.is_empty();
+    if check || !differs {
+        output::apply_diff(&shown, cli.json);
+        return Ok(if differs && check {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    if !yes {
+        if cli.json || !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "not applying {} changes without confirmation: standard input is not a \
+                 terminal{}; pass --yes to apply them, or --check to only see them",
+                shown.changes.len(),
+                if cli.json { " (or --json was given)" } else { "" }
+            );
+        }
+        output::apply_diff(&shown, false);
+        print!("apply these {} changes? [y/N] ", shown.changes.len());
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing was changed");
+            return Ok(ExitCode::from(1));
+        }
+    } else if !cli.json {
+        output::apply_diff(&shown, false);
+    }
+    let applied = client.apply(false, Some(&shown.digest))?;
+    output::applied(&applied, cli.json);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let protocol = cli.protocol();
     match &cli.command {
@@ -285,6 +339,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Metrics => {
+            let text = cli.client()?.metrics()?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "metrics": text }));
+            } else {
+                print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { yes, check } => apply(&cli, *yes, *check),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -94,6 +94,19 @@ pub fn status(s: &StatusInfo, json: bool) {
     if let Some(p) = &s.portserver {
         println!("  portserver:     {}", printable(p));
     }
+    if let Some(m) = &s.metrics {
+        println!("  metrics:        {}", printable(m));
+    }
+    if let Some(d) = &s.declared {
+        println!(
+            "  files:          {} reservations from {}",
+            d.reservations,
+            printable(&d.dir)
+        );
+        if let Some(p) = &d.problem {
+            line_80(&format!("    NOT APPLIED: {}", printable(p)));
+        }
+    }
     if let Some(ns) = &s.netns {
         println!(
             "  namespace:      {} (clients are served in {}); the lines above are its",
@@ -239,7 +252,18 @@ pub fn show(s: &ShowInfo, json: bool) {
             line(head);
         }
         line(row.each_ref().map(String::as_str));
+        origin_line(r);
         handed_out_lines(r);
+    }
+}
+
+/// Under a row: why a reservation exists and the file that declares it, when it has either.
+fn origin_line(r: &ReservationInfo) {
+    match (&r.description, &r.file) {
+        (Some(d), Some(f)) => line_80(&format!("  why: {} (from {})", printable(d), printable(f))),
+        (Some(d), None) => line_80(&format!("  why: {}", printable(d))),
+        (None, Some(f)) => line_80(&format!("  from {}", printable(f))),
+        (None, None) => {}
     }
 }
 
@@ -453,6 +477,12 @@ fn who_reservation(w: &WhoInfo) {
                 None => format!("administrator {}", owner_short(r, 52)),
             };
             println!("    by {by}");
+            if let Some(d) = &r.description {
+                println!("    why: {}", printable(d));
+            }
+            if let Some(f) = &r.file {
+                println!("    declared in {}", printable(f));
+            }
             if !r.allow_users.is_empty() || !r.allow_groups.is_empty() {
                 let mut allowed = Vec::new();
                 if !r.allow_users.is_empty() {
@@ -551,4 +581,71 @@ pub fn who_json_end() -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(b"]}\n")?;
     out.flush()
+}
+
+/// The difference `portres apply` found (or `--check`): one line per change.
+pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(a).expect("serialisable"));
+        return;
+    }
+    let files = match a.files.len() {
+        1 => "1 file".to_string(),
+        n => format!("{n} files"),
+    };
+    if a.changes.is_empty() {
+        println!(
+            "nothing to apply: the {} reservations of {} ({files}) are as the files say",
+            a.unchanged,
+            printable(&a.dir)
+        );
+        return;
+    }
+    println!(
+        "{} ({files}): {} changes, {} reservations unchanged",
+        printable(&a.dir),
+        a.changes.len(),
+        a.unchanged
+    );
+    for c in &a.changes {
+        let block = if c.count == 1 {
+            c.start.to_string()
+        } else {
+            format!("{}-{}", c.start, u32::from(c.start) + u32::from(c.count) - 1)
+        };
+        let at = match c.line {
+            Some(l) => format!("{}:{l}", printable(&c.file)),
+            None => printable(&c.file).to_string(),
+        };
+        match c.action {
+            portres_client::ChangeAction::Add => println!(
+                "  + add     {} {block}: {} ({at})",
+                c.protocol,
+                printable(c.after.as_deref().unwrap_or(""))
+            ),
+            portres_client::ChangeAction::Remove => println!(
+                "  - remove  {} {block}: {} (its entry is gone from {at})",
+                c.protocol,
+                printable(c.before.as_deref().unwrap_or(""))
+            ),
+            portres_client::ChangeAction::Change => {
+                println!("  ~ change  {} {block} ({at}):", c.protocol);
+                println!("      was: {}", printable(c.before.as_deref().unwrap_or("")));
+                println!("      now: {}", printable(c.after.as_deref().unwrap_or("")));
+            }
+        }
+    }
+}
+
+/// What `portres apply` applied.
+pub fn applied(a: &portres_client::ApplyInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(a).expect("serialisable"));
+        return;
+    }
+    println!(
+        "applied {} changes from {}",
+        a.changes.len(),
+        printable(&a.dir)
+    );
 }

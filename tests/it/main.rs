@@ -13,6 +13,7 @@ mod needs_root {
     mod autostart;
     mod capi;
     mod cli;
+    mod declarative;
     mod deny;
     mod edges;
     mod enforcement;

@@ -675,7 +675,10 @@ pub fn test_python() -> &'static Path {
         portres_sys::process::lock_exclusive(&lock).unwrap();
         let has = |py: &Path| {
             Command::new(py)
-                .args(["-c", "import portpicker, pytest, xdist, setuptools, wheel"])
+                .args([
+                    "-c",
+                    "import portpicker, pytest, xdist, setuptools, wheel, prometheus_client",
+                ])
                 .status()
                 .is_ok_and(|s| s.success())
         };
@@ -701,6 +704,8 @@ pub fn test_python() -> &'static Path {
                 "pytest-xdist>=3",
                 "setuptools>=61",
                 "wheel",
+                // The Prometheus project's own parser, for the metrics tests.
+                "prometheus-client>=0.17",
             ]);
         }
         // This repository's package, as a user installs it (`pip install ./python`), from a

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use portres_core::{ErrorCode, Mode, Operation, PortRange, Protocol, Refusal, Token};
 use portres_proto::{
-    AttachInfo, ErrorBody, Hello, HelloReply, LostToken, Reply, ReplyBody, ReplyFrame, Request,
+    ApplyInfo, AttachInfo, ErrorBody, Hello, HelloReply, LostToken, Reply, ReplyBody, ReplyFrame, Request,
     RequestFrame, ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef,
     SocketType, StatusInfo, Welcome, WhoInfo,
 };
@@ -446,6 +446,29 @@ impl Client {
             return Ok(None);
         }
         self.reconnect(&mut conn).map(Some)
+    }
+
+    /// The daemon's metrics, in the Prometheus text exposition format.
+    pub fn metrics(&self) -> Result<String, Error> {
+        match self.call(Request::Metrics)? {
+            Reply::Metrics(m) => Ok(m.text),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Declarative reservations (administrators): the difference between the files of the
+    /// daemon's `reservations_dir` and the persistent reservations that came from them; applied
+    /// (all or nothing) unless `dry_run`, and with `expect` only if it is still the difference
+    /// whose `digest` that was.
+    pub fn apply(&self, dry_run: bool, expect: Option<&str>) -> Result<ApplyInfo, Error> {
+        let request = Request::Apply {
+            dry_run,
+            expect: expect.map(str::to_string),
+        };
+        match self.call(request)? {
+            Reply::Applied(a) => Ok(a),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Stops the daemon (administrators): `release` releases every runtime reservation and

@@ -84,7 +84,19 @@ pub enum Kind {
     Persistent {
         /// Who else may consume it.
         acl: Acl,
+        /// Where it came from (a file, or a request) and why it exists.
+        origin: Origin,
     },
+}
+
+/// Where a persistent reservation came from, and why it exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The file that declares it (`reservations_dir`, managed by `apply`); `None`: created by
+    /// a request, which `apply` never touches.
+    pub file: Option<String>,
+    /// Why it exists, in the administrator's words.
+    pub description: Option<String>,
 }
 
 /// One live reservation.
@@ -122,7 +134,10 @@ impl Reservation {
             token,
             protocol,
             range,
-            kind: Kind::Persistent { acl },
+            kind: Kind::Persistent {
+                acl,
+                origin: Origin::default(),
+            },
             mode,
             owner,
             created,
@@ -166,6 +181,14 @@ impl Reservation {
         }
     }
 
+    /// Where a persistent reservation came from (`None` for a runtime one).
+    pub fn origin(&self) -> Option<&Origin> {
+        match &self.kind {
+            Kind::Persistent { origin, .. } => Some(origin),
+            Kind::Runtime { .. } => None,
+        }
+    }
+
     /// Whether it is persistent.
     pub fn is_persistent(&self) -> bool {
         matches!(self.kind, Kind::Persistent { .. })
@@ -185,7 +208,8 @@ impl Reservation {
         &self.handed_out
     }
 
-    fn holder(&self) -> Holder {
+    /// What holds its ports, as a conflict names it.
+    pub fn holder(&self) -> Holder {
         Holder::Reservation {
             range: self.range,
             persistent: self.is_persistent(),
@@ -482,6 +506,22 @@ impl Table {
     pub fn dynamic_free(&self, protocol: Protocol) -> (u32, u32) {
         let g = &self.free[protocol.index()];
         (g.free_ports(), g.largest())
+    }
+
+    /// Every reservation of `protocol` that shares a port with `range`, in port order.
+    pub fn overlapping(
+        &self,
+        protocol: Protocol,
+        range: PortRange,
+    ) -> impl Iterator<Item = &Reservation> {
+        let index = &self.index[protocol.index()];
+        let before = index.range(..range.start()).next_back().map(|(_, t)| t);
+        let inside = index.range(range.start()..=range.last()).map(|(_, t)| t);
+        before
+            .into_iter()
+            .chain(inside)
+            .map(|t| &self.reservations[t])
+            .filter(move |r| r.range.overlaps(range))
     }
 
     fn first_overlap(&self, protocol: Protocol, range: PortRange) -> Option<&Reservation> {
@@ -811,7 +851,7 @@ impl Table {
         }
         let allowed = match &r.kind {
             Kind::Runtime { .. } => r.owner.pid == Some(caller.pid),
-            Kind::Persistent { acl } => acl.allows(caller),
+            Kind::Persistent { acl, .. } => acl.allows(caller),
         };
         if !allowed {
             let why = if r.is_persistent() {
@@ -920,7 +960,10 @@ impl Table {
             token,
             protocol,
             range,
-            kind: Kind::Persistent { acl },
+            kind: Kind::Persistent {
+                acl,
+                origin: Origin::default(),
+            },
             mode,
             owner: Owner {
                 pid: None,
@@ -932,6 +975,42 @@ impl Table {
         };
         self.insert(r.clone());
         Ok(r)
+    }
+
+    /// Puts a persistent reservation made elsewhere (`apply`, from a file) into the table,
+    /// enforced by `claim`: refused, changing nothing, if it overlaps another reservation, its
+    /// token is taken, or a port is in use.
+    pub fn place_persistent(
+        &mut self,
+        r: Reservation,
+        claim: &mut dyn PortClaim,
+    ) -> Result<Reservation, Refusal> {
+        let op = Operation::CreatePersistent;
+        if !r.is_persistent() || self.reservations.contains_key(&r.token) {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::Internal,
+                format!("reservation {} is not a new persistent one", r.token),
+            ));
+        }
+        let asked = format!("cannot create persistent reservation {}/{}", r.range, r.protocol);
+        self.take_specific(
+            op,
+            ErrorCode::SharingViolation,
+            &asked,
+            r.token,
+            r.protocol,
+            r.range,
+            r.mode,
+            claim,
+        )?;
+        self.insert(r.clone());
+        Ok(r)
+    }
+
+    /// A token no reservation has (for a reservation made with [`Table::place_persistent`]).
+    pub fn new_token(&self, tokens: &mut dyn TokenSource) -> Token {
+        self.fresh_token(tokens)
     }
 
     /// Puts back a persistent reservation read from the store at start-up. Refuses overlaps

@@ -33,6 +33,11 @@
 //! # (an abstract socket) or a path; grants come from portserver_range, or the dynamic range.
 //! portserver = "@unittest-portserver"
 //! portserver_range = "20000-29999"
+//! # Persistent reservations declared in files (`portres apply`); default: reservations.d
+//! # beside this file (/etc/portres/reservations.d for the system daemon).
+//! reservations_dir = "/etc/portres/reservations.d"
+//! # Serve the Prometheus metrics (the same as `portres metrics`) at http://ADDR:PORT/metrics.
+//! metrics_listen = "127.0.0.1:9642"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,6 +69,8 @@ struct ConfigFile {
     namespaces: Option<String>,
     portserver: Option<String>,
     portserver_range: Option<String>,
+    reservations_dir: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 /// Why the configuration could not be used.
@@ -115,6 +122,10 @@ pub struct Config {
     pub portserver: Option<String>,
     /// Where portserver grants come from (default: the dynamic range).
     pub portserver_range: Option<PortRange>,
+    /// The directory of declarative reservation files (`portres apply`); `None`: none.
+    pub reservations_dir: Option<PathBuf>,
+    /// Where the Prometheus metrics are served over HTTP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -142,6 +153,8 @@ impl Default for Config {
             per_client_namespaces: true,
             portserver: None,
             portserver_range: None,
+            reservations_dir: None,
+            metrics_listen: None,
             source: None,
         }
     }
@@ -249,7 +262,25 @@ impl Config {
                 })
             })
             .transpose()?;
+        let metrics_listen = file
+            .metrics_listen
+            .map(|a| {
+                a.parse::<std::net::SocketAddr>().map_err(|_| {
+                    invalid(format!(
+                        "metrics_listen = {a:?}: not an address and port; write it as \
+                         \"127.0.0.1:9642\" or \"[::1]:9642\""
+                    ))
+                })
+            })
+            .transpose()?;
+        // Relative to the configuration file, as a path in it is read.
+        let reservations_dir = file.reservations_dir.map(|d| match path.parent() {
+            Some(base) if d.is_relative() => base.join(d),
+            _ => d,
+        });
         Ok(Config {
+            metrics_listen,
+            reservations_dir,
             portserver: file.portserver,
             portserver_range,
             per_client_namespaces,
@@ -300,6 +331,9 @@ mod tests {
             "namespaces = \"host\"",
             "portserver = \"\"",
             "portserver_range = \"9-1\"",
+            "metrics_listen = \"localhost\"",
+            "metrics_listen = \"127.0.0.1:99999\"",
+            "reservations = \"/x\"",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");

@@ -443,7 +443,7 @@ impl DenyLayer {
                 },
                 Vec::new(),
             ),
-            portres_core::Kind::Persistent { acl } => {
+            portres_core::Kind::Persistent { acl, .. } => {
                 let id = reuse.filter(|&id| id != 0).unwrap_or_else(|| {
                     let id = self.next_allow_id;
                     self.next_allow_id = self.next_allow_id.wrapping_add(1).max(1);

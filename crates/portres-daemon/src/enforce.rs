@@ -649,6 +649,14 @@ fn first_socket_on(protocol: Protocol, range: PortRange) -> Option<u16> {
     }
 }
 
+impl Enforcer {
+    /// The first port of `range` some socket has, in this enforcer's namespace (the caller's
+    /// thread is in it: under a `SpaceGuard`), without claiming anything.
+    pub(crate) fn first_in_use(&self, protocol: Protocol, range: PortRange) -> Option<u16> {
+        first_socket_on(protocol, range)
+    }
+}
+
 /// Hold blocks larger than this are written to `ip_local_reserved_ports` before their
 /// placeholders are bound, like exclude blocks: binding them takes long enough (≈ 4 µs a port)
 /// for outgoing connections to pick ports inside them meanwhile.

@@ -22,7 +22,7 @@ use crate::store::StoredReservation;
 use crate::{Shared, State};
 
 /// Tokens from `getrandom(2)`, drawn 32 at a time (one system call per 32 tokens).
-struct OsRandom;
+pub(crate) struct OsRandom;
 impl TokenSource for OsRandom {
     fn random_u64(&mut self) -> u64 {
         thread_local! {
@@ -341,6 +341,16 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared, caller)), None)),
+        Request::Metrics => Ok((
+            Reply::Metrics(portres_proto::MetricsInfo {
+                text: crate::metrics::render(shared),
+            }),
+            None,
+        )),
+        Request::Apply { dry_run, expect } => {
+            let info = crate::declared::apply(shared, caller, dry_run, expect.as_deref()).await?;
+            Ok((Reply::Applied(info), None))
+        }
         Request::Attach { tokens } => Ok((Reply::Attached(attach(shared, caller, &tokens)), None)),
         Request::OwnTree { token } => own_tree(shared, caller, &token),
         Request::Shutdown { release } => {
@@ -671,6 +681,23 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
             .portserver
             .as_ref()
             .map(|e| e.describe(shared.config.portserver_range)),
+        declared: shared
+            .config
+            .reservations_dir
+            .as_ref()
+            .map(|dir| portres_proto::DeclaredStatus {
+                dir: dir.display().to_string(),
+                reservations: home
+                    .table
+                    .reservations()
+                    .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
+                    .count() as u64,
+                problem: shared.declared_problem.lock().unwrap().clone(),
+            }),
+        metrics: shared.metrics_endpoint.as_ref().map(|e| match e {
+            Ok(at) => at.clone(),
+            Err(why) => format!("NOT SERVED: {why}"),
+        }),
     }
 }
 
@@ -856,7 +883,7 @@ fn reservation_info(
             .collect()
     };
     let (allow_users, allow_groups) = match &r.kind {
-        Kind::Persistent { acl } => (
+        Kind::Persistent { acl, .. } => (
             list(&acl.users, &mut |u| names.user_name(u)),
             list(&acl.groups, &mut portres_sys::creds::group_name),
         ),
@@ -903,6 +930,11 @@ fn reservation_info(
         handed_out_count: r.handed_out().len() as u32,
         allow_users,
         allow_groups,
+        source: r
+            .origin()
+            .map(|o| if o.file.is_some() { "file" } else { "api" }.to_string()),
+        file: r.origin().and_then(|o| o.file.clone()),
+        description: r.origin().and_then(|o| o.description.clone()),
         binds: extras.binds.get(&r.token).cloned(),
         netns: None,
     }

@@ -242,6 +242,8 @@ mod tests {
             created: 1,
             creator_uid: 0,
             creator_command: None,
+            file: None,
+            description: None,
         }
     }
 

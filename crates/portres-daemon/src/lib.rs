@@ -23,12 +23,14 @@
 //! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
 pub mod config;
+mod declared;
 pub mod deny;
 mod enforce;
 mod handlers;
 pub mod holder;
 pub mod journal;
 pub mod keeper;
+mod metrics;
 mod namespaces;
 pub mod portserver;
 mod restore;
@@ -187,6 +189,10 @@ struct Shared {
     grantees: portserver::Grantees,
     /// The portserver endpoint, when one was asked for.
     portserver: Option<portserver::Endpoint>,
+    /// What went wrong at the last application of the reservation files, if anything.
+    declared_problem: Mutex<Option<String>>,
+    /// The metrics endpoint: where it is served, or why it is not.
+    metrics_endpoint: Option<Result<String, String>>,
 }
 
 impl Shared {
@@ -208,6 +214,11 @@ impl Shared {
     /// The daemon's own namespace's state (persistent reservations, the keeper).
     fn home(&self) -> namespaces::SpaceGuard<'_> {
         namespaces::SpaceGuard::new(self.state.lock().unwrap(), None)
+    }
+
+    /// Records (or clears) the problem of the last application of the reservation files.
+    fn set_declared_problem(&self, why: Option<String>) {
+        *self.declared_problem.lock().unwrap() = why;
     }
 
     /// Every namespace's state.
@@ -263,6 +274,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     /// The portserver socket, bound ([`Daemon::serve_portserver`]).
     portserver: Option<std::os::unix::net::UnixListener>,
+    /// The metrics endpoint's socket, bound ([`Daemon::serve_metrics`]).
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Daemon {
@@ -321,9 +334,35 @@ impl Daemon {
                 stop_requested: std::sync::atomic::AtomicBool::new(false),
                 grantees: portserver::Grantees::default(),
                 portserver: None,
+                declared_problem: Mutex::new(None),
+                metrics_endpoint: None,
             }),
             portserver: None,
+            metrics: None,
         })
+        .map(|d| {
+            // The files of reservations_dir, as `portres apply --yes` would.
+            declared::apply_at_start(&d.shared);
+            d
+        })
+    }
+
+    /// Also serves the Prometheus metrics at `/metrics` on `listener` while it runs.
+    pub fn serve_metrics(&mut self, listener: std::net::TcpListener) {
+        let at = listener
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| format!("http://{a}/metrics"));
+        self.metrics = Some(listener);
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.metrics_endpoint = Some(Ok(at));
+        }
+    }
+
+    /// The metrics endpoint could not be served: `status` says `why`.
+    pub fn metrics_problem(&mut self, why: &str) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.metrics_endpoint = Some(Err(why.to_string()));
+        }
     }
 
     /// Also answers Google's portserver protocol on `listener` (bound with
@@ -354,6 +393,17 @@ impl Daemon {
     ) {
         let shared = self.shared.clone();
         restore::watch_restored_owners(&shared);
+        if let Some(l) = self.metrics {
+            match l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+            {
+                Ok(l) => {
+                    tokio::spawn(metrics::serve_http(shared.clone(), l));
+                }
+                Err(e) => tracing::error!(error = %e, "metrics: cannot serve its socket"),
+            }
+        }
         if let Some(l) = self.portserver {
             match tokio::net::UnixListener::from_std(l) {
                 Ok(l) => {

@@ -332,6 +332,7 @@ async fn session(shared: Arc<Shared>, mut stream: UnixStream) {
     let mut gids = portres_sys::creds::peer_groups(&stream).unwrap_or_default();
     gids.push(cred.gid);
     let admin = is_admin(&shared, cred.uid, &gids);
+    crate::metrics::session_accepted();
     let id = new_session_id();
     let caller = Caller {
         session: id,
@@ -500,7 +501,13 @@ async fn converse(shared: &Arc<Shared>, caller: &Caller, s: &mut UnixStream) -> 
         if shared.checks.panic_on.as_deref() == Some(op) {
             panic!("PORTRES_FAILPOINT: panic on {op}, as asked");
         }
+        let started = std::time::Instant::now();
         let handled = handlers::handle(shared, caller, frame.request).await;
+        let outcome = match &handled {
+            Ok(_) => "ok",
+            Err(r) => r.code.as_str(),
+        };
+        crate::metrics::request(op, outcome, started.elapsed());
         if shared.checks.invariants {
             for st in shared.spaces().all() {
                 st.table.check_invariants();

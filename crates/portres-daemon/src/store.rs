@@ -120,14 +120,20 @@ pub struct StoredReservation {
     /// Command line that created it.
     #[serde(default)]
     pub creator_command: Option<String>,
+    /// The file of `reservations_dir` that declares it (`apply`); absent: made by a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Why it exists (from its file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl StoredReservation {
     /// The record for a persistent reservation of the table.
     pub fn from_reservation(r: &Reservation) -> Self {
-        let acl = match &r.kind {
-            Kind::Persistent { acl } => acl.clone(),
-            Kind::Runtime { .. } => Acl::default(),
+        let (acl, origin) = match &r.kind {
+            Kind::Persistent { acl, origin } => (acl.clone(), origin.clone()),
+            Kind::Runtime { .. } => (Acl::default(), portres_core::Origin::default()),
         };
         StoredReservation {
             token: r.token.get(),
@@ -140,6 +146,8 @@ impl StoredReservation {
             created: r.created,
             creator_uid: r.owner.uid,
             creator_command: r.owner.command.clone(),
+            file: origin.file,
+            description: origin.description,
         }
     }
 
@@ -150,7 +158,7 @@ impl StoredReservation {
         let range =
             PortRange::new(self.start.into(), self.count.into()).map_err(|e| e.to_string())?;
         let mode: Mode = self.mode.parse()?;
-        Ok(Reservation::persistent(
+        let mut r = Reservation::persistent(
             token,
             protocol,
             range,
@@ -165,7 +173,12 @@ impl StoredReservation {
                 command: self.creator_command.clone(),
             },
             self.created,
-        ))
+        );
+        if let Kind::Persistent { origin, .. } = &mut r.kind {
+            origin.file = self.file.clone();
+            origin.description = self.description.clone();
+        }
+        Ok(r)
     }
 }
 
@@ -581,10 +594,12 @@ impl Store {
             }
         }
         let db = slot.as_ref().expect("opened above");
+        let started = std::time::Instant::now();
         let result = db.begin_write().map_err(|e| self.err(e)).and_then(|txn| {
             f(&txn)?;
             txn.commit().map_err(|e| self.err(e))
         });
+        crate::metrics::store_write(started.elapsed());
         if result.is_err() {
             // redb refuses every write after an I/O error until the file is reopened.
             *slot = None;
@@ -642,6 +657,80 @@ impl Store {
             for r in recs {
                 let _ = journal.del(&r.protocol, r.start);
             }
+        }
+        written
+    }
+
+    /// Removes the records at `remove` (protocol, start) and writes `put`, in one durable
+    /// transaction (all or none): `apply`'s change of the reservations declared in files.
+    pub fn replace(
+        &self,
+        remove: &[(Protocol, u16)],
+        put: &[StoredReservation],
+    ) -> Result<(), StoreError> {
+        let before: Vec<StoredReservation> = remove
+            .iter()
+            .map(|&(p, start)| self.get(p, start))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |journal: &crate::journal::Journal, e: std::io::Error| StoreError::Io {
+            path: journal.path().into(),
+            why: e.to_string(),
+        };
+        let undo = |journal: &mut crate::journal::Journal| {
+            for r in put {
+                let _ = journal.del(&r.protocol, r.start);
+            }
+            for r in &before {
+                let _ = journal.put(r);
+            }
+        };
+        for &(p, start) in remove {
+            if let Err(e) = journal.del(p.as_str(), start) {
+                undo(&mut journal);
+                return Err(io(&journal, e));
+            }
+        }
+        for r in put {
+            if let Err(e) = journal.put(r) {
+                undo(&mut journal);
+                return Err(io(&journal, e));
+            }
+        }
+        let journal_bytes = journal.bytes();
+        let written = self.write(|txn| {
+            let mut digest = self.recorded_digest(txn)?;
+            {
+                let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
+                for &(p, start) in remove {
+                    if let Some(old) = t.remove((proto_key(p), start)).map_err(|e| self.err(e))? {
+                        digest = digest.wrapping_sub(record_digest(old.value()));
+                    }
+                }
+                for rec in put {
+                    let protocol: Protocol =
+                        rec.protocol.parse().map_err(|why| StoreError::Record {
+                            path: self.path.clone(),
+                            key: rec.token.to_string(),
+                            why,
+                        })?;
+                    let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
+                    digest = digest.wrapping_add(record_digest(&bytes));
+                    if let Some(old) = t
+                        .insert((proto_key(protocol), rec.start), bytes.as_slice())
+                        .map_err(|e| self.err(e))?
+                    {
+                        digest = digest.wrapping_sub(record_digest(old.value()));
+                    }
+                }
+            }
+            self.record(txn, journal_bytes, Some(digest))
+        });
+        if written.is_err() {
+            undo(&mut journal);
         }
         written
     }
@@ -824,6 +913,8 @@ mod tests {
             created: 5,
             creator_uid: 0,
             creator_command: Some("portres persistent add".into()),
+            file: None,
+            description: None,
         }
     }
 

@@ -217,6 +217,22 @@ pub enum Request {
         /// The reservation's token.
         token: String,
     },
+    /// The daemon's metrics, in the Prometheus text exposition format (anyone may ask: counts
+    /// only). Protocol version 2.
+    Metrics,
+    /// Declarative reservations (administrators): read the files of the daemon's
+    /// `reservations_dir` and compare them with the persistent reservations that came from
+    /// files. `dry_run`: only report the difference. Otherwise apply it, all or nothing; with
+    /// `expect`, only if the difference is still the one whose `digest` was shown (the files
+    /// did not change since). Protocol version 2.
+    Apply {
+        /// Report only.
+        #[serde(default)]
+        dry_run: bool,
+        /// The `digest` of the difference the caller confirmed.
+        #[serde(default)]
+        expect: Option<String>,
+    },
 }
 
 /// Filters of [`Request::Show`]; an absent field passes everything.
@@ -284,6 +300,8 @@ impl Request {
             Request::Attach { .. } => "attach",
             Request::Shutdown { .. } => "shutdown",
             Request::OwnTree { .. } => "own_tree",
+            Request::Metrics => "metrics",
+            Request::Apply { .. } => "apply",
         }
     }
 }
@@ -363,6 +381,70 @@ pub enum Reply {
     Attached(AttachInfo),
     /// Answer to [`Request::OwnTree`].
     OwnedTree(OwnedTreeInfo),
+    /// Answer to [`Request::Metrics`].
+    Metrics(MetricsInfo),
+    /// Answer to [`Request::Apply`].
+    Applied(ApplyInfo),
+}
+
+/// Answer to [`Request::Metrics`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsInfo {
+    /// The exposition, in the Prometheus (OpenMetrics) text format.
+    pub text: String,
+}
+
+/// Answer to [`Request::Apply`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyInfo {
+    /// The directory read.
+    pub dir: String,
+    /// The files read (`*.toml`, in name order).
+    pub files: Vec<String>,
+    /// What differs between the files and the daemon (empty: nothing to do).
+    pub changes: Vec<ApplyChange>,
+    /// Reservations from files that are already as the files say.
+    pub unchanged: u64,
+    /// Identifies this difference, for applying exactly what was shown.
+    pub digest: String,
+    /// Whether the difference was applied (false for a dry run).
+    pub applied: bool,
+}
+
+/// One difference between the files and the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyChange {
+    /// Added, removed or changed.
+    pub action: ChangeAction,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// First port.
+    pub start: u16,
+    /// Number of ports.
+    pub count: u16,
+    /// The file of the entry (for a removal: the file it came from).
+    pub file: String,
+    /// The entry's line in its file (none for a removal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// What the daemon has now (removed, changed), in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// What the files ask for (added, changed), in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// The kind of an [`ApplyChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeAction {
+    /// In the files, not in the daemon.
+    Add,
+    /// In the daemon (from a file), no longer in the files.
+    Remove,
+    /// In both, with another mode, access list, description or file.
+    Change,
 }
 
 /// Answer to [`Request::OwnTree`].
@@ -621,6 +703,16 @@ pub struct ReservationInfo {
     /// The network namespace (port space) the reservation is in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<NetnsInfo>,
+    /// Where a persistent reservation came from: `"file"` (declared in a file of
+    /// `reservations_dir`, managed by `portres apply`) or `"api"` (created by a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The file that declares it (`source` `"file"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Why it exists, as its file says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// A network namespace the daemon serves (in [`ReservationInfo`] and [`StatusInfo`]).
@@ -769,6 +861,24 @@ pub struct StatusInfo {
     /// Where the daemon also answers Google's portserver protocol, and from which ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub portserver: Option<String>,
+    /// Declarative reservations: their directory, how many, and the last problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared: Option<DeclaredStatus>,
+    /// The metrics endpoint: `"http://ADDR/metrics"`, or `"NOT SERVED: why"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+/// Declarative reservations (in [`StatusInfo`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredStatus {
+    /// The directory of reservation files.
+    pub dir: String,
+    /// Persistent reservations that came from its files.
+    pub reservations: u64,
+    /// What went wrong at the last application of the files (at start or `apply`), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The deny layer's kernel objects (in [`StatusInfo`]).

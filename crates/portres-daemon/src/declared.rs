@@ -1,0 +1,839 @@
+//! Declarative reservations: persistent reservations kept in files (`reservations_dir`, by
+//! default `reservations.d` beside the configuration file: `/etc/portres/reservations.d` for the
+//! system daemon), applied at start and by `portres apply`.
+//!
+//! ```toml
+//! # /etc/portres/reservations.d/web.toml
+//! [[reservation]]
+//! protocol = "tcp"            # default "tcp"
+//! ports = "9000-9009"         # or 8443, or "8443"
+//! mode = "exclude"            # default "exclude"; or "hold"
+//! users = ["www-data"]        # who may consume it (names or ids)
+//! groups = ["web"]
+//! description = "the web tier's backends"
+//! ```
+//!
+//! The files are the truth for the reservations that came from them (marked with their file),
+//! and only for those: reservations made by requests are never touched. A difference is applied
+//! all or nothing (table, kernel layers and store), and any bad file changes nothing at all.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use portres_core::{
+    Acl, Caller, ErrorCode, Kind, Mode, Operation, Origin, Owner, PortRange, Protocol, Refusal,
+    Reservation, Token,
+};
+use portres_proto::{ApplyChange, ApplyInfo, ChangeAction};
+use serde::Deserialize;
+
+use crate::Shared;
+use crate::store::StoredReservation;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    reservation: Vec<toml::Spanned<EntryDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryDoc {
+    protocol: Option<String>,
+    ports: PortsDoc,
+    mode: Option<String>,
+    #[serde(default)]
+    users: Vec<IdDoc>,
+    #[serde(default)]
+    groups: Vec<IdDoc>,
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortsDoc {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IdDoc {
+    Number(u32),
+    Name(String),
+}
+
+/// One entry of one file, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) file: String,
+    pub(crate) line: u32,
+    pub(crate) protocol: Protocol,
+    pub(crate) range: PortRange,
+    pub(crate) mode: Mode,
+    pub(crate) acl: Acl,
+    pub(crate) description: Option<String>,
+}
+
+impl Entry {
+    fn at(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
+}
+
+/// The files of a directory, read and checked.
+#[derive(Debug, Default)]
+pub(crate) struct Declared {
+    pub(crate) files: Vec<String>,
+    pub(crate) entries: Vec<Entry>,
+}
+
+/// The 1-based line of byte `offset` of `text`.
+fn line_of(text: &str, offset: usize) -> u32 {
+    text[..offset.min(text.len())].matches('\n').count() as u32 + 1
+}
+
+/// Reads every `*.toml` file of `dir` (in name order; hidden files skipped). `Ok(None)`: the
+/// directory does not exist. An error names the file, the line and what to do.
+pub(crate) fn read_dir(dir: &Path) -> Result<Option<Declared>, String> {
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read directory {}: {e}", dir.display())),
+    };
+    let mut paths: Vec<PathBuf> = listing
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    let mut out = Declared::default();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+        let name = path.display().to_string();
+        out.entries.extend(parse_file(&name, &text)?);
+        out.files.push(name);
+    }
+    check_overlaps(&out.entries)?;
+    Ok(Some(out))
+}
+
+/// The entries of one file (`name` is for messages).
+pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(text, s.start));
+        format!(
+            "{name}:{line}: {}; each entry is a [[reservation]] table with ports, and optionally \
+             protocol, mode, users, groups and description",
+            e.message().trim()
+        )
+    })?;
+    let mut entries = Vec::new();
+    for spanned in doc.reservation {
+        let line = line_of(text, spanned.span().start);
+        let at = format!("{name}:{line}");
+        let e = spanned.into_inner();
+        let protocol: Protocol = e
+            .protocol
+            .as_deref()
+            .unwrap_or("tcp")
+            .parse()
+            .map_err(|why| format!("{at}: protocol: {why}"))?;
+        let range = match &e.ports {
+            PortsDoc::Number(n) => u32::try_from(*n)
+                .ok()
+                .and_then(|n| PortRange::new(n, 1).ok())
+                .ok_or_else(|| {
+                    format!("{at}: ports = {n}: not a port number; give 1 to 65535")
+                })?,
+            PortsDoc::Text(t) => t.parse::<PortRange>().map_err(|why| {
+                format!("{at}: ports = {t:?}: {why}; write a port (\"8443\") or a block (\"9000-9009\")")
+            })?,
+        };
+        let mode: Mode = e
+            .mode
+            .as_deref()
+            .unwrap_or("exclude")
+            .parse()
+            .map_err(|why| format!("{at}: mode: {why}"))?;
+        let users = e
+            .users
+            .iter()
+            .map(|u| match u {
+                IdDoc::Number(n) => Ok(*n),
+                IdDoc::Name(s) => portres_sys::creds::resolve_user(s).ok_or_else(|| {
+                    format!(
+                        "{at}: users: there is no user named {s:?} on this machine; give an \
+                         existing name or a numeric uid"
+                    )
+                }),
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        let groups = e
+            .groups
+            .iter()
+            .map(|g| match g {
+                IdDoc::Number(n) => Ok(*n),
+                IdDoc::Name(s) => portres_sys::creds::resolve_group(s).ok_or_else(|| {
+                    format!(
+                        "{at}: groups: there is no group named {s:?} on this machine; give an \
+                         existing name or a numeric gid"
+                    )
+                }),
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        entries.push(Entry {
+            file: name.to_string(),
+            line,
+            protocol,
+            range,
+            mode,
+            acl: normalised(Acl { users, groups }),
+            description: e.description.filter(|d| !d.trim().is_empty()),
+        });
+    }
+    Ok(entries)
+}
+
+fn normalised(mut acl: Acl) -> Acl {
+    acl.users.sort_unstable();
+    acl.users.dedup();
+    acl.groups.sort_unstable();
+    acl.groups.dedup();
+    acl
+}
+
+/// Two entries (of any files) for overlapping blocks of one protocol: an error naming both.
+fn check_overlaps(entries: &[Entry]) -> Result<(), String> {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by_key(|e| (e.protocol, e.range.start()));
+    for pair in sorted.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if a.protocol == b.protocol && a.range.end() >= u32::from(b.range.start()) {
+            return Err(format!(
+                "{}: ports {} ({}) overlap ports {} declared at {}; a port belongs to one \
+                 reservation: merge the two entries or make them disjoint",
+                b.at(),
+                b.range,
+                b.protocol,
+                a.range,
+                a.at()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What applying the files would do to the reservations that came from files.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Entries with no reservation yet.
+    pub(crate) add: Vec<Entry>,
+    /// Reservations (from files) whose entry is gone.
+    pub(crate) remove: Vec<Reservation>,
+    /// Reservations (from files) whose entry says something else: (now, wanted).
+    pub(crate) change: Vec<(Reservation, Entry)>,
+    /// Entries already as they say.
+    pub(crate) unchanged: u64,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty() && self.change.is_empty()
+    }
+}
+
+fn acl_of(r: &Reservation) -> (Acl, Origin) {
+    match &r.kind {
+        Kind::Persistent { acl, origin } => (normalised(acl.clone()), origin.clone()),
+        Kind::Runtime { .. } => (Acl::default(), Origin::default()),
+    }
+}
+
+/// Compares the entries with `current` (the table's persistent reservations that came from
+/// files), keyed by protocol and block.
+pub(crate) fn plan<'a>(
+    entries: &[Entry],
+    current: impl Iterator<Item = &'a Reservation>,
+) -> Plan {
+    let mut have: HashMap<(Protocol, u16, u16), &Reservation> = current
+        .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
+        .map(|r| ((r.protocol, r.range.start(), r.range.count()), r))
+        .collect();
+    let mut p = Plan::default();
+    for e in entries {
+        match have.remove(&(e.protocol, e.range.start(), e.range.count())) {
+            None => p.add.push(e.clone()),
+            Some(r) => {
+                let (acl, origin) = acl_of(r);
+                if r.mode == e.mode
+                    && acl == e.acl
+                    && origin.description == e.description
+                    && origin.file.as_deref() == Some(e.file.as_str())
+                {
+                    p.unchanged += 1;
+                } else {
+                    p.change.push((r.clone(), e.clone()));
+                }
+            }
+        }
+    }
+    let mut gone: Vec<Reservation> = have.into_values().cloned().collect();
+    gone.sort_by_key(|r| (r.protocol, r.range.start()));
+    p.remove = gone;
+    p
+}
+
+/// An entry or a reservation in words, for the difference shown.
+fn words(mode: Mode, acl: &Acl, description: Option<&str>, file: Option<&str>) -> String {
+    let mut s = format!("{mode}");
+    let names = |ids: &[u32], f: &dyn Fn(u32) -> Option<String>| -> String {
+        ids.iter()
+            .map(|&i| f(i).unwrap_or_else(|| i.to_string()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if !acl.users.is_empty() {
+        s += &format!(
+            ", users {}",
+            names(&acl.users, &portres_sys::creds::user_name)
+        );
+    }
+    if !acl.groups.is_empty() {
+        s += &format!(
+            ", groups {}",
+            names(&acl.groups, &portres_sys::creds::group_name)
+        );
+    }
+    if let Some(d) = description {
+        s += &format!(", {d:?}");
+    }
+    if let Some(f) = file {
+        s += &format!(", from {f}");
+    }
+    s
+}
+
+/// An entry in words; with its file when `with_file` (a change that moves it between files).
+fn entry_words(e: &Entry, with_file: bool) -> String {
+    let file = with_file.then_some(e.file.as_str());
+    words(e.mode, &e.acl, e.description.as_deref(), file)
+}
+
+fn reservation_words(r: &Reservation, with_file: bool) -> String {
+    let (acl, origin) = acl_of(r);
+    let file = origin.file.as_deref().filter(|_| with_file);
+    words(r.mode, &acl, origin.description.as_deref(), file)
+}
+
+/// The difference as the wire carries it, and its digest.
+fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
+    let mut out = Vec::new();
+    for e in &p.add {
+        out.push(ApplyChange {
+            action: ChangeAction::Add,
+            protocol: e.protocol.as_str().into(),
+            start: e.range.start(),
+            count: e.range.count(),
+            file: e.file.clone(),
+            line: Some(e.line),
+            before: None,
+            after: Some(entry_words(e, false)),
+        });
+    }
+    for (r, e) in &p.change {
+        let moved = r.origin().and_then(|o| o.file.as_deref()) != Some(e.file.as_str());
+        out.push(ApplyChange {
+            action: ChangeAction::Change,
+            protocol: e.protocol.as_str().into(),
+            start: e.range.start(),
+            count: e.range.count(),
+            file: e.file.clone(),
+            line: Some(e.line),
+            before: Some(reservation_words(r, moved)),
+            after: Some(entry_words(e, moved)),
+        });
+    }
+    for r in &p.remove {
+        out.push(ApplyChange {
+            action: ChangeAction::Remove,
+            protocol: r.protocol.as_str().into(),
+            start: r.range.start(),
+            count: r.range.count(),
+            file: r
+                .origin()
+                .and_then(|o| o.file.clone())
+                .unwrap_or_default(),
+            line: None,
+            before: Some(reservation_words(r, false)),
+            after: None,
+        });
+    }
+    out.sort_by(|a, b| (&a.protocol, a.start).cmp(&(&b.protocol, b.start)));
+    // Lines do not count: moving an entry within its file changes nothing.
+    let mut key = String::new();
+    for c in &out {
+        key += &format!(
+            "{:?} {} {} {} {} {:?} {:?};",
+            c.action, c.protocol, c.start, c.count, c.file, c.before, c.after
+        );
+    }
+    let digest = format!("{:08x}", crc32fast::hash(key.as_bytes()));
+    (out, digest)
+}
+
+fn refusal(code: ErrorCode, message: String) -> Refusal {
+    Refusal::new(Operation::CreatePersistent, code, message)
+}
+
+/// `portres apply`: reads the files, compares, and (unless `dry_run`) applies the difference,
+/// all or nothing.
+pub(crate) async fn apply(
+    shared: &Shared,
+    caller: &Caller,
+    dry_run: bool,
+    expect: Option<&str>,
+) -> Result<ApplyInfo, Refusal> {
+    if !caller.admin {
+        return Err(refusal(
+            ErrorCode::AccessDenied,
+            format!(
+                "cannot apply the reservation files: uid {} is not an administrator of this \
+                 daemon",
+                caller.uid
+            ),
+        ));
+    }
+    let Some(dir) = shared.config.reservations_dir.clone() else {
+        return Err(refusal(
+            ErrorCode::InvalidParameter,
+            "this daemon has no reservations_dir (set it in its configuration)".into(),
+        ));
+    };
+    let _serial = shared.persist_lock.lock().await;
+    let read_dir_at = dir.clone();
+    let declared = tokio::task::spawn_blocking(move || read_dir(&read_dir_at))
+        .await
+        .map_err(|e| refusal(ErrorCode::Internal, e.to_string()))?
+        .map_err(|why| {
+            shared.set_declared_problem(Some(why.clone()));
+            refusal(
+                ErrorCode::InvalidParameter,
+                format!("{why}; nothing was changed"),
+            )
+        })?
+        .unwrap_or_default();
+    let p = {
+        let st = shared.home();
+        let p = plan(&declared.entries, st.table.reservations());
+        precheck(&st, &p)?;
+        p
+    };
+    let (list, digest) = changes(&p);
+    let mut info = ApplyInfo {
+        dir: dir.display().to_string(),
+        files: declared.files.clone(),
+        changes: list,
+        unchanged: p.unchanged,
+        digest: digest.clone(),
+        applied: false,
+    };
+    if dry_run {
+        return Ok(info);
+    }
+    if let Some(want) = expect
+        && want != digest
+    {
+        return Err(refusal(
+            ErrorCode::SharingViolation,
+            format!(
+                "the reservation files or the daemon's reservations changed since the difference \
+                 was shown (it was {want}, it is now {digest}); nothing was changed; run `portres \
+                 apply` again to see the new difference"
+            ),
+        ));
+    }
+    if !p.is_empty() {
+        let owner = Owner {
+            pid: None,
+            uid: caller.uid,
+            command: portres_sys::process::command_line(caller.pid),
+        };
+        execute(shared, p, owner).await?;
+    }
+    shared.set_declared_problem(None);
+    info.applied = true;
+    Ok(info)
+}
+
+/// What applying `p` would run into, found without changing anything (so `--check` reports it
+/// too): a new entry overlapping a reservation that stays (made by a request, or a runtime
+/// one), or a port of it that a socket has.
+fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
+    let going: std::collections::HashSet<Token> = p
+        .remove
+        .iter()
+        .chain(p.change.iter().map(|(r, _)| r))
+        .map(|r| r.token)
+        .collect();
+    for e in &p.add {
+        let asked = format!(
+            "{}: cannot create persistent reservation {}/{}",
+            e.at(),
+            e.range,
+            e.protocol
+        );
+        let mut overlapping = st.table.overlapping(e.protocol, e.range).peekable();
+        let frees_some = overlapping.peek().is_some();
+        if let Some(r) = st
+            .table
+            .overlapping(e.protocol, e.range)
+            .find(|r| !going.contains(&r.token))
+        {
+            let conflict = portres_core::Conflict {
+                protocol: e.protocol,
+                port: r.range.start().max(e.range.start()),
+                holder: r.holder(),
+            };
+            return Err(refusal(
+                ErrorCode::SharingViolation,
+                format!(
+                    "{asked}: {conflict}; change the entry, or delete that reservation first; \
+                     nothing was changed"
+                ),
+            )
+            .with_conflict(conflict));
+        }
+        // Ports a reservation that goes frees are ours until then: probed when applied.
+        if !frees_some && let Some(port) = st.enforcer.first_in_use(e.protocol, e.range) {
+            return Err(refusal(
+                ErrorCode::SharingViolation,
+                format!(
+                    "{asked}: port {port}/{} is in use by a socket (`portres who {port}` names \
+                     it); stop what has it, or change the entry; nothing was changed",
+                    e.protocol
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What [`execute`] changed in the table, to write to the store or to undo.
+struct Done {
+    removed: Vec<Reservation>,
+    placed: Vec<Reservation>,
+}
+
+/// Applies `p` to the daemon's own namespace: out of the table and the kernel first, then the
+/// new ones in (each claimed: a port in use or taken by another reservation refuses the whole
+/// apply, and everything is put back), then the store in one transaction (on the blocking pool).
+async fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
+    let done = change_table(shared, &p, &owner)?;
+    let (remove, put) = store_changes(&done);
+    let store = shared.store.clone();
+    let written = tokio::task::spawn_blocking(move || store.replace(&remove, &put))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|w| w.map_err(|e| e.to_string()));
+    finish(shared, done, written)
+}
+
+/// [`execute`] at start, before the runtime: the store written on this thread.
+fn execute_now(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
+    let done = change_table(shared, &p, &owner)?;
+    let (remove, put) = store_changes(&done);
+    let written = shared
+        .store
+        .replace(&remove, &put)
+        .map_err(|e| e.to_string());
+    finish(shared, done, written)
+}
+
+fn store_changes(done: &Done) -> (Vec<(Protocol, u16)>, Vec<StoredReservation>) {
+    (
+        done.removed
+            .iter()
+            .map(|r| (r.protocol, r.range.start()))
+            .collect(),
+        done.placed
+            .iter()
+            .map(StoredReservation::from_reservation)
+            .collect(),
+    )
+}
+
+/// After the store write: undone if it failed; otherwise the keeper and the deny layer are
+/// told, and each change logged.
+fn finish(shared: &Shared, done: Done, written: Result<(), String>) -> Result<(), Refusal> {
+    if let Err(e) = written {
+        undo(shared, &done);
+        tracing::error!(error = %e, "store write failed; the reservation files were not applied");
+        return Err(refusal(
+            ErrorCode::Internal,
+            format!("cannot apply the reservation files: {e}; nothing was changed"),
+        ));
+    }
+    let mut st = shared.home();
+    for r in &done.placed {
+        st.keep(r, true);
+    }
+    drop(st);
+    for r in &done.removed {
+        if !done.placed.iter().any(|n| n.token == r.token) {
+            tracing::info!(
+                token = %r.token,
+                "removed persistent reservation {}/{} (its entry left {})",
+                r.range,
+                r.protocol,
+                r.origin().and_then(|o| o.file.as_deref()).unwrap_or("?")
+            );
+        }
+    }
+    for r in &done.placed {
+        tracing::info!(
+            token = %r.token,
+            "applied persistent reservation {}/{} ({}) from {}",
+            r.range,
+            r.protocol,
+            r.mode,
+            r.origin().and_then(|o| o.file.as_deref()).unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusal> {
+    let mut st = shared.home();
+    let mut done = Done {
+        removed: Vec::new(),
+        placed: Vec::new(),
+    };
+    // Out first (a changed block may be re-made over the same ports), and the keeper's copies
+    // of their placeholders closed before the ports are claimed again.
+    for r in p.remove.iter().chain(p.change.iter().map(|(r, _)| r)) {
+        if let Some(r) = st.table.remove_persistent(r.token) {
+            st.retire(&r);
+            done.removed.push(r);
+        }
+    }
+    st.sync_keeper();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let changed: HashMap<(Protocol, u16, u16), Token> = p
+        .change
+        .iter()
+        .map(|(r, _)| ((r.protocol, r.range.start(), r.range.count()), r.token))
+        .collect();
+    let wanted = p.add.iter().chain(p.change.iter().map(|(_, e)| e));
+    for e in wanted {
+        let key = (e.protocol, e.range.start(), e.range.count());
+        // A changed reservation keeps its token, and is put back as a stored one is at start
+        // (its own service may have its ports bound: that is what it is for); a new one must
+        // find its ports free.
+        let kept = changed.get(&key).copied();
+        let token = kept.unwrap_or_else(|| st.table.new_token(&mut crate::handlers::OsRandom));
+        let mut r = Reservation::persistent(
+            token,
+            e.protocol,
+            e.range,
+            e.mode,
+            e.acl.clone(),
+            owner.clone(),
+            now,
+        );
+        if let Kind::Persistent { origin, .. } = &mut r.kind {
+            origin.file = Some(e.file.clone());
+            origin.description = e.description.clone();
+        }
+        let crate::State {
+            table, enforcer, ..
+        } = &mut *st;
+        let placed = if kept.is_some() {
+            table.restore_persistent(r.clone()).map(|()| {
+                enforcer.admit_persistent(&r);
+                r
+            })
+        } else {
+            table.place_persistent(r, enforcer)
+        };
+        match placed {
+            Ok(r) => done.placed.push(r),
+            Err(refused) => {
+                st.enforcer.sync_exclude();
+                drop(st);
+                undo(shared, &done);
+                return Err(Refusal {
+                    message: format!(
+                        "{}: {}; nothing was changed",
+                        e.at(),
+                        refused.message
+                    ),
+                    ..refused
+                });
+            }
+        }
+    }
+    st.enforcer.sync_exclude();
+    Ok(done)
+}
+
+/// Takes out what was placed and puts back what was removed (a refused or unwritten apply).
+fn undo(shared: &Shared, done: &Done) {
+    let mut st = shared.home();
+    for r in &done.placed {
+        if let Some(r) = st.table.cancel(r.token) {
+            st.retire(&r);
+        }
+    }
+    st.sync_keeper();
+    for r in &done.removed {
+        match st.table.restore_persistent(r.clone()) {
+            Ok(()) => {
+                st.enforcer.admit_persistent(r);
+                st.keep(r, true);
+            }
+            Err(e) => {
+                // Cannot happen (its ports were taken out of the table a moment ago, under the
+                // same lock); said rather than hidden.
+                tracing::error!(
+                    "persistent reservation {}/{} could not be put back after a refused apply: \
+                     {}; it is still stored and is enforced again at the next start",
+                    r.range,
+                    r.protocol,
+                    e.message
+                );
+            }
+        }
+    }
+    st.enforcer.sync_exclude();
+}
+
+/// At start: applies the files of `reservations_dir` (the same as `portres apply --yes`). A
+/// bad file changes nothing; the problem is logged and shown by `status`.
+pub(crate) fn apply_at_start(shared: &Shared) {
+    let Some(dir) = shared.config.reservations_dir.clone() else {
+        return;
+    };
+    let declared = match read_dir(&dir) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            let st = shared.home();
+            let n = st
+                .table
+                .reservations()
+                .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
+                .count();
+            if n > 0 {
+                let why = format!(
+                    "{} does not exist, and {n} persistent reservations came from files there: \
+                     they are kept; `portres apply` removes them",
+                    dir.display()
+                );
+                tracing::warn!("reservation files: {why}");
+                drop(st);
+                shared.set_declared_problem(Some(why));
+            }
+            return;
+        }
+        Err(why) => {
+            tracing::error!(
+                "reservation files NOT APPLIED: {why}; the reservations from files stay as they \
+                 were; fix the file and run `portres apply`"
+            );
+            shared.set_declared_problem(Some(why));
+            return;
+        }
+    };
+    let p = {
+        let st = shared.home();
+        plan(&declared.entries, st.table.reservations())
+    };
+    if p.is_empty() {
+        return;
+    }
+    let owner = Owner {
+        pid: None,
+        uid: shared.own_uid,
+        command: Some(format!("portres daemon (files of {})", dir.display())),
+    };
+    let (added, changed, removed) = (p.add.len(), p.change.len(), p.remove.len());
+    match execute_now(shared, p, owner) {
+        Ok(()) => tracing::info!(
+            "reservation files of {} applied: {added} added, {changed} changed, {removed} removed",
+            dir.display()
+        ),
+        Err(e) => {
+            tracing::error!("reservation files NOT APPLIED: {}", e.message);
+            shared.set_declared_problem(Some(e.message));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse_with_their_lines_and_defaults() {
+        let text = "# web\n\n[[reservation]]\nports = 8443\ndescription = \"tls\"\n\n\
+                    [[reservation]]\nprotocol = \"udp\"\nports = \"9000-9009\"\nmode = \"hold\"\n\
+                    users = [0]\n";
+        let e = parse_file("web.toml", text).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].line, e[0].protocol, e[0].mode), (3, Protocol::Tcp, Mode::Exclude));
+        assert_eq!(e[0].range, PortRange::new(8443, 1).unwrap());
+        assert_eq!(e[0].description.as_deref(), Some("tls"));
+        assert_eq!((e[1].line, e[1].protocol, e[1].mode), (7, Protocol::Udp, Mode::Hold));
+        assert_eq!(e[1].range, PortRange::new(9000, 10).unwrap());
+        assert_eq!(e[1].acl.users, vec![0]);
+    }
+
+    #[test]
+    fn bad_entries_name_file_and_line() {
+        let cases = [
+            ("[[reservation]]\nports = 80\ncolour = 1\n", "x.toml:3", "unknown field"),
+            ("[[reservation]]\nports = 0\n", "x.toml:1", "not a port number"),
+            ("[[reservation]]\nports = 65536\n", "x.toml:1", "not a port number"),
+            ("[[reservation]]\nports = \"9-8\"\n", "x.toml:1", "ports = \"9-8\""),
+            ("[[reservation]]\nports = \"65535-65536\"\n", "x.toml:1", "65536"),
+            ("[[reservation]]\nports = 80\nmode = \"keep\"\n", "x.toml:1", "mode"),
+            ("[[reservation]]\nports = 80\nprotocol = \"sctp\"\n", "x.toml:1", "protocol"),
+            ("[[reservation]]\nmode = \"hold\"\n", "x.toml:1", "ports"),
+            (
+                "[[reservation]]\nports = 80\nusers = [\"no-such-user-here\"]\n",
+                "x.toml:1",
+                "no user named",
+            ),
+            ("[[reservation]\nports = 80\n", "x.toml:1", ""),
+        ];
+        for (text, at, what) in cases {
+            let e = parse_file("x.toml", text).unwrap_err();
+            assert!(e.starts_with(at) && e.contains(what), "{text:?}: {e}");
+        }
+        // The extremes that are fine.
+        let ok = parse_file("x.toml", "[[reservation]]\nports = \"1-65535\"\n").unwrap();
+        assert_eq!(ok[0].range.count(), 65535);
+        let ok = parse_file("x.toml", "[[reservation]]\nports = 65535\n").unwrap();
+        assert_eq!(ok[0].range.start(), 65535);
+    }
+
+    #[test]
+    fn overlapping_entries_name_both() {
+        let mut e = parse_file("a.toml", "[[reservation]]\nports = \"9000-9009\"\n").unwrap();
+        e.extend(parse_file("b.toml", "[[reservation]]\n\nports = 9009\n").unwrap());
+        let err = check_overlaps(&e).unwrap_err();
+        assert!(err.starts_with("b.toml:1") && err.contains("a.toml:1"), "{err}");
+        // Another protocol does not overlap.
+        let mut e = parse_file("a.toml", "[[reservation]]\nports = 9000\n").unwrap();
+        e.extend(parse_file("b.toml", "[[reservation]]\nports = 9000\nprotocol = \"udp\"\n").unwrap());
+        check_overlaps(&e).unwrap();
+    }
+}
