@@ -281,7 +281,11 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
                 "not applying {} changes without confirmation: standard input is not a \
                  terminal{}; pass --yes to apply them, or --check to only see them",
                 shown.changes.len(),
-                if cli.json { " (or --json was given)" } else { "" }
+                if cli.json {
+                    " (or --json was given)"
+                } else {
+                    ""
+                }
             );
         }
         output::apply_diff(&shown, false);

@@ -611,7 +611,11 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
         let block = if c.count == 1 {
             c.start.to_string()
         } else {
-            format!("{}-{}", c.start, u32::from(c.start) + u32::from(c.count) - 1)
+            format!(
+                "{}-{}",
+                c.start,
+                u32::from(c.start) + u32::from(c.count) - 1
+            )
         };
         let at = match c.line {
             Some(l) => format!("{}:{l}", printable(&c.file)),
@@ -630,7 +634,10 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
             ),
             portres_client::ChangeAction::Change => {
                 println!("  ~ change  {} {block} ({at}):", c.protocol);
-                println!("      was: {}", printable(c.before.as_deref().unwrap_or("")));
+                println!(
+                    "      was: {}",
+                    printable(c.before.as_deref().unwrap_or(""))
+                );
                 println!("      now: {}", printable(c.after.as_deref().unwrap_or("")));
             }
         }

@@ -695,7 +695,10 @@ pub fn test_python() -> &'static Path {
             );
         };
         if !has(&py) {
-            let out = run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
+            // Made anew (--clear): one left by another Python, or half made, is not reused.
+            let out = run(Command::new("python3")
+                .args(["-m", "venv", "--clear"])
+                .arg(&dir));
             assert!(out.status.success(), "python3 -m venv failed: {out:?}");
             pip(&[
                 "install",

@@ -863,6 +863,8 @@ fn fresh_store(dir: &Path, blocks: impl Iterator<Item = (&'static str, u16, u16)
                 created: 0,
                 creator_uid: 0,
                 creator_command: Some("bench".into()),
+                file: None,
+                description: None,
             },
         )
         .collect();

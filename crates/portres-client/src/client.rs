@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use portres_core::{ErrorCode, Mode, Operation, PortRange, Protocol, Refusal, Token};
 use portres_proto::{
-    ApplyInfo, AttachInfo, ErrorBody, Hello, HelloReply, LostToken, Reply, ReplyBody, ReplyFrame, Request,
-    RequestFrame, ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo, SocketRef,
-    SocketType, StatusInfo, Welcome, WhoInfo,
+    ApplyInfo, AttachInfo, ErrorBody, Hello, HelloReply, LostToken, Reply, ReplyBody, ReplyFrame,
+    Request, RequestFrame, ReservationInfo, ReservationRef, ShowFilter, ShowInfo, SocketInfo,
+    SocketRef, SocketType, StatusInfo, Welcome, WhoInfo,
 };
 pub use portres_sys::hold::SocketKind;
 

@@ -993,7 +993,10 @@ impl Table {
                 format!("reservation {} is not a new persistent one", r.token),
             ));
         }
-        let asked = format!("cannot create persistent reservation {}/{}", r.range, r.protocol);
+        let asked = format!(
+            "cannot create persistent reservation {}/{}",
+            r.range, r.protocol
+        );
         self.take_specific(
             op,
             ErrorCode::SharingViolation,

@@ -149,11 +149,11 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
             PortsDoc::Number(n) => u32::try_from(*n)
                 .ok()
                 .and_then(|n| PortRange::new(n, 1).ok())
-                .ok_or_else(|| {
-                    format!("{at}: ports = {n}: not a port number; give 1 to 65535")
-                })?,
+                .ok_or_else(|| format!("{at}: ports = {n}: not a port number; give 1 to 65535"))?,
             PortsDoc::Text(t) => t.parse::<PortRange>().map_err(|why| {
-                format!("{at}: ports = {t:?}: {why}; write a port (\"8443\") or a block (\"9000-9009\")")
+                format!(
+                    "{at}: ports = {t:?}: {why}; write a port (\"8443\") or a block (\"9000-9009\")"
+                )
             })?,
         };
         let mode: Mode = e
@@ -258,10 +258,7 @@ fn acl_of(r: &Reservation) -> (Acl, Origin) {
 
 /// Compares the entries with `current` (the table's persistent reservations that came from
 /// files), keyed by protocol and block.
-pub(crate) fn plan<'a>(
-    entries: &[Entry],
-    current: impl Iterator<Item = &'a Reservation>,
-) -> Plan {
+pub(crate) fn plan<'a>(entries: &[Entry], current: impl Iterator<Item = &'a Reservation>) -> Plan {
     let mut have: HashMap<(Protocol, u16, u16), &Reservation> = current
         .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
         .map(|r| ((r.protocol, r.range.start(), r.range.count()), r))
@@ -366,10 +363,7 @@ fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
             protocol: r.protocol.as_str().into(),
             start: r.range.start(),
             count: r.range.count(),
-            file: r
-                .origin()
-                .and_then(|o| o.file.clone())
-                .unwrap_or_default(),
+            file: r.origin().and_then(|o| o.file.clone()).unwrap_or_default(),
             line: None,
             before: Some(reservation_words(r, false)),
             after: None,
@@ -671,11 +665,7 @@ fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusa
                 drop(st);
                 undo(shared, &done);
                 return Err(Refusal {
-                    message: format!(
-                        "{}: {}; nothing was changed",
-                        e.at(),
-                        refused.message
-                    ),
+                    message: format!("{}: {}; nothing was changed", e.at(), refused.message),
                     ..refused
                 });
             }
@@ -788,10 +778,16 @@ mod tests {
                     users = [0]\n";
         let e = parse_file("web.toml", text).unwrap();
         assert_eq!(e.len(), 2);
-        assert_eq!((e[0].line, e[0].protocol, e[0].mode), (3, Protocol::Tcp, Mode::Exclude));
+        assert_eq!(
+            (e[0].line, e[0].protocol, e[0].mode),
+            (3, Protocol::Tcp, Mode::Exclude)
+        );
         assert_eq!(e[0].range, PortRange::new(8443, 1).unwrap());
         assert_eq!(e[0].description.as_deref(), Some("tls"));
-        assert_eq!((e[1].line, e[1].protocol, e[1].mode), (7, Protocol::Udp, Mode::Hold));
+        assert_eq!(
+            (e[1].line, e[1].protocol, e[1].mode),
+            (7, Protocol::Udp, Mode::Hold)
+        );
         assert_eq!(e[1].range, PortRange::new(9000, 10).unwrap());
         assert_eq!(e[1].acl.users, vec![0]);
     }
@@ -799,13 +795,41 @@ mod tests {
     #[test]
     fn bad_entries_name_file_and_line() {
         let cases = [
-            ("[[reservation]]\nports = 80\ncolour = 1\n", "x.toml:3", "unknown field"),
-            ("[[reservation]]\nports = 0\n", "x.toml:1", "not a port number"),
-            ("[[reservation]]\nports = 65536\n", "x.toml:1", "not a port number"),
-            ("[[reservation]]\nports = \"9-8\"\n", "x.toml:1", "ports = \"9-8\""),
-            ("[[reservation]]\nports = \"65535-65536\"\n", "x.toml:1", "65536"),
-            ("[[reservation]]\nports = 80\nmode = \"keep\"\n", "x.toml:1", "mode"),
-            ("[[reservation]]\nports = 80\nprotocol = \"sctp\"\n", "x.toml:1", "protocol"),
+            (
+                "[[reservation]]\nports = 80\ncolour = 1\n",
+                "x.toml:3",
+                "unknown field",
+            ),
+            (
+                "[[reservation]]\nports = 0\n",
+                "x.toml:1",
+                "not a port number",
+            ),
+            (
+                "[[reservation]]\nports = 65536\n",
+                "x.toml:1",
+                "not a port number",
+            ),
+            (
+                "[[reservation]]\nports = \"9-8\"\n",
+                "x.toml:1",
+                "ports = \"9-8\"",
+            ),
+            (
+                "[[reservation]]\nports = \"65535-65536\"\n",
+                "x.toml:1",
+                "65536",
+            ),
+            (
+                "[[reservation]]\nports = 80\nmode = \"keep\"\n",
+                "x.toml:1",
+                "mode",
+            ),
+            (
+                "[[reservation]]\nports = 80\nprotocol = \"sctp\"\n",
+                "x.toml:1",
+                "protocol",
+            ),
             ("[[reservation]]\nmode = \"hold\"\n", "x.toml:1", "ports"),
             (
                 "[[reservation]]\nports = 80\nusers = [\"no-such-user-here\"]\n",
@@ -830,10 +854,19 @@ mod tests {
         let mut e = parse_file("a.toml", "[[reservation]]\nports = \"9000-9009\"\n").unwrap();
         e.extend(parse_file("b.toml", "[[reservation]]\n\nports = 9009\n").unwrap());
         let err = check_overlaps(&e).unwrap_err();
-        assert!(err.starts_with("b.toml:1") && err.contains("a.toml:1"), "{err}");
+        assert!(
+            err.starts_with("b.toml:1") && err.contains("a.toml:1"),
+            "{err}"
+        );
         // Another protocol does not overlap.
         let mut e = parse_file("a.toml", "[[reservation]]\nports = 9000\n").unwrap();
-        e.extend(parse_file("b.toml", "[[reservation]]\nports = 9000\nprotocol = \"udp\"\n").unwrap());
+        e.extend(
+            parse_file(
+                "b.toml",
+                "[[reservation]]\nports = 9000\nprotocol = \"udp\"\n",
+            )
+            .unwrap(),
+        );
         check_overlaps(&e).unwrap();
     }
 }

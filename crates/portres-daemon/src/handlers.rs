@@ -681,11 +681,8 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
             .portserver
             .as_ref()
             .map(|e| e.describe(shared.config.portserver_range)),
-        declared: shared
-            .config
-            .reservations_dir
-            .as_ref()
-            .map(|dir| portres_proto::DeclaredStatus {
+        declared: shared.config.reservations_dir.as_ref().map(|dir| {
+            portres_proto::DeclaredStatus {
                 dir: dir.display().to_string(),
                 reservations: home
                     .table
@@ -693,7 +690,8 @@ fn status(shared: &Shared, caller: &Caller) -> StatusInfo {
                     .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
                     .count() as u64,
                 problem: shared.declared_problem.lock().unwrap().clone(),
-            }),
+            }
+        }),
         metrics: shared.metrics_endpoint.as_ref().map(|e| match e {
             Ok(at) => at.clone(),
             Err(why) => format!("NOT SERVED: {why}"),

@@ -340,10 +340,9 @@ impl Daemon {
             portserver: None,
             metrics: None,
         })
-        .map(|d| {
+        .inspect(|d| {
             // The files of reservations_dir, as `portres apply --yes` would.
             declared::apply_at_start(&d.shared);
-            d
         })
     }
 

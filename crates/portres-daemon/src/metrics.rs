@@ -167,11 +167,7 @@ pub(crate) fn render(shared: &Shared) -> String {
     );
     let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     uptime.set(shared.started.elapsed().as_secs_f64());
-    registry.register(
-        "uptime_seconds",
-        "Seconds since the daemon started",
-        uptime,
-    );
+    registry.register("uptime_seconds", "Seconds since the daemon started", uptime);
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
         .set(1);

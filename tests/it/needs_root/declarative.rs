@@ -78,18 +78,27 @@ fn files_apply_at_start_and_are_marked_beside_api_reservations() {
     assert_eq!(tls["mode"], "exclude");
     assert_eq!(tls["allow_users"][0], "nobody");
     let udp = find(&rows, "udp", 9000);
-    assert_eq!((udp["count"].as_u64(), &udp["mode"]), (Some(10), &"hold".into()));
+    assert_eq!(
+        (udp["count"].as_u64(), &udp["mode"]),
+        (Some(10), &"hold".into())
+    );
     assert!(udp["description"].is_null());
     let api = find(&rows, "tcp", 7000);
     assert_eq!(api["source"], "api");
     assert!(api["file"].is_null());
     // Enforced by the kernel layers like any persistent reservation.
     let sysctl = d.reserved_ports();
-    assert!(sysctl.contains("8443") && sysctl.contains("9000-9009"), "{sysctl}");
+    assert!(
+        sysctl.contains("8443") && sysctl.contains("9000-9009"),
+        "{sysctl}"
+    );
 
     // `who` and `show` say why and where from.
     let who = String::from_utf8(run(d.cli().args(["who", "8443"])).stdout).unwrap();
-    assert!(who.contains("why: nginx TLS") && who.contains(&format!("declared in {web}")), "{who}");
+    assert!(
+        who.contains("why: nginx TLS") && who.contains(&format!("declared in {web}")),
+        "{who}"
+    );
     let text = String::from_utf8(run(d.cli().arg("show")).stdout).unwrap();
     assert!(text.contains("why: nginx TLS"), "{text}");
     let st = json(&run(d.cli().args(["--json", "status"])));
@@ -122,7 +131,10 @@ fn apply_adds_changes_and_removes_then_changes_nothing() {
                 "web.toml",
                 "[[reservation]]\nports = 8443\ndescription = \"nginx, TLS only\"\n",
             ),
-            ("metrics.toml", "[[reservation]]\nports = \"9100-9101\"\nmode = \"hold\"\n"),
+            (
+                "metrics.toml",
+                "[[reservation]]\nports = \"9100-9101\"\nmode = \"hold\"\n",
+            ),
         ],
     );
     let out = run(d.cli().args(["--json", "apply", "--check"]));
@@ -132,7 +144,12 @@ fn apply_adds_changes_and_removes_then_changes_nothing() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["action"].as_str().unwrap().to_string(), c["start"].as_u64().unwrap()))
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap().to_string(),
+                c["start"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         actions,
@@ -147,14 +164,22 @@ fn apply_adds_changes_and_removes_then_changes_nothing() {
     assert!(change["file"].as_str().unwrap().ends_with("web.toml"));
     assert_eq!(change["line"], 1);
     assert!(change["before"].as_str().unwrap().contains("nginx TLS"));
-    assert!(change["after"].as_str().unwrap().contains("nginx, TLS only"));
+    assert!(
+        change["after"]
+            .as_str()
+            .unwrap()
+            .contains("nginx, TLS only")
+    );
     // --check changed nothing.
     assert!(d.reserved_ports().contains("9000-9009"));
 
     // Without --yes and no terminal: refused, nothing changed.
     let out = apply(&d, &[]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --yes"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --yes"),
+        "{out:?}"
+    );
     assert!(d.reserved_ports().contains("9000-9009"));
 
     let out = apply(&d, &["--yes"]);
@@ -166,17 +191,26 @@ fn apply_adds_changes_and_removes_then_changes_nothing() {
     let tls = find(&rows, "tcp", 8443);
     assert_eq!(tls["description"], "nginx, TLS only");
     assert_eq!(tls["allow_users"].as_array().unwrap().len(), 0);
-    assert_eq!(tls["token"], tls_token, "a changed reservation keeps its token");
+    assert_eq!(
+        tls["token"], tls_token,
+        "a changed reservation keeps its token"
+    );
     assert_eq!(find(&rows, "tcp", 9100)["mode"], "hold");
     assert!(rows.iter().all(|r| r["start"] != 9000));
     let sysctl = d.reserved_ports();
-    assert!(!sysctl.contains("9000") && sysctl.contains("9100-9101"), "{sysctl}");
+    assert!(
+        !sysctl.contains("9000") && sysctl.contains("9100-9101"),
+        "{sysctl}"
+    );
 
     // Idempotent: a second apply finds nothing, changes nothing.
     let before = reservations(&d);
     let out = apply(&d, &["--yes"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to apply"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to apply"),
+        "{out:?}"
+    );
     assert_eq!(reservations(&d), before);
 
     // Every file gone: every reservation from files goes; the API's stays as it was.
@@ -203,13 +237,25 @@ fn a_bad_file_changes_nothing_and_says_where() {
     let bad = dir.path().join("zz-bad.toml").display().to_string();
     let cases: &[(&str, &str, &str)] = &[
         ("[[reservation]\nports = 1\n", ":1:", ""),
-        ("[[reservation]]\nports = 5000\ncolour = \"red\"\n", ":3:", "unknown field"),
+        (
+            "[[reservation]]\nports = 5000\ncolour = \"red\"\n",
+            ":3:",
+            "unknown field",
+        ),
         ("[[reservation]]\nports = 0\n", ":1:", "not a port number"),
         ("[[reservation]]\nports = \"65535-65536\"\n", ":1:", "65536"),
-        ("[[reservation]]\n\nports = 9005\nprotocol = \"udp\"\n", ":1:", "overlap"),
+        (
+            "[[reservation]]\n\nports = 9005\nprotocol = \"udp\"\n",
+            ":1:",
+            "overlap",
+        ),
         ("[[reservation]]\nports = 7000\n", ":1:", "7000"),
         ("[[reservation]]\nports = \"5999-6000\"\n", ":1:", "6000"),
-        ("[[reservation]]\nports = 5000\nusers = [\"no-such-user-here\"]\n", ":1:", "no user"),
+        (
+            "[[reservation]]\nports = 5000\nusers = [\"no-such-user-here\"]\n",
+            ":1:",
+            "no user",
+        ),
     ];
     for (text, line, what) in cases {
         // A good change beside it must not be applied either.
@@ -243,7 +289,10 @@ fn a_bad_file_changes_nothing_and_says_where() {
     // Not an administrator: refused.
     let out = run(d.cli_as_nobody().args(["apply", "--check"]));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not an administrator"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an administrator"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -259,7 +308,11 @@ fn a_confirmed_difference_is_applied_only_if_still_the_same() {
     // The files change between showing and applying.
     write_files(dir.path(), &[("a.toml", "[[reservation]]\nports = 5001\n")]);
     let e = c.apply(false, Some(&shown.digest)).unwrap_err();
-    assert!(e.to_string().contains("changed since the difference was shown"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("changed since the difference was shown"),
+        "{e}"
+    );
     assert!(reservations(&d).is_empty());
     let again = c.apply(true, None).unwrap();
     assert_ne!(again.digest, shown.digest);
@@ -276,7 +329,10 @@ fn files_are_applied_again_at_restart_and_a_bad_one_keeps_the_last_good_set() {
     let (mut d, dir) = daemon_with_files(&[("web.toml", WEB)]);
     d.stop();
     // Changed while no daemon runs: applied at the next start.
-    write_files(dir.path(), &[("web.toml", "[[reservation]]\nports = 8444\n")]);
+    write_files(
+        dir.path(),
+        &[("web.toml", "[[reservation]]\nports = 8444\n")],
+    );
     d.launch();
     let rows = reservations(&d);
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -286,14 +342,23 @@ fn files_are_applied_again_at_restart_and_a_bad_one_keeps_the_last_good_set() {
 
     // A bad file at start: the daemon starts, keeps what it had, and says why in status.
     d.stop();
-    write_files(dir.path(), &[("web.toml", "[[reservation]]\nports = 8445\nfoo = 1\n")]);
+    write_files(
+        dir.path(),
+        &[("web.toml", "[[reservation]]\nports = 8445\nfoo = 1\n")],
+    );
     d.launch();
     let rows = reservations(&d);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["start"], 8444);
     let st = json(&run(d.cli().args(["--json", "status"])));
-    let problem = st["declared"]["problem"].as_str().unwrap_or_default().to_string();
-    assert!(problem.contains("web.toml:3") && problem.contains("foo"), "{st}");
+    let problem = st["declared"]["problem"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        problem.contains("web.toml:3") && problem.contains("foo"),
+        "{st}"
+    );
     let text = String::from_utf8(run(d.cli().arg("status")).stdout).unwrap();
     assert!(text.contains("NOT APPLIED"), "{text}");
     assert!(d.log().contains("reservation files NOT APPLIED"));
@@ -321,7 +386,12 @@ fn apply_asks_at_a_terminal() {
                 .stderr(Stdio::piped()),
         );
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("apply these 1 changes? [y/N]"), "{text}");

@@ -426,3 +426,165 @@ fn completions_and_man_pages_follow_the_help() {
         "{out:?}"
     );
 }
+
+/// `portres metrics` and `metrics_listen`'s `/metrics` give the same families, which the
+/// Prometheus project's own parsers accept (OpenMetrics, and the classic text format that
+/// node_exporter's textfile collector reads), and they count what happened.
+#[test]
+fn metrics_are_served_and_parse() {
+    // Before re-running in a namespace (which has no network for pip).
+    let py = test_python();
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let d = TestDaemon::with_config("metrics_listen = \"127.0.0.1:9642\"\n");
+    let c = d.client();
+    let r = c.acquire(portres_client::Protocol::Tcp, 4).unwrap();
+    let refused = c.acquire_at(
+        portres_client::Protocol::Tcp,
+        u32::from(r.range().start()),
+        1,
+    );
+    assert!(refused.is_err());
+    let out = run(d
+        .cli()
+        .args(["persistent", "add", "--start", "7000", "--mode", "hold"]));
+    assert!(out.status.success(), "{out:?}");
+
+    let parse = |mut cmd: std::process::Command| {
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "{out:?}");
+        json(&out)
+    };
+    let mut scrape = d.nsenter();
+    scrape
+        .arg(py)
+        .arg(world_readable("scrape_metrics.py"))
+        .arg("http://127.0.0.1:9642/metrics");
+    let http = parse(scrape);
+    assert_eq!(http["status"], 200);
+    assert!(
+        http["content_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{http}"
+    );
+    let text = run(d.cli().arg("metrics"));
+    assert!(text.status.success());
+    let mut from_stdin = std::process::Command::new(py);
+    from_stdin.arg(world_readable("scrape_metrics.py")).arg("-");
+    let cli = {
+        let mut child = spawn(
+            from_stdin
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&text.stdout).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        json(&out)
+    };
+    let names = |v: &serde_json::Value| {
+        let mut n: Vec<String> = v["families"].as_object().unwrap().keys().cloned().collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&http), names(&cli));
+    assert!(!http["classic"].as_array().unwrap().is_empty());
+
+    let f = &http["families"];
+    let value = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        f[family]["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no family {family}: {f}"))
+            .iter()
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s[1].get(*k).and_then(|x| x.as_str()) == Some(*v))
+            })
+            .map(|s| s[2].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(f["portres_requests"]["type"], "counter");
+    assert!(
+        value(
+            "portres_requests",
+            &[("operation", "acquire"), ("outcome", "ok")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            "portres_requests",
+            &[("operation", "acquire"), ("outcome", "AddressInUse")]
+        ) >= 1.0,
+        "{f}"
+    );
+    assert_eq!(
+        value(
+            "portres_reservations",
+            &[("kind", "runtime"), ("mode", "hold")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "portres_reserved_ports",
+            &[("kind", "runtime"), ("protocol", "tcp")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            "portres_reservations",
+            &[("kind", "persistent"), ("mode", "hold")]
+        ),
+        1.0
+    );
+    assert_eq!(value("portres_held_ports", &[]), 5.0);
+    assert!(value("portres_sessions", &[]) >= 1.0);
+    assert_eq!(value("portres_layer_up", &[("layer", "hold")]), 1.0);
+    assert_eq!(value("portres_layer_up", &[("layer", "deny")]), 0.0);
+    assert_eq!(
+        f["portres_store_write_duration_seconds"]["type"],
+        "histogram"
+    );
+    assert!(
+        value("portres_store_write_duration_seconds", &[]) >= 1.0,
+        "a store write (the persistent add) is counted: {f}"
+    );
+    assert_eq!(f["portres_request_duration_seconds"]["type"], "histogram");
+
+    // Only /metrics.
+    let out = run(d.nsenter().args([
+        "python3",
+        "-c",
+        "import urllib.request, urllib.error\n\
+         try:\n    urllib.request.urlopen('http://127.0.0.1:9642/other')\n\
+         except urllib.error.HTTPError as e:\n    print(e.code)",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "404");
+    let st = json(&run(d.cli().args(["--json", "status"])));
+    assert_eq!(st["metrics"], "http://127.0.0.1:9642/metrics");
+}
+
+/// A metrics address the daemon cannot listen on (not an address of this host): the daemon
+/// still starts, and `status` says why the metrics are not served.
+#[test]
+fn an_unusable_metrics_address_does_not_stop_the_daemon() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    // 192.0.2.1 (TEST-NET-1) is on no interface of the daemon's namespace.
+    let d = TestDaemon::with_config("metrics_listen = \"192.0.2.1:9642\"\n");
+    let st = json(&run(d.cli().args(["--json", "status"])));
+    let m = st["metrics"].as_str().unwrap();
+    assert!(
+        m.starts_with("NOT SERVED") && m.contains("192.0.2.1:9642"),
+        "{st}"
+    );
+    assert!(d.client().status().is_ok());
+}
