@@ -460,6 +460,7 @@ pub(crate) async fn apply(
             command: portres_sys::process::command_line(caller.pid),
         };
         execute(shared, p, owner).await?;
+        crate::handlers::compact_journal_if_due(shared).await;
     }
     shared.set_declared_problem(None);
     info.applied = true;

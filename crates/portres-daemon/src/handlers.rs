@@ -572,7 +572,7 @@ fn outside_home(shared: &Shared, caller: &Caller, op: Operation) -> Result<(), R
 
 /// Rewrites the store's journal as a snapshot when it has grown well past the table (on the
 /// blocking pool; the caller holds `persist_lock`, so no write interleaves).
-async fn compact_journal_if_due(shared: &Shared) {
+pub(crate) async fn compact_journal_if_due(shared: &Shared) {
     let live: Vec<StoredReservation> = {
         let st = shared.home();
         let n = st

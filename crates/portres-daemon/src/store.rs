@@ -615,50 +615,7 @@ impl Store {
 
     /// Writes reservations in one durable transaction (all or none), e.g. for an import.
     pub fn put_all(&self, recs: &[StoredReservation]) -> Result<(), StoreError> {
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, r) in recs.iter().enumerate() {
-            if let Err(e) = journal.put(r) {
-                for done in &recs[..i] {
-                    let _ = journal.del(&done.protocol, done.start);
-                }
-                return Err(StoreError::Io {
-                    path: journal.path().into(),
-                    why: e.to_string(),
-                });
-            }
-        }
-        let journal_bytes = journal.bytes();
-        let written = self.write(|txn| {
-            let mut digest = self.recorded_digest(txn)?;
-            {
-                let mut t = txn.open_table(RESERVATIONS).map_err(|e| self.err(e))?;
-                for rec in recs {
-                    let protocol: Protocol =
-                        rec.protocol.parse().map_err(|why| StoreError::Record {
-                            path: self.path.clone(),
-                            key: rec.token.to_string(),
-                            why,
-                        })?;
-                    let bytes = serde_json::to_vec(rec).expect("plain struct serialises");
-                    digest = digest.wrapping_add(record_digest(&bytes));
-                    if let Some(old) = t
-                        .insert((proto_key(protocol), rec.start), bytes.as_slice())
-                        .map_err(|e| self.err(e))?
-                    {
-                        digest = digest.wrapping_sub(record_digest(old.value()));
-                    }
-                }
-            }
-            self.record(txn, journal_bytes, Some(digest))
-        });
-        if written.is_err() {
-            // Not acknowledged: out of the journal again (best effort; at the next start the
-            // journal is rewritten from the store anyway).
-            for r in recs {
-                let _ = journal.del(&r.protocol, r.start);
-            }
-        }
-        written
+        self.replace(&[], recs)
     }
 
     /// Removes the records at `remove` (protocol, start) and writes `put`, in one durable
