@@ -266,7 +266,8 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
     use std::io::{BufRead, IsTerminal, Write};
     let client = cli.client()?;
     let shown = client.apply(true, None)?;
-    let differs = !shown.changes.is_empty();
+    let count = shown.added + shown.changed + shown.removed;
+    let differs = count > 0;
     if check || !differs {
         output::apply_diff(&shown, cli.json);
         return Ok(if differs && check {
@@ -280,7 +281,7 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
             anyhow::bail!(
                 "not applying {} changes without confirmation: standard input is not a \
                  terminal{}; pass --yes to apply them, or --check to only see them",
-                shown.changes.len(),
+                count,
                 if cli.json {
                     " (or --json was given)"
                 } else {
@@ -289,7 +290,7 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
             );
         }
         output::apply_diff(&shown, false);
-        print!("apply these {} changes? [y/N] ", shown.changes.len());
+        print!("apply these {count} changes? [y/N] ");
         std::io::stdout().flush()?;
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;

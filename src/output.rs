@@ -590,10 +590,11 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
         return;
     }
     let files = match a.files.len() {
+        100.. => "100 or more files".to_string(),
         1 => "1 file".to_string(),
         n => format!("{n} files"),
     };
-    if a.changes.is_empty() {
+    if a.added + a.changed + a.removed == 0 {
         println!(
             "nothing to apply: the {} reservations of {} ({files}) are as the files say",
             a.unchanged,
@@ -602,9 +603,13 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
         return;
     }
     println!(
-        "{} ({files}): {} changes, {} reservations unchanged",
+        "{} ({files}): {} changes ({} to add, {} to change, {} to remove), {} reservations \
+         unchanged",
         printable(&a.dir),
-        a.changes.len(),
+        a.added + a.changed + a.removed,
+        a.added,
+        a.changed,
+        a.removed,
         a.unchanged
     );
     for c in &a.changes {
@@ -642,6 +647,12 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
             }
         }
     }
+    if a.not_listed > 0 {
+        println!(
+            "  ... and {} more changes (not listed: one reply holds the first ones)",
+            a.not_listed
+        );
+    }
 }
 
 /// What `portres apply` applied.
@@ -651,8 +662,11 @@ pub fn applied(a: &portres_client::ApplyInfo, json: bool) {
         return;
     }
     println!(
-        "applied {} changes from {}",
-        a.changes.len(),
-        printable(&a.dir)
+        "applied {} changes from {} ({} added, {} changed, {} removed)",
+        a.added + a.changed + a.removed,
+        printable(&a.dir),
+        a.added,
+        a.changed,
+        a.removed
     );
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use portres_client::{Client, Mode, Protocol};
+use portres_client::{Client, Mode, PersistentSpec, Protocol};
 use portres_core::{
     Caller, ClaimError, Owner, PortClaim, PortRange, Table, TableConfig, Token, TokenSource,
 };
@@ -1122,6 +1122,74 @@ fn section_show(bin: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reservation files (`portres apply`) of 1,000 and 10,000 entries, beside the same number of
+/// `persistent add` requests one at a time; and a metrics scrape of that many reservations.
+fn section_apply(bin: &Path, dir: &Path) -> Result<()> {
+    println!(
+        "### Reservation files (`apply`) beside one `persistent add` per reservation
+"
+    );
+    println!(
+        "| entries | apply (all or nothing) | again, nothing to do | remove all (files gone) | that many `persistent add`, one by one | per reservation: add ÷ apply | metrics scrape | status |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in [1_000u32, 10_000] {
+        let files = dir.join("files");
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(&files)?;
+        let config = format!("deny = false\nreservations_dir = \"{}\"\n", files.display());
+        let (d, _) = Daemon::start_with(bin, dir, false, &config)?;
+        let c = d.client();
+        let mut text = String::new();
+        for i in 0..n {
+            text += &format!(
+                "[[reservation]]\nports = {}\ndescription = \"entry {i}\"\n",
+                10_000 + 4 * i
+            );
+        }
+        std::fs::write(files.join("many.toml"), &text)?;
+        let t = Instant::now();
+        let applied = c.apply(false, None)?;
+        let apply = t.elapsed();
+        assert_eq!(applied.added, u64::from(n));
+        let t = Instant::now();
+        let again = c.apply(false, None)?;
+        let nothing = t.elapsed();
+        assert_eq!(again.added + again.changed + again.removed, 0);
+        let t = Instant::now();
+        let scrape = c.metrics()?;
+        let metrics = t.elapsed();
+        assert!(scrape.contains("portres_reservations"));
+        let t = Instant::now();
+        c.status()?;
+        let status = t.elapsed();
+        std::fs::remove_file(files.join("many.toml"))?;
+        let t = Instant::now();
+        let removed = c.apply(false, None)?;
+        let remove = t.elapsed();
+        assert_eq!(removed.removed, u64::from(n));
+        // The baseline: the same blocks by requests (one store transaction and fsync each).
+        let t = Instant::now();
+        for i in 0..n {
+            c.create_persistent(&PersistentSpec::new(Protocol::Tcp, 10_002 + 4 * i, 1))?;
+        }
+        let adds = t.elapsed();
+        println!(
+            "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}× | {:.1} ms | {:.2} ms |",
+            apply.as_secs_f64() * 1e3,
+            nothing.as_secs_f64() * 1e3,
+            remove.as_secs_f64() * 1e3,
+            adds.as_secs_f64() * 1e3,
+            adds.as_secs_f64() / apply.as_secs_f64(),
+            metrics.as_secs_f64() * 1e3,
+            status.as_secs_f64() * 1e3,
+        );
+        d.stop();
+    }
+    println!();
+    Ok(())
+}
+
 /// `who` of a port with 1, 1,000 and 100,000 sockets against `ss -tanp sport = :PORT`.
 fn section_who(bin: &Path, dir: &Path) -> Result<()> {
     let (d, _) = Daemon::start(bin, dir, true)?;
@@ -1226,7 +1294,7 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,portserver,netns runs only
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,portserver,netns,apply runs only
     // those sections
     // (default: all).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -1270,6 +1338,9 @@ fn main() -> Result<()> {
     }
     if run("netns") {
         section_netns(&bin, &dir)?;
+    }
+    if run("apply") {
+        section_apply(&bin, &dir)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

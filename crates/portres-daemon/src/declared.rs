@@ -89,9 +89,28 @@ pub(crate) struct Declared {
     pub(crate) entries: Vec<Entry>,
 }
 
-/// The 1-based line of byte `offset` of `text`.
-fn line_of(text: &str, offset: usize) -> u32 {
-    text[..offset.min(text.len())].matches('\n').count() as u32 + 1
+/// Bytes of changes listed in one `apply` reply (a frame holds 64 KiB).
+const LISTED_BYTES: usize = 40 * 1024;
+
+/// Files named in one `apply` reply (the rest are counted in the changes).
+const MAX_FILES_LISTED: usize = 100;
+
+/// Longest `description`, in bytes (it is shown by `show` and `who`, and stored).
+const MAX_DESCRIPTION: usize = 512;
+
+/// Line numbers of byte offsets of one text (computed once: a file may hold thousands of
+/// entries).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn of(text: &str) -> Lines {
+        Lines(text.match_indices('\n').map(|(i, _)| i).collect())
+    }
+
+    /// The 1-based line of byte `offset`.
+    fn line(&self, offset: usize) -> u32 {
+        self.0.partition_point(|&nl| nl < offset) as u32 + 1
+    }
 }
 
 /// Reads every `*.toml` file of `dir` (in name order; hidden files skipped). `Ok(None)`: the
@@ -126,8 +145,9 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Option<Declared>, String> {
 
 /// The entries of one file (`name` is for messages).
 pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
+    let lines = Lines::of(text);
     let doc: FileDoc = toml::from_str(text).map_err(|e| {
-        let line = e.span().map_or(1, |s| line_of(text, s.start));
+        let line = e.span().map_or(1, |s| lines.line(s.start));
         format!(
             "{name}:{line}: {}; each entry is a [[reservation]] table with ports, and optionally \
              protocol, mode, users, groups and description",
@@ -136,7 +156,7 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
     })?;
     let mut entries = Vec::new();
     for spanned in doc.reservation {
-        let line = line_of(text, spanned.span().start);
+        let line = lines.line(spanned.span().start);
         let at = format!("{name}:{line}");
         let e = spanned.into_inner();
         let protocol: Protocol = e
@@ -188,6 +208,15 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
                 }),
             })
             .collect::<Result<Vec<u32>, String>>()?;
+        if let Some(d) = &e.description
+            && d.len() > MAX_DESCRIPTION
+        {
+            return Err(format!(
+                "{at}: description is {} bytes long; at most {MAX_DESCRIPTION}: say why in a \
+                 sentence, and keep the rest in a comment",
+                d.len()
+            ));
+        }
         entries.push(Entry {
             file: name.to_string(),
             line,
@@ -429,11 +458,29 @@ pub(crate) async fn apply(
         precheck(&st, &p)?;
         p
     };
-    let (list, digest) = changes(&p);
+    let (mut list, digest) = changes(&p);
+    // One frame holds the reply: the first changes, up to about 40 KiB of them, and the
+    // counts of all (the digest covers all).
+    let total = list.len();
+    let mut bytes = 0;
+    let listed = list
+        .iter()
+        .take_while(|c| {
+            bytes += serde_json::to_vec(c).map_or(0, |v| v.len());
+            bytes <= LISTED_BYTES
+        })
+        .count();
+    list.truncate(listed);
+    let mut files = declared.files.clone();
+    files.truncate(MAX_FILES_LISTED);
     let mut info = ApplyInfo {
         dir: dir.display().to_string(),
-        files: declared.files.clone(),
+        files,
         changes: list,
+        added: p.add.len() as u64,
+        changed: p.change.len() as u64,
+        removed: p.remove.len() as u64,
+        not_listed: (total - listed) as u64,
         unchanged: p.unchanged,
         digest: digest.clone(),
         applied: false,
@@ -627,6 +674,14 @@ fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusa
         .iter()
         .map(|(r, _)| ((r.protocol, r.range.start(), r.range.count()), r.token))
         .collect();
+    // New blocks reach ip_local_reserved_ports in one write before their claims probe them.
+    let first: Vec<PortRange> = p
+        .add
+        .iter()
+        .filter(|e| st.enforcer.excludes_first(e.mode, e.range))
+        .map(|e| e.range)
+        .collect();
+    st.enforcer.prewrite_exclude(first);
     let wanted = p.add.iter().chain(p.change.iter().map(|(_, e)| e));
     for e in wanted {
         let key = (e.protocol, e.range.start(), e.range.count());
@@ -662,6 +717,7 @@ fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusa
         match placed {
             Ok(r) => done.placed.push(r),
             Err(refused) => {
+                st.enforcer.end_prewrite();
                 st.enforcer.sync_exclude();
                 drop(st);
                 undo(shared, &done);
@@ -672,6 +728,7 @@ fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusa
             }
         }
     }
+    st.enforcer.end_prewrite();
     st.enforcer.sync_exclude();
     Ok(done)
 }
@@ -838,6 +895,14 @@ mod tests {
                 "no user named",
             ),
             ("[[reservation]\nports = 80\n", "x.toml:1", ""),
+            (
+                &format!(
+                    "[[reservation]]\nports = 80\ndescription = \"{}\"\n",
+                    "x".repeat(513)
+                ),
+                "x.toml:1",
+                "at most 512",
+            ),
         ];
         for (text, at, what) in cases {
             let e = parse_file("x.toml", text).unwrap_err();

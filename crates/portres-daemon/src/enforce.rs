@@ -286,6 +286,9 @@ pub(crate) struct Enforcer {
     /// Inode of each socket handed out from a block that has ended, by (protocol, port).
     orphans: HashMap<(Protocol, u16), u64>,
     exclude: Exclude,
+    /// Blocks already written to the exclude layer by [`Enforcer::prewrite_exclude`] (a batch of
+    /// claims: `apply`), with how many claims may still take each without another write.
+    prewritten: Option<HashMap<PortRange, u32>>,
     nofile: u64,
     /// The eBPF programs every UDP placeholder shares (in every namespace), or why they could
     /// not be loaded.
@@ -393,6 +396,7 @@ impl Enforcer {
             handed: HashMap::new(),
             orphans: HashMap::new(),
             exclude,
+            prewritten: None,
             nofile: common.nofile,
             udp_programs: common.udp_programs,
             classic_steered: std::collections::HashSet::new(),
@@ -434,8 +438,7 @@ impl Enforcer {
                 why: format!("writing the deny layer's map failed: {e}; see the daemon's log"),
             });
         }
-        self.exclude.add(range);
-        self.exclude.sync();
+        self.exclude_first(range);
         let orphan = if mode == Mode::Hold {
             self.live_orphan(protocol, range)
         } else {
@@ -650,6 +653,58 @@ fn first_socket_on(protocol: Protocol, range: PortRange) -> Option<u16> {
 }
 
 impl Enforcer {
+    /// Adds `range` to the exclude layer and writes the sysctl, before a claim probes its ports
+    /// (so no ephemeral port is handed out from it meanwhile); a block written already by
+    /// [`Enforcer::prewrite_exclude`] needs neither.
+    fn exclude_first(&mut self, range: PortRange) {
+        if let Some(left) = self.prewritten.as_mut().and_then(|p| p.get_mut(&range))
+            && *left > 0
+        {
+            *left -= 1;
+            return;
+        }
+        self.exclude.add(range);
+        self.exclude.sync();
+    }
+
+    /// Whether a claim of `range` in `mode` writes the exclude layer before it probes.
+    pub(crate) fn excludes_first(&self, mode: Mode, range: PortRange) -> bool {
+        self.deny_active() || mode == Mode::Exclude || range.count() > EXCLUDE_FIRST_ABOVE
+    }
+
+    /// Many claims at once (`apply`): writes all of `blocks` (those that
+    /// [`Enforcer::excludes_first`]) to the sysctl in one write, so each claim needs none (one
+    /// write per claim rewrites the whole sysctl: quadratic in the number of blocks). Call
+    /// [`Enforcer::end_prewrite`] after the last claim.
+    pub(crate) fn prewrite_exclude(&mut self, blocks: impl IntoIterator<Item = PortRange>) {
+        let mut pending: HashMap<PortRange, u32> = HashMap::new();
+        for r in blocks {
+            self.exclude.add(r);
+            *pending.entry(r).or_default() += 1;
+        }
+        if !pending.is_empty() {
+            self.exclude.sync();
+        }
+        self.prewritten = Some(pending);
+    }
+
+    /// Takes the blocks no claim took out of the exclude layer again (one write).
+    pub(crate) fn end_prewrite(&mut self) {
+        let Some(pending) = self.prewritten.take() else {
+            return;
+        };
+        let mut any = false;
+        for (r, n) in pending {
+            for _ in 0..n {
+                self.exclude.remove(r);
+                any = true;
+            }
+        }
+        if any {
+            self.exclude.sync();
+        }
+    }
+
     /// The first port of `range` some socket has, in this enforcer's namespace (the caller's
     /// thread is in it: under a `SpaceGuard`), without claiming anything.
     pub(crate) fn first_in_use(&self, protocol: Protocol, range: PortRange) -> Option<u16> {
@@ -709,8 +764,7 @@ impl PortClaim for Enforcer {
         }
         let first = mode == Mode::Exclude || range.count() > EXCLUDE_FIRST_ABOVE;
         if first {
-            self.exclude.add(range);
-            self.exclude.sync();
+            self.exclude_first(range);
         }
         let result = match mode {
             Mode::Hold => match self.live_orphan(protocol, range) {

@@ -201,6 +201,40 @@ impl Journal {
         self.bytes
     }
 
+    /// Appends deletions and puts in one write and one `fdatasync` (all or none: a failed write
+    /// is cut off again).
+    pub(crate) fn append_all(
+        &mut self,
+        del: &[(&str, u16)],
+        put: &[StoredReservation],
+    ) -> io::Result<()> {
+        let mut lines = Vec::new();
+        let mut n = 0;
+        for &(protocol, start) in del {
+            lines.extend(line_for(&Entry::Del {
+                protocol: protocol.into(),
+                start,
+            }));
+            n += 1;
+        }
+        for r in put {
+            lines.extend(line_for(&Entry::Put(r.clone())));
+            n += 1;
+        }
+        let len = self.bytes;
+        if let Err(e) = self
+            .file
+            .write_all(&lines)
+            .and_then(|()| self.file.sync_data())
+        {
+            let _ = self.file.set_len(len);
+            return Err(e);
+        }
+        self.lines += n;
+        self.bytes += lines.len() as u64;
+        Ok(())
+    }
+
     /// Appends a created reservation (durably, before the store commits it).
     pub(crate) fn put(&mut self, r: &StoredReservation) -> io::Result<()> {
         self.append(&Entry::Put(r.clone()))

@@ -633,10 +633,6 @@ impl Store {
             .flatten()
             .collect();
         let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let io = |journal: &crate::journal::Journal, e: std::io::Error| StoreError::Io {
-            path: journal.path().into(),
-            why: e.to_string(),
-        };
         let undo = |journal: &mut crate::journal::Journal| {
             for r in put {
                 let _ = journal.del(&r.protocol, r.start);
@@ -645,17 +641,13 @@ impl Store {
                 let _ = journal.put(r);
             }
         };
-        for &(p, start) in remove {
-            if let Err(e) = journal.del(p.as_str(), start) {
-                undo(&mut journal);
-                return Err(io(&journal, e));
-            }
-        }
-        for r in put {
-            if let Err(e) = journal.put(r) {
-                undo(&mut journal);
-                return Err(io(&journal, e));
-            }
+        // One write and one fdatasync for the whole change (an apply may hold thousands).
+        let dels: Vec<(&str, u16)> = remove.iter().map(|&(p, s)| (p.as_str(), s)).collect();
+        if let Err(e) = journal.append_all(&dels, put) {
+            return Err(StoreError::Io {
+                path: journal.path().into(),
+                why: e.to_string(),
+            });
         }
         let journal_bytes = journal.bytes();
         let written = self.write(|txn| {

@@ -401,8 +401,21 @@ pub struct ApplyInfo {
     pub dir: String,
     /// The files read (`*.toml`, in name order).
     pub files: Vec<String>,
-    /// What differs between the files and the daemon (empty: nothing to do).
+    /// What differs between the files and the daemon (empty: nothing to do), in port order;
+    /// only the first ones when there are more than one reply holds (see `not_listed`).
     pub changes: Vec<ApplyChange>,
+    /// How many changes add, change and remove a reservation, listed or not.
+    #[serde(default)]
+    pub added: u64,
+    /// See `added`.
+    #[serde(default)]
+    pub changed: u64,
+    /// See `added`.
+    #[serde(default)]
+    pub removed: u64,
+    /// Changes left out of `changes` to keep the reply within one frame.
+    #[serde(default)]
+    pub not_listed: u64,
     /// Reservations from files that are already as the files say.
     pub unchanged: u64,
     /// Identifies this difference, for applying exactly what was shown.

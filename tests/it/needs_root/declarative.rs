@@ -398,3 +398,37 @@ fn apply_asks_at_a_terminal() {
         assert_eq!(!reservations(&d).is_empty(), applied, "{answer:?}: {text}");
     }
 }
+
+/// Thousands of entries: applied whole, and the difference shown within one reply (the first
+/// changes listed, the rest counted).
+#[test]
+fn thousands_of_entries_apply_and_the_difference_is_bounded() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let (d, dir) = daemon_with_files(&[]);
+    let mut text = String::new();
+    for i in 0..3000u32 {
+        text += &format!(
+            "[[reservation]]\nports = {}\ndescription = \"entry {i}\"\n",
+            10_000 + 2 * i
+        );
+    }
+    write_files(dir.path(), &[("many.toml", &text)]);
+    let out = run(d.cli().args(["--json", "apply", "--check"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let diff = json(&out);
+    assert_eq!(diff["added"], 3000);
+    let listed = diff["changes"].as_array().unwrap().len() as u64;
+    assert!(listed > 0 && listed < 3000, "{listed}");
+    assert_eq!(diff["not_listed"].as_u64().unwrap() + listed, 3000);
+    let out = apply(&d, &["--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("more changes (not listed") && text.contains("3000 added"),
+        "{text}"
+    );
+    assert_eq!(reservations(&d).len(), 3000);
+    assert!(d.reserved_ports().contains("15998"));
+}
