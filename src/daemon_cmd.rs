@@ -132,6 +132,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         scope: scope.as_str().into(),
         socket: socket.clone(),
         state_dir: state_dir.clone(),
+        activated: activated.is_some(),
     };
     let portserver = opts
         .portserver
@@ -295,8 +296,20 @@ where
             tracing::Level::INFO => 6,
             _ => 7,
         };
-        write!(writer, "<{priority}>")?;
-        self.0.format_event(ctx, writer, event)
+        // Formatted whole first: a line break inside the event starts a new journal entry,
+        // which gets the same priority (not the journal's default).
+        let mut text = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut text),
+            event,
+        )?;
+        let body = text.strip_suffix('\n').unwrap_or(&text);
+        writeln!(
+            writer,
+            "<{priority}>{}",
+            body.replace('\n', &format!("\n<{priority}>"))
+        )
     }
 }
 

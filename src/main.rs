@@ -77,6 +77,9 @@ enum Command {
         grace_secs: u64,
         #[arg(long)]
         state_dir: PathBuf,
+        /// The daemon's socket is the service manager's (socket activation).
+        #[arg(long)]
+        activated: bool,
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
@@ -90,7 +93,8 @@ enum Command {
         /// Apply without asking (for scripts).
         #[arg(long, conflicts_with = "check")]
         yes: bool,
-        /// Only show the difference; exit status 2 if there is one (0 if none).
+        /// Only show the difference; exit status 3 if there is one, 0 if none (1: an error,
+        /// 2: a usage error).
         #[arg(long)]
         check: bool,
     },
@@ -271,7 +275,7 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
     if check || !differs {
         output::apply_diff(&shown, cli.json);
         return Ok(if differs && check {
-            ExitCode::from(2)
+            ExitCode::from(3)
         } else {
             ExitCode::SUCCESS
         });
@@ -337,10 +341,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keeper {
             grace_secs,
             state_dir,
+            activated,
         } => {
             portres_daemon::keeper::serve_stdin(
                 std::time::Duration::from_secs(*grace_secs),
                 state_dir,
+                *activated,
             )?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1011,6 +1011,25 @@ impl Table {
         Ok(r)
     }
 
+    /// Changes who may consume a persistent reservation and where it came from, in place (its
+    /// block, mode and enforcement stay as they are). Returns it as it is now.
+    pub fn relabel_persistent(
+        &mut self,
+        token: Token,
+        new_acl: Acl,
+        new_origin: Origin,
+    ) -> Option<Reservation> {
+        let r = self.reservations.get_mut(&token)?;
+        match &mut r.kind {
+            Kind::Persistent { acl, origin } => {
+                *acl = new_acl;
+                *origin = new_origin;
+            }
+            Kind::Runtime { .. } => return None,
+        }
+        Some(r.clone())
+    }
+
     /// A token no reservation has (for a reservation made with [`Table::place_persistent`]).
     pub fn new_token(&self, tokens: &mut dyn TokenSource) -> Token {
         self.fresh_token(tokens)

@@ -113,14 +113,39 @@ impl Lines {
     }
 }
 
-/// Reads every `*.toml` file of `dir` (in name order; hidden files skipped). `Ok(None)`: the
-/// directory does not exist. An error names the file, the line and what to do.
-pub(crate) fn read_dir(dir: &Path) -> Result<Option<Declared>, String> {
+/// Whoever can write a reservation file declares persistent reservations: the directory and
+/// each file must belong to `owner` (the daemon's user) or root, and be writable by their
+/// owner alone.
+fn check_owner(path: &Path, owner: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.mode() & 0o7777;
+    if (meta.uid() != owner && meta.uid() != 0) || mode & 0o022 != 0 {
+        let who =
+            portres_sys::creds::user_name(meta.uid()).unwrap_or_else(|| meta.uid().to_string());
+        let me = portres_sys::creds::user_name(owner).unwrap_or_else(|| owner.to_string());
+        return Err(format!(
+            "{}: owned by {who} with mode {mode:04o}, so a user other than the daemon's could \
+             declare persistent reservations through it; make it {me}'s and writable by its \
+             owner alone (chown {me} {}; chmod go-w {})",
+            path.display(),
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads every `*.toml` file of `dir` (in name order; hidden files skipped), each (and the
+/// directory) checked to be `owner`'s or root's and writable by its owner alone. `Ok(None)`:
+/// the directory does not exist. An error names the file, the line and what to do.
+pub(crate) fn read_dir(dir: &Path, owner: u32) -> Result<Option<Declared>, String> {
     let listing = match std::fs::read_dir(dir) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read directory {}: {e}", dir.display())),
     };
+    check_owner(dir, owner)?;
     let mut paths: Vec<PathBuf> = listing
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -133,6 +158,7 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Option<Declared>, String> {
     paths.sort();
     let mut out = Declared::default();
     for path in paths {
+        check_owner(&path, owner)?;
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
         let name = path.display().to_string();
@@ -244,7 +270,7 @@ fn check_overlaps(entries: &[Entry]) -> Result<(), String> {
     sorted.sort_by_key(|e| (e.protocol, e.range.start()));
     for pair in sorted.windows(2) {
         let (a, b) = (pair[0], pair[1]);
-        if a.protocol == b.protocol && a.range.end() >= u32::from(b.range.start()) {
+        if a.protocol == b.protocol && a.range.overlaps(b.range) {
             return Err(format!(
                 "{}: ports {} ({}) overlap ports {} declared at {}; a port belongs to one \
                  reservation: merge the two entries or make them disjoint",
@@ -439,9 +465,12 @@ pub(crate) async fn apply(
             "this daemon has no reservations_dir (set it in its configuration)".into(),
         ));
     };
+    // The files declare the daemon's own namespace's reservations, as `persistent add` does.
+    crate::handlers::outside_home(shared, caller, Operation::CreatePersistent)?;
     let _serial = shared.persist_lock.lock().await;
     let read_dir_at = dir.clone();
-    let declared = tokio::task::spawn_blocking(move || read_dir(&read_dir_at))
+    let owner = shared.own_uid;
+    let declared = tokio::task::spawn_blocking(move || read_dir(&read_dir_at, owner))
         .await
         .map_err(|e| refusal(ErrorCode::Internal, e.to_string()))?
         .map_err(|why| {
@@ -458,6 +487,10 @@ pub(crate) async fn apply(
         precheck(&st, &p)?;
         p
     };
+    if p.is_empty() {
+        // The files are readable and the daemon holds what they say: no problem left.
+        shared.set_declared_problem(None);
+    }
     let (mut list, digest) = changes(&p);
     // One frame holds the reply: the first changes, up to about 40 KiB of them, and the
     // counts of all (the digest covers all).
@@ -506,7 +539,7 @@ pub(crate) async fn apply(
             uid: caller.uid,
             command: portres_sys::process::command_line(caller.pid),
         };
-        execute(shared, p, owner).await?;
+        execute(shared, p, owner)?;
         crate::handlers::compact_journal_if_due(shared).await;
     }
     shared.set_declared_problem(None);
@@ -531,8 +564,6 @@ fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
             e.range,
             e.protocol
         );
-        let mut overlapping = st.table.overlapping(e.protocol, e.range).peekable();
-        let frees_some = overlapping.peek().is_some();
         if let Some(r) = st
             .table
             .overlapping(e.protocol, e.range)
@@ -552,78 +583,105 @@ fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
             )
             .with_conflict(conflict));
         }
-        // Ports a reservation that goes frees are ours until then: probed when applied.
-        if !frees_some && let Some(port) = st.enforcer.first_in_use(e.protocol, e.range) {
-            return Err(refusal(
-                ErrorCode::SharingViolation,
-                format!(
-                    "{asked}: port {port}/{} is in use by a socket (`portres who {port}` names \
-                     it); stop what has it, or change the entry; nothing was changed",
-                    e.protocol
-                ),
-            ));
+        // Ports of reservations that go are theirs until then (their placeholders may hold
+        // them): the rest is probed.
+        let covered: Vec<PortRange> = st
+            .table
+            .overlapping(e.protocol, e.range)
+            .map(|r| r.range)
+            .collect();
+        for part in uncovered(e.range, &covered) {
+            if let Some(port) = st.enforcer.first_in_use(e.protocol, part) {
+                return Err(refusal(
+                    ErrorCode::SharingViolation,
+                    format!(
+                        "{asked}: port {port}/{} is in use by a socket (`portres who {port}` \
+                         names it); stop what has it, or change the entry; nothing was changed",
+                        e.protocol
+                    ),
+                ));
+            }
         }
     }
     Ok(())
 }
 
+/// The parts of `range` that no block of `covered` (sorted, disjoint: a table's) covers.
+fn uncovered(range: PortRange, covered: &[PortRange]) -> Vec<PortRange> {
+    let mut out = Vec::new();
+    let last = u32::from(range.last());
+    let mut next = u32::from(range.start());
+    for c in covered {
+        let (cs, cl) = (u32::from(c.start()), u32::from(c.last()));
+        if cs > next {
+            let end = (cs - 1).min(last);
+            if let Ok(r) = PortRange::new(next, end + 1 - next) {
+                out.push(r);
+            }
+        }
+        next = next.max(cl + 1);
+    }
+    if next <= last
+        && let Ok(r) = PortRange::new(next, last + 1 - next)
+    {
+        out.push(r);
+    }
+    out
+}
+
 /// What [`execute`] changed in the table, to write to the store or to undo.
+#[derive(Default)]
 struct Done {
+    /// Out of the table and the kernel (removed entries, and changed ones whose mode changed).
     removed: Vec<Reservation>,
+    /// Into the table and the kernel (new entries, and changed ones whose mode changed).
     placed: Vec<Reservation>,
+    /// Changed in place (access list, description, file): (before, after).
+    relabeled: Vec<(Reservation, Reservation)>,
 }
 
-/// Applies `p` to the daemon's own namespace: out of the table and the kernel first, then the
-/// new ones in (each claimed: a port in use or taken by another reservation refuses the whole
-/// apply, and everything is put back), then the store in one transaction (on the blocking pool).
-async fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
-    let done = change_table(shared, &p, &owner)?;
-    let (remove, put) = store_changes(&done);
-    let store = shared.store.clone();
-    let written = tokio::task::spawn_blocking(move || store.replace(&remove, &put))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|w| w.map_err(|e| e.to_string()));
-    finish(shared, done, written)
-}
-
-/// [`execute`] at start, before the runtime: the store written on this thread.
-fn execute_now(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
-    let done = change_table(shared, &p, &owner)?;
-    let (remove, put) = store_changes(&done);
-    let written = shared
-        .store
-        .replace(&remove, &put)
-        .map_err(|e| e.to_string());
-    finish(shared, done, written)
-}
-
-fn store_changes(done: &Done) -> (Vec<(Protocol, u16)>, Vec<StoredReservation>) {
-    (
-        done.removed
-            .iter()
-            .map(|r| (r.protocol, r.range.start()))
-            .collect(),
-        done.placed
-            .iter()
-            .map(StoredReservation::from_reservation)
-            .collect(),
-    )
-}
-
-/// After the store write: undone if it failed; otherwise the keeper and the deny layer are
-/// told, and each change logged.
-fn finish(shared: &Shared, done: Done, written: Result<(), String>) -> Result<(), Refusal> {
+/// Applies `p` to the daemon's own namespace, under the state lock from first to last, so
+/// that nobody sees (or takes the ports of) a change that may still be undone: out of the table
+/// and the kernel first, then the new ones in (each claimed: a port in use or taken by another
+/// reservation refuses the whole apply and everything is put back), metadata changed in place,
+/// then the store in one transaction, written on this thread (an apply is rare: other requests
+/// wait for its fdatasync, a few milliseconds, rather than race it). A failed write is undone.
+fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
+    let mut st = shared.home();
+    let done = change_table(&mut st, &p, &owner)?;
+    let remove: Vec<(Protocol, u16)> = done
+        .removed
+        .iter()
+        .map(|r| (r.protocol, r.range.start()))
+        .collect();
+    let put: Vec<StoredReservation> = done
+        .placed
+        .iter()
+        .chain(done.relabeled.iter().map(|(_, r)| r))
+        .map(StoredReservation::from_reservation)
+        .collect();
+    let written = if shared.checks.apply_store_fails {
+        Err(crate::StoreError::Io {
+            path: shared.store.path().into(),
+            why: "PORTRES_FAILPOINT=apply-store-fails".into(),
+        })
+    } else {
+        shared.store.replace(&remove, &put)
+    };
     if let Err(e) = written {
-        undo(shared, &done);
+        undo(&mut st, &done);
+        drop(st);
         tracing::error!(error = %e, "store write failed; the reservation files were not applied");
         return Err(refusal(
             ErrorCode::Internal,
             format!("cannot apply the reservation files: {e}; nothing was changed"),
         ));
     }
-    let mut st = shared.home();
-    for r in &done.placed {
+    for r in done
+        .placed
+        .iter()
+        .chain(done.relabeled.iter().map(|(_, r)| r))
+    {
         st.keep(r, true);
     }
     drop(st);
@@ -638,7 +696,11 @@ fn finish(shared: &Shared, done: Done, written: Result<(), String>) -> Result<()
             );
         }
     }
-    for r in &done.placed {
+    for r in done
+        .placed
+        .iter()
+        .chain(done.relabeled.iter().map(|(_, r)| r))
+    {
         tracing::info!(
             token = %r.token,
             "applied persistent reservation {}/{} ({}) from {}",
@@ -651,29 +713,46 @@ fn finish(shared: &Shared, done: Done, written: Result<(), String>) -> Result<()
     Ok(())
 }
 
-fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusal> {
-    let mut st = shared.home();
-    let mut done = Done {
-        removed: Vec::new(),
-        placed: Vec::new(),
-    };
-    // Out first (a changed block may be re-made over the same ports), and the keeper's copies
+/// A persistent reservation as entry `e` declares it.
+fn declared_reservation(e: &Entry, token: Token, owner: &Owner, now: u64) -> Reservation {
+    let mut r = Reservation::persistent(
+        token,
+        e.protocol,
+        e.range,
+        e.mode,
+        e.acl.clone(),
+        owner.clone(),
+        now,
+    );
+    if let Kind::Persistent { origin, .. } = &mut r.kind {
+        origin.file = Some(e.file.clone());
+        origin.description = e.description.clone();
+    }
+    r
+}
+
+fn change_table(
+    st: &mut crate::namespaces::SpaceGuard<'_>,
+    p: &Plan,
+    owner: &Owner,
+) -> Result<Done, Refusal> {
+    let mut done = Done::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // A change of mode is enforced anew (out, then in again with the same token, as a stored
+    // one is at start: its own service may have its ports bound); any other change is made in
+    // place, so held ports stay held and handed-out sockets stay theirs.
+    let (remade, relabel): (Vec<_>, Vec<_>) = p.change.iter().partition(|(r, e)| r.mode != e.mode);
+    // Out first (a remade block may be re-made over the same ports), and the keeper's copies
     // of their placeholders closed before the ports are claimed again.
-    for r in p.remove.iter().chain(p.change.iter().map(|(r, _)| r)) {
+    for r in p.remove.iter().chain(remade.iter().map(|(r, _)| r)) {
         if let Some(r) = st.table.remove_persistent(r.token) {
             st.retire(&r);
             done.removed.push(r);
         }
     }
     st.sync_keeper();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let changed: HashMap<(Protocol, u16, u16), Token> = p
-        .change
-        .iter()
-        .map(|(r, _)| ((r.protocol, r.range.start(), r.range.count()), r.token))
-        .collect();
     // New blocks reach ip_local_reserved_ports in one write before their claims probe them.
     let first: Vec<PortRange> = p
         .add
@@ -682,60 +761,71 @@ fn change_table(shared: &Shared, p: &Plan, owner: &Owner) -> Result<Done, Refusa
         .map(|e| e.range)
         .collect();
     st.enforcer.prewrite_exclude(first);
-    let wanted = p.add.iter().chain(p.change.iter().map(|(_, e)| e));
-    for e in wanted {
-        let key = (e.protocol, e.range.start(), e.range.count());
-        // A changed reservation keeps its token, and is put back as a stored one is at start
-        // (its own service may have its ports bound: that is what it is for); a new one must
-        // find its ports free.
-        let kept = changed.get(&key).copied();
-        let token = kept.unwrap_or_else(|| st.table.new_token(&mut crate::handlers::OsRandom));
-        let mut r = Reservation::persistent(
-            token,
-            e.protocol,
-            e.range,
-            e.mode,
-            e.acl.clone(),
-            owner.clone(),
-            now,
-        );
-        if let Kind::Persistent { origin, .. } = &mut r.kind {
-            origin.file = Some(e.file.clone());
-            origin.description = e.description.clone();
-        }
+    let mut failed = None;
+    for e in &p.add {
+        let token = st.table.new_token(&mut crate::handlers::OsRandom);
+        let r = declared_reservation(e, token, owner, now);
         let crate::State {
             table, enforcer, ..
-        } = &mut *st;
-        let placed = if kept.is_some() {
-            table.restore_persistent(r.clone()).map(|()| {
-                enforcer.admit_persistent(&r);
-                r
-            })
-        } else {
-            table.place_persistent(r, enforcer)
-        };
-        match placed {
+        } = &mut **st;
+        match table.place_persistent(r, enforcer) {
             Ok(r) => done.placed.push(r),
             Err(refused) => {
-                st.enforcer.end_prewrite();
-                st.enforcer.sync_exclude();
-                drop(st);
-                undo(shared, &done);
-                return Err(Refusal {
-                    message: format!("{}: {}; nothing was changed", e.at(), refused.message),
-                    ..refused
-                });
+                failed = Some((e, refused));
+                break;
+            }
+        }
+    }
+    if failed.is_none() {
+        for (old, e) in &remade {
+            let r = declared_reservation(e, old.token, owner, now);
+            match st.table.restore_persistent(r.clone()) {
+                Ok(()) => {
+                    st.enforcer.admit_persistent(&r);
+                    done.placed.push(r);
+                }
+                Err(refused) => {
+                    failed = Some((e, refused));
+                    break;
+                }
+            }
+        }
+    }
+    if failed.is_none() {
+        for (old, e) in &relabel {
+            let (acl, origin) = (
+                e.acl.clone(),
+                Origin {
+                    file: Some(e.file.clone()),
+                    description: e.description.clone(),
+                },
+            );
+            if let Some(after) = st.table.relabel_persistent(old.token, acl, origin) {
+                done.relabeled.push((old.clone(), after));
             }
         }
     }
     st.enforcer.end_prewrite();
     st.enforcer.sync_exclude();
+    if let Some((e, refused)) = failed {
+        undo(st, &done);
+        return Err(Refusal {
+            message: format!("{}: {}; nothing was changed", e.at(), refused.message),
+            ..refused
+        });
+    }
     Ok(done)
 }
 
-/// Takes out what was placed and puts back what was removed (a refused or unwritten apply).
-fn undo(shared: &Shared, done: &Done) {
-    let mut st = shared.home();
+/// Takes out what was placed, puts back what was removed and relabels back what was relabeled
+/// (a refused or unwritten apply), under the same lock as the change.
+fn undo(st: &mut crate::namespaces::SpaceGuard<'_>, done: &Done) {
+    for (before, _) in &done.relabeled {
+        if let Kind::Persistent { acl, origin } = &before.kind {
+            st.table
+                .relabel_persistent(before.token, acl.clone(), origin.clone());
+        }
+    }
     for r in &done.placed {
         if let Some(r) = st.table.cancel(r.token) {
             st.retire(&r);
@@ -743,22 +833,20 @@ fn undo(shared: &Shared, done: &Done) {
     }
     st.sync_keeper();
     for r in &done.removed {
+        // Their ports were out of the table only while this thread held the lock: nobody
+        // else can have taken them in the table.
         match st.table.restore_persistent(r.clone()) {
             Ok(()) => {
                 st.enforcer.admit_persistent(r);
                 st.keep(r, true);
             }
-            Err(e) => {
-                // Cannot happen (its ports were taken out of the table a moment ago, under the
-                // same lock); said rather than hidden.
-                tracing::error!(
-                    "persistent reservation {}/{} could not be put back after a refused apply: \
-                     {}; it is still stored and is enforced again at the next start",
-                    r.range,
-                    r.protocol,
-                    e.message
-                );
-            }
+            Err(e) => tracing::error!(
+                "persistent reservation {}/{} could not be put back after a refused apply: {}; \
+                 it is still stored and is enforced again at the next start",
+                r.range,
+                r.protocol,
+                e.message
+            ),
         }
     }
     st.enforcer.sync_exclude();
@@ -770,7 +858,7 @@ pub(crate) fn apply_at_start(shared: &Shared) {
     let Some(dir) = shared.config.reservations_dir.clone() else {
         return;
     };
-    let declared = match read_dir(&dir) {
+    let declared = match read_dir(&dir, shared.own_uid) {
         Ok(Some(d)) => d,
         Ok(None) => {
             let st = shared.home();
@@ -813,7 +901,7 @@ pub(crate) fn apply_at_start(shared: &Shared) {
         command: Some(format!("portres daemon (files of {})", dir.display())),
     };
     let (added, changed, removed) = (p.add.len(), p.change.len(), p.remove.len());
-    match execute_now(shared, p, owner) {
+    match execute(shared, p, owner) {
         Ok(()) => tracing::info!(
             "reservation files of {} applied: {added} added, {changed} changed, {removed} removed",
             dir.display()
@@ -916,6 +1004,23 @@ mod tests {
     }
 
     #[test]
+    fn uncovered_parts() {
+        let r = |a: u32, b: u32| PortRange::new(a, b - a + 1).unwrap();
+        assert_eq!(uncovered(r(10, 20), &[]), vec![r(10, 20)]);
+        assert_eq!(uncovered(r(10, 20), &[r(5, 12)]), vec![r(13, 20)]);
+        assert_eq!(
+            uncovered(r(10, 20), &[r(12, 13), r(18, 30)]),
+            vec![r(10, 11), r(14, 17)]
+        );
+        assert_eq!(uncovered(r(10, 20), &[r(1, 65535)]), vec![]);
+        assert_eq!(uncovered(r(65535, 65535), &[]), vec![r(65535, 65535)]);
+        assert_eq!(
+            uncovered(r(1, 65535), &[r(2, 65534)]),
+            vec![r(1, 1), r(65535, 65535)]
+        );
+    }
+
+    #[test]
     fn overlapping_entries_name_both() {
         let mut e = parse_file("a.toml", "[[reservation]]\nports = \"9000-9009\"\n").unwrap();
         e.extend(parse_file("b.toml", "[[reservation]]\n\nports = 9009\n").unwrap());
@@ -933,6 +1038,10 @@ mod tests {
             )
             .unwrap(),
         );
+        check_overlaps(&e).unwrap();
+        // Adjacent blocks do not overlap.
+        let mut e = parse_file("a.toml", "[[reservation]]\nports = \"9000-9009\"\n").unwrap();
+        e.extend(parse_file("b.toml", "[[reservation]]\nports = 9010\n").unwrap());
         check_overlaps(&e).unwrap();
     }
 }

@@ -89,6 +89,20 @@ pub fn cleanup_unless_served(socket: &Path, state_dir: &Path) -> io::Result<Opti
     cleanup(state_dir).map(Some)
 }
 
+/// [`cleanup`] under the socket's lock, without asking whether something answers on the
+/// socket (a socket-activated daemon's socket always answers): the keeper's, when no daemon
+/// came back to it (a running daemon would have; one starting now waits for the lock and then
+/// makes its own pins).
+pub fn cleanup_locked(socket: &Path, state_dir: &Path) -> io::Result<Cleaned> {
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(socket))?;
+    portres_sys::process::lock_exclusive(&lock)?;
+    cleanup(state_dir)
+}
+
 /// The deny layer's settings, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DenySettings {

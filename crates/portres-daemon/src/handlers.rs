@@ -551,7 +551,7 @@ pub(crate) fn portserver_acquire(
 
 /// Persistent reservations live in the daemon's own network namespace: a caller served in
 /// another one is refused a change to them (it would change another port space than its own).
-fn outside_home(shared: &Shared, caller: &Caller, op: Operation) -> Result<(), Refusal> {
+pub(crate) fn outside_home(shared: &Shared, caller: &Caller, op: Operation) -> Result<(), Refusal> {
     let all = shared.spaces();
     let Some(at) = all.of_session(caller.session) else {
         return Ok(());

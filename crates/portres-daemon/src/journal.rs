@@ -84,11 +84,20 @@ fn guess(text: &str) -> String {
 
 /// Reads the journal at `path` (a missing file is an empty journal).
 pub fn replay(path: &Path) -> io::Result<Replay> {
-    let bytes = match std::fs::read(path) {
+    replay_upto(path, None)
+}
+
+/// [`replay`] of the journal's first `limit` bytes only (all of it for `None`): what the store
+/// acknowledged when it recorded that length.
+pub fn replay_upto(path: &Path, limit: Option<u64>) -> io::Result<Replay> {
+    let mut bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replay::default()),
         Err(e) => return Err(e),
     };
+    if let Some(limit) = limit {
+        bytes.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let mut out = Replay::default();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         if raw.is_empty() {

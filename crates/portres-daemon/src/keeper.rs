@@ -357,6 +357,7 @@ impl Link {
         state_dir: &Path,
         grace_secs: u64,
         spawn: bool,
+        activated: bool,
     ) -> io::Result<Option<(Link, Option<Replay>)>> {
         let path = keeper_path(socket);
         match fdpass::stream_connect(&path) {
@@ -393,6 +394,7 @@ impl Link {
                     .arg(grace_secs.to_string())
                     .arg("--state-dir")
                     .arg(state_dir)
+                    .args(activated.then_some("--activated"))
                     .stdin(std::process::Stdio::from(listener))
                     .stdout(std::process::Stdio::null());
                 portres_sys::process::new_session(&mut cmd);
@@ -1014,7 +1016,10 @@ fn wait_for_successor(
 
 /// `portres keeper`: serves the daemon(s) of one socket on the listening socket passed as
 /// standard input, holding what they send; see the module documentation.
-pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
+/// `activated`: the daemon's socket is the service manager's (socket activation), which
+/// accepts connections with or without a daemon: the keeper never connects to it to see
+/// whether a daemon serves it (a connection would also start one).
+pub fn serve_stdin(grace: Duration, state_dir: &Path, activated: bool) -> io::Result<()> {
     portres_sys::hold::raise_nofile_limit();
     let listener = io::stdin().as_fd().try_clone_to_owned()?;
     // Standard input itself is the listener: point it at /dev/null so the only copy is ours.
@@ -1035,7 +1040,8 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
         } else {
             Some(grace)
         };
-        match wait_for_successor(&listener, wait, daemon_socket.as_deref())? {
+        let probe = daemon_socket.as_deref().filter(|_| !activated);
+        match wait_for_successor(&listener, wait, probe)? {
             Successor::Came => {}
             Successor::None => break,
             Successor::Elsewhere => {
@@ -1104,6 +1110,7 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path) -> io::Result<()> {
     // The deny layer's pinned programs and map go too, as at a stop that releases everything.
     // Under the socket's lock: a daemon starting now takes the pins over instead.
     let cleaned = match &daemon_socket {
+        Some(socket) if activated => crate::deny::cleanup_locked(socket, state_dir).map(Some),
         Some(socket) => crate::deny::cleanup_unless_served(socket, state_dir),
         None => crate::deny::cleanup(state_dir).map(Some),
     };

@@ -55,6 +55,10 @@ pub struct Placement {
     pub scope: String,
     /// The socket it listens on.
     pub socket: PathBuf,
+    /// The socket was passed by the service manager (socket activation): it accepts
+    /// connections whether or not a daemon runs, so "does something answer on it" says nothing
+    /// about a daemon (the keeper does not ask it).
+    pub activated: bool,
     /// Its state directory (store, log).
     pub state_dir: PathBuf,
 }
@@ -234,7 +238,8 @@ impl Shared {
 /// `no-ebpf` (hold UDP as a daemon that may not load eBPF does), `protocol:N` (speak only
 /// protocol version N, as a daemon of another version would) and `keeper-copy-after:MS` (copy
 /// held blocks' placeholders to the keeper after MS milliseconds instead of
-/// `keeper::COPY_AFTER`). Not for production.
+/// `keeper::COPY_AFTER`), and `apply-store-fails` (an `apply`'s store write fails, to test that
+/// it is undone). Not for production.
 #[derive(Debug)]
 pub(crate) struct Checks {
     pub(crate) invariants: bool,
@@ -243,6 +248,8 @@ pub(crate) struct Checks {
     pub(crate) versions: std::ops::RangeInclusive<u32>,
     /// How old a held block is when its placeholders go to the keeper.
     pub(crate) copy_after: std::time::Duration,
+    /// An `apply`'s store write fails.
+    pub(crate) apply_store_fails: bool,
 }
 
 impl Checks {
@@ -265,6 +272,7 @@ impl Checks {
             copy_after: value("keeper-copy-after")
                 .and_then(|ms| ms.parse::<u64>().ok())
                 .map_or(keeper::COPY_AFTER, std::time::Duration::from_millis),
+            apply_store_fails: failpoints.split(',').any(|f| f == "apply-store-fails"),
         }
     }
 }

@@ -178,14 +178,19 @@ pub(crate) fn render(shared: &Shared) -> String {
     out
 }
 
+/// Connections the metrics endpoint serves at once; more are closed at once (a scraper needs
+/// one; descriptors are the placeholders' budget).
+const MAX_METRICS_CONNECTIONS: usize = 16;
+
 /// Serves `GET /metrics` on `listener` (HTTP/1.1), until the daemon stops. Anything else gets
-/// 404 (another path) or 405 (another method). Each connection is its own task; a connection
-/// idle for 10 s is closed.
+/// 404 (another path) or 405 (another method). Each connection is its own task, at most
+/// [`MAX_METRICS_CONNECTIONS`] at once; a connection is closed after 10 s whatever it does.
 pub(crate) async fn serve_http(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Method, Response, StatusCode};
 
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -196,8 +201,13 @@ pub(crate) async fn serve_http(shared: Arc<Shared>, listener: tokio::net::TcpLis
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: closed at once (dropped), rather than queued.
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                 let shared = shared.clone();
                 async move {

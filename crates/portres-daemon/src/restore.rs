@@ -51,6 +51,7 @@ pub(crate) fn at_start(
         &placement.state_dir,
         config.live_restore_secs,
         spawn,
+        placement.activated,
     ) {
         Ok(Some((link, replay))) => {
             info.restored = replay.is_some();

@@ -459,11 +459,28 @@ impl Store {
             .map(|r| (r.protocol.clone(), r.start))
             .collect();
         let unacknowledged = replayed.last_put.as_ref().filter(|_| !fresh);
-        let missing: Vec<&(String, u16)> = replayed
-            .records
-            .keys()
-            .filter(|k| !in_store.contains(*k) && unacknowledged != Some(*k))
-            .collect();
+        // A store that recorded the journal's length at its last commit acknowledged exactly
+        // the lines up to there: everything after (one change of many lines, e.g. an `apply`,
+        // cut by a crash before the commit) was never acknowledged, and only the lines up to
+        // there must all be in the store.
+        let acknowledged = match recorded {
+            Some((bytes, _)) if !fresh && journal_len.is_some_and(|l| l > bytes) => {
+                Some(crate::journal::replay_upto(&journal_path, Some(bytes)).unwrap_or_default())
+            }
+            _ => None,
+        };
+        let missing: Vec<&(String, u16)> = match &acknowledged {
+            Some(ack) => ack
+                .records
+                .keys()
+                .filter(|k| !in_store.contains(*k))
+                .collect(),
+            None => replayed
+                .records
+                .keys()
+                .filter(|k| !in_store.contains(*k) && unacknowledged != Some(*k))
+                .collect(),
+        };
         if !missing.is_empty() {
             if fresh {
                 // Opening it wrote a schema into it: take it away again, so the next start is
@@ -486,7 +503,14 @@ impl Store {
                 &replayed,
             ));
         }
-        if let Some((p, s)) = unacknowledged
+        if let Some(ack) = &acknowledged {
+            let dropped = replayed.lines.saturating_sub(ack.lines);
+            tracing::warn!(
+                "the journal's last {dropped} lines are past the store's last commit: a change \
+                 that was never acknowledged (the daemon stopped between the two writes); \
+                 dropped, the store is as it was before it"
+            );
+        } else if let Some((p, s)) = unacknowledged
             && !in_store.contains(&(p.clone(), *s))
         {
             tracing::warn!(
@@ -899,6 +923,31 @@ mod tests {
         let report = Store::restore(dir.path()).unwrap();
         assert_eq!(report.restored, vec![rec(9, 9)]);
         assert_eq!(Store::open(dir.path()).unwrap().1, vec![rec(9, 9)]);
+    }
+
+    #[test]
+    fn a_change_of_many_lines_cut_before_the_commit_is_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = Store::open(dir.path()).unwrap();
+            s.put(&rec(1, 100)).unwrap();
+            s.put(&rec(2, 200)).unwrap();
+        }
+        // An apply's journal lines (a deletion and three creations) written, and the daemon
+        // gone before the store committed them: never acknowledged, so the store opens as it
+        // was, and the journal follows it again.
+        {
+            let mut j = crate::journal::Journal::open_existing(dir.path(), 2).unwrap();
+            j.append_all(&[("tcp", 100)], &[rec(3, 300), rec(4, 400), rec(5, 500)])
+                .unwrap();
+        }
+        let (s, records) = Store::open(dir.path()).unwrap();
+        let mut starts: Vec<u16> = records.iter().map(|r| r.start).collect();
+        starts.sort_unstable();
+        assert_eq!(starts, vec![100, 200]);
+        drop(s);
+        let (_, records) = Store::open(dir.path()).unwrap();
+        assert_eq!(records.len(), 2, "in step again");
     }
 
     #[test]

@@ -74,6 +74,13 @@ pub fn take_listeners() -> Result<Vec<(String, UnixListener)>, ActivationError> 
             .get(i as usize)
             .cloned()
             .unwrap_or_else(|| "unknown".into());
+        // SAFETY: fcntl(F_GETFD) on any number is sound: it reads the descriptor's flags, or
+        // fails with EBADF when no descriptor has that number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(ActivationError::Environment(format!(
+                "LISTEN_FDS={n} says descriptor {fd} ({name}) was passed, but it is not open"
+            )));
+        }
         // SAFETY: sd_listen_fds(3): descriptors LISTEN_FDS_START..+LISTEN_FDS are open and
         // passed to this process (LISTEN_PID checked above) for it to own; nothing else in this
         // process has taken them (this runs once, at start).

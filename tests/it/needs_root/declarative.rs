@@ -138,7 +138,7 @@ fn apply_adds_changes_and_removes_then_changes_nothing() {
         ],
     );
     let out = run(d.cli().args(["--json", "apply", "--check"]));
-    assert_eq!(out.status.code(), Some(2), "a difference: exit 2; {out:?}");
+    assert_eq!(out.status.code(), Some(3), "a difference: exit 3; {out:?}");
     let diff = json(&out);
     let actions: Vec<(String, u64)> = diff["changes"]
         .as_array()
@@ -416,7 +416,7 @@ fn thousands_of_entries_apply_and_the_difference_is_bounded() {
     }
     write_files(dir.path(), &[("many.toml", &text)]);
     let out = run(d.cli().args(["--json", "apply", "--check"]));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let diff = json(&out);
     assert_eq!(diff["added"], 3000);
     let listed = diff["changes"].as_array().unwrap().len() as u64;
@@ -431,4 +431,149 @@ fn thousands_of_entries_apply_and_the_difference_is_bounded() {
     );
     assert_eq!(reservations(&d).len(), 3000);
     assert!(d.reserved_ports().contains("15998"));
+}
+
+/// The placeholders of a held block from a file, as `who` lists them (inodes).
+fn placeholder_inodes(d: &TestDaemon, port: u16) -> Vec<u64> {
+    let who = json(&run(d.cli().args(["--json", "who", &port.to_string()])));
+    who["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["role"] == "portres placeholder (hold layer)")
+        .map(|s| s["inode"].as_u64().unwrap())
+        .collect()
+}
+
+/// A change of description or access list is made in place: a held block's placeholders stay
+/// bound (the same sockets), nothing is unheld for a moment.
+#[test]
+fn a_change_of_metadata_keeps_the_block_held() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let (d, dir) = daemon_with_files(&[(
+        "a.toml",
+        "[[reservation]]\nports = 6100\nmode = \"hold\"\ndescription = \"before\"\n",
+    )]);
+    let before = placeholder_inodes(&d, 6100);
+    assert_eq!(before.len(), 1, "{before:?}");
+    write_files(
+        dir.path(),
+        &[(
+            "a.toml",
+            "[[reservation]]\nports = 6100\nmode = \"hold\"\ndescription = \"after\"\nusers = [\"nobody\"]\n",
+        )],
+    );
+    let out = apply(&d, &["--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        placeholder_inodes(&d, 6100),
+        before,
+        "the placeholder was replaced"
+    );
+    let rows = reservations(&d);
+    assert_eq!(rows[0]["description"], "after");
+    assert_eq!(rows[0]["allow_users"][0], "nobody");
+}
+
+/// `--check` finds a socket in the part of a grown block that no reservation covered, before
+/// anything changes.
+#[test]
+fn check_finds_a_socket_in_the_new_part_of_a_grown_block() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let (d, dir) = daemon_with_files(&[("a.toml", "[[reservation]]\nports = \"9000-9009\"\n")]);
+    let _busy = d.bind_tcp(9012);
+    write_files(
+        dir.path(),
+        &[("a.toml", "[[reservation]]\nports = \"9005-9015\"\n")],
+    );
+    let before = reservations(&d);
+    for args in [&["--check"][..], &["--yes"][..]] {
+        let out = apply(&d, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("a.toml:1") && err.contains("9012"), "{err}");
+    }
+    assert_eq!(reservations(&d), before);
+    assert!(d.reserved_ports().contains("9000-9009"));
+}
+
+/// An apply whose store write fails is undone whole: removed, remade (mode), relabeled and
+/// added reservations all back as they were, in the table and the kernel.
+#[test]
+fn an_apply_whose_store_write_fails_is_undone() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let (mut d, dir) = daemon_with_files(&[(
+        "a.toml",
+        "[[reservation]]\nports = 6200\nmode = \"hold\"\ndescription = \"one\"\n\n\
+         [[reservation]]\nports = 6300\n\n\
+         [[reservation]]\nports = 6400\nmode = \"hold\"\n",
+    )]);
+    d.stop();
+    d.env
+        .push(("PORTRES_FAILPOINT".into(), "apply-store-fails".into()));
+    d.launch();
+    let before = reservations(&d);
+    let held = placeholder_inodes(&d, 6200);
+    let sysctl = d.reserved_ports();
+    // Relabel 6200, remake 6300 (exclude → hold), remove 6400, add 6500.
+    write_files(
+        dir.path(),
+        &[(
+            "a.toml",
+            "[[reservation]]\nports = 6200\nmode = \"hold\"\ndescription = \"two\"\n\n\
+             [[reservation]]\nports = 6300\nmode = \"hold\"\n\n\
+             [[reservation]]\nports = 6500\n",
+        )],
+    );
+    let out = apply(&d, &["--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("apply-store-fails") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(reservations(&d), before);
+    assert_eq!(d.reserved_ports(), sysctl);
+    assert_eq!(placeholder_inodes(&d, 6200), held);
+    assert_eq!(placeholder_inodes(&d, 6400).len(), 1, "6400 held again");
+    // And after a restart (the store was never written), the same.
+    d.env.clear();
+    d.stop();
+    std::fs::remove_file(dir.path().join("a.toml")).unwrap();
+    std::fs::create_dir_all(dir.path().join("none")).unwrap();
+    d.launch();
+    // No files at all now: the start removes them (the directory exists, and is empty).
+    assert!(reservations(&d).is_empty());
+}
+
+/// A reservation file anyone may write would let anyone declare reservations: refused, with
+/// the `chmod` that fixes it; nothing changes.
+#[test]
+fn a_file_others_may_write_is_refused() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let (d, dir) = daemon_with_files(&[("a.toml", "[[reservation]]\nports = 5000\n")]);
+    let before = reservations(&d);
+    write_files(dir.path(), &[("b.toml", "[[reservation]]\nports = 5001\n")]);
+    let b = dir.path().join("b.toml");
+    std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = apply(&d, &["--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("chmod go-w {}", b.display())) && err.contains("mode 0666"),
+        "{err}"
+    );
+    assert_eq!(reservations(&d), before);
+    std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(apply(&d, &["--yes"]).status.success());
+    assert_eq!(reservations(&d).len(), 2);
 }
