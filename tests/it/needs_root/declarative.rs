@@ -285,14 +285,26 @@ fn a_bad_file_changes_nothing_and_says_where() {
     assert!(find(&reservations(&d), "tcp", 5555)["source"] == "file");
     let st = json(&run(d.cli().args(["--json", "status"])));
     assert!(st["declared"]["problem"].is_null(), "{st}");
+}
 
-    // Not an administrator: refused.
-    let out = run(d.cli_as_nobody().args(["apply", "--check"]));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not an administrator"),
-        "{out:?}"
-    );
+/// Only administrators apply the files, or see their difference; metrics are for anyone.
+#[test]
+fn apply_is_for_administrators() {
+    if run_elsewhere(Needs::SecondUid) {
+        return;
+    }
+    let (d, _dir) = daemon_with_files(&[("a.toml", "[[reservation]]\nports = 5000\n")]);
+    for args in [&["apply", "--check"][..], &["apply", "--yes"][..]] {
+        let out = run(d.cli_as_nobody().args(args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not an administrator"),
+            "{out:?}"
+        );
+    }
+    let out = run(d.cli_as_nobody().arg("metrics"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("portres_reservations"));
 }
 
 #[test]
