@@ -78,6 +78,15 @@ def test_persistent_create_lookup_delete(client):
         client.lookup_persistent("tcp", 47500, 2)
 
 
+def test_metrics_and_apply(client):
+    text = client.metrics()
+    # Present with no reservation at all: 0, not missing.
+    assert 'portres_reservations{kind="runtime",mode="hold",protocol="tcp"} 0' in text
+    shown = client.apply(dry_run=True)
+    assert {"changes", "added", "changed", "removed", "digest", "applied"} <= set(shown)
+    assert shown["applied"] is False
+
+
 def test_a_foreign_token_is_refused(client):
     with pytest.raises(portres.PortresError) as e:
         client.release("12345")

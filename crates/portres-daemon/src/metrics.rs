@@ -100,6 +100,23 @@ pub(crate) fn render(shared: &Shared) -> String {
     let sessions = Gauge::<i64>::default();
     let namespaces = Gauge::<i64>::default();
     let layers = Family::<Labels, Gauge>::default();
+    // Every combination is present, at 0 when nothing has it: a dashboard sees 0, not "no data".
+    for kind in ["runtime", "persistent"] {
+        for mode in ["hold", "exclude"] {
+            for protocol in ["tcp", "udp"] {
+                let labels = vec![
+                    ("kind", kind.to_string()),
+                    ("mode", mode.to_string()),
+                    ("protocol", protocol.to_string()),
+                ];
+                reservations.get_or_create(&labels);
+                ports.get_or_create(&labels);
+            }
+        }
+    }
+    for protocol in ["tcp", "udp"] {
+        handed_out.get_or_create(&vec![("protocol", protocol.to_string())]);
+    }
     {
         let all = shared.spaces();
         sessions.set(all.session_count() as i64);

@@ -470,3 +470,17 @@ class Client:
 
     def delete_persistent(self, protocol, start, count=1):
         self.call({"op": "delete_persistent", "protocol": protocol, "start": start, "count": count})
+
+    def metrics(self):
+        """The daemon's metrics, in the Prometheus text format (anyone may ask)."""
+        return self.call({"op": "metrics"})["text"]
+
+    def apply(self, dry_run=False, expect=None):
+        """The reservation files of the daemon's reservations_dir against what it holds from
+        them (administrators): the difference (a dict: changes, added, changed, removed,
+        digest, ...), applied all or nothing unless dry_run, and with expect (a digest) only if
+        it is still that difference."""
+        request = {"op": "apply", "dry_run": bool(dry_run)}
+        if expect is not None:
+            request["expect"] = expect
+        return self.call(request)
