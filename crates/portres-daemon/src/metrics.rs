@@ -109,13 +109,15 @@ pub(crate) fn render(shared: &Shared) -> String {
                     ("mode", mode.to_string()),
                     ("protocol", protocol.to_string()),
                 ];
-                reservations.get_or_create(&labels);
-                ports.get_or_create(&labels);
+                reservations.get_or_create(&labels).set(0);
+                ports.get_or_create(&labels).set(0);
             }
         }
     }
     for protocol in ["tcp", "udp"] {
-        handed_out.get_or_create(&vec![("protocol", protocol.to_string())]);
+        handed_out
+            .get_or_create(&vec![("protocol", protocol.to_string())])
+            .set(0);
     }
     {
         let all = shared.spaces();
