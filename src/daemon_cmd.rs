@@ -304,7 +304,7 @@ where
             tracing_subscriber::fmt::format::Writer::new(&mut text),
             event,
         )?;
-        let body = text.strip_suffix('\n').unwrap_or(&text);
+        let body = text.trim_end_matches('\n');
         writeln!(
             writer,
             "<{priority}>{}",

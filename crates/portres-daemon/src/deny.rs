@@ -89,18 +89,15 @@ pub fn cleanup_unless_served(socket: &Path, state_dir: &Path) -> io::Result<Opti
     cleanup(state_dir).map(Some)
 }
 
-/// [`cleanup`] under the socket's lock, without asking whether something answers on the
-/// socket (a socket-activated daemon's socket always answers): the keeper's, when no daemon
-/// came back to it (a running daemon would have; one starting now waits for the lock and then
-/// makes its own pins).
-pub fn cleanup_locked(socket: &Path, state_dir: &Path) -> io::Result<Cleaned> {
+/// Takes the socket's lock (held by a daemon while it starts), until the file is dropped.
+pub fn lock_socket(socket: &Path) -> io::Result<std::fs::File> {
     let lock = std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(lock_path(socket))?;
     portres_sys::process::lock_exclusive(&lock)?;
-    cleanup(state_dir)
+    Ok(lock)
 }
 
 /// The deny layer's settings, from the configuration.

@@ -24,7 +24,16 @@ pub const FILE: &str = "persistent.journal";
 #[serde(rename_all = "snake_case")]
 enum Entry {
     Put(StoredReservation),
-    Del { protocol: String, start: u16 },
+    Del {
+        protocol: String,
+        start: u16,
+    },
+    /// The next `lines` lines are one change (an `apply`), committed to the store at once:
+    /// after a crash between the journal and the store, that whole change (and only it) may be
+    /// missing from the store.
+    Batch {
+        lines: usize,
+    },
 }
 
 /// The open journal, appended to.
@@ -87,6 +96,33 @@ pub fn replay(path: &Path) -> io::Result<Replay> {
     replay_upto(path, None)
 }
 
+/// Whether the journal from byte `from` on is one batch and nothing else: a `Batch` line
+/// (checksum good) and at most as many lines after it as it announces (fewer, or a torn last
+/// one, when a crash cut the write). That is the only change a store that recorded `from` as
+/// the journal's length at its last commit may lack.
+pub fn tail_is_one_batch(path: &Path, from: u64) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let Some(tail) = usize::try_from(from).ok().and_then(|f| bytes.get(f..)) else {
+        return false;
+    };
+    let mut lines = tail.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let announced = lines.next().and_then(|first| {
+        let (crc, rest) = first.split_first_chunk::<8>()?;
+        let json = rest.strip_prefix(b" ")?;
+        let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
+        if crc32fast::hash(json) != crc {
+            return None;
+        }
+        match serde_json::from_slice::<Entry>(json).ok()? {
+            Entry::Batch { lines } => Some(lines),
+            _ => None,
+        }
+    });
+    announced.is_some_and(|n| lines.count() <= n)
+}
+
 /// [`replay`] of the journal's first `limit` bytes only (all of it for `None`): what the store
 /// acknowledged when it recorded that length.
 pub fn replay_upto(path: &Path, limit: Option<u64>) -> io::Result<Replay> {
@@ -138,6 +174,7 @@ pub fn replay_upto(path: &Path, limit: Option<u64>) -> io::Result<Replay> {
                 out.last_put = None;
                 out.records.remove(&(protocol, start));
             }
+            Ok(Entry::Batch { .. }) => out.last_put = None,
             Err(e) => out.bad.push(BadLine {
                 line: i + 1,
                 why: format!("unreadable entry: {e}{}", guess(&text)),
@@ -219,6 +256,12 @@ impl Journal {
     ) -> io::Result<()> {
         let mut lines = Vec::new();
         let mut n = 0;
+        if del.len() + put.len() > 1 {
+            lines.extend(line_for(&Entry::Batch {
+                lines: del.len() + put.len(),
+            }));
+            n += 1;
+        }
         for &(protocol, start) in del {
             lines.extend(line_for(&Entry::Del {
                 protocol: protocol.into(),

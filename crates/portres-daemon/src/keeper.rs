@@ -1106,11 +1106,37 @@ pub fn serve_stdin(grace: Duration, state_dir: &Path, activated: bool) -> io::Re
         }
     }
     drop(keeper);
+    // Socket activation: the socket cannot tell whether a daemon runs. Under the socket's lock
+    // (a starting daemon holds it until it accepts), a daemon that runs holds its store open,
+    // and redb keeps an flock on it: then that daemon owns the sysctl and the pins (it started
+    // without reaching this keeper), and nothing is taken from it.
+    let _locked = match (&daemon_socket, activated) {
+        (Some(socket), true) => match crate::deny::lock_socket(socket) {
+            Ok(lock) => {
+                if crate::store::in_use(state_dir) {
+                    say!(
+                        6,
+                        "portres keeper (pid {}): a daemon runs with this state directory \
+                         without this keeper; releasing its copies and leaving the sysctl and \
+                         the deny layer to it",
+                        std::process::id()
+                    );
+                    return Ok(());
+                }
+                Some(lock)
+            }
+            Err(e) => {
+                say!(3, "portres keeper: cannot take the socket's lock: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let restored = crate::enforce::restore_sysctl_from_journal(state_dir, &ours);
     // The deny layer's pinned programs and map go too, as at a stop that releases everything.
     // Under the socket's lock: a daemon starting now takes the pins over instead.
     let cleaned = match &daemon_socket {
-        Some(socket) if activated => crate::deny::cleanup_locked(socket, state_dir).map(Some),
+        Some(_) if activated => crate::deny::cleanup(state_dir).map(Some),
         Some(socket) => crate::deny::cleanup_unless_served(socket, state_dir),
         None => crate::deny::cleanup(state_dir).map(Some),
     };

@@ -152,7 +152,8 @@ impl State {
 /// State shared by every session.
 struct Shared {
     /// A `std` mutex: it is never held across an `.await`, and every operation under it is
-    /// short (the store is written outside it). Lock it through [`Shared::space`] and
+    /// short (the store is written outside it; the one exception is `apply`, rare, which keeps
+    /// it through its store write so that nothing sees a change that may still be undone). Lock it through [`Shared::space`] and
     /// [`Shared::home`], which enter the namespace served.
     state: Mutex<namespaces::Spaces>,
     /// The store; written from the blocking pool, one writer at a time (see `persist_lock`).

@@ -22,6 +22,15 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The on-disk schema this build writes and reads.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// Whether a daemon has the store of `state_dir` open now (redb holds an `flock` on the file
+/// while it is open): tried without waiting, and let go at once.
+pub fn in_use(state_dir: &Path) -> bool {
+    match std::fs::File::open(state_dir.join("portres.redb")) {
+        Ok(f) => matches!(portres_sys::process::try_lock_exclusive(&f), Ok(false)),
+        Err(_) => false,
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -450,9 +459,10 @@ impl Store {
         // The journal and the store that was just checked must agree. A store that lacks
         // reservations its journal holds lost them (redb repairs some damage silently, e.g.
         // after a crash; or the file is missing or empty): refuse, and keep the journal, so
-        // `portres store restore` can bring them back. The one exception is the journal's last
-        // line being a creation that a store with a history lacks: a crash between the two
-        // writes, never acknowledged. A journal that lacks some of the store's (damaged, or
+        // `portres store restore` can bring them back. The exceptions: the journal's last line
+        // being a creation that a store with a history lacks, or the journal's last batch (one
+        // change of many lines) being past the length the store recorded: a crash between the
+        // two writes, never acknowledged. A journal that lacks some of the store's (damaged, or
         // from an older version) is rewritten from the store.
         let in_store: std::collections::BTreeSet<(String, u16)> = records
             .iter()
@@ -463,8 +473,14 @@ impl Store {
         // the lines up to there: everything after (one change of many lines, e.g. an `apply`,
         // cut by a crash before the commit) was never acknowledged, and only the lines up to
         // there must all be in the store.
+        // Only when that tail is one batch (one change): a store that went back further (an
+        // old copy restored, lost commits) lacks acknowledged changes, and is refused below.
         let acknowledged = match recorded {
-            Some((bytes, _)) if !fresh && journal_len.is_some_and(|l| l > bytes) => {
+            Some((bytes, _))
+                if !fresh
+                    && journal_len.is_some_and(|l| l > bytes)
+                    && crate::journal::tail_is_one_batch(&journal_path, bytes) =>
+            {
                 Some(crate::journal::replay_upto(&journal_path, Some(bytes)).unwrap_or_default())
             }
             _ => None,
@@ -948,6 +964,30 @@ mod tests {
         drop(s);
         let (_, records) = Store::open(dir.path()).unwrap();
         assert_eq!(records.len(), 2, "in step again");
+    }
+
+    #[test]
+    fn a_store_gone_back_to_an_older_commit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("portres.redb");
+        let old = dir.path().join("old.redb");
+        {
+            let (s, _) = Store::open(dir.path()).unwrap();
+            s.put(&rec(1, 100)).unwrap();
+            drop(s);
+            std::fs::copy(&db, &old).unwrap();
+            let (s, _) = Store::open(dir.path()).unwrap();
+            s.put(&rec(2, 200)).unwrap();
+            s.put(&rec(3, 300)).unwrap();
+        }
+        // The older file back (a backup restored): 200 was acknowledged and is not in it. Only
+        // the journal's last creation (300) may be missing: refused, naming 200.
+        std::fs::copy(&old, &db).unwrap();
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Damaged { .. }) && e.to_string().contains("200/"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -60,6 +60,19 @@ pub fn lock_exclusive(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another open file description holds a lock on
+/// it (`EWOULDBLOCK`).
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    match rustix::fs::flock(
+        file.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    ) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `flock(LOCK_UN)`.
 pub fn unlock(file: &File) -> io::Result<()> {
     rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::Unlock)?;

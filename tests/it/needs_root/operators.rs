@@ -601,30 +601,44 @@ fn an_unusable_metrics_address_does_not_stop_the_daemon() {
     assert!(d.client().status().is_ok());
 }
 
-/// Live restore with the socket held by the service manager across the restart (as
-/// `portres.socket` does): the socket accepts while no daemon runs, and the keeper must not
-/// take that for a daemon that did not find it (it would give every runtime reservation up).
-/// The test holds the listening socket, as systemd does, and passes it to each daemon.
-#[test]
-fn live_restore_survives_a_restart_under_socket_activation() {
-    if run_elsewhere(Needs::Namespace) {
-        return;
+/// A daemon on a listening socket the test holds and passes to each daemon it starts
+/// (`LISTEN_FDS`), as systemd's `portres.socket` does across restarts.
+struct Activated {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    state: std::path::PathBuf,
+    config: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl Activated {
+    fn new(config: &str) -> Activated {
+        let ns = Netns::new();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("portres.sock");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Activated {
+            listener: std::os::unix::net::UnixListener::bind(&socket).unwrap(),
+            state: dir.path().join("state"),
+            config: config_path,
+            socket,
+            ns,
+            dir,
+        }
     }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("portres.sock");
-    let state = dir.path().join("state");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "namespaces = \"daemon\"\ndeny = false\n").unwrap();
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let start = || {
+
+    /// Starts a daemon on the socket; returns once it said READY.
+    fn start(&self) -> std::process::Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.path().join("daemon.log"))
+            .open(self.dir.path().join("daemon.log"))
             .unwrap();
         let mut child = spawn(
-            ns.nsenter_as(0)
+            self.ns
+                .nsenter_as(0)
                 .args([
                     "sh",
                     "-c",
@@ -632,19 +646,66 @@ fn live_restore_survives_a_restart_under_socket_activation() {
                      --print-ready --state-dir \"$1\" --config \"$2\" 3<&0 0</dev/null",
                 ])
                 .arg(BIN)
-                .arg(&state)
-                .arg(&config)
+                .arg(&self.state)
+                .arg(&self.config)
                 .stdin(Stdio::from(std::os::fd::OwnedFd::from(
-                    listener.try_clone().unwrap(),
+                    self.listener.try_clone().unwrap(),
                 )))
                 .stdout(Stdio::piped())
                 .stderr(log),
         );
-        assert_eq!(first_line(&mut child).trim(), "READY");
+        assert_eq!(first_line(&mut child).trim(), "READY", "{}", self.log());
         child
-    };
-    let mut first = start();
-    let c = portres_client::Client::connect_to(&socket).unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Pids of keepers started for a socket-activated daemon of this state directory.
+    fn keepers(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|&b| b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.iter().any(|a| a == "keeper")
+                    && args.iter().any(|a| a == "--activated")
+                    && args.iter().any(|a| Path::new(a) == self.state)
+            }) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// `portres daemon --stop` on the socket.
+    fn stop(&self, mut child: std::process::Child) {
+        let out = run(std::process::Command::new(BIN)
+            .env("PORTRES_SOCKET", &self.socket)
+            .env("PORTRES_AUTOSTART", "0")
+            .args(["daemon", "--stop"]));
+        assert!(out.status.success(), "{out:?}");
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+/// Live restore with the socket held by the service manager across the restart (as
+/// `portres.socket` does): the socket accepts while no daemon runs, and the keeper must not
+/// take that for a daemon that did not find it (it would give every runtime reservation up).
+#[test]
+fn live_restore_survives_a_restart_under_socket_activation() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let a = Activated::new("namespaces = \"daemon\"\ndeny = false\n");
+    let mut first = a.start();
+    let c = portres_client::Client::connect_to(&a.socket).unwrap();
     let r = c.acquire(portres_client::Protocol::Tcp, 3).unwrap();
     let token = r.token().to_string();
     signal(first.id(), rustix::process::Signal::TERM);
@@ -652,28 +713,14 @@ fn live_restore_survives_a_restart_under_socket_activation() {
     // The keeper checks for a successor every second: a keeper that took the socket's answer
     // for a daemon would be gone by now.
     std::thread::sleep(Duration::from_millis(2500));
-    let keeper = |state: &Path| {
-        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                let args: Vec<String> = c
-                    .split(|&b| b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.iter().any(|a| a == "keeper")
-                    && args.iter().any(|a| a == "--activated")
-                    && args.iter().any(|a| Path::new(a) == state)
-            })
-        })
-    };
-    let log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-    assert!(keeper(&state), "the keeper gave up:\n{}", log());
-    let mut second = start();
+    assert_eq!(a.keepers().len(), 1, "the keeper gave up:\n{}", a.log());
+    let second = a.start();
     let status = c.status().unwrap();
     let restore = status.restore.unwrap();
     assert!(
         restore.restored && restore.kept >= 1,
         "{restore:?}\n{}",
-        log()
+        a.log()
     );
     assert!(
         c.show()
@@ -685,10 +732,48 @@ fn live_restore_survives_a_restart_under_socket_activation() {
     );
     drop(r);
     drop(c);
-    let out = run(std::process::Command::new(BIN)
-        .env("PORTRES_SOCKET", &socket)
-        .env("PORTRES_AUTOSTART", "0")
-        .args(["daemon", "--stop"]));
-    assert!(out.status.success(), "{out:?}");
-    assert!(second.wait().unwrap().success());
+    a.stop(second);
+}
+
+/// A keeper whose grace runs out while a daemon runs that never reached it (here: its socket
+/// file was removed) leaves that daemon's sysctl entries alone: under socket activation the
+/// socket cannot say whether a daemon runs, the store's lock does.
+#[test]
+fn an_expiring_keeper_leaves_a_running_daemon_alone() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let a = Activated::new("namespaces = \"daemon\"\ndeny = false\nlive_restore_secs = 1\n");
+    let mut first = a.start();
+    let c = portres_client::Client::connect_to(&a.socket).unwrap();
+    c.create_persistent(&portres_client::PersistentSpec::new(
+        portres_client::Protocol::Tcp,
+        7100,
+        1,
+    ))
+    .unwrap();
+    drop(c);
+    signal(first.id(), rustix::process::Signal::TERM);
+    assert!(first.wait().unwrap().success());
+    let old = a.keepers();
+    assert_eq!(old.len(), 1, "{}", a.log());
+    std::fs::remove_file(a.dir.path().join("portres.sock.keeper")).unwrap();
+    let second = a.start();
+    wait_until(
+        "the old keeper's grace to run out",
+        Duration::from_secs(30),
+        || !std::path::Path::new(&format!("/proc/{}", old[0])).exists(),
+    );
+    assert!(
+        a.log()
+            .contains("a daemon runs with this state directory without this keeper"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.ns.reserved_ports().contains("7100"),
+        "{}",
+        a.ns.reserved_ports()
+    );
+    a.stop(second);
 }
