@@ -77,12 +77,7 @@ pub fn lock_path(socket: &Path) -> PathBuf {
 /// [`cleanup`], only when no daemon serves `socket` nor is starting on it (under the socket's
 /// lock, which a starting daemon holds until it accepts): `Ok(None)` when one is.
 pub fn cleanup_unless_served(socket: &Path, state_dir: &Path) -> io::Result<Option<Cleaned>> {
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path(socket))?;
-    portres_sys::process::lock_exclusive(&lock)?;
+    let _lock = lock_socket(socket)?;
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return Ok(None);
     }

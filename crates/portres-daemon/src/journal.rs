@@ -226,19 +226,23 @@ impl Journal {
     }
 
     fn append(&mut self, entry: &Entry) -> io::Result<()> {
-        let line = line_for(entry);
+        self.write_lines(&line_for(entry), 1)
+    }
+
+    /// Writes `n` whole lines and `fdatasync`s them; on failure cuts the file back, so no
+    /// partial line is left behind (a full disk may have taken half of one).
+    fn write_lines(&mut self, lines: &[u8], n: usize) -> io::Result<()> {
         let len = self.bytes;
         if let Err(e) = self
             .file
-            .write_all(&line)
+            .write_all(lines)
             .and_then(|()| self.file.sync_data())
         {
-            // Leave no partial line behind (a full disk may have taken half of it).
             let _ = self.file.set_len(len);
             return Err(e);
         }
-        self.lines += 1;
-        self.bytes += line.len() as u64;
+        self.lines += n;
+        self.bytes += lines.len() as u64;
         Ok(())
     }
 
@@ -273,18 +277,7 @@ impl Journal {
             lines.extend(line_for(&Entry::Put(r.clone())));
             n += 1;
         }
-        let len = self.bytes;
-        if let Err(e) = self
-            .file
-            .write_all(&lines)
-            .and_then(|()| self.file.sync_data())
-        {
-            let _ = self.file.set_len(len);
-            return Err(e);
-        }
-        self.lines += n;
-        self.bytes += lines.len() as u64;
-        Ok(())
+        self.write_lines(&lines, n)
     }
 
     /// Appends a created reservation (durably, before the store commits it).
