@@ -338,6 +338,19 @@ mod tests {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");
         }
+        // reservations_dir relative to the file; metrics_listen an address and port.
+        let c = Config::parse(
+            "reservations_dir = \"files.d\"\nmetrics_listen = \"[::1]:9642\"\n",
+            Path::new("/etc/portres/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.reservations_dir.as_deref(),
+            Some(Path::new("/etc/portres/files.d"))
+        );
+        assert_eq!(c.metrics_listen, Some("[::1]:9642".parse().unwrap()));
+        let c = Config::parse("reservations_dir = \"/srv/r\"\n", p).unwrap();
+        assert_eq!(c.reservations_dir.as_deref(), Some(Path::new("/srv/r")));
         assert_eq!(
             Config::load(Path::new("/nonexistent/x.toml"), false).unwrap(),
             Config::default()
