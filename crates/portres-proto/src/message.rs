@@ -211,7 +211,7 @@ pub enum Request {
     /// Make the caller's process tree the owner of a runtime reservation of its session under
     /// the deny layer: the daemon moves the caller into a cgroup of its own (below its current
     /// one), and every process it starts from then on may bind the block's ports by number,
-    /// while everyone else is refused (`portres run`). Refused with `not_supported` when the
+    /// while everyone else is refused (`portres run`). Refused with `InvalidArgument` when the
     /// deny layer is off.
     OwnTree {
         /// The reservation's token.
@@ -694,10 +694,10 @@ pub struct ReservationInfo {
     pub owner: OwnerInfo,
     /// Seconds since the Unix epoch.
     pub created: u64,
-    /// Ports of the block handed out to sockets (the first 4,096; `handed_out_count` has all).
+    /// Ports of the block handed out to sockets (the first 2,048; `handed_out_count` has all).
     #[serde(default)]
     pub handed_out: Vec<u16>,
-    /// The same, with the process holding each socket (the first 256).
+    /// The same, with the process holding each socket (the first 128).
     #[serde(default)]
     pub handed_out_to: Vec<HandedOutInfo>,
     /// How many ports of the block are handed out.
