@@ -256,8 +256,13 @@ fn activated_listener(
 /// (`JOURNAL_STREAM`), no timestamps of our own (the journal has them) and each line prefixed
 /// with its priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug: `sd-daemon(3)`).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTRES_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The etcd client's transport (cluster mode) logs every frame at debug: its crates stay
+    // at info unless PORTRES_LOG names them.
+    let quiet = ",h2=info,tower=info,tonic=info,hyper=info,hyper_util=info,rustls=info";
+    let filter = std::env::var("PORTRES_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(format!("{v}{quiet}")).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(format!("info{quiet}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

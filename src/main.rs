@@ -162,6 +162,11 @@ enum Command {
         #[command(subcommand)]
         op: PersistentOp,
     },
+    /// Cluster mode (a daemon with [cluster] in its configuration).
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+    },
     /// The daemon's store of persistent reservations (with the daemon stopped).
     Store {
         #[command(subcommand)]
@@ -178,6 +183,13 @@ enum StoreOp {
         #[arg(long, env = "PORTRES_STATE_DIR", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterOp {
+    /// This member's link to etcd, the live members (last heartbeat, how far behind the
+    /// cluster's revision each is) and what each failed to enforce.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +215,14 @@ enum PersistentOp {
         /// default: the daemon's own (the host's, for the system daemon).
         #[arg(long, value_name = "NAME")]
         netns: Option<String>,
+        /// A reservation of the whole cluster (a daemon in cluster mode): granted only when
+        /// every live member can enforce it (none has a port of it reserved or bound), then
+        /// enforced by each.
+        #[arg(long, conflicts_with = "netns")]
+        cluster: bool,
+        /// Why it exists, shown by `show` and `who` (at most 512 bytes).
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
     },
     /// Print the token of the one with exactly this start and count.
     Lookup {
@@ -460,6 +480,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Store {
             op: StoreOp::Restore { state_dir },
         } => daemon_cmd::store_restore(state_dir.clone(), cli.json),
+        Command::Cluster {
+            op: ClusterOp::Status,
+        } => {
+            let info = cli.client()?.cluster_status()?;
+            output::cluster_status(&info, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Persistent { op } => {
             let client = cli.client()?;
             match op {
@@ -470,6 +497,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     allow_users,
                     allow_groups,
                     netns,
+                    cluster,
+                    description,
                 } => {
                     let spec = PersistentSpec {
                         protocol,
@@ -479,6 +508,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         allow_users: allow_users.clone(),
                         allow_groups: allow_groups.clone(),
                         netns: netns.clone(),
+                        cluster: *cluster,
+                        description: description.clone(),
                     };
                     let token = client.create_persistent(&spec)?;
                     output::token(token, protocol, *start, *count, cli.json);

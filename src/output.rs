@@ -193,7 +193,7 @@ pub fn show(s: &ShowInfo, json: bool) {
         println!("no reservations");
         return;
     }
-    let rows: Vec<[String; 7]> = s
+    let rows: Vec<[String; 8]> = s
         .reservations
         .iter()
         .map(|r| {
@@ -201,6 +201,7 @@ pub fn show(s: &ShowInfo, json: bool) {
                 r.protocol.clone(),
                 ports(r),
                 r.kind.clone(),
+                r.scope.clone(),
                 r.mode.clone(),
                 format!(
                     "{}/{}",
@@ -212,17 +213,19 @@ pub fn show(s: &ShowInfo, json: bool) {
             ]
         })
         .collect();
-    let head = ["PROTO", "PORTS", "KIND", "MODE", "USED", "CREATED", "OWNER"];
+    let head = [
+        "PROTO", "PORTS", "KIND", "SCOPE", "MODE", "USED", "CREATED", "OWNER",
+    ];
     let mut widths = head.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 7]| {
+    let line = |cells: [&str; 8]| {
         let mut out = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i == 6 {
+            if i == 7 {
                 out.push_str(c);
             } else {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
@@ -253,6 +256,7 @@ pub fn show(s: &ShowInfo, json: bool) {
         }
         line(row.each_ref().map(String::as_str));
         origin_line(r);
+        cluster_lines(r);
         handed_out_lines(r);
     }
 }
@@ -264,6 +268,74 @@ fn origin_line(r: &ReservationInfo) {
         (Some(d), None) => line_80(&format!("  why: {}", printable(d))),
         (None, Some(f)) => line_80(&format!("  from {}", printable(f))),
         (None, None) => {}
+    }
+}
+
+/// Under a cluster reservation's row: where it lives in the cluster and each member's state.
+fn cluster_lines(r: &ReservationInfo) {
+    let Some(c) = &r.cluster else { return };
+    let what = if c.runtime {
+        format!(
+            "  a runtime block of member {}, kept free here",
+            printable(&c.node)
+        )
+    } else {
+        format!("  cluster reservation made on {}", printable(&c.node))
+    };
+    line_80(&format!("{what} ({})", printable(&c.key)));
+    for m in &c.members {
+        line_80(&format!(
+            "    {}: {}",
+            printable(&m.node),
+            printable(&m.state)
+        ));
+    }
+}
+
+/// `portres cluster status`.
+pub fn cluster_status(c: &portres_client::ClusterInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(c).expect("serialisable"));
+        return;
+    }
+    println!("member:        {}", printable(&c.node));
+    println!(
+        "etcd:          {} ({})",
+        printable(&c.endpoints.join(", ")),
+        if c.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        }
+    );
+    if let Some(e) = &c.error {
+        println!("  last error:  {}", printable(e));
+    }
+    println!("prefix:        {}", printable(&c.prefix));
+    println!(
+        "revision:      {} (applied here: {})",
+        c.revision, c.applied_revision
+    );
+    println!("reservations:  {}", c.reservations);
+    println!("members:       {}", c.members.len());
+    for m in &c.members {
+        println!(
+            "  {:<20} pid {:<8} heartbeat {:>6} ms ago  behind {:>4}  failures {}",
+            printable(&m.node),
+            m.pid,
+            m.heartbeat_age_ms,
+            m.behind,
+            m.failures.len()
+        );
+        for f in &m.failures {
+            println!(
+                "    cannot enforce {}/{} from {}: {}",
+                f.count,
+                f.protocol,
+                f.start,
+                printable(&f.why)
+            );
+        }
     }
 }
 

@@ -13,6 +13,8 @@ mod needs_root {
     mod autostart;
     mod capi;
     mod cli;
+    #[cfg(feature = "cluster")]
+    mod cluster;
     mod declarative;
     mod deny;
     mod edges;

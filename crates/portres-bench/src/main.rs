@@ -865,6 +865,9 @@ fn fresh_store(dir: &Path, blocks: impl Iterator<Item = (&'static str, u16, u16)
                 creator_command: Some("bench".into()),
                 file: None,
                 description: None,
+                cluster_key: None,
+                cluster_node: None,
+                cluster_runtime: false,
             },
         )
         .collect();

@@ -137,6 +137,11 @@ pub struct PersistentSpec {
     /// The `ip netns` name of the network namespace it is for (a file of `/run/netns`);
     /// `None`: the daemon's own namespace.
     pub netns: Option<String>,
+    /// A reservation of the whole cluster (a daemon in cluster mode): granted only when every
+    /// live member can enforce it.
+    pub cluster: bool,
+    /// Why it exists (shown by `show` and `who`; at most 512 bytes).
+    pub description: Option<String>,
 }
 
 impl PersistentSpec {
@@ -150,6 +155,8 @@ impl PersistentSpec {
             allow_users: Vec::new(),
             allow_groups: Vec::new(),
             netns: None,
+            cluster: false,
+            description: None,
         }
     }
 }
@@ -685,6 +692,8 @@ impl Client {
             allow_users: spec.allow_users.clone(),
             allow_groups: spec.allow_groups.clone(),
             netns: spec.netns.clone(),
+            cluster: spec.cluster,
+            description: spec.description.clone(),
         })?;
         Ok(parse_ref(r)?.0)
     }
@@ -753,6 +762,14 @@ impl Client {
     pub fn status(&self) -> Result<StatusInfo, Error> {
         match self.call(Request::Status)? {
             Reply::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Cluster mode: this member, the members and what each failed to enforce.
+    pub fn cluster_status(&self) -> Result<portres_proto::ClusterInfo, Error> {
+        match self.call(Request::ClusterStatus)? {
+            Reply::Cluster(c) => Ok(c),
             other => Err(unexpected(&other)),
         }
     }

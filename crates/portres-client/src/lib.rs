@@ -33,7 +33,8 @@ pub use client::{Client, PersistentSpec, Reservation, SocketKind, TcpSocket, rec
 pub use error::{Details, Error};
 pub use portres_core::{ErrorCode, Mode, PortRange, Protocol, Token};
 pub use portres_proto::{
-    ApplyChange, ApplyInfo, AttachInfo, ChangeAction, ConflictInfo, Counted, Counts,
+    ApplyChange, ApplyInfo, AttachInfo, ChangeAction, ClusterEntryInfo, ClusterFailureInfo,
+    ClusterInfo, ClusterMemberInfo, ClusterMemberState, ConflictInfo, Counted, Counts,
     DeclaredStatus, HandedOutInfo, LayerInfo, LostToken, NamespaceStatus, NetnsInfo, OwnerInfo,
     ReservationInfo, RestoreInfo, ShowFilter, ShowInfo, SocketInfo, StatusInfo, WhoInfo,
     WhoSummary,

@@ -26,8 +26,8 @@ pub use outcome::{Conflict, ErrorCode, Holder, Operation, Refusal};
 pub use portset::PortSet;
 pub use range::{Mode, PortRange, Protocol, Token};
 pub use table::{
-    Acl, Caller, ClaimError, Kind, Origin, Owner, PortClaim, Reservation, SessionId, SocketInUse,
-    Table, TableConfig, TableCounts, TokenSource,
+    Acl, Caller, ClaimError, ClusterOrigin, Kind, Origin, Owner, PortClaim, Reservation, SessionId,
+    SocketInUse, Table, TableConfig, TableCounts, TokenSource,
 };
 pub use text::printable;
 

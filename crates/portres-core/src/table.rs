@@ -97,6 +97,20 @@ pub struct Origin {
     pub file: Option<String>,
     /// Why it exists, in the administrator's words.
     pub description: Option<String>,
+    /// A reservation of the cluster (kept in etcd, mirrored here); `None`: this host's own.
+    pub cluster: Option<ClusterOrigin>,
+}
+
+/// A cluster reservation mirrored into a member's table: where it lives in the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterOrigin {
+    /// Its key in etcd.
+    pub key: String,
+    /// The member that created it (a runtime block: the member whose session holds it).
+    pub node: String,
+    /// A runtime block of another member's session (kept free here, as an exclude block, while
+    /// its lease lives); otherwise a cluster persistent reservation.
+    pub runtime: bool,
 }
 
 /// One live reservation.

@@ -38,6 +38,20 @@
 //! reservations_dir = "/etc/portres/reservations.d"
 //! # Serve the Prometheus metrics (the same as `portres metrics`) at http://ADDR:PORT/metrics.
 //! metrics_listen = "127.0.0.1:9642"
+//!
+//! # Cluster mode (a build with the `cluster` feature): reservations that hold on every member
+//! # of a fleet, kept in etcd v3 (docs/cluster.md).
+//! [cluster]
+//! endpoints = ["http://10.0.0.1:2379"]   # etcd client URLs
+//! node = "host-a"                        # this member's name; default: the host name
+//! prefix = "/portres/"                   # default
+//! lease_ttl_secs = 10                    # how long a dead member's runtime blocks outlive it
+//! verdict_timeout_ms = 5000              # how long a create waits for every member's verdict
+//! request_timeout_ms = 5000              # how long any etcd call may take
+//! # TLS to etcd (https:// endpoints): the CA, and a client certificate and key if etcd asks.
+//! ca_file = "/etc/portres/etcd-ca.pem"
+//! cert_file = "/etc/portres/etcd-client.pem"
+//! key_file = "/etc/portres/etcd-client-key.pem"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -71,6 +85,128 @@ struct ConfigFile {
     portserver_range: Option<String>,
     reservations_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
+    cluster: Option<ClusterFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    endpoints: Vec<String>,
+    node: Option<String>,
+    prefix: Option<String>,
+    lease_ttl_secs: Option<u64>,
+    verdict_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// `[cluster]`: cluster mode on etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// This member's name.
+    pub node: String,
+    /// The key prefix (ends in `/`).
+    pub prefix: String,
+    /// The members' and runtime blocks' lease time to live.
+    pub lease_ttl_secs: u64,
+    /// How long a create waits for every live member's verdict.
+    pub verdict_timeout: std::time::Duration,
+    /// How long one etcd call may take.
+    pub request_timeout: std::time::Duration,
+    /// TLS: the CA certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// TLS: a client certificate (PEM), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the client certificate's key (PEM).
+    pub key_file: Option<PathBuf>,
+}
+
+/// Default of `[cluster] prefix`.
+pub const DEFAULT_CLUSTER_PREFIX: &str = "/portres/";
+
+/// Default of `[cluster] lease_ttl_secs`.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 10;
+
+/// Default of `verdict_timeout_ms` and `request_timeout_ms`.
+pub const DEFAULT_CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ClusterFile {
+    fn resolve(self, base: Option<&Path>) -> Result<ClusterConfig, String> {
+        if self.endpoints.is_empty() {
+            return Err(
+                "[cluster] endpoints = []: give at least one etcd client URL, e.g. \
+                        [\"http://10.0.0.1:2379\"]"
+                    .into(),
+            );
+        }
+        for e in &self.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(format!(
+                    "[cluster] endpoints: {e:?} is not an etcd client URL; write it as \
+                     \"http://HOST:2379\" (or https:// with ca_file)"
+                ));
+            }
+        }
+        let node = match self.node {
+            Some(n) => n,
+            None => portres_sys::process::host_name()
+                .ok_or("[cluster] node is not set and the host name cannot be read; set node")?,
+        };
+        if node.is_empty()
+            || node.len() > 64
+            || !node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(format!(
+                "[cluster] node = {node:?}: a member name is 1 to 64 letters, digits, '-', '_' \
+                 or '.'"
+            ));
+        }
+        let prefix = self.prefix.unwrap_or_else(|| DEFAULT_CLUSTER_PREFIX.into());
+        if !prefix.ends_with('/') || prefix.len() < 2 {
+            return Err(format!(
+                "[cluster] prefix = {prefix:?}: a key prefix ending in '/', e.g. \"/portres/\""
+            ));
+        }
+        let lease_ttl_secs = self.lease_ttl_secs.unwrap_or(DEFAULT_LEASE_TTL_SECS);
+        if !(2..=3600).contains(&lease_ttl_secs) {
+            return Err(format!(
+                "[cluster] lease_ttl_secs = {lease_ttl_secs}: between 2 and 3600 seconds"
+            ));
+        }
+        let ms = |what: &str, v: Option<u64>| match v {
+            None => Ok(DEFAULT_CLUSTER_TIMEOUT),
+            Some(v) if (100..=600_000).contains(&v) => Ok(std::time::Duration::from_millis(v)),
+            Some(v) => Err(format!(
+                "[cluster] {what} = {v}: between 100 and 600000 milliseconds"
+            )),
+        };
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("[cluster] cert_file and key_file go together".into());
+        }
+        let rel = |p: Option<PathBuf>| {
+            p.map(|p| match base {
+                Some(b) if p.is_relative() => b.join(p),
+                _ => p,
+            })
+        };
+        Ok(ClusterConfig {
+            endpoints: self.endpoints,
+            node,
+            prefix,
+            lease_ttl_secs,
+            verdict_timeout: ms("verdict_timeout_ms", self.verdict_timeout_ms)?,
+            request_timeout: ms("request_timeout_ms", self.request_timeout_ms)?,
+            ca_file: rel(self.ca_file),
+            cert_file: rel(self.cert_file),
+            key_file: rel(self.key_file),
+        })
+    }
 }
 
 /// Why the configuration could not be used.
@@ -126,6 +262,8 @@ pub struct Config {
     pub reservations_dir: Option<PathBuf>,
     /// Where the Prometheus metrics are served over HTTP, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Cluster mode (`[cluster]`), when configured.
+    pub cluster: Option<ClusterConfig>,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -155,6 +293,7 @@ impl Default for Config {
             portserver_range: None,
             reservations_dir: None,
             metrics_listen: None,
+            cluster: None,
             source: None,
         }
     }
@@ -278,7 +417,13 @@ impl Config {
             Some(base) if d.is_relative() => base.join(d),
             _ => d,
         });
+        let cluster = file
+            .cluster
+            .map(|c| c.resolve(path.parent()))
+            .transpose()
+            .map_err(invalid)?;
         Ok(Config {
+            cluster,
             metrics_listen,
             reservations_dir,
             portserver: file.portserver,
@@ -334,6 +479,14 @@ mod tests {
             "metrics_listen = \"localhost\"",
             "metrics_listen = \"127.0.0.1:99999\"",
             "reservations = \"/x\"",
+            "[cluster]\nendpoints = []",
+            "[cluster]\nendpoints = [\"10.0.0.1:2379\"]",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\nnode = \"a b\"",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\nprefix = \"/p\"",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\nlease_ttl_secs = 1",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\nverdict_timeout_ms = 5",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\ncert_file = \"c.pem\"",
+            "[cluster]\nendpoints = [\"http://a:2379\"]\ncolour = 1",
         ] {
             let e = Config::parse(bad, p).unwrap_err().to_string();
             assert!(e.contains("test.toml"), "{e}");
@@ -349,6 +502,19 @@ mod tests {
             Some(Path::new("/etc/portres/files.d"))
         );
         assert_eq!(c.metrics_listen, Some("[::1]:9642".parse().unwrap()));
+        let c = Config::parse(
+            "[cluster]\nendpoints = [\"http://10.0.0.1:2379\"]\nnode = \"host-a\"\n\
+             ca_file = \"ca.pem\"\n",
+            Path::new("/etc/portres/config.toml"),
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(
+            (c.node.as_str(), c.prefix.as_str(), c.lease_ttl_secs),
+            ("host-a", "/portres/", 10)
+        );
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/portres/ca.pem")));
         let c = Config::parse("reservations_dir = \"/srv/r\"\n", p).unwrap();
         assert_eq!(c.reservations_dir.as_deref(), Some(Path::new("/srv/r")));
         assert_eq!(

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use portres_core::{
-    Acl, Caller, ErrorCode, Kind, Mode, Operation, Origin, Owner, PortRange, Protocol, Refusal,
-    Reservation, Token,
+    Acl, Caller, ClusterOrigin, ErrorCode, Kind, Mode, Operation, Origin, Owner, PortRange,
+    Protocol, Refusal, Reservation, Token,
 };
 use portres_proto::{ApplyChange, ApplyInfo, ChangeAction};
 use serde::Deserialize;
@@ -64,11 +64,13 @@ enum IdDoc {
     Name(String),
 }
 
-/// One entry of one file, checked.
+/// One entry of one file, checked; or one cluster reservation (`cluster`), whose `file` says
+/// where it is in the cluster and whose `line` is 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) file: String,
     pub(crate) line: u32,
+    pub(crate) cluster: Option<ClusterOrigin>,
     pub(crate) protocol: Protocol,
     pub(crate) range: PortRange,
     pub(crate) mode: Mode,
@@ -77,8 +79,28 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn at(&self) -> String {
-        format!("{}:{}", self.file, self.line)
+    pub(crate) fn at(&self) -> String {
+        if self.line == 0 {
+            self.file.clone()
+        } else {
+            format!("{}:{}", self.file, self.line)
+        }
+    }
+
+    /// The origin a reservation made from it carries.
+    pub(crate) fn origin(&self) -> Origin {
+        match &self.cluster {
+            Some(c) => Origin {
+                file: None,
+                description: self.description.clone(),
+                cluster: Some(c.clone()),
+            },
+            None => Origin {
+                file: Some(self.file.clone()),
+                description: self.description.clone(),
+                cluster: None,
+            },
+        }
     }
 }
 
@@ -246,6 +268,7 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
         entries.push(Entry {
             file: name.to_string(),
             line,
+            cluster: None,
             protocol,
             range,
             mode,
@@ -256,7 +279,7 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
     Ok(entries)
 }
 
-fn normalised(mut acl: Acl) -> Acl {
+pub(crate) fn normalised(mut acl: Acl) -> Acl {
     acl.users.sort_unstable();
     acl.users.dedup();
     acl.groups.sort_unstable();
@@ -299,7 +322,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.add.is_empty() && self.remove.is_empty() && self.change.is_empty()
     }
 }
@@ -314,8 +337,18 @@ fn acl_of(r: &Reservation) -> (Acl, Origin) {
 /// Compares the entries with `current` (the table's persistent reservations that came from
 /// files), keyed by protocol and block.
 pub(crate) fn plan<'a>(entries: &[Entry], current: impl Iterator<Item = &'a Reservation>) -> Plan {
+    plan_of(entries, current, |o| o.file.is_some())
+}
+
+/// Compares `entries` with the reservations of `current` whose origin is `managed` (and only
+/// those), keyed by protocol and block.
+pub(crate) fn plan_of<'a>(
+    entries: &[Entry],
+    current: impl Iterator<Item = &'a Reservation>,
+    managed: impl Fn(&Origin) -> bool,
+) -> Plan {
     let mut have: HashMap<(Protocol, u16, u16), &Reservation> = current
-        .filter(|r| r.origin().is_some_and(|o| o.file.is_some()))
+        .filter(|r| r.origin().is_some_and(&managed))
         .map(|r| ((r.protocol, r.range.start(), r.range.count()), r))
         .collect();
     let mut p = Plan::default();
@@ -324,11 +357,7 @@ pub(crate) fn plan<'a>(entries: &[Entry], current: impl Iterator<Item = &'a Rese
             None => p.add.push(e.clone()),
             Some(r) => {
                 let (acl, origin) = acl_of(r);
-                if r.mode == e.mode
-                    && acl == e.acl
-                    && origin.description == e.description
-                    && origin.file.as_deref() == Some(e.file.as_str())
-                {
+                if r.mode == e.mode && acl == e.acl && origin == e.origin() {
                     p.unchanged += 1;
                 } else {
                     p.change.push((r.clone(), e.clone()));
@@ -550,7 +579,7 @@ pub(crate) async fn apply(
 /// What applying `p` would run into, found without changing anything (so `--check` reports it
 /// too): a new entry overlapping a reservation that stays (made by a request, or a runtime
 /// one), or a port of it that a socket has.
-fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
+pub(crate) fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
     let going: std::collections::HashSet<Token> = p
         .remove
         .iter()
@@ -592,11 +621,13 @@ fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
             .collect();
         for part in uncovered(e.range, &covered) {
             if let Some(port) = st.enforcer.first_in_use(e.protocol, part) {
+                let by = crate::visibility::describe_holder(e.protocol, port)
+                    .unwrap_or_else(|| format!("a socket (`portres who {port}` names it)"));
                 return Err(refusal(
                     ErrorCode::SharingViolation,
                     format!(
-                        "{asked}: port {port}/{} is in use by a socket (`portres who {port}` \
-                         names it); stop what has it, or change the entry; nothing was changed",
+                        "{asked}: port {port}/{} is in use by {by}; stop what has it, or change \
+                         the entry; nothing was changed",
                         e.protocol
                     ),
                 ));
@@ -646,7 +677,7 @@ struct Done {
 /// reservation refuses the whole apply and everything is put back), metadata changed in place,
 /// then the store in one transaction, written on this thread (an apply is rare: other requests
 /// wait for its fdatasync, a few milliseconds, rather than race it). A failed write is undone.
-fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
+pub(crate) fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
     let mut st = shared.home();
     let done = change_table(&mut st, &p, &owner)?;
     let remove: Vec<(Protocol, u16)> = done
@@ -692,7 +723,7 @@ fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
                 "removed persistent reservation {}/{} (its entry left {})",
                 r.range,
                 r.protocol,
-                r.origin().and_then(|o| o.file.as_deref()).unwrap_or("?")
+                origin_words(r)
             );
         }
     }
@@ -707,10 +738,21 @@ fn execute(shared: &Shared, p: Plan, owner: Owner) -> Result<(), Refusal> {
             r.range,
             r.protocol,
             r.mode,
-            r.origin().and_then(|o| o.file.as_deref()).unwrap_or("?")
+            origin_words(r)
         );
     }
     Ok(())
+}
+
+/// Where a reservation came from, for the log: its file, or its key in the cluster.
+fn origin_words(r: &Reservation) -> String {
+    match r.origin() {
+        Some(Origin { file: Some(f), .. }) => f.clone(),
+        Some(Origin {
+            cluster: Some(c), ..
+        }) => format!("the cluster ({})", c.key),
+        _ => "?".into(),
+    }
 }
 
 /// A persistent reservation as entry `e` declares it.
@@ -725,8 +767,7 @@ fn declared_reservation(e: &Entry, token: Token, owner: &Owner, now: u64) -> Res
         now,
     );
     if let Kind::Persistent { origin, .. } = &mut r.kind {
-        origin.file = Some(e.file.clone());
-        origin.description = e.description.clone();
+        *origin = e.origin();
     }
     r
 }
@@ -793,13 +834,7 @@ fn change_table(
     }
     if failed.is_none() {
         for (old, e) in &relabel {
-            let (acl, origin) = (
-                e.acl.clone(),
-                Origin {
-                    file: Some(e.file.clone()),
-                    description: e.description.clone(),
-                },
-            );
+            let (acl, origin) = (e.acl.clone(), e.origin());
             if let Some(after) = st.table.relabel_persistent(old.token, acl, origin) {
                 done.relabeled.push((old.clone(), after));
             }

@@ -200,11 +200,20 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             allow_users,
             allow_groups,
             netns,
+            cluster,
+            description,
         } => {
             let op = Operation::CreatePersistent;
             let m = m.unwrap_or(Mode::Exclude);
             let (start, count) = (u32::from(start), u32::from(count));
             let acl = resolve_acl(&allow_users, &allow_groups)?;
+            let description = checked_description(op, description)?;
+            if cluster {
+                let r =
+                    create_in_cluster(shared, caller, p, start, count, m, acl, description, netns)
+                        .await?;
+                return Ok((reservation_ref(&r), None));
+            }
             let _serial = shared.persist_lock.lock().await;
             let (at, store) = persistent_target(shared, caller, op, netns.as_deref())?;
             let command = portres_sys::process::command_line(caller.pid);
@@ -226,13 +235,27 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                     enforcer,
                 )
             };
-            let r = match created {
+            let mut r = match created {
                 Ok(r) => r,
                 Err(refusal) => {
                     shared.spaces().drop_if_idle(at);
                     return Err(refusal);
                 }
             };
+            if let (Some(d), Kind::Persistent { acl, .. }) = (description, &r.kind) {
+                let origin = portres_core::Origin {
+                    description: Some(d),
+                    ..Default::default()
+                };
+                let acl = acl.clone();
+                if let Some(after) = shared
+                    .space_at(at)
+                    .table
+                    .relabel_persistent(r.token, acl, origin)
+                {
+                    r = after;
+                }
+            }
             // The reservation is in the table (so nobody else can take the block meanwhile);
             // the reply waits for the store's fsync, and a failed write takes it out again.
             let rec = StoredReservation::from_reservation(&r);
@@ -305,6 +328,17 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
                 shared.spaces().drop_if_idle(at);
             }
             let (token, range) = found?;
+            // A cluster reservation goes through the cluster (this member lets it go as every
+            // member does, which takes the lock).
+            let _serial = if at.is_none() && cluster_mirror(shared, token) {
+                drop(_serial);
+                if delete_in_cluster(shared, token, range, p).await? {
+                    return Ok((Reply::Done, None));
+                }
+                shared.persist_lock.lock().await
+            } else {
+                _serial
+            };
             // Off the disk first: a crash after this and before the reply leaves it deleted,
             // never half-deleted.
             let removed = tokio::task::spawn_blocking(move || store.delete(p, range.start()))
@@ -341,6 +375,7 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             Ok((Reply::Done, None))
         }
         Request::Status => Ok((Reply::Status(status(shared, caller)), None)),
+        Request::ClusterStatus => cluster_status(shared).await,
         Request::Metrics => Ok((
             Reply::Metrics(portres_proto::MetricsInfo {
                 text: crate::metrics::render(shared),
@@ -842,12 +877,46 @@ const MAX_HANDED_OUT_TO_LISTED: usize = 128;
 struct RowExtras {
     handed: HashMap<(Token, u16), u64>,
     binds: HashMap<Token, String>,
+    /// Cluster reservations: their place in the cluster and each member's state of them.
+    cluster: HashMap<Token, portres_proto::ClusterEntryInfo>,
 }
 
 impl RowExtras {
     fn extend(&mut self, other: RowExtras) {
         self.handed.extend(other.handed);
         self.binds.extend(other.binds);
+        self.cluster.extend(other.cluster);
+    }
+
+    /// Adds the cluster's view of the cluster reservations among `rs` (read outside the state
+    /// lock).
+    fn add_cluster<'a>(&mut self, shared: &Shared, rs: impl Iterator<Item = &'a Reservation>) {
+        for r in rs {
+            let Some(c) = r.origin().and_then(|o| o.cluster.as_ref()) else {
+                continue;
+            };
+            #[cfg(feature = "cluster")]
+            let info = match &shared.cluster {
+                Some(cl) => cl.entry_info(c),
+                None => cluster_entry_alone(c),
+            };
+            #[cfg(not(feature = "cluster"))]
+            let info = {
+                let _ = shared;
+                cluster_entry_alone(c)
+            };
+            self.cluster.insert(r.token, info);
+        }
+    }
+}
+
+/// A cluster reservation's place, without the members' states (no link to the cluster).
+fn cluster_entry_alone(c: &portres_core::ClusterOrigin) -> portres_proto::ClusterEntryInfo {
+    portres_proto::ClusterEntryInfo {
+        key: c.key.clone(),
+        node: c.node.clone(),
+        runtime: c.runtime,
+        members: Vec::new(),
     }
 }
 
@@ -928,9 +997,23 @@ fn reservation_info(
         handed_out_count: r.handed_out().len() as u32,
         allow_users,
         allow_groups,
-        source: r
-            .origin()
-            .map(|o| if o.file.is_some() { "file" } else { "api" }.to_string()),
+        source: r.origin().map(|o| {
+            if o.cluster.is_some() {
+                "cluster"
+            } else if o.file.is_some() {
+                "file"
+            } else {
+                "api"
+            }
+            .to_string()
+        }),
+        scope: if r.origin().is_some_and(|o| o.cluster.is_some()) {
+            "cluster"
+        } else {
+            "host"
+        }
+        .into(),
+        cluster: extras.cluster.get(&r.token).cloned(),
         file: r.origin().and_then(|o| o.file.clone()),
         description: r.origin().and_then(|o| o.description.clone()),
         binds: extras.binds.get(&r.token).cloned(),
@@ -1036,6 +1119,8 @@ async fn show(
         }
         (rows, extras)
     };
+    let mut extras = extras;
+    extras.add_cluster(shared, rows.iter().map(|(r, _)| r));
     let caller = caller.clone();
     if !stream {
         let reservations = tokio::task::spawn_blocking(move || {
@@ -1114,6 +1199,8 @@ async fn who(
         let extras = row_extras(&st, covering.iter());
         (covering, placeholder, handed_here, extras, ns, home, netns)
     };
+    let mut extras = extras;
+    extras.add_cluster(shared, covering.iter());
     let caller = caller.clone();
     let role_of = move |inode: u64| {
         if Some(inode) == placeholder {
@@ -1340,5 +1427,178 @@ fn associate(
             };
             Err(refusal)
         }
+    }
+}
+
+/// Longest `description` of a persistent reservation, in bytes (as in the reservation files).
+const MAX_DESCRIPTION: usize = 512;
+
+fn checked_description(op: Operation, d: Option<String>) -> Result<Option<String>, Refusal> {
+    match d {
+        Some(d) if d.len() > MAX_DESCRIPTION => Err(Refusal::new(
+            op,
+            ErrorCode::InvalidParameter,
+            format!(
+                "description is {} bytes long; at most {MAX_DESCRIPTION}: say why in a sentence",
+                d.len()
+            ),
+        )),
+        Some(d) if d.trim().is_empty() => Ok(None),
+        d => Ok(d),
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn no_cluster(op: Operation) -> Refusal {
+    Refusal::new(
+        op,
+        ErrorCode::InvalidArgument,
+        "this portres daemon was built without cluster mode (the `cluster` feature); nothing \
+         was changed"
+            .to_string(),
+    )
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_of(shared: &Shared, op: Operation) -> Result<Arc<crate::cluster::Cluster>, Refusal> {
+    shared.cluster.clone().ok_or_else(|| {
+        Refusal::new(
+            op,
+            ErrorCode::InvalidArgument,
+            "this daemon is not in cluster mode: its configuration has no [cluster] (etcd \
+             endpoints and this member's name); nothing was changed"
+                .to_string(),
+        )
+    })
+}
+
+/// `persistent add --cluster`.
+#[allow(clippy::too_many_arguments)]
+async fn create_in_cluster(
+    shared: &Shared,
+    caller: &Caller,
+    p: Protocol,
+    start: u32,
+    count: u32,
+    m: Mode,
+    acl: Acl,
+    description: Option<String>,
+    netns: Option<String>,
+) -> Result<Reservation, Refusal> {
+    let op = Operation::CreatePersistent;
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (shared, caller, p, start, count, m, acl, description, netns);
+        Err(no_cluster(op))
+    }
+    #[cfg(feature = "cluster")]
+    {
+        let c = cluster_of(shared, op)?;
+        if netns.is_some() {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::InvalidArgument,
+                "a cluster reservation is in each member's own port space: --netns does not go \
+                 with --cluster"
+                    .to_string(),
+            ));
+        }
+        crate::handlers::outside_home(shared, caller, op)?;
+        let range = portres_core::PortRange::new(start, count)
+            .ok()
+            .filter(|r| r.start() > 0)
+            .ok_or_else(|| {
+                Refusal::new(
+                    op,
+                    ErrorCode::InvalidParameter,
+                    format!(
+                        "cannot create cluster reservation of {count} ports from {start}: not a \
+                         block of ports 1 to 65535"
+                    ),
+                )
+            })?;
+        let entry = crate::cluster::ClusterEntry {
+            protocol: p.as_str().into(),
+            start: range.start(),
+            count: range.count(),
+            mode: m.as_str().into(),
+            allow_users: acl.users,
+            allow_groups: acl.groups,
+            description,
+            node: c.cfg.node.clone(),
+            runtime: false,
+            created: now(),
+            creator_uid: caller.uid,
+            creator_command: portres_sys::process::command_line(caller.pid),
+        };
+        crate::cluster::create(shared, &c, caller, entry).await
+    }
+}
+
+/// Whether `token` is a cluster reservation mirrored here.
+fn cluster_mirror(shared: &Shared, token: Token) -> bool {
+    shared
+        .home()
+        .table
+        .get(token)
+        .is_some_and(|r| r.origin().is_some_and(|o| o.cluster.is_some()))
+}
+
+/// `persistent delete` of a cluster reservation (mirrored here): deleted from the cluster
+/// (true). When this daemon is not in cluster mode (it left the cluster), false: it is deleted
+/// here as a host reservation.
+async fn delete_in_cluster(
+    shared: &Shared,
+    token: portres_core::Token,
+    range: portres_core::PortRange,
+    p: Protocol,
+) -> Result<bool, Refusal> {
+    let origin = shared
+        .home()
+        .table
+        .get(token)
+        .and_then(|r| r.origin().and_then(|o| o.cluster.clone()));
+    let Some(origin) = origin else {
+        return Ok(false);
+    };
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (origin, range, p);
+        Ok(false)
+    }
+    #[cfg(feature = "cluster")]
+    {
+        let op = Operation::DeletePersistent;
+        let Some(c) = shared.cluster.clone() else {
+            return Ok(false);
+        };
+        if origin.runtime {
+            return Err(Refusal::new(
+                op,
+                ErrorCode::AccessDenied,
+                format!(
+                    "cannot delete {range}/{p}: it is a runtime block of a session on member {}, \
+                     kept free here; it ends with that session (or {} s after that member is \
+                     gone)",
+                    origin.node, c.cfg.lease_ttl_secs
+                ),
+            ));
+        }
+        crate::cluster::delete(&c, &origin.key, &format!("{range}/{p}")).await?;
+        Ok(true)
+    }
+}
+
+/// `portres cluster status`.
+async fn cluster_status(shared: &Shared) -> Handled {
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = shared;
+        Err(no_cluster(Operation::Other))
+    }
+    #[cfg(feature = "cluster")]
+    {
+        let c = cluster_of(shared, Operation::Other)?;
+        Ok((Reply::Cluster(c.status().await), None))
     }
 }

@@ -23,7 +23,7 @@ pub const FILE: &str = "persistent.journal";
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Entry {
-    Put(StoredReservation),
+    Put(Box<StoredReservation>),
     Del {
         protocol: String,
         start: u16,
@@ -168,7 +168,7 @@ pub fn replay_upto(path: &Path, limit: Option<u64>) -> io::Result<Replay> {
         match serde_json::from_slice::<Entry>(json) {
             Ok(Entry::Put(r)) => {
                 out.last_put = Some((r.protocol.clone(), r.start));
-                out.records.insert((r.protocol.clone(), r.start), r);
+                out.records.insert((r.protocol.clone(), r.start), *r);
             }
             Ok(Entry::Del { protocol, start }) => {
                 out.last_put = None;
@@ -208,7 +208,7 @@ impl Journal {
             let mut f = File::create(&tmp)?;
             let mut buf = Vec::new();
             for r in records {
-                buf.extend_from_slice(&line_for(&Entry::Put(r.clone())));
+                buf.extend_from_slice(&line_for(&Entry::Put(Box::new(r.clone()))));
             }
             f.write_all(&buf)?;
             f.sync_all()?;
@@ -274,7 +274,7 @@ impl Journal {
             n += 1;
         }
         for r in put {
-            lines.extend(line_for(&Entry::Put(r.clone())));
+            lines.extend(line_for(&Entry::Put(Box::new(r.clone()))));
             n += 1;
         }
         self.write_lines(&lines, n)
@@ -282,7 +282,7 @@ impl Journal {
 
     /// Appends a created reservation (durably, before the store commits it).
     pub(crate) fn put(&mut self, r: &StoredReservation) -> io::Result<()> {
-        self.append(&Entry::Put(r.clone()))
+        self.append(&Entry::Put(Box::new(r.clone())))
     }
 
     /// Appends a deletion.
@@ -323,6 +323,9 @@ mod tests {
             creator_command: None,
             file: None,
             description: None,
+            cluster_key: None,
+            cluster_node: None,
+            cluster_runtime: false,
         }
     }
 

@@ -20,8 +20,12 @@
 //! - [`keeper`]: live restore, the process that keeps runtime reservations across restarts.
 //! - `namespaces`: a table and enforcer per network namespace, each client served in its own.
 //! - [`portserver`]: Google's portserver protocol (portpicker's `PORTSERVER_ADDRESS`).
+//! - `cluster` (feature `cluster`): cluster mode on etcd, each member mirroring the cluster's
+//!   reservations into its own table.
 //! - `restore`: carrying a predecessor's reservations on at start, and watching their owners.
 
+#[cfg(feature = "cluster")]
+mod cluster;
 pub mod config;
 mod declared;
 pub mod deny;
@@ -86,6 +90,13 @@ pub enum StartError {
         /// What is wrong.
         why: String,
     },
+    /// `[cluster]` is configured but this build has no cluster mode.
+    #[error(
+        "the configuration has [cluster], but this portres was built without cluster mode; \
+         build it with `cargo build --release --features cluster` (needs protoc), or remove \
+         [cluster]"
+    )]
+    NoClusterMode,
 }
 
 /// One network namespace's table and the kernel's enforcement of it, changed together; and
@@ -198,6 +209,9 @@ struct Shared {
     declared_problem: Mutex<Option<String>>,
     /// The metrics endpoint: where it is served, or why it is not.
     metrics_endpoint: Option<Result<String, String>>,
+    /// Cluster mode's link to the cluster, when `[cluster]` is configured.
+    #[cfg(feature = "cluster")]
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl Shared {
@@ -297,6 +311,15 @@ impl Daemon {
                 "kernel (net.ipv4.ip_local_port_range)".into(),
             ),
         };
+        #[cfg(not(feature = "cluster"))]
+        if config.cluster.is_some() {
+            return Err(StartError::NoClusterMode);
+        }
+        #[cfg(feature = "cluster")]
+        let cluster = config
+            .cluster
+            .clone()
+            .map(|c| Arc::new(cluster::Cluster::new(c, &placement.state_dir)));
         let (store, records) = Store::open(&placement.state_dir)?;
         let mut state = State {
             table: Table::new(TableConfig {
@@ -345,6 +368,8 @@ impl Daemon {
                 portserver: None,
                 declared_problem: Mutex::new(None),
                 metrics_endpoint: None,
+                #[cfg(feature = "cluster")]
+                cluster,
             }),
             portserver: None,
             metrics: None,
@@ -401,6 +426,8 @@ impl Daemon {
     ) {
         let shared = self.shared.clone();
         restore::watch_restored_owners(&shared);
+        #[cfg(feature = "cluster")]
+        cluster::start(&shared);
         if let Some(l) = self.metrics {
             match l
                 .set_nonblocking(true)

@@ -135,6 +135,15 @@ pub struct StoredReservation {
     /// Why it exists (from its file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// A cluster reservation's key in etcd (this is the member's local copy of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_key: Option<String>,
+    /// The member that created the cluster reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<String>,
+    /// A runtime block of another member, kept free here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster_runtime: bool,
 }
 
 impl StoredReservation {
@@ -157,6 +166,9 @@ impl StoredReservation {
             creator_command: r.owner.command.clone(),
             file: origin.file,
             description: origin.description,
+            cluster_runtime: origin.cluster.as_ref().is_some_and(|c| c.runtime),
+            cluster_node: origin.cluster.as_ref().map(|c| c.node.clone()),
+            cluster_key: origin.cluster.map(|c| c.key),
         }
     }
 
@@ -186,6 +198,14 @@ impl StoredReservation {
         if let Kind::Persistent { origin, .. } = &mut r.kind {
             origin.file = self.file.clone();
             origin.description = self.description.clone();
+            origin.cluster = self
+                .cluster_key
+                .clone()
+                .map(|key| portres_core::ClusterOrigin {
+                    key,
+                    node: self.cluster_node.clone().unwrap_or_default(),
+                    runtime: self.cluster_runtime,
+                });
         }
         Ok(r)
     }
@@ -904,6 +924,9 @@ mod tests {
             creator_command: Some("portres persistent add".into()),
             file: None,
             description: None,
+            cluster_key: None,
+            cluster_node: None,
+            cluster_runtime: false,
         }
     }
 

@@ -113,6 +113,13 @@ pub enum Request {
         /// default: the daemon's own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns: Option<String>,
+        /// A reservation of the whole cluster (cluster mode): granted only when every live
+        /// member can enforce it, and enforced by each. Protocol version 2.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cluster: bool,
+        /// Why it exists (shown by `show` and `who`; at most 512 bytes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
     },
     /// Find the token of the persistent reservation with exactly this start and count.
     LookupPersistent {
@@ -183,6 +190,9 @@ pub enum Request {
     },
     /// Daemon version, uptime, enforcement layers and counts.
     Status,
+    /// Cluster mode: this member, the members of the cluster and what each failed to enforce.
+    /// Protocol version 2.
+    ClusterStatus,
     /// Every reservation (that passes the filters).
     Show {
         /// The client reads a streamed reply (see [`ReplyBody::Items`]).
@@ -296,6 +306,7 @@ impl Request {
             Request::Associate { .. } => "associate",
             Request::Who { .. } => "who",
             Request::Status => "status",
+            Request::ClusterStatus => "cluster_status",
             Request::Show { .. } => "show",
             Request::Attach { .. } => "attach",
             Request::Shutdown { .. } => "shutdown",
@@ -385,6 +396,94 @@ pub enum Reply {
     Metrics(MetricsInfo),
     /// Answer to [`Request::Apply`].
     Applied(ApplyInfo),
+    /// Answer to [`Request::ClusterStatus`].
+    Cluster(ClusterInfo),
+}
+
+/// Answer to [`Request::ClusterStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// This member's name.
+    pub node: String,
+    /// The etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix.
+    pub prefix: String,
+    /// Whether this member is connected to etcd and registered.
+    pub connected: bool,
+    /// Why not, or the last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cluster's revision, as etcd last said.
+    pub revision: i64,
+    /// The revision this member has applied.
+    pub applied_revision: i64,
+    /// The revision of what this member keeps on disk for its next start (it resumes
+    /// watching from there).
+    #[serde(default)]
+    pub saved_revision: i64,
+    /// Cluster reservations (persistent and runtime) this member knows.
+    pub reservations: u64,
+    /// The live members (registered under a lease), this one included.
+    pub members: Vec<ClusterMemberInfo>,
+}
+
+/// One member, as it last reported itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMemberInfo {
+    /// Its name.
+    pub node: String,
+    /// Its daemon's pid (on its host).
+    pub pid: u32,
+    /// Its last heartbeat, milliseconds since the Unix epoch.
+    pub heartbeat_ms: u64,
+    /// How long ago that was, in milliseconds (by this member's clock).
+    pub heartbeat_age_ms: u64,
+    /// The revision it had applied at its last heartbeat.
+    pub revision: i64,
+    /// How many revisions that is behind the cluster's.
+    pub behind: i64,
+    /// Cluster reservations it failed to enforce, with why.
+    pub failures: Vec<ClusterFailureInfo>,
+}
+
+/// A cluster reservation a member could not enforce.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFailureInfo {
+    /// The reservation's key.
+    pub key: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// First port.
+    pub start: u16,
+    /// Number of ports.
+    pub count: u16,
+    /// Why.
+    pub why: String,
+}
+
+/// A cluster reservation's place in the cluster (in [`ReservationInfo`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEntryInfo {
+    /// Its key in etcd.
+    pub key: String,
+    /// The member that created it (a runtime block: whose session holds it).
+    pub node: String,
+    /// A runtime block of another member, kept free here.
+    #[serde(default)]
+    pub runtime: bool,
+    /// Each live member's state of it: `"enforced"` or `"failed: WHY"`.
+    #[serde(default)]
+    pub members: Vec<ClusterMemberState>,
+}
+
+/// One member's state of a cluster reservation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMemberState {
+    /// The member.
+    pub node: String,
+    /// `"enforced"`, or `"failed: WHY"`.
+    pub state: String,
 }
 
 /// Answer to [`Request::Metrics`].
@@ -726,6 +825,17 @@ pub struct ReservationInfo {
     /// Why it exists, as its file says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// `"host"` (this host's own) or `"cluster"` (a reservation of the whole cluster, enforced
+    /// here as on every member).
+    #[serde(default = "host_scope")]
+    pub scope: String,
+    /// Where a cluster reservation lives in the cluster, and each member's state of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterEntryInfo>,
+}
+
+fn host_scope() -> String {
+    "host".into()
 }
 
 /// A network namespace the daemon serves (in [`ReservationInfo`] and [`StatusInfo`]).

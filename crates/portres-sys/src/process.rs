@@ -318,6 +318,13 @@ pub fn new_session(cmd: &mut std::process::Command) {
     }
 }
 
+/// This machine's host name (`uname(2)`'s nodename), if it has one.
+pub fn host_name() -> Option<String> {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().into_owned();
+    (!name.is_empty() && name != "(none)").then_some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1325 @@
+//! Cluster mode on etcd v3 (feature `cluster`, `[cluster]` in the configuration; the design and
+//! its failure cases are in ARCHITECTURE.md, "Cluster mode").
+//!
+//! Every member keeps enforcing locally with its own kernel layers: a cluster reservation is
+//! mirrored into the member's table as a persistent reservation whose `Origin.cluster` names its
+//! key (and into its store, so it holds across restarts and while etcd is unreachable). The keys,
+//! under the prefix (default `/portres/`):
+//!
+//! - `members/NODE`: a member's record (pid, heartbeat, applied revision, failures), attached
+//!   to its lease: it disappears `lease_ttl_secs` after the member stops renewing it.
+//! - `reservations/PROTO/START`: a cluster reservation (JSON, [`ClusterEntry`]); a runtime one is
+//!   attached to its session's lease.
+//! - `alloc`: touched by every create in the same transaction, compared by mod revision (no
+//!   lost update between concurrent creators).
+//! - `proposals/ID` and `verdicts/ID/NODE`: a create asks every live member first; both live
+//!   under the proposal's short lease.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
+};
+use portres_core::{
+    Acl, Caller, ClusterOrigin, ErrorCode, Mode, Operation, Owner, PortRange, Protocol, Refusal,
+    Reservation,
+};
+use portres_proto::{
+    ClusterEntryInfo, ClusterFailureInfo, ClusterInfo, ClusterMemberInfo, ClusterMemberState,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Shared;
+use crate::config::ClusterConfig;
+use crate::declared::{self, Entry, Plan};
+
+/// Runs one etcd call (`$call`, evaluated anew for each try), each try bounded by the request
+/// timeout; a failed try is made again (the client may have sent it to a member that just
+/// died) until twice the request timeout has passed. Every call made through here can be made
+/// twice: puts and reads are idempotent, and the transactions compare first. A `Refusal`
+/// naming the endpoints when it still fails.
+macro_rules! etcd_call {
+    ($cluster:expr, $op:expr, $what:expr, $client:ident => $call:expr) => {{
+        let cluster: &Cluster = &$cluster;
+        let limit = cluster.cfg.request_timeout;
+        let began = std::time::Instant::now();
+        loop {
+            let why = match tokio::time::timeout(limit, $call).await {
+                Ok(Ok(v)) => break Ok(v),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} ms", limit.as_millis()),
+            };
+            if !cluster.try_again(began, $what, &why) {
+                break Err(cluster.unreachable($op, $what, &why));
+            }
+            tokio::time::sleep(limit / 20).await;
+            // The member's link may have moved to another endpoint meanwhile.
+            if let Ok(c) = cluster.client($op, $what) {
+                $client = c;
+            }
+        }
+    }};
+}
+
+/// A cluster reservation as kept in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ClusterEntry {
+    pub(crate) protocol: String,
+    pub(crate) start: u16,
+    pub(crate) count: u16,
+    pub(crate) mode: String,
+    #[serde(default)]
+    pub(crate) allow_users: Vec<u32>,
+    #[serde(default)]
+    pub(crate) allow_groups: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) description: Option<String>,
+    /// The member that created it (a runtime block: whose session holds it).
+    pub(crate) node: String,
+    /// A runtime block (attached to its session's lease).
+    #[serde(default)]
+    pub(crate) runtime: bool,
+    pub(crate) created: u64,
+    pub(crate) creator_uid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) creator_command: Option<String>,
+}
+
+impl ClusterEntry {
+    fn range(&self) -> Option<(Protocol, PortRange)> {
+        let p: Protocol = self.protocol.parse().ok()?;
+        let r = PortRange::new(self.start.into(), self.count.into()).ok()?;
+        Some((p, r))
+    }
+
+    /// As a member enforces it: another member's runtime block is kept free (exclude, for
+    /// administrators only); a persistent one as it says.
+    fn to_entry(&self, key: &str) -> Option<Entry> {
+        let (protocol, range) = self.range()?;
+        let mode: Mode = if self.runtime {
+            Mode::Exclude
+        } else {
+            self.mode.parse().ok()?
+        };
+        let acl = if self.runtime {
+            Acl::default()
+        } else {
+            declared::normalised(Acl {
+                users: self.allow_users.clone(),
+                groups: self.allow_groups.clone(),
+            })
+        };
+        Some(Entry {
+            file: format!("cluster reservation {key}"),
+            line: 0,
+            cluster: Some(ClusterOrigin {
+                key: key.to_string(),
+                node: self.node.clone(),
+                runtime: self.runtime,
+            }),
+            protocol,
+            range,
+            mode,
+            acl,
+            description: self.description.clone(),
+        })
+    }
+
+    fn words(&self) -> String {
+        format!(
+            "{}/{} ({}, created on {})",
+            PortRange::new(self.start.into(), self.count.into()).map_or_else(
+                |_| format!("{}+{}", self.start, self.count),
+                |r| r.to_string()
+            ),
+            self.protocol,
+            if self.runtime {
+                "runtime"
+            } else {
+                self.mode.as_str()
+            },
+            self.node
+        )
+    }
+}
+
+/// A member's record under `members/NODE`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct MemberRecord {
+    node: String,
+    pid: u32,
+    heartbeat_ms: u64,
+    revision: i64,
+    #[serde(default)]
+    failures: Vec<ClusterFailureInfo>,
+}
+
+/// A member's answer to a proposal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Verdict {
+    ok: bool,
+    #[serde(default)]
+    why: Option<String>,
+}
+
+/// What a member keeps of the cluster between restarts (`STATE/cluster.json`): the cluster
+/// reservations as of `revision`, to resume watching from there.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    revision: i64,
+    alloc_revision: i64,
+    entries: BTreeMap<String, (ClusterEntry, i64)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    client: Option<Client>,
+    connected: bool,
+    error: Option<String>,
+    /// The cluster's revision, as etcd last said.
+    cluster_revision: i64,
+    /// Events up to here are applied.
+    applied: i64,
+    /// `alloc`'s mod revision as of `applied`.
+    alloc_revision: i64,
+    /// Cluster reservations by key, with their mod revision.
+    entries: BTreeMap<String, (ClusterEntry, i64)>,
+    members: BTreeMap<String, MemberRecord>,
+    /// Cluster reservations this member failed to enforce, by key.
+    failures: BTreeMap<String, ClusterFailureInfo>,
+    /// The snapshot is behind `entries`.
+    dirty: bool,
+    /// The revision of the snapshot on disk, and when it was written.
+    saved: i64,
+    saved_at: Option<std::time::Instant>,
+}
+
+/// This member's link to the cluster.
+pub(crate) struct Cluster {
+    pub(crate) cfg: ClusterConfig,
+    inner: Mutex<Inner>,
+    /// The revision applied locally, for creators waiting until they enforce what they made.
+    applied: tokio::sync::watch::Sender<i64>,
+    snapshot_path: PathBuf,
+    /// The endpoint to connect to next (an index into `cfg.endpoints`, modulo its length).
+    endpoint: std::sync::atomic::AtomicUsize,
+}
+
+/// Least time between two snapshot writes caused by changes (the heartbeat writes the rest).
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(200);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn refusal(op: Operation, code: ErrorCode, message: String) -> Refusal {
+    Refusal::new(op, code, message)
+}
+
+impl Cluster {
+    /// This member, with what it kept of the cluster at its last run.
+    pub(crate) fn new(cfg: ClusterConfig, state_dir: &std::path::Path) -> Cluster {
+        let snapshot_path = state_dir.join("cluster.json");
+        let snap: Snapshot = std::fs::read(&snapshot_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let inner = Inner {
+            saved: snap.revision,
+            applied: snap.revision,
+            alloc_revision: snap.alloc_revision,
+            entries: snap.entries,
+            error: Some("not connected yet".into()),
+            ..Inner::default()
+        };
+        let (applied, _) = tokio::sync::watch::channel(snap.revision);
+        Cluster {
+            cfg,
+            inner: Mutex::new(inner),
+            applied,
+            snapshot_path,
+            endpoint: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}{what}", self.cfg.prefix)
+    }
+
+    pub(crate) fn reservation_key(&self, protocol: Protocol, start: u16) -> String {
+        self.key(&format!("reservations/{}/{start:05}", protocol.as_str()))
+    }
+
+    fn endpoints(&self) -> String {
+        self.cfg.endpoints.join(", ")
+    }
+
+    /// The error of a cluster operation that cannot reach etcd.
+    fn unreachable(&self, op: Operation, what: &str, why: &str) -> Refusal {
+        refusal(
+            op,
+            ErrorCode::Internal,
+            format!(
+                "{what}: etcd is unreachable at {} ({why}); nothing was changed; host-local \
+                 operations keep working and the cluster reservations already made stay \
+                 enforced here; `portres cluster status` shows the link",
+                self.endpoints()
+            ),
+        )
+    }
+
+    /// A connected client, or why not.
+    fn client(&self, op: Operation, what: &str) -> Result<Client, Refusal> {
+        let inner = self.inner.lock().unwrap();
+        match (&inner.client, inner.connected) {
+            (Some(c), true) => Ok(c.clone()),
+            _ => Err(self.unreachable(op, what, inner.error.as_deref().unwrap_or("not connected"))),
+        }
+    }
+
+    /// A connected client, waiting up to the request timeout for the link (it may be moving
+    /// to another endpoint), or why not.
+    async fn linked_client(&self, op: Operation, what: &str) -> Result<Client, Refusal> {
+        let began = std::time::Instant::now();
+        loop {
+            match self.client(op, what) {
+                Ok(c) => return Ok(c),
+                Err(e) if began.elapsed() >= self.cfg.request_timeout => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Whether a failed try of an etcd call that began at `began` may be made again (twice
+    /// the request timeout in all).
+    fn try_again(&self, began: std::time::Instant, what: &str, why: &str) -> bool {
+        let limit = self.cfg.request_timeout;
+        if began.elapsed() + limit / 4 >= limit * 2 {
+            return false;
+        }
+        tracing::debug!("cluster: {what}: {why}; trying again");
+        true
+    }
+
+    /// The cluster reservations this member enforces: all but its own sessions' runtime blocks.
+    fn wanted(&self) -> Vec<Entry> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .entries
+            .iter()
+            .filter(|(_, (e, _))| !(e.runtime && e.node == self.cfg.node))
+            .filter_map(|(k, (e, _))| e.to_entry(k))
+            .collect()
+    }
+
+    /// The cluster reservation overlapping `range`, if any.
+    fn overlapping(&self, protocol: Protocol, range: PortRange) -> Option<(String, ClusterEntry)> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .entries
+            .iter()
+            .find(|(_, (e, _))| {
+                e.range()
+                    .is_some_and(|(p, r)| p == protocol && r.overlaps(range))
+            })
+            .map(|(k, (e, _))| (k.clone(), e.clone()))
+    }
+
+    /// For `show`: the place of a cluster reservation and each live member's state of it.
+    pub(crate) fn entry_info(&self, origin: &ClusterOrigin) -> ClusterEntryInfo {
+        let inner = self.inner.lock().unwrap();
+        let made_at = inner.entries.get(&origin.key).map_or(0, |(_, rev)| *rev);
+        let members = inner
+            .members
+            .values()
+            .map(|m| ClusterMemberState {
+                node: m.node.clone(),
+                state: if let Some(f) = m.failures.iter().find(|f| f.key == origin.key) {
+                    format!("failed: {}", f.why)
+                } else if m.revision < made_at {
+                    "pending".into()
+                } else {
+                    "enforced".into()
+                },
+            })
+            .collect();
+        ClusterEntryInfo {
+            key: origin.key.clone(),
+            node: origin.node.clone(),
+            runtime: origin.runtime,
+            members,
+        }
+    }
+
+    fn record(&self) -> MemberRecord {
+        let inner = self.inner.lock().unwrap();
+        MemberRecord {
+            node: self.cfg.node.clone(),
+            pid: std::process::id(),
+            heartbeat_ms: now_ms(),
+            revision: inner.applied,
+            failures: inner.failures.values().cloned().collect(),
+        }
+    }
+
+    fn set_down(&self, why: String) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.connected {
+            tracing::error!(
+                "cluster: lost etcd at {}: {why}; cluster reservations stay enforced; \
+                 reconnecting",
+                self.endpoints()
+            );
+        }
+        inner.connected = false;
+        inner.client = None;
+        inner.error = Some(why);
+    }
+
+    /// Writes the snapshot if it is behind; with `soon`, only if the last write is at least
+    /// [`SNAPSHOT_EVERY`] old (a burst of changes is written once).
+    fn write_snapshot(&self, soon: bool) {
+        let (bytes, revision) = {
+            let mut inner = self.inner.lock().unwrap();
+            if !inner.dirty
+                || (soon && inner.saved_at.is_some_and(|t| t.elapsed() < SNAPSHOT_EVERY))
+            {
+                return;
+            }
+            inner.dirty = false;
+            inner.saved_at = Some(std::time::Instant::now());
+            (
+                serde_json::to_vec(&Snapshot {
+                    revision: inner.applied,
+                    alloc_revision: inner.alloc_revision,
+                    entries: inner.entries.clone(),
+                }),
+                inner.applied,
+            )
+        };
+        let Ok(bytes) = bytes else { return };
+        let tmp = self.snapshot_path.with_extension("json.tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &self.snapshot_path))
+        {
+            tracing::warn!(error = %e, "cluster: cannot write {}", self.snapshot_path.display());
+            return;
+        }
+        self.inner.lock().unwrap().saved = revision;
+    }
+
+    /// `portres cluster status`.
+    pub(crate) async fn status(&self) -> ClusterInfo {
+        let mut info = {
+            let inner = self.inner.lock().unwrap();
+            ClusterInfo {
+                node: self.cfg.node.clone(),
+                endpoints: self.cfg.endpoints.clone(),
+                prefix: self.cfg.prefix.clone(),
+                connected: inner.connected,
+                error: inner.error.clone(),
+                revision: inner.cluster_revision,
+                applied_revision: inner.applied,
+                saved_revision: inner.saved,
+                reservations: inner.entries.len() as u64,
+                members: Vec::new(),
+            }
+        };
+        let op = Operation::Other;
+        let members: Vec<MemberRecord> = match self.client(op, "cluster status") {
+            Ok(mut c) => {
+                let key = self.key("members/");
+                let got: Result<_, Refusal> = etcd_call!(
+                    self,
+                    op,
+                    "cluster status",
+                    c => c.get(key.clone(), Some(GetOptions::new().with_prefix()))
+                );
+                match got {
+                    Ok(r) => {
+                        if let Some(h) = r.header() {
+                            info.revision = h.revision();
+                        }
+                        r.kvs()
+                            .iter()
+                            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                            .collect()
+                    }
+                    Err(e) => {
+                        info.error = Some(e.message);
+                        self.inner
+                            .lock()
+                            .unwrap()
+                            .members
+                            .values()
+                            .cloned()
+                            .collect()
+                    }
+                }
+            }
+            Err(_) => self
+                .inner
+                .lock()
+                .unwrap()
+                .members
+                .values()
+                .cloned()
+                .collect(),
+        };
+        let now = now_ms();
+        info.members = members
+            .into_iter()
+            .map(|m| ClusterMemberInfo {
+                heartbeat_age_ms: now.saturating_sub(m.heartbeat_ms),
+                behind: (info.revision - m.revision).max(0),
+                node: m.node,
+                pid: m.pid,
+                heartbeat_ms: m.heartbeat_ms,
+                revision: m.revision,
+                failures: m.failures,
+            })
+            .collect();
+        info
+    }
+
+    /// Waits (at most the request timeout) until this member has applied `revision`.
+    async fn wait_applied(&self, revision: i64) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(self.cfg.request_timeout, rx.wait_for(|&r| r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Starts the member's link to the cluster (reconnecting for ever).
+pub(crate) fn start(shared: &Arc<Shared>) {
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let why = match serve(&shared, &cluster).await {
+                Ok(()) => return,
+                Err(why) => why,
+            };
+            cluster.set_down(why);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    });
+}
+
+fn options(cfg: &ClusterConfig) -> Result<ConnectOptions, String> {
+    let mut o = ConnectOptions::new()
+        .with_connect_timeout(cfg.request_timeout)
+        .with_timeout(cfg.request_timeout)
+        .with_keep_alive(Duration::from_secs(1), cfg.request_timeout)
+        .with_keep_alive_while_idle(true);
+    if cfg.ca_file.is_some() || cfg.cert_file.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+        }
+        if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
+            let cert = std::fs::read(c).map_err(|e| format!("cert_file {}: {e}", c.display()))?;
+            let key = std::fs::read(k).map_err(|e| format!("key_file {}: {e}", k.display()))?;
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        o = o.with_tls(tls);
+    }
+    Ok(o)
+}
+
+async fn timed<T>(
+    cluster: &Cluster,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(cluster.cfg.request_timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} ms",
+            cluster.cfg.request_timeout.as_millis()
+        )),
+    }
+}
+
+/// One connection's life: register, catch up, then watch, answer proposals and heartbeat until
+/// something fails.
+async fn serve(shared: &Arc<Shared>, cluster: &Arc<Cluster>) -> Result<(), String> {
+    let cfg = &cluster.cfg;
+    let opts = options(cfg)?;
+    // One endpoint at a time, the next one after a failure: the client's own balancing kept
+    // sending requests to a member that had died (measured: broken pipes for seconds).
+    let n = cluster.endpoint.load(std::sync::atomic::Ordering::Relaxed);
+    let endpoint = cfg.endpoints[n % cfg.endpoints.len()].clone();
+    let failed = |why: String| {
+        cluster
+            .endpoint
+            .store(n.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        format!("{endpoint}: {why}")
+    };
+    let client = timed(
+        cluster,
+        "connect",
+        Client::connect([endpoint.clone()], Some(opts)),
+    )
+    .await
+    .map_err(failed)?;
+    serve_on(shared, cluster, &client, &endpoint)
+        .await
+        .map_err(failed)
+}
+
+async fn serve_on(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    client: &Client,
+    endpoint: &str,
+) -> Result<(), String> {
+    let mut client = client.clone();
+    let cfg = &cluster.cfg;
+    let granted = timed(
+        cluster,
+        "lease grant",
+        client.lease_grant(cfg.lease_ttl_secs as i64, None),
+    )
+    .await?;
+    let lease = granted.id();
+    let now_at = granted.header().map_or(0, |h| h.revision());
+    let (mut keeper, mut keepalive) =
+        timed(cluster, "lease keep-alive", client.lease_keep_alive(lease)).await?;
+    let member_key = cluster.key(&format!("members/{}", cfg.node));
+    put_record(cluster, &mut client, &member_key, lease).await?;
+    // Catch up: from the revision kept at the last run, or a full list.
+    let mut from = {
+        let inner = cluster.inner.lock().unwrap();
+        // A revision beyond etcd's own is from another etcd (its data was replaced).
+        (inner.applied > 0 && inner.applied <= now_at).then_some(inner.applied + 1)
+    };
+    if let Some(r) = from {
+        tracing::info!(
+            "cluster: resuming from revision {r} (applied up to {})",
+            r - 1
+        );
+    }
+    let mut watch = loop {
+        let start = match from {
+            Some(r) => r,
+            None => full_list(shared, cluster, &mut client).await? + 1,
+        };
+        let mut stream = timed(
+            cluster,
+            "watch",
+            client.watch(
+                cluster.cfg.prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(start)
+                        .with_progress_notify(),
+                ),
+            ),
+        )
+        .await?;
+        // The first message says whether the watch was created, or the revision is compacted.
+        let first = timed(cluster, "watch", stream.message())
+            .await?
+            .ok_or("watch closed")?;
+        if first.canceled() {
+            if first.compact_revision() > 0 {
+                tracing::info!(
+                    "cluster: revision {start} is compacted (to {}): listing everything",
+                    first.compact_revision()
+                );
+                from = None;
+                continue;
+            }
+            return Err(format!("watch refused: {}", first.cancel_reason()));
+        }
+        handle_watch(shared, cluster, &client, first).await;
+        break stream;
+    };
+    {
+        let mut inner = cluster.inner.lock().unwrap();
+        inner.client = Some(client.clone());
+        inner.connected = true;
+        inner.error = None;
+    }
+    tracing::info!(
+        "cluster: member {} joined at {endpoint} (lease {lease:x}, ttl {} s)",
+        cfg.node,
+        cfg.lease_ttl_secs
+    );
+    reconcile(shared, cluster).await;
+    // The heartbeat on a task of its own: a reconcile waiting for the persistent lock (an
+    // `apply`, a create) never delays the lease's renewal.
+    let beat = Duration::from_millis((cfg.lease_ttl_secs * 1000 / 3).max(300));
+    let heart = {
+        let (cluster, mut client) = (cluster.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(beat);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    ka = keepalive.message() => match ka {
+                        Ok(Some(r)) if r.ttl() > 0 => {}
+                        Ok(_) => return format!("member lease {lease:x} expired"),
+                        Err(e) => return format!("lease keep-alive: {e}"),
+                    },
+                    _ = tick.tick() => {
+                        if let Err(e) =
+                            timed(&cluster, "lease keep-alive", keeper.keep_alive()).await
+                        {
+                            return e;
+                        }
+                        if let Err(e) = put_record(&cluster, &mut client, &member_key, lease).await
+                        {
+                            return e;
+                        }
+                        cluster.write_snapshot(false);
+                    }
+                }
+            }
+        })
+    };
+    let _stop_heart = AbortOnDrop(heart.abort_handle());
+    let mut heart = heart;
+    let mut retry = tokio::time::interval(beat);
+    retry.tick().await;
+    loop {
+        tokio::select! {
+            msg = watch.message() => {
+                let msg = msg.map_err(|e| format!("watch: {e}"))?.ok_or("watch closed")?;
+                if msg.canceled() {
+                    if msg.compact_revision() > 0 {
+                        // Behind the compaction: the next connection lists everything.
+                        tracing::info!(
+                            "cluster: the revision watched from is compacted (to {}): \
+                             listing everything",
+                            msg.compact_revision()
+                        );
+                        cluster.inner.lock().unwrap().applied = 0;
+                    }
+                    return Err(format!("watch cancelled: {}", msg.cancel_reason()));
+                }
+                if handle_watch(shared, cluster, &client, msg).await {
+                    reconcile(shared, cluster).await;
+                    cluster.write_snapshot(true);
+                }
+            }
+            why = &mut heart => {
+                return Err(why.unwrap_or_else(|e| format!("heartbeat task: {e}")));
+            }
+            _ = retry.tick() => {
+                // What could not be enforced is tried again (the port may be free now).
+                let retry = !cluster.inner.lock().unwrap().failures.is_empty();
+                if retry {
+                    reconcile(shared, cluster).await;
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn put_record(
+    cluster: &Cluster,
+    client: &mut Client,
+    key: &str,
+    lease: i64,
+) -> Result<(), String> {
+    let rec = serde_json::to_vec(&cluster.record()).map_err(|e| e.to_string())?;
+    let r = timed(
+        cluster,
+        "heartbeat",
+        client.put(key, rec, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await?;
+    if let Some(h) = r.header() {
+        cluster.inner.lock().unwrap().cluster_revision = h.revision();
+    }
+    Ok(())
+}
+
+/// Lists every cluster reservation, member and `alloc` at one revision and makes them this
+/// member's view; returns that revision.
+async fn full_list(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    client: &mut Client,
+) -> Result<i64, String> {
+    let txn = Txn::new().and_then([
+        TxnOp::get(
+            cluster.key("reservations/"),
+            Some(GetOptions::new().with_prefix()),
+        ),
+        TxnOp::get(
+            cluster.key("members/"),
+            Some(GetOptions::new().with_prefix()),
+        ),
+        TxnOp::get(cluster.key("alloc"), None),
+    ]);
+    let r = timed(cluster, "list", client.txn(txn)).await?;
+    let revision = r.header().map_or(0, |h| h.revision());
+    let mut gets = r.op_responses().into_iter().filter_map(|o| match o {
+        TxnOpResponse::Get(g) => Some(g),
+        _ => None,
+    });
+    let (res, mem, alloc) = (gets.next(), gets.next(), gets.next());
+    let mut entries = BTreeMap::new();
+    for kv in res.iter().flat_map(|g| g.kvs()) {
+        if let (Ok(k), Ok(e)) = (
+            kv.key_str(),
+            serde_json::from_slice::<ClusterEntry>(kv.value()),
+        ) {
+            entries.insert(k.to_string(), (e, kv.mod_revision()));
+        }
+    }
+    let members = mem
+        .iter()
+        .flat_map(|g| g.kvs())
+        .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
+        .map(|m| (m.node.clone(), m))
+        .collect();
+    let alloc_revision = alloc
+        .and_then(|g| g.kvs().first().map(KeyValue::mod_revision))
+        .unwrap_or(0);
+    {
+        let mut inner = cluster.inner.lock().unwrap();
+        inner.entries = entries;
+        inner.members = members;
+        inner.alloc_revision = alloc_revision;
+        inner.applied = revision;
+        inner.cluster_revision = revision;
+        inner.dirty = true;
+    }
+    reconcile(shared, cluster).await;
+    cluster.applied.send_replace(revision);
+    Ok(revision)
+}
+
+/// Takes in one watch message; answers proposals (on their own tasks). Returns whether the
+/// cluster reservations changed.
+async fn handle_watch(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    client: &Client,
+    msg: etcd_client::WatchResponse,
+) -> bool {
+    let prefix = &cluster.cfg.prefix;
+    let mut changed = false;
+    // A message without events that is not the watch's creation is a progress notice: every
+    // event up to its header's revision was sent. Otherwise the events say how far it is.
+    let mut last = if msg.events().is_empty() && !msg.created() {
+        msg.header().map_or(0, |h| h.revision())
+    } else {
+        0
+    };
+    let mut proposals = Vec::new();
+    {
+        let mut inner = cluster.inner.lock().unwrap();
+        for ev in msg.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            last = last.max(kv.mod_revision());
+            let put = ev.event_type() == EventType::Put;
+            if rest.starts_with("reservations/") {
+                changed = true;
+                inner.dirty = true;
+                if put {
+                    match serde_json::from_slice::<ClusterEntry>(kv.value()) {
+                        Ok(e) => {
+                            inner
+                                .entries
+                                .insert(key.to_string(), (e, kv.mod_revision()));
+                        }
+                        Err(e) => tracing::warn!("cluster: {key} is not a reservation: {e}"),
+                    }
+                } else {
+                    inner.entries.remove(key);
+                    inner.failures.remove(key);
+                }
+            } else if rest == "alloc" {
+                if put {
+                    inner.alloc_revision = kv.mod_revision();
+                }
+            } else if let Some(node) = rest.strip_prefix("members/") {
+                if put {
+                    if let Ok(m) = serde_json::from_slice::<MemberRecord>(kv.value()) {
+                        inner.members.insert(node.to_string(), m);
+                    }
+                } else {
+                    inner.members.remove(node);
+                }
+            } else if let Some(id) = rest.strip_prefix("proposals/")
+                && put
+                && let Ok(e) = serde_json::from_slice::<ClusterEntry>(kv.value())
+            {
+                proposals.push((id.to_string(), e, kv.lease()));
+            }
+        }
+        inner.applied = inner.applied.max(last);
+        inner.cluster_revision = inner.cluster_revision.max(last);
+    }
+    for (id, entry, lease) in proposals {
+        let (shared, cluster, mut client) = (shared.clone(), cluster.clone(), client.clone());
+        tokio::spawn(async move {
+            let verdict = verdict(&shared, &cluster, &entry).await;
+            let key = cluster.key(&format!("verdicts/{id}/{}", cluster.cfg.node));
+            let body = serde_json::to_vec(&verdict).unwrap_or_default();
+            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            if let Err(e) = timed(&cluster, "verdict", client.put(key, body, opts)).await {
+                // A proposal seen again when catching up has long ended (its lease is gone).
+                if e.contains("lease not found") {
+                    tracing::debug!("cluster: proposal {id} has ended");
+                } else {
+                    tracing::warn!("cluster: cannot answer proposal {id}: {e}");
+                }
+            }
+        });
+    }
+    if !changed {
+        cluster.applied.send_replace(last);
+    }
+    changed
+}
+
+/// Whether this member could enforce `entry` now: no reservation of its own overlaps it and no
+/// socket has one of its ports. The creator's own runtime block is its own to check.
+async fn verdict(shared: &Arc<Shared>, cluster: &Cluster, entry: &ClusterEntry) -> Verdict {
+    if entry.runtime && entry.node == cluster.cfg.node {
+        return Verdict {
+            ok: true,
+            why: None,
+        };
+    }
+    let Some((protocol, range)) = entry.range() else {
+        return Verdict {
+            ok: false,
+            why: Some("the proposal is not a valid block".into()),
+        };
+    };
+    let shared = shared.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let st = shared.home();
+        if let Some(r) = st.table.overlapping(protocol, range).next() {
+            let conflict = portres_core::Conflict {
+                protocol,
+                port: r.range.start().max(range.start()),
+                holder: r.holder(),
+            };
+            return Err(conflict.to_string());
+        }
+        if let Some(port) = st.enforcer.first_in_use(protocol, range) {
+            let by = crate::visibility::describe_holder(protocol, port)
+                .unwrap_or_else(|| "a socket".into());
+            return Err(format!("port {port}/{protocol} is in use by {by}"));
+        }
+        Ok(())
+    })
+    .await;
+    match checked {
+        Ok(Ok(())) => Verdict {
+            ok: true,
+            why: None,
+        },
+        Ok(Err(why)) => Verdict {
+            ok: false,
+            why: Some(why),
+        },
+        Err(e) => Verdict {
+            ok: false,
+            why: Some(format!("the check failed: {e}")),
+        },
+    }
+}
+
+/// Makes this member's table hold the cluster reservations: the difference in one change if it
+/// goes through, otherwise one reservation at a time, each that cannot be enforced (a port in
+/// use here, a reservation of this host in the way) recorded as a failure and tried again at
+/// each heartbeat.
+async fn reconcile(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
+    let wanted = cluster.wanted();
+    let _serial = shared.persist_lock.lock().await;
+    let s = shared.clone();
+    let failures = tokio::task::spawn_blocking(move || reconcile_now(&s, &wanted))
+        .await
+        .unwrap_or_default();
+    let changed = {
+        let mut inner = cluster.inner.lock().unwrap();
+        let changed = inner.failures != failures;
+        for (key, f) in &failures {
+            if !inner.failures.contains_key(key) {
+                tracing::error!(
+                    "cluster: cannot enforce cluster reservation {key} here: {}",
+                    f.why
+                );
+            }
+        }
+        inner.failures = failures;
+        changed
+    };
+    let applied = cluster.inner.lock().unwrap().applied;
+    cluster.applied.send_replace(applied);
+    if changed {
+        // Other members see the failure at the next heartbeat.
+        tracing::debug!("cluster: failures changed");
+    }
+}
+
+fn reconcile_now(shared: &Shared, wanted: &[Entry]) -> BTreeMap<String, ClusterFailureInfo> {
+    let is_cluster = |o: &portres_core::Origin| o.cluster.is_some();
+    let p = {
+        let st = shared.home();
+        declared::plan_of(wanted, st.table.reservations(), is_cluster)
+    };
+    let mut failures = BTreeMap::new();
+    if p.is_empty() {
+        return failures;
+    }
+    let owner = Owner {
+        pid: None,
+        uid: shared.own_uid,
+        command: Some("portres daemon (cluster)".into()),
+    };
+    if declared::execute(shared, p, owner.clone()).is_ok() {
+        return failures;
+    }
+    // One at a time: removals first, then changes and additions.
+    let p = {
+        let st = shared.home();
+        declared::plan_of(wanted, st.table.reservations(), is_cluster)
+    };
+    for r in p.remove {
+        let one = Plan {
+            remove: vec![r],
+            ..Plan::default()
+        };
+        let _ = declared::execute(shared, one, owner.clone());
+    }
+    let fail = |e: &Entry, why: String| ClusterFailureInfo {
+        key: e
+            .cluster
+            .as_ref()
+            .map(|c| c.key.clone())
+            .unwrap_or_default(),
+        protocol: e.protocol.as_str().into(),
+        start: e.range.start(),
+        count: e.range.count(),
+        why,
+    };
+    for (r, e) in p.change {
+        let one = Plan {
+            change: vec![(r, e.clone())],
+            ..Plan::default()
+        };
+        if let Err(refused) = declared::execute(shared, one, owner.clone()) {
+            let f = fail(&e, refused.message);
+            failures.insert(f.key.clone(), f);
+        }
+    }
+    for e in p.add {
+        let one = Plan {
+            add: vec![e.clone()],
+            ..Plan::default()
+        };
+        if let Err(refused) = declared::execute(shared, one, owner.clone()) {
+            let f = fail(&e, refused.message);
+            failures.insert(f.key.clone(), f);
+        }
+    }
+    failures
+}
+
+/// `portres persistent add --cluster`: asks every live member, then commits in one
+/// transaction compared against `alloc`; replies once this member enforces it.
+pub(crate) async fn create(
+    shared: &Shared,
+    cluster: &Arc<Cluster>,
+    caller: &Caller,
+    entry: ClusterEntry,
+) -> Result<Reservation, Refusal> {
+    let op = Operation::CreatePersistent;
+    let Some((protocol, range)) = entry.range() else {
+        return Err(refusal(
+            op,
+            ErrorCode::InvalidParameter,
+            "not a valid block".into(),
+        ));
+    };
+    let what = format!("cannot create cluster reservation {range}/{protocol}");
+    if !caller.admin {
+        return Err(refusal(
+            op,
+            ErrorCode::AccessDenied,
+            format!(
+                "{what}: uid {} is not an administrator of this daemon",
+                caller.uid
+            ),
+        ));
+    }
+    let mut client = cluster.linked_client(op, &what).await?;
+    let key = cluster.reservation_key(protocol, range.start());
+    let overlap = |cluster: &Cluster| -> Result<(), Refusal> {
+        if let Some((k, e)) = cluster.overlapping(protocol, range) {
+            return Err(refusal(
+                op,
+                ErrorCode::SharingViolation,
+                format!(
+                    "{what}: it overlaps cluster reservation {} ({k}); delete that one first, \
+                     or choose other ports; nothing was changed",
+                    e.words()
+                ),
+            ));
+        }
+        Ok(())
+    };
+    overlap(cluster)?;
+    // Ask every live member (this one included) whether it could enforce the block now.
+    let ttl = (cluster.cfg.verdict_timeout.as_secs() + 5) as i64;
+    let lease = etcd_call!(cluster, op, &what, client => client.lease_grant(ttl, None))?.id();
+    let revoke = |mut c: Client| async move {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
+    };
+    let id = format!("{lease:x}");
+    let members_key = cluster.key("members/");
+    let asked = etcd_call!(
+        cluster,
+        op,
+        &what,
+        client => client.get(members_key.clone(), Some(GetOptions::new().with_prefix()))
+    );
+    let members: Vec<MemberRecord> = match asked {
+        Ok(r) => r
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect(),
+        Err(e) => {
+            revoke(client.clone()).await;
+            return Err(e);
+        }
+    };
+    let verdicts_prefix = cluster.key(&format!("verdicts/{id}/"));
+    let mut stream = match etcd_call!(
+        cluster,
+        op,
+        &what,
+        client => client.watch(
+            verdicts_prefix.clone(),
+            Some(WatchOptions::new().with_prefix())
+        )
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            revoke(client.clone()).await;
+            return Err(e);
+        }
+    };
+    let body = serde_json::to_vec(&entry).unwrap_or_default();
+    let proposal_key = cluster.key(&format!("proposals/{id}"));
+    if let Err(e) = etcd_call!(
+        cluster,
+        op,
+        &what,
+        client => client.put(
+            proposal_key.clone(),
+            body.clone(),
+            Some(PutOptions::new().with_lease(lease))
+        )
+    ) {
+        revoke(client.clone()).await;
+        return Err(e);
+    }
+    let mut answers: BTreeMap<String, Verdict> = BTreeMap::new();
+    let waited = tokio::time::timeout(cluster.cfg.verdict_timeout, async {
+        while members.iter().any(|m| !answers.contains_key(&m.node)) {
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    for ev in msg.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let (Ok(k), Ok(v)) =
+                            (kv.key_str(), serde_json::from_slice::<Verdict>(kv.value()))
+                        else {
+                            continue;
+                        };
+                        if let Some(node) = k.strip_prefix(verdicts_prefix.as_str()) {
+                            answers.insert(node.to_string(), v);
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let _ = waited;
+    for m in &members {
+        match answers.get(&m.node) {
+            Some(Verdict { ok: true, .. }) => {}
+            Some(Verdict { why, .. }) => {
+                revoke(client.clone()).await;
+                return Err(refusal(
+                    op,
+                    ErrorCode::SharingViolation,
+                    format!(
+                        "{what}: member {} refuses: {}; nothing was changed",
+                        m.node,
+                        why.as_deref().unwrap_or("no reason given")
+                    ),
+                ));
+            }
+            None => {
+                revoke(client.clone()).await;
+                return Err(refusal(
+                    op,
+                    ErrorCode::Internal,
+                    format!(
+                        "{what}: member {} did not answer within {} ms (its last heartbeat \
+                         was {} ms ago; a member that is cut off is dropped {} s after its \
+                         last heartbeat); nothing was changed",
+                        m.node,
+                        cluster.cfg.verdict_timeout.as_millis(),
+                        now_ms().saturating_sub(m.heartbeat_ms),
+                        cluster.cfg.lease_ttl_secs
+                    ),
+                ));
+            }
+        }
+    }
+    // Commit: one transaction, valid only if no create happened since this member's view.
+    let mut committed = None;
+    for _ in 0..20 {
+        if let Err(e) = overlap(cluster) {
+            revoke(client.clone()).await;
+            return Err(e);
+        }
+        let seen = cluster.inner.lock().unwrap().alloc_revision;
+        let alloc = cluster.key("alloc");
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(alloc.clone(), CompareOp::Equal, seen),
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(alloc, id.clone(), None),
+                TxnOp::put(key.clone(), body.clone(), None),
+            ]);
+        let r = match etcd_call!(cluster, op, &what, client => client.txn(txn.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                revoke(client.clone()).await;
+                return Err(e);
+            }
+        };
+        let rev = r.header().map_or(0, |h| h.revision());
+        if r.succeeded() {
+            committed = Some(rev);
+            break;
+        }
+        // Another create won (or an earlier try of this one, whose answer was lost): catch up
+        // with it, then check again.
+        cluster.wait_applied(rev).await;
+        let ours = cluster
+            .inner
+            .lock()
+            .unwrap()
+            .entries
+            .get(&key)
+            .is_some_and(|(e, _)| *e == entry);
+        if ours {
+            committed = Some(rev);
+            break;
+        }
+    }
+    revoke(client.clone()).await;
+    let Some(rev) = committed else {
+        return Err(refusal(
+            op,
+            ErrorCode::Internal,
+            format!("{what}: too many concurrent creates; nothing was changed; try again"),
+        ));
+    };
+    tracing::info!(
+        pid = caller.pid,
+        uid = caller.uid,
+        "cluster: created cluster reservation {range}/{protocol} ({key}) at revision {rev}"
+    );
+    // Reply once this member enforces it.
+    cluster.wait_applied(rev).await;
+    let st = shared.home();
+    let found = st
+        .table
+        .lookup_persistent(protocol, range.start().into(), range.count().into())
+        .ok()
+        .filter(|r| {
+            r.origin()
+                .and_then(|o| o.cluster.as_ref())
+                .is_some_and(|c| c.key == key)
+        })
+        .cloned();
+    drop(st);
+    found.ok_or_else(|| {
+        let why = cluster
+            .inner
+            .lock()
+            .unwrap()
+            .failures
+            .get(&key)
+            .map_or_else(|| "not applied yet".to_string(), |f| f.why.clone());
+        refusal(
+            op,
+            ErrorCode::Internal,
+            format!(
+                "cluster reservation {range}/{protocol} was created in the cluster ({key}) but is \
+                 not enforced on this member: {why}; `portres cluster status` shows each \
+                 member's state"
+            ),
+        )
+    })
+}
+
+/// `portres persistent delete` of a cluster reservation: deleted from the cluster; every
+/// member (this one before the reply) lets it go.
+pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Result<(), Refusal> {
+    let op = Operation::DeletePersistent;
+    let what = format!("cannot delete cluster reservation {words}");
+    let mut client = cluster.linked_client(op, &what).await?;
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Greater, 0)])
+        .and_then([TxnOp::delete(key, None)]);
+    let r = etcd_call!(cluster, op, &what, client => client.txn(txn.clone()))?;
+    let rev = r.header().map_or(0, |h| h.revision());
+    if !r.succeeded() {
+        return Err(refusal(
+            op,
+            ErrorCode::NotFound,
+            format!("{what}: the cluster has no {key} (already deleted)"),
+        ));
+    }
+    tracing::info!("cluster: deleted cluster reservation {words} ({key})");
+    cluster.wait_applied(rev).await;
+    Ok(())
+}
