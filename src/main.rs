@@ -153,6 +153,10 @@ enum Command {
         /// Pass the ports to CMD as bound sockets (systemd's LISTEN_FDS).
         #[arg(long)]
         listen: bool,
+        /// A block free on every live member of the daemon's cluster (cluster mode), kept free
+        /// on each while CMD runs.
+        #[arg(long)]
+        cluster: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<OsString>,
@@ -475,8 +479,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             start,
             listen,
+            cluster,
             cmd,
-        } => run_cmd::run(&cli.client()?, protocol, *start, *count, *listen, cmd),
+        } => run_cmd::run(
+            &cli.client()?,
+            protocol,
+            *start,
+            *count,
+            *listen,
+            *cluster,
+            cmd,
+        ),
         Command::Store {
             op: StoreOp::Restore { state_dir },
         } => daemon_cmd::store_restore(state_dir.clone(), cli.json),

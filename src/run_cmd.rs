@@ -16,12 +16,17 @@ pub fn run(
     start: Option<u32>,
     count: u32,
     listen: bool,
+    cluster: bool,
     cmd: &[OsString],
 ) -> anyhow::Result<ExitCode> {
     // With --listen the ports arrive as sockets, so the block is held; without, the command
     // binds the ports itself, so the block is in `exclude` mode.
     let mode = if listen { Mode::Hold } else { Mode::Exclude };
-    let block = client.acquire_with(protocol, start.unwrap_or(0), count, mode)?;
+    let block = if cluster {
+        client.acquire_in_cluster(protocol, start.unwrap_or(0), count, mode)?
+    } else {
+        client.acquire_with(protocol, start.unwrap_or(0), count, mode)?
+    };
     let r = block.range();
     // Under the deny layer, this process and everything it starts (the command and its
     // descendants) become the block's owner: they bind its ports by number, everyone else is

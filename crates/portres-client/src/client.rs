@@ -612,12 +612,39 @@ impl Client {
         count: u32,
         mode: Mode,
     ) -> Result<Reservation, Error> {
+        self.acquire_request(protocol, start, count, mode, false)
+    }
+
+    /// Cluster mode: acquires a block that is free on every live member of the daemon's
+    /// cluster (`start` 0: any such block of the dynamic range). It is held here as any runtime
+    /// block, and kept free on every other member until it is released, this client's
+    /// connection ends, or this host's daemon is gone for longer than the cluster's
+    /// `lease_ttl_secs`.
+    pub fn acquire_in_cluster(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+        mode: Mode,
+    ) -> Result<Reservation, Error> {
+        self.acquire_request(protocol, start, count, mode, true)
+    }
+
+    fn acquire_request(
+        &self,
+        protocol: Protocol,
+        start: u32,
+        count: u32,
+        mode: Mode,
+        cluster: bool,
+    ) -> Result<Reservation, Error> {
         let (start, count) = block_fields(Operation::AcquireRuntime, protocol, start, count)?;
         let r = self.expect_reservation(Request::Acquire {
             protocol,
             start,
             count,
             mode: Some(mode),
+            cluster,
         })?;
         let (token, protocol, range, mode) = parse_ref(r)?;
         self.lock().tokens.insert(token.get());

@@ -26,7 +26,7 @@ use etcd_client::{
 };
 use portres_core::{
     Acl, Caller, ClusterOrigin, ErrorCode, Mode, Operation, Owner, PortRange, Protocol, Refusal,
-    Reservation,
+    Reservation, SessionId, Token,
 };
 use portres_proto::{
     ClusterEntryInfo, ClusterFailureInfo, ClusterInfo, ClusterMemberInfo, ClusterMemberState,
@@ -207,6 +207,16 @@ pub(crate) struct Cluster {
     snapshot_path: PathBuf,
     /// The endpoint to connect to next (an index into `cfg.endpoints`, modulo its length).
     endpoint: std::sync::atomic::AtomicUsize,
+    /// This member's sessions' runtime blocks in the cluster.
+    runtime: Mutex<RuntimeBlocks>,
+}
+
+/// The runtime blocks this member granted: each block's key by token, and each session's
+/// lease (the blocks' keys are attached to it) with the task that keeps it alive.
+#[derive(Default)]
+struct RuntimeBlocks {
+    blocks: std::collections::HashMap<Token, (SessionId, String)>,
+    sessions: std::collections::HashMap<SessionId, (i64, tokio::task::AbortHandle)>,
 }
 
 /// Least time between two snapshot writes caused by changes (the heartbeat writes the rest).
@@ -245,6 +255,7 @@ impl Cluster {
             applied,
             snapshot_path,
             endpoint: std::sync::atomic::AtomicUsize::new(0),
+            runtime: Mutex::new(RuntimeBlocks::default()),
         }
     }
 
@@ -283,14 +294,14 @@ impl Cluster {
         }
     }
 
-    /// A connected client, waiting up to the request timeout for the link (it may be moving
-    /// to another endpoint), or why not.
+    /// A connected client, waiting up to twice the request timeout for the link (it may be
+    /// moving to another endpoint, which may be electing a leader), or why not.
     async fn linked_client(&self, op: Operation, what: &str) -> Result<Client, Refusal> {
         let began = std::time::Instant::now();
         loop {
             match self.client(op, what) {
                 Ok(c) => return Ok(c),
-                Err(e) if began.elapsed() >= self.cfg.request_timeout => return Err(e),
+                Err(e) if began.elapsed() >= self.cfg.request_timeout * 2 => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -329,6 +340,123 @@ impl Cluster {
                     .is_some_and(|(p, r)| p == protocol && r.overlaps(range))
             })
             .map(|(k, (e, _))| (k.clone(), e.clone()))
+    }
+
+    /// For `show`: a runtime block of this member's that is held in the cluster.
+    pub(crate) fn runtime_info(&self, token: Token) -> Option<ClusterEntryInfo> {
+        let key = self.runtime.lock().unwrap().blocks.get(&token)?.1.clone();
+        Some(self.entry_info(&ClusterOrigin {
+            key,
+            node: self.cfg.node.clone(),
+            runtime: true,
+        }))
+    }
+
+    /// A runtime block of this member was released: out of the cluster.
+    pub(crate) fn released(self: &Arc<Self>, token: Token) {
+        let Some((_, key)) = self.runtime.lock().unwrap().blocks.remove(&token) else {
+            return;
+        };
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
+                // Its lease ends with the session, or with this daemon.
+                return;
+            };
+            if let Err(e) = timed(&cluster, "release", client.delete(key.clone(), None)).await {
+                tracing::warn!("cluster: cannot delete {key}: {e}; it goes with its session");
+            }
+        });
+    }
+
+    /// A session ended: its lease is revoked (its blocks leave the cluster).
+    pub(crate) fn session_ended(self: &Arc<Self>, session: SessionId) {
+        let lease = {
+            let mut rt = self.runtime.lock().unwrap();
+            rt.blocks.retain(|_, (s, _)| *s != session);
+            rt.sessions.remove(&session)
+        };
+        let Some((lease, keepalive)) = lease else {
+            return;
+        };
+        keepalive.abort();
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
+                // Not renewed any more: it expires after lease_ttl_secs.
+                return;
+            };
+            if let Err(e) = timed(&cluster, "lease revoke", client.lease_revoke(lease)).await {
+                tracing::warn!(
+                    "cluster: cannot revoke lease {lease:x} of session {session}: {e}; it \
+                     expires after {} s",
+                    cluster.cfg.lease_ttl_secs
+                );
+            }
+        });
+    }
+
+    /// The lease of `session`'s runtime blocks: granted at its first, then kept alive by a task
+    /// of its own (over whichever connection the member has) until the session ends.
+    async fn session_lease(
+        self: &Arc<Self>,
+        session: SessionId,
+        client: &mut Client,
+        op: Operation,
+        what: &str,
+    ) -> Result<i64, Refusal> {
+        if let Some((lease, _)) = self.runtime.lock().unwrap().sessions.get(&session) {
+            return Ok(*lease);
+        }
+        let ttl = self.cfg.lease_ttl_secs as i64;
+        let mut client = client.clone();
+        let lease = etcd_call!(self, op, what, client => client.lease_grant(ttl, None))?.id();
+        let cluster = self.clone();
+        let task = tokio::spawn(async move { cluster.keep_lease_alive(lease).await });
+        self.runtime
+            .lock()
+            .unwrap()
+            .sessions
+            .insert(session, (lease, task.abort_handle()));
+        Ok(lease)
+    }
+
+    /// Renews `lease` every third of its time to live, over the member's current connection,
+    /// until aborted (the session ended) or the lease is gone.
+    async fn keep_lease_alive(self: Arc<Self>, lease: i64) {
+        let beat = Duration::from_millis((self.cfg.lease_ttl_secs * 1000 / 3).max(300));
+        loop {
+            let Ok(mut client) = self.client(Operation::Other, "lease") else {
+                tokio::time::sleep(beat / 4).await;
+                continue;
+            };
+            let Ok(Ok((mut keeper, mut stream))) =
+                tokio::time::timeout(self.cfg.request_timeout, client.lease_keep_alive(lease))
+                    .await
+            else {
+                tokio::time::sleep(beat / 4).await;
+                continue;
+            };
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(self.cfg.request_timeout, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => {
+                        tracing::error!(
+                            "cluster: lease {lease:x} of a session's runtime blocks expired \
+                             (this member was out of touch for longer than {} s): the other \
+                             members no longer keep those blocks free",
+                            self.cfg.lease_ttl_secs
+                        );
+                        return;
+                    }
+                    _ => break,
+                }
+                tokio::time::sleep(beat).await;
+            }
+        }
     }
 
     /// For `show`: the place of a cluster reservation and each live member's state of it.
@@ -510,6 +638,10 @@ pub(crate) fn start(shared: &Arc<Shared>) {
                 Ok(()) => return,
                 Err(why) => why,
             };
+            // A link that was up starts over with a short pause.
+            if cluster.inner.lock().unwrap().connected {
+                backoff = Duration::from_millis(100);
+            }
             cluster.set_down(why);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -1082,6 +1214,67 @@ pub(crate) async fn create(
     }
     let mut client = cluster.linked_client(op, &what).await?;
     let key = cluster.reservation_key(protocol, range.start());
+    let rev = propose_and_commit(cluster, &mut client, op, &what, &entry, None).await?;
+    tracing::info!(
+        pid = caller.pid,
+        uid = caller.uid,
+        "cluster: created cluster reservation {range}/{protocol} ({key}) at revision {rev}"
+    );
+    // Reply once this member enforces it.
+    cluster.wait_applied(rev).await;
+    let st = shared.home();
+    let found = st
+        .table
+        .lookup_persistent(protocol, range.start().into(), range.count().into())
+        .ok()
+        .filter(|r| {
+            r.origin()
+                .and_then(|o| o.cluster.as_ref())
+                .is_some_and(|c| c.key == key)
+        })
+        .cloned();
+    drop(st);
+    found.ok_or_else(|| {
+        let why = cluster
+            .inner
+            .lock()
+            .unwrap()
+            .failures
+            .get(&key)
+            .map_or_else(|| "not applied yet".to_string(), |f| f.why.clone());
+        refusal(
+            op,
+            ErrorCode::Internal,
+            format!(
+                "cluster reservation {range}/{protocol} was created in the cluster ({key}) but is \
+                 not enforced on this member: {why}; `portres cluster status` shows each \
+                 member's state"
+            ),
+        )
+    })
+}
+
+/// The create protocol (docs/cluster.md, "How it works"): refuses an overlap with a cluster
+/// reservation, asks every live member for its verdict, then commits `entry` in one
+/// transaction compared against `alloc` (attached to `lease`: a runtime block). Returns the
+/// commit's revision.
+async fn propose_and_commit(
+    cluster: &Arc<Cluster>,
+    client: &mut Client,
+    op: Operation,
+    what: &str,
+    entry: &ClusterEntry,
+    lease_of_key: Option<i64>,
+) -> Result<i64, Refusal> {
+    let mut client = client.clone();
+    let Some((protocol, range)) = entry.range() else {
+        return Err(refusal(
+            op,
+            ErrorCode::InvalidParameter,
+            "not a valid block".into(),
+        ));
+    };
+    let key = cluster.reservation_key(protocol, range.start());
     let overlap = |cluster: &Cluster| -> Result<(), Refusal> {
         if let Some((k, e)) = cluster.overlapping(protocol, range) {
             return Err(refusal(
@@ -1099,7 +1292,7 @@ pub(crate) async fn create(
     overlap(cluster)?;
     // Ask every live member (this one included) whether it could enforce the block now.
     let ttl = (cluster.cfg.verdict_timeout.as_secs() + 5) as i64;
-    let lease = etcd_call!(cluster, op, &what, client => client.lease_grant(ttl, None))?.id();
+    let lease = etcd_call!(cluster, op, what, client => client.lease_grant(ttl, None))?.id();
     let revoke = |mut c: Client| async move {
         let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
     };
@@ -1108,7 +1301,7 @@ pub(crate) async fn create(
     let asked = etcd_call!(
         cluster,
         op,
-        &what,
+        what,
         client => client.get(members_key.clone(), Some(GetOptions::new().with_prefix()))
     );
     let members: Vec<MemberRecord> = match asked {
@@ -1126,7 +1319,7 @@ pub(crate) async fn create(
     let mut stream = match etcd_call!(
         cluster,
         op,
-        &what,
+        what,
         client => client.watch(
             verdicts_prefix.clone(),
             Some(WatchOptions::new().with_prefix())
@@ -1143,7 +1336,7 @@ pub(crate) async fn create(
     if let Err(e) = etcd_call!(
         cluster,
         op,
-        &what,
+        what,
         client => client.put(
             proposal_key.clone(),
             body.clone(),
@@ -1225,9 +1418,13 @@ pub(crate) async fn create(
             ])
             .and_then([
                 TxnOp::put(alloc, id.clone(), None),
-                TxnOp::put(key.clone(), body.clone(), None),
+                TxnOp::put(
+                    key.clone(),
+                    body.clone(),
+                    lease_of_key.map(|l| PutOptions::new().with_lease(l)),
+                ),
             ]);
-        let r = match etcd_call!(cluster, op, &what, client => client.txn(txn.clone())) {
+        let r = match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
             Ok(r) => r,
             Err(e) => {
                 revoke(client.clone()).await;
@@ -1248,58 +1445,133 @@ pub(crate) async fn create(
             .unwrap()
             .entries
             .get(&key)
-            .is_some_and(|(e, _)| *e == entry);
+            .is_some_and(|(e, _)| e == entry);
         if ours {
             committed = Some(rev);
             break;
         }
     }
     revoke(client.clone()).await;
-    let Some(rev) = committed else {
-        return Err(refusal(
-            op,
-            ErrorCode::Internal,
-            format!("{what}: too many concurrent creates; nothing was changed; try again"),
-        ));
-    };
-    tracing::info!(
-        pid = caller.pid,
-        uid = caller.uid,
-        "cluster: created cluster reservation {range}/{protocol} ({key}) at revision {rev}"
-    );
-    // Reply once this member enforces it.
-    cluster.wait_applied(rev).await;
-    let st = shared.home();
-    let found = st
-        .table
-        .lookup_persistent(protocol, range.start().into(), range.count().into())
-        .ok()
-        .filter(|r| {
-            r.origin()
-                .and_then(|o| o.cluster.as_ref())
-                .is_some_and(|c| c.key == key)
-        })
-        .cloned();
-    drop(st);
-    found.ok_or_else(|| {
-        let why = cluster
-            .inner
-            .lock()
-            .unwrap()
-            .failures
-            .get(&key)
-            .map_or_else(|| "not applied yet".to_string(), |f| f.why.clone());
+    committed.ok_or_else(|| {
         refusal(
             op,
             ErrorCode::Internal,
-            format!(
-                "cluster reservation {range}/{protocol} was created in the cluster ({key}) but is \
-                 not enforced on this member: {why}; `portres cluster status` shows each \
-                 member's state"
-            ),
+            format!("{what}: too many concurrent creates; nothing was changed; try again"),
         )
     })
 }
+
+/// `acquire` in the cluster (`portres run --cluster`): a block of this member's table (held
+/// here as any runtime block of the session), then the create protocol for it as a runtime
+/// entry attached to the session's lease. A wildcard block that some member refuses is kept
+/// aside while the next one is tried (up to [`WILDCARD_TRIES`]).
+pub(crate) async fn acquire(
+    shared: &Shared,
+    cluster: &Arc<Cluster>,
+    caller: &Caller,
+    protocol: Protocol,
+    start: u32,
+    count: u32,
+    mode: Mode,
+) -> Result<Reservation, Refusal> {
+    let op = Operation::AcquireRuntime;
+    let what = if start == 0 {
+        format!("cannot reserve {count} ports/{protocol} in the cluster")
+    } else {
+        format!("cannot reserve {count} ports/{protocol} from {start} in the cluster")
+    };
+    let mut client = cluster.linked_client(op, &what).await?;
+    let lease = cluster
+        .session_lease(caller.session, &mut client, op, &what)
+        .await?;
+    let mut aside = Vec::new();
+    let mut outcome = None;
+    // A wildcard block starts at a random port of the dynamic range: members acquiring at
+    // the same time would otherwise all pick the same lowest free block and refuse each other.
+    let dynamic = shared.home().table.config().dynamic_range;
+    let mut tries = 0;
+    while tries < WILDCARD_TRIES {
+        tries += 1;
+        let at = if start == 0 {
+            let room = u32::from(dynamic.count()).saturating_sub(count);
+            let offset = (portres_core::TokenSource::random_u64(&mut crate::handlers::OsRandom)
+                % u64::from(room + 1)) as u32;
+            u32::from(dynamic.start()) + offset
+        } else {
+            start
+        };
+        let r = match crate::handlers::acquire_here(shared, caller, protocol, at, count, mode) {
+            Ok(r) => r,
+            // Taken here: another random block.
+            Err(e)
+                if start == 0 && e.code != ErrorCode::QuotaExceeded && tries < WILDCARD_TRIES =>
+            {
+                outcome = Some(Err(e));
+                continue;
+            }
+            Err(e) => {
+                outcome = Some(Err(e));
+                break;
+            }
+        };
+        let entry = ClusterEntry {
+            protocol: protocol.as_str().into(),
+            start: r.range.start(),
+            count: r.range.count(),
+            mode: mode.as_str().into(),
+            allow_users: Vec::new(),
+            allow_groups: Vec::new(),
+            description: None,
+            node: cluster.cfg.node.clone(),
+            runtime: true,
+            created: r.created,
+            creator_uid: caller.uid,
+            creator_command: r.owner.command.clone(),
+        };
+        let key = cluster.reservation_key(protocol, r.range.start());
+        // Known before the commit, so that the block is the session's from its first event.
+        cluster
+            .runtime
+            .lock()
+            .unwrap()
+            .blocks
+            .insert(r.token, (caller.session, key.clone()));
+        match propose_and_commit(cluster, &mut client, op, &what, &entry, Some(lease)).await {
+            Ok(rev) => {
+                tracing::info!(
+                    pid = caller.pid, uid = caller.uid, token = %r.token,
+                    "cluster: runtime block {}/{protocol} ({key}) granted at revision {rev}",
+                    r.range
+                );
+                outcome = Some(Ok(r));
+                break;
+            }
+            Err(e) => {
+                cluster.runtime.lock().unwrap().blocks.remove(&r.token);
+                let refused = e.code == ErrorCode::SharingViolation;
+                aside.push(r);
+                if start != 0 || !refused {
+                    outcome = Some(Err(e));
+                    break;
+                }
+                outcome = Some(Err(e));
+            }
+        }
+    }
+    for r in &aside {
+        crate::handlers::release_here(shared, caller, r);
+    }
+    outcome.unwrap_or_else(|| {
+        Err(refusal(
+            op,
+            ErrorCode::Internal,
+            format!("{what}: no block was tried"),
+        ))
+    })
+}
+
+/// Wildcard blocks tried before a cluster acquire gives up.
+const WILDCARD_TRIES: usize = 32;
 
 /// `portres persistent delete` of a cluster reservation: deleted from the cluster; every
 /// member (this one before the reply) lets it go.

@@ -155,20 +155,15 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             start,
             count,
             mode: m,
+            cluster,
         } => {
             let m = m.unwrap_or(Mode::Hold);
             let (start, count) = (u32::from(start), u32::from(count));
-            let mut st = shared.space(caller.session);
-            quota_across_namespaces(&st, caller, count)?;
-            let State {
-                table, enforcer, ..
-            } = &mut *st;
-            let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
-            if let Ok(r) = &result {
-                st.keep(r, false);
+            if cluster {
+                let r = acquire_in_cluster(shared, caller, p, start, count, m).await?;
+                return Ok((reservation_ref(&r), None));
             }
-            log_outcome(caller, "acquire", &result);
-            result.map(|r| (reservation_ref(&r), None))
+            acquire_here(shared, caller, p, start, count, m).map(|r| (reservation_ref(&r), None))
         }
         Request::Release { token } => {
             let op = Operation::ReleaseRuntime;
@@ -178,6 +173,14 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
             if let Ok(r) = &result {
                 st.retire(r);
                 st.sync_keeper();
+            }
+            drop(st);
+            #[cfg(feature = "cluster")]
+            if result.is_ok()
+                && let Some(c) = &shared.cluster
+                && let Some(t) = portres_core::Token::new(t)
+            {
+                c.released(t);
             }
             log_outcome(caller, "release", &result);
             result.map(|_| (Reply::Done, None))
@@ -892,6 +895,16 @@ impl RowExtras {
     /// lock).
     fn add_cluster<'a>(&mut self, shared: &Shared, rs: impl Iterator<Item = &'a Reservation>) {
         for r in rs {
+            // A runtime block of this member's that is held in the cluster.
+            #[cfg(feature = "cluster")]
+            if let Some(info) = shared
+                .cluster
+                .as_ref()
+                .and_then(|cl| cl.runtime_info(r.token))
+            {
+                self.cluster.insert(r.token, info);
+                continue;
+            }
             let Some(c) = r.origin().and_then(|o| o.cluster.as_ref()) else {
                 continue;
             };
@@ -1007,7 +1020,9 @@ fn reservation_info(
             }
             .to_string()
         }),
-        scope: if r.origin().is_some_and(|o| o.cluster.is_some()) {
+        scope: if extras.cluster.contains_key(&r.token)
+            || r.origin().is_some_and(|o| o.cluster.is_some())
+        {
             "cluster"
         } else {
             "host"
@@ -1470,6 +1485,62 @@ fn cluster_of(shared: &Shared, op: Operation) -> Result<Arc<crate::cluster::Clus
                 .to_string(),
         )
     })
+}
+
+/// A runtime reservation of this host (`acquire`).
+pub(crate) fn acquire_here(
+    shared: &Shared,
+    caller: &Caller,
+    p: Protocol,
+    start: u32,
+    count: u32,
+    m: Mode,
+) -> Result<Reservation, Refusal> {
+    let mut st = shared.space(caller.session);
+    quota_across_namespaces(&st, caller, count)?;
+    let State {
+        table, enforcer, ..
+    } = &mut *st;
+    let result = table.acquire(caller, p, start, count, m, now(), &mut OsRandom, enforcer);
+    if let Ok(r) = &result {
+        st.keep(r, false);
+    }
+    log_outcome(caller, "acquire", &result);
+    result
+}
+
+/// Releases runtime reservation `r` of `caller`'s session (a cluster acquire that did not go
+/// through).
+#[cfg(feature = "cluster")]
+pub(crate) fn release_here(shared: &Shared, caller: &Caller, r: &Reservation) {
+    let mut st = shared.space(caller.session);
+    if let Ok(r) = st.table.release(caller, r.token.get()) {
+        st.retire(&r);
+        st.sync_keeper();
+    }
+}
+
+/// `acquire` with `cluster`: a block free on every live member.
+async fn acquire_in_cluster(
+    shared: &Shared,
+    caller: &Caller,
+    p: Protocol,
+    start: u32,
+    count: u32,
+    m: Mode,
+) -> Result<Reservation, Refusal> {
+    let op = Operation::AcquireRuntime;
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (shared, caller, p, start, count, m);
+        Err(no_cluster(op))
+    }
+    #[cfg(feature = "cluster")]
+    {
+        let c = cluster_of(shared, op)?;
+        outside_home(shared, caller, op)?;
+        crate::cluster::acquire(shared, &c, caller, p, start, count, m).await
+    }
 }
 
 /// `persistent add --cluster`.

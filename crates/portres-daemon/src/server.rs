@@ -413,6 +413,10 @@ pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u
     }
     state.sync_keeper();
     drop(state);
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &shared.cluster {
+        c.session_ended(id);
+    }
     shared.spaces().session_closed(id);
     shared.session_ended.notify_waiters();
     schedule_background_work(shared);

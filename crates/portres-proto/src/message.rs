@@ -83,6 +83,10 @@ pub enum Request {
         /// `"hold"` (default) or `"exclude"`.
         #[serde(default, with = "fields::mode")]
         mode: Option<Mode>,
+        /// A block free on every live member of the cluster (cluster mode), kept free on each
+        /// while this session lives. Protocol version 2.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cluster: bool,
     },
     /// Release a runtime reservation of this process.
     Release {

@@ -16,6 +16,8 @@ struct Fabric {
     members: usize,
     /// Hosts attached so far (each takes 10.77.0.(10 + index)).
     hosts: usize,
+    /// The members' `request_timeout_ms` (and `verdict_timeout_ms`).
+    timeout_ms: u64,
 }
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -46,6 +48,7 @@ impl Fabric {
             etcd: Vec::new(),
             members,
             hosts: 0,
+            timeout_ms: 3000,
         };
         for i in 0..members {
             let child = f.spawn_etcd(i, true);
@@ -85,7 +88,7 @@ impl Fabric {
                 if new { "new" } else { "existing" },
             ])
             .args(["--initial-cluster-token", "portres-test"])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -170,7 +173,8 @@ impl Fabric {
             .join(", ");
         let config = format!(
             "{extra}\n[cluster]\nendpoints = [{endpoints}]\nnode = \"{node}\"\n\
-             lease_ttl_secs = 3\nverdict_timeout_ms = 3000\nrequest_timeout_ms = 3000\n"
+             lease_ttl_secs = 3\nverdict_timeout_ms = {t}\nrequest_timeout_ms = {t}\n",
+            t = self.timeout_ms
         );
         let d = TestDaemon::with_setup(&config, &setup);
         wait_connected(&d);
@@ -517,6 +521,8 @@ fn one_etcd_member_of_three_killed_and_operations_continue() {
         return;
     }
     let mut f = Fabric::new(3);
+    // A new leader is elected when the dead member led: a second or more on a loaded machine.
+    f.timeout_ms = 6000;
     let a = f.host("host-a");
     let b = f.host("host-b");
     wait_members(&a, 2);
@@ -563,4 +569,166 @@ fn a_member_cut_off_is_waited_for_then_dropped_and_reconciles_when_back() {
     wait_until("host-c reconciles", Duration::from_secs(15), || {
         enforces(&c, 9951)
     });
+}
+
+/// The ports of `PORTRES_PORTS` (`FIRST-LAST` or one port).
+fn ports_of(line: &str) -> (u16, u16) {
+    let line = line.trim();
+    match line.split_once('-') {
+        Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+        None => (line.parse().unwrap(), line.parse().unwrap()),
+    }
+}
+
+/// `portres run --cluster` on `d`, its command waiting for its standard input to close.
+fn run_in_cluster(d: &TestDaemon, args: &[&str]) -> (std::process::Child, (u16, u16)) {
+    let mut child = spawn(
+        d.cli()
+            .args(["run", "--cluster"])
+            .args(args)
+            .args(["--", "sh", "-c", "echo $PORTRES_PORTS; cat >/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let line = first_line(&mut child);
+    (child, ports_of(&line))
+}
+
+#[test]
+fn a_cluster_runtime_block_is_kept_free_everywhere_until_its_session_or_host_ends() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::new(1);
+    let mut a = f.host("host-a");
+    let b = f.host("host-b");
+    let c = f.host("host-c");
+    wait_members(&a, 3);
+    // A port bound on host-b refuses that block, naming the member and the holder.
+    let listener = b.bind_tcp(40100);
+    let out = run(a.cli().args([
+        "run",
+        "--cluster",
+        "--start",
+        "40100",
+        "--count",
+        "2",
+        "--",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("member host-b refuses") && err.contains("40100"),
+        "{err}"
+    );
+    assert!(!enforces(&c, 40100));
+    // host-a let its own block go (its sysctl write follows the reply).
+    wait_until("host-a lets it go", Duration::from_secs(5), || {
+        !enforces(&a, 40100)
+    });
+    drop(listener);
+    // A wildcard block: held on host-a, kept free on the others while the command runs.
+    let (mut child, (first, last)) = run_in_cluster(&a, &["--count", "4"]);
+    assert_eq!(last - first, 3);
+    for h in [&b, &c] {
+        wait_until("a member keeps it free", Duration::from_secs(10), || {
+            enforces(h, first) && enforces(h, last)
+        });
+        let row = show(h)
+            .into_iter()
+            .find(|r| r["start"] == first)
+            .expect("the block is shown");
+        assert_eq!(row["scope"], "cluster");
+        assert_eq!(row["cluster"]["runtime"], true);
+        assert_eq!(row["cluster"]["node"], "host-a");
+    }
+    let row = show(&a).into_iter().find(|r| r["start"] == first).unwrap();
+    assert_eq!(
+        (row["kind"].as_str(), row["scope"].as_str()),
+        (Some("runtime"), Some("cluster"))
+    );
+    // Another member cannot take any of it.
+    let out = run(c.cli().args([
+        "run",
+        "--cluster",
+        "--start",
+        &last.to_string(),
+        "--",
+        "true",
+    ]));
+    assert!(!out.status.success(), "{out:?}");
+    // The command ends: the block leaves every member.
+    close(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    for h in [&b, &c] {
+        wait_until("a member lets it go", Duration::from_secs(10), || {
+            !enforces(h, first) && !show(h).iter().any(|r| r["start"] == first)
+        });
+    }
+    // The granting host dies: its blocks are freed everywhere once its lease runs out.
+    let (_child, (first, _)) = run_in_cluster(&a, &["--count", "2"]);
+    wait_until("host-c keeps it free", Duration::from_secs(10), || {
+        enforces(&c, first)
+    });
+    a.kill9();
+    wait_until(
+        "host-c frees it after the lease time",
+        Duration::from_secs(15),
+        || !enforces(&c, first),
+    );
+    assert!(!show(&b).iter().any(|r| r["start"] == first));
+}
+
+#[test]
+fn concurrent_cluster_acquires_from_three_members_never_overlap() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::new(1);
+    let hosts: Vec<TestDaemon> = ["host-a", "host-b", "host-c"]
+        .iter()
+        .map(|n| f.host(n))
+        .collect();
+    wait_members(&hosts[0], 3);
+    // Every grant is held until all are made: blocks released meanwhile could be granted again.
+    type Grants = (Vec<(String, u32, u32)>, Vec<portres_client::Reservation>);
+    let granted: Vec<Grants> = std::thread::scope(|s| {
+        let handles: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                let client = h.client();
+                let node = h.socket.display().to_string();
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    let mut held = Vec::new();
+                    for _ in 0..10 {
+                        let r = client
+                            .acquire_in_cluster(
+                                portres_client::Protocol::Tcp,
+                                0,
+                                3,
+                                portres_client::Mode::Exclude,
+                            )
+                            .expect("a cluster acquire");
+                        got.push((
+                            node.clone(),
+                            u32::from(r.range().start()),
+                            u32::from(r.range().last()),
+                        ));
+                        held.push(r);
+                    }
+                    (got, held)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (got, held): (Vec<_>, Vec<_>) = granted.into_iter().unzip();
+    let mut all: Vec<(String, u32, u32)> = got.into_iter().flatten().collect();
+    assert_eq!(all.len(), 30);
+    all.sort_by_key(|g| g.1);
+    for w in all.windows(2) {
+        assert!(w[0].2 < w[1].1, "overlapping grants: {w:?}");
+    }
+    drop(held);
 }
