@@ -3,7 +3,8 @@
 # psutil) in a virtualenv, and runs the harness as root in a private network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p portres -p portres-bench
+# Cluster mode is built in (BENCH_ONLY=cluster needs protoc to build, and Debian's etcd-server).
+cargo build --release --locked -p portres -p portres-bench --features portres/cluster,portres-bench/cluster
 venv=target/bench-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"

@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "cluster")]
+mod cluster_bench;
+
 use anyhow::{Context, Result, bail};
 use portres_client::{Client, Mode, PersistentSpec, Protocol};
 use portres_core::{
@@ -1297,9 +1300,8 @@ fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,portserver,netns,apply runs only
-    // those sections
-    // (default: all).
+    // BENCH_ONLY=rpc,grants,allocator,hold,restart,deny,live,show,who,portserver,netns,apply,cluster
+    // runs only those sections (default: all but cluster, which needs etcd).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
     if run("rpc") || run("grants") {
@@ -1344,6 +1346,13 @@ fn main() -> Result<()> {
     }
     if run("apply") {
         section_apply(&bin, &dir)?;
+    }
+    // Only when asked for: it needs etcd (Debian's etcd-server) and a build with `cluster`.
+    if only.split(',').any(|o| o.trim() == "cluster") {
+        #[cfg(feature = "cluster")]
+        cluster_bench::section_cluster(&bin, &dir)?;
+        #[cfg(not(feature = "cluster"))]
+        println!("### Cluster mode\n\n(not run: build portres-bench with --features cluster)\n");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -1221,7 +1221,12 @@ pub(crate) async fn create(
         "cluster: created cluster reservation {range}/{protocol} ({key}) at revision {rev}"
     );
     // Reply once this member enforces it.
+    let t = std::time::Instant::now();
     cluster.wait_applied(rev).await;
+    tracing::debug!(
+        "cluster: {key}: enforced here {:?} after the commit",
+        t.elapsed()
+    );
     let st = shared.home();
     let found = st
         .table
@@ -1290,20 +1295,43 @@ async fn propose_and_commit(
         Ok(())
     };
     overlap(cluster)?;
-    // Ask every live member (this one included) whether it could enforce the block now.
+    let began = std::time::Instant::now();
+    // Ask every live member (this one included) whether it could enforce the block now: the
+    // proposal's lease, the live members and the watch of the answers at once.
     let ttl = (cluster.cfg.verdict_timeout.as_secs() + 5) as i64;
-    let lease = etcd_call!(cluster, op, what, client => client.lease_grant(ttl, None))?.id();
-    let revoke = |mut c: Client| async move {
-        let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
-    };
-    let id = format!("{lease:x}");
-    let members_key = cluster.key("members/");
-    let asked = etcd_call!(
-        cluster,
-        op,
-        what,
-        client => client.get(members_key.clone(), Some(GetOptions::new().with_prefix()))
+    let id = format!(
+        "{:016x}",
+        portres_core::TokenSource::random_u64(&mut crate::handlers::OsRandom)
     );
+    let members_key = cluster.key("members/");
+    let verdicts_prefix = cluster.key(&format!("verdicts/{id}/"));
+    let (mut c1, mut c2, mut c3) = (client.clone(), client.clone(), client.clone());
+    let (granted, asked, watched) = tokio::join!(
+        async { etcd_call!(cluster, op, what, c1 => c1.lease_grant(ttl, None)) },
+        async {
+            etcd_call!(
+                cluster,
+                op,
+                what,
+                c2 => c2.get(members_key.clone(), Some(GetOptions::new().with_prefix()))
+            )
+        },
+        async {
+            etcd_call!(
+                cluster,
+                op,
+                what,
+                c3 => c3.watch(verdicts_prefix.clone(), Some(WatchOptions::new().with_prefix()))
+            )
+        },
+    );
+    let lease = granted?.id();
+    // The proposal and its verdicts go with their lease, after the reply.
+    let revoke = |mut c: Client| {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
+        });
+    };
     let members: Vec<MemberRecord> = match asked {
         Ok(r) => r
             .kvs()
@@ -1311,23 +1339,14 @@ async fn propose_and_commit(
             .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
             .collect(),
         Err(e) => {
-            revoke(client.clone()).await;
+            revoke(client.clone());
             return Err(e);
         }
     };
-    let verdicts_prefix = cluster.key(&format!("verdicts/{id}/"));
-    let mut stream = match etcd_call!(
-        cluster,
-        op,
-        what,
-        client => client.watch(
-            verdicts_prefix.clone(),
-            Some(WatchOptions::new().with_prefix())
-        )
-    ) {
+    let mut stream = match watched {
         Ok(w) => w,
         Err(e) => {
-            revoke(client.clone()).await;
+            revoke(client.clone());
             return Err(e);
         }
     };
@@ -1343,7 +1362,7 @@ async fn propose_and_commit(
             Some(PutOptions::new().with_lease(lease))
         )
     ) {
-        revoke(client.clone()).await;
+        revoke(client.clone());
         return Err(e);
     }
     let mut answers: BTreeMap<String, Verdict> = BTreeMap::new();
@@ -1369,11 +1388,12 @@ async fn propose_and_commit(
     })
     .await;
     let _ = waited;
+    let verdicts_after = began.elapsed();
     for m in &members {
         match answers.get(&m.node) {
             Some(Verdict { ok: true, .. }) => {}
             Some(Verdict { why, .. }) => {
-                revoke(client.clone()).await;
+                revoke(client.clone());
                 return Err(refusal(
                     op,
                     ErrorCode::SharingViolation,
@@ -1385,7 +1405,7 @@ async fn propose_and_commit(
                 ));
             }
             None => {
-                revoke(client.clone()).await;
+                revoke(client.clone());
                 return Err(refusal(
                     op,
                     ErrorCode::Internal,
@@ -1406,7 +1426,7 @@ async fn propose_and_commit(
     let mut committed = None;
     for _ in 0..20 {
         if let Err(e) = overlap(cluster) {
-            revoke(client.clone()).await;
+            revoke(client.clone());
             return Err(e);
         }
         let seen = cluster.inner.lock().unwrap().alloc_revision;
@@ -1427,7 +1447,7 @@ async fn propose_and_commit(
         let r = match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
             Ok(r) => r,
             Err(e) => {
-                revoke(client.clone()).await;
+                revoke(client.clone());
                 return Err(e);
             }
         };
@@ -1451,7 +1471,12 @@ async fn propose_and_commit(
             break;
         }
     }
-    revoke(client.clone()).await;
+    revoke(client.clone());
+    tracing::debug!(
+        "cluster: {key}: verdicts after {:?}, committed after {:?}",
+        verdicts_after,
+        began.elapsed()
+    );
     committed.ok_or_else(|| {
         refusal(
             op,
