@@ -166,7 +166,7 @@ enum Command {
         #[command(subcommand)]
         op: PersistentOp,
     },
-    /// Cluster mode (a daemon with [cluster] in its configuration).
+    /// Cluster mode (a daemon with `[cluster]` in its configuration).
     Cluster {
         #[command(subcommand)]
         op: ClusterOp,
