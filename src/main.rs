@@ -331,7 +331,11 @@ fn apply(cli: &Cli, yes: bool, check: bool) -> anyhow::Result<ExitCode> {
     }
     let applied = client.apply(false, Some(&shown.digest))?;
     output::applied(&applied, cli.json);
-    Ok(ExitCode::SUCCESS)
+    Ok(if applied.cluster_errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

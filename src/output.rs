@@ -698,6 +698,11 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
             Some(l) => format!("{}:{l}", printable(&c.file)),
             None => printable(&c.file).to_string(),
         };
+        // A reservation of the whole cluster (an entry with `cluster = true`).
+        let block = match c.scope.as_deref() {
+            Some("cluster") => format!("{block} [cluster]"),
+            _ => block,
+        };
         match c.action {
             portres_client::ChangeAction::Add => println!(
                 "  + add     {} {block}: {} ({at})",
@@ -741,4 +746,13 @@ pub fn applied(a: &portres_client::ApplyInfo, json: bool) {
         a.changed,
         a.removed
     );
+    if !a.cluster_errors.is_empty() {
+        println!(
+            "but {} changes of cluster reservations were not made (this host's were):",
+            a.cluster_errors.len()
+        );
+        for e in &a.cluster_errors {
+            println!("  {}", printable(e));
+        }
+    }
 }

@@ -87,6 +87,9 @@ pub(crate) struct ClusterEntry {
     pub(crate) creator_uid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) creator_command: Option<String>,
+    /// The reservation file that declares it (`cluster = true`; managed by `portres apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file: Option<String>,
 }
 
 impl ClusterEntry {
@@ -126,7 +129,26 @@ impl ClusterEntry {
             mode,
             acl,
             description: self.description.clone(),
+            in_cluster: true,
         })
+    }
+
+    fn acl(&self) -> Acl {
+        declared::normalised(Acl {
+            users: self.allow_users.clone(),
+            groups: self.allow_groups.clone(),
+        })
+    }
+
+    /// As the reservation files' difference shows it.
+    fn diff_words(&self) -> String {
+        let mode: Mode = self.mode.parse().unwrap_or(Mode::Exclude);
+        declared::words(
+            mode,
+            &self.acl(),
+            self.description.as_deref(),
+            self.file.as_deref(),
+        )
     }
 
     fn words(&self) -> String {
@@ -481,6 +503,10 @@ impl Cluster {
             key: origin.key.clone(),
             node: origin.node.clone(),
             runtime: origin.runtime,
+            file: inner
+                .entries
+                .get(&origin.key)
+                .and_then(|(e, _)| e.file.clone()),
             members,
         }
     }
@@ -794,6 +820,10 @@ async fn serve_on(
         cfg.lease_ttl_secs
     );
     reconcile(shared, cluster).await;
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move { add_declared(&shared).await });
+    }
     // The heartbeat on a task of its own: a reconcile waiting for the persistent lock (an
     // `apply`, a create) never delays the lease's renewal.
     let beat = Duration::from_millis((cfg.lease_ttl_secs * 1000 / 3).max(300));
@@ -1552,6 +1582,7 @@ pub(crate) async fn acquire(
             created: r.created,
             creator_uid: caller.uid,
             creator_command: r.owner.command.clone(),
+            file: None,
         };
         let key = cluster.reservation_key(protocol, r.range.start());
         // Known before the commit, so that the block is the session's from its first event.
@@ -1619,4 +1650,258 @@ pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Re
     tracing::info!("cluster: deleted cluster reservation {words} ({key})");
     cluster.wait_applied(rev).await;
     Ok(())
+}
+
+/// The difference between the entries with `cluster = true` and the cluster reservations that
+/// came from files, as this member sees the cluster.
+pub(crate) struct FilesPlan {
+    add: Vec<Entry>,
+    /// (key, its mod revision, now, wanted)
+    change: Vec<(String, i64, ClusterEntry, Entry)>,
+    /// (key, its mod revision, now)
+    remove: Vec<(String, i64, ClusterEntry)>,
+}
+
+/// A file's entry as a cluster reservation.
+fn file_entry(cluster: &Cluster, e: &Entry, uid: u32) -> ClusterEntry {
+    ClusterEntry {
+        protocol: e.protocol.as_str().into(),
+        start: e.range.start(),
+        count: e.range.count(),
+        mode: e.mode.as_str().into(),
+        allow_users: e.acl.users.clone(),
+        allow_groups: e.acl.groups.clone(),
+        description: e.description.clone(),
+        node: cluster.cfg.node.clone(),
+        runtime: false,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        creator_uid: uid,
+        creator_command: Some(format!("portres apply ({})", e.file)),
+        file: Some(e.file.clone()),
+    }
+}
+
+/// `apply`'s cluster part: what the entries with `cluster = true` change (`only_add`: only the
+/// additions).
+pub(crate) fn files_part(
+    cluster: &Arc<Cluster>,
+    entries: &[Entry],
+    only_add: bool,
+) -> declared::ClusterPart {
+    let have: BTreeMap<(String, u16, u16), (String, i64, ClusterEntry)> = {
+        let inner = cluster.inner.lock().unwrap();
+        inner
+            .entries
+            .iter()
+            .filter(|(_, (e, _))| e.file.is_some() && !e.runtime)
+            .map(|(k, (e, rev))| {
+                (
+                    (e.protocol.clone(), e.start, e.count),
+                    (k.clone(), *rev, e.clone()),
+                )
+            })
+            .collect()
+    };
+    let mut have = have;
+    let mut plan = FilesPlan {
+        add: Vec::new(),
+        change: Vec::new(),
+        remove: Vec::new(),
+    };
+    let mut part = declared::ClusterPart::default();
+    for e in entries {
+        match have.remove(&(
+            e.protocol.as_str().to_string(),
+            e.range.start(),
+            e.range.count(),
+        )) {
+            None => plan.add.push(e.clone()),
+            Some((key, rev, now)) => {
+                let same = now.mode == e.mode.as_str()
+                    && now.acl() == e.acl
+                    && now.description == e.description
+                    && now.file.as_deref() == Some(e.file.as_str());
+                if same {
+                    part.unchanged += 1;
+                } else if !only_add {
+                    plan.change.push((key, rev, now, e.clone()));
+                }
+            }
+        }
+    }
+    if !only_add {
+        plan.remove = have.into_values().collect();
+    }
+    let change = |action, e: Option<&Entry>, now: Option<&ClusterEntry>| {
+        let (protocol, start, count, file, line) = match (e, now) {
+            (Some(e), _) => (
+                e.protocol.as_str().to_string(),
+                e.range.start(),
+                e.range.count(),
+                e.file.clone(),
+                Some(e.line),
+            ),
+            (None, Some(n)) => (
+                n.protocol.clone(),
+                n.start,
+                n.count,
+                n.file.clone().unwrap_or_default(),
+                None,
+            ),
+            (None, None) => unreachable!("a change has an entry or a reservation"),
+        };
+        portres_proto::ApplyChange {
+            action,
+            protocol,
+            start,
+            count,
+            file,
+            line,
+            before: now.map(ClusterEntry::diff_words),
+            after: e.map(|e| declared::entry_words(e, false)),
+            scope: Some("cluster".into()),
+        }
+    };
+    use portres_proto::ChangeAction;
+    for e in &plan.add {
+        part.changes.push(change(ChangeAction::Add, Some(e), None));
+    }
+    for (_, _, now, e) in &plan.change {
+        part.changes
+            .push(change(ChangeAction::Change, Some(e), Some(now)));
+    }
+    for (_, _, now) in &plan.remove {
+        part.changes
+            .push(change(ChangeAction::Remove, None, Some(now)));
+    }
+    part.added = plan.add.len() as u64;
+    part.changed = plan.change.len() as u64;
+    part.removed = plan.remove.len() as u64;
+    part.work = Some((cluster.clone(), plan));
+    part
+}
+
+/// Makes `plan`'s changes in the cluster, one at a time (an addition through the create
+/// protocol, so every live member must be able to enforce it); returns those that failed.
+pub(crate) async fn apply_files(
+    shared: &Shared,
+    cluster: &Arc<Cluster>,
+    plan: FilesPlan,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty() {
+        return errors;
+    }
+    let op = Operation::CreatePersistent;
+    let what = "cannot apply the cluster entries of the reservation files";
+    let mut client = match cluster.linked_client(op, what).await {
+        Ok(c) => c,
+        Err(e) => return vec![e.message],
+    };
+    let mut last = 0;
+    for (key, rev, now) in &plan.remove {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, *rev)])
+            .and_then([TxnOp::delete(key.clone(), None)]);
+        match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
+            Ok(r) if r.succeeded() => last = last.max(r.header().map_or(0, |h| h.revision())),
+            Ok(_) => errors.push(format!(
+                "{}: cluster reservation {} changed meanwhile; not removed",
+                now.file.as_deref().unwrap_or("?"),
+                now.words()
+            )),
+            Err(e) => errors.push(e.message),
+        }
+    }
+    for (key, rev, _, e) in &plan.change {
+        let mut wanted = file_entry(cluster, e, shared.own_uid);
+        if let Some((now, _)) = cluster.inner.lock().unwrap().entries.get(key) {
+            (wanted.node, wanted.created) = (now.node.clone(), now.created);
+        }
+        let body = serde_json::to_vec(&wanted).unwrap_or_default();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, *rev)])
+            .and_then([TxnOp::put(key.clone(), body, None)]);
+        match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
+            Ok(r) if r.succeeded() => last = last.max(r.header().map_or(0, |h| h.revision())),
+            Ok(_) => errors.push(format!(
+                "{}: cluster reservation {key} changed meanwhile; not changed",
+                e.at()
+            )),
+            Err(err) => errors.push(format!("{}: {}", e.at(), err.message)),
+        }
+    }
+    for e in &plan.add {
+        let entry = file_entry(cluster, e, shared.own_uid);
+        let what = format!(
+            "{}: cannot create cluster reservation {}/{}",
+            e.at(),
+            e.range,
+            e.protocol
+        );
+        match propose_and_commit(cluster, &mut client, op, &what, &entry, None).await {
+            Ok(rev) => last = last.max(rev),
+            // Another member applying the same files made it first.
+            Err(_) if declared_by_another(cluster, e) => {}
+            Err(err) => errors.push(err.message),
+        }
+    }
+    cluster.wait_applied(last).await;
+    for e in &errors {
+        tracing::error!("reservation files: {e}");
+    }
+    errors
+}
+
+/// Whether the cluster has a reservation from files exactly as `e` declares it.
+fn declared_by_another(cluster: &Cluster, e: &Entry) -> bool {
+    let inner = cluster.inner.lock().unwrap();
+    inner.entries.values().any(|(c, _)| {
+        !c.runtime
+            && c.protocol == e.protocol.as_str()
+            && c.start == e.range.start()
+            && c.count == e.range.count()
+            && c.mode == e.mode.as_str()
+            && c.acl() == e.acl
+            && c.description == e.description
+            && c.file.as_deref() == Some(e.file.as_str())
+    })
+}
+
+/// Once a member has joined: the entries of its reservation files with `cluster = true` that
+/// the cluster lacks are created (only added: another member's files may be newer; `portres
+/// apply` makes the whole difference).
+async fn add_declared(shared: &Arc<Shared>) {
+    let Some(dir) = shared.config.reservations_dir.clone() else {
+        return;
+    };
+    let owner = shared.own_uid;
+    let Ok(Ok(Some(declared))) =
+        tokio::task::spawn_blocking(move || declared::read_dir(&dir, owner)).await
+    else {
+        return;
+    };
+    let entries: Vec<Entry> = declared
+        .entries
+        .into_iter()
+        .filter(|e| e.in_cluster)
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    match declared::cluster_part(shared, &entries, true) {
+        Ok(part) if part.added > 0 => {
+            let errors = declared::run_cluster_part(shared, part).await;
+            if !errors.is_empty() {
+                shared.set_declared_problem(Some(format!(
+                    "cluster entries not applied: {}",
+                    errors.join("; ")
+                )));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => shared.set_declared_problem(Some(e.message)),
+    }
 }

@@ -48,6 +48,7 @@ struct EntryDoc {
     #[serde(default)]
     groups: Vec<IdDoc>,
     description: Option<String>,
+    cluster: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +77,8 @@ pub(crate) struct Entry {
     pub(crate) mode: Mode,
     pub(crate) acl: Acl,
     pub(crate) description: Option<String>,
+    /// `cluster = true`: a reservation of the whole cluster (cluster mode), not of this host.
+    pub(crate) in_cluster: bool,
 }
 
 impl Entry {
@@ -274,6 +277,7 @@ pub(crate) fn parse_file(name: &str, text: &str) -> Result<Vec<Entry>, String> {
             mode,
             acl: normalised(Acl { users, groups }),
             description: e.description.filter(|d| !d.trim().is_empty()),
+            in_cluster: e.cluster.unwrap_or(false),
         });
     }
     Ok(entries)
@@ -372,7 +376,12 @@ pub(crate) fn plan_of<'a>(
 }
 
 /// An entry or a reservation in words, for the difference shown.
-fn words(mode: Mode, acl: &Acl, description: Option<&str>, file: Option<&str>) -> String {
+pub(crate) fn words(
+    mode: Mode,
+    acl: &Acl,
+    description: Option<&str>,
+    file: Option<&str>,
+) -> String {
     let mut s = format!("{mode}");
     let names = |ids: &[u32], f: &dyn Fn(u32) -> Option<String>| -> String {
         ids.iter()
@@ -402,7 +411,7 @@ fn words(mode: Mode, acl: &Acl, description: Option<&str>, file: Option<&str>) -
 }
 
 /// An entry in words; with its file when `with_file` (a change that moves it between files).
-fn entry_words(e: &Entry, with_file: bool) -> String {
+pub(crate) fn entry_words(e: &Entry, with_file: bool) -> String {
     let file = with_file.then_some(e.file.as_str());
     words(e.mode, &e.acl, e.description.as_deref(), file)
 }
@@ -414,8 +423,8 @@ fn reservation_words(r: &Reservation, with_file: bool) -> String {
 }
 
 /// The difference as the wire carries it, and its digest.
-fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
-    let mut out = Vec::new();
+fn changes(p: &Plan, cluster: Vec<ApplyChange>) -> (Vec<ApplyChange>, String) {
+    let mut out = cluster;
     for e in &p.add {
         out.push(ApplyChange {
             action: ChangeAction::Add,
@@ -426,6 +435,7 @@ fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
             line: Some(e.line),
             before: None,
             after: Some(entry_words(e, false)),
+            scope: None,
         });
     }
     for (r, e) in &p.change {
@@ -439,6 +449,7 @@ fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
             line: Some(e.line),
             before: Some(reservation_words(r, moved)),
             after: Some(entry_words(e, moved)),
+            scope: None,
         });
     }
     for r in &p.remove {
@@ -451,6 +462,7 @@ fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
             line: None,
             before: Some(reservation_words(r, false)),
             after: None,
+            scope: None,
         });
     }
     out.sort_by(|a, b| (&a.protocol, a.start).cmp(&(&b.protocol, b.start)));
@@ -458,8 +470,8 @@ fn changes(p: &Plan) -> (Vec<ApplyChange>, String) {
     let mut key = String::new();
     for c in &out {
         key += &format!(
-            "{:?} {} {} {} {} {:?} {:?};",
-            c.action, c.protocol, c.start, c.count, c.file, c.before, c.after
+            "{:?} {} {} {} {} {:?} {:?} {:?};",
+            c.action, c.protocol, c.start, c.count, c.file, c.before, c.after, c.scope
         );
     }
     let digest = format!("{:08x}", crc32fast::hash(key.as_bytes()));
@@ -510,17 +522,23 @@ pub(crate) async fn apply(
             )
         })?
         .unwrap_or_default();
+    let (host_entries, cluster_entries): (Vec<Entry>, Vec<Entry>) = declared
+        .entries
+        .iter()
+        .cloned()
+        .partition(|e| !e.in_cluster);
     let p = {
         let st = shared.home();
-        let p = plan(&declared.entries, st.table.reservations());
+        let p = plan(&host_entries, st.table.reservations());
         precheck(&st, &p)?;
         p
     };
-    if p.is_empty() {
+    let part = cluster_part(shared, &cluster_entries, false)?;
+    if p.is_empty() && part.is_empty() {
         // The files are readable and the daemon holds what they say: no problem left.
         shared.set_declared_problem(None);
     }
-    let (mut list, digest) = changes(&p);
+    let (mut list, digest) = changes(&p, part.changes.clone());
     // One frame holds the reply: the first changes, up to about 40 KiB of them, and the
     // counts of all (the digest covers all).
     let total = list.len();
@@ -539,13 +557,14 @@ pub(crate) async fn apply(
         dir: dir.display().to_string(),
         files,
         changes: list,
-        added: p.add.len() as u64,
-        changed: p.change.len() as u64,
-        removed: p.remove.len() as u64,
+        added: p.add.len() as u64 + part.added,
+        changed: p.change.len() as u64 + part.changed,
+        removed: p.remove.len() as u64 + part.removed,
         not_listed: (total - listed) as u64,
-        unchanged: p.unchanged,
+        unchanged: p.unchanged + part.unchanged,
         digest: digest.clone(),
         applied: false,
+        cluster_errors: Vec::new(),
     };
     if dry_run {
         return Ok(info);
@@ -571,9 +590,91 @@ pub(crate) async fn apply(
         execute(shared, p, owner)?;
         crate::handlers::compact_journal_if_due(shared).await;
     }
-    shared.set_declared_problem(None);
+    // The cluster's part after this host's, without the lock: every member (this one too)
+    // takes it to apply what the cluster commits.
+    drop(_serial);
+    info.cluster_errors = run_cluster_part(shared, part).await;
+    if info.cluster_errors.is_empty() {
+        shared.set_declared_problem(None);
+    } else {
+        shared.set_declared_problem(Some(format!(
+            "cluster entries not applied: {}",
+            info.cluster_errors.join("; ")
+        )));
+    }
     info.applied = true;
     Ok(info)
+}
+
+/// The cluster's part of an apply: the entries with `cluster = true` against the cluster
+/// reservations that came from files (each member's files are meant to be the same).
+#[derive(Default)]
+pub(crate) struct ClusterPart {
+    pub(crate) changes: Vec<ApplyChange>,
+    pub(crate) added: u64,
+    pub(crate) changed: u64,
+    pub(crate) removed: u64,
+    pub(crate) unchanged: u64,
+    #[cfg(feature = "cluster")]
+    pub(crate) work: Option<(
+        std::sync::Arc<crate::cluster::Cluster>,
+        crate::cluster::FilesPlan,
+    )>,
+}
+
+impl ClusterPart {
+    fn is_empty(&self) -> bool {
+        self.added + self.changed + self.removed == 0
+    }
+}
+
+/// What the cluster entries would change (`only_add`: additions only, as at start, when a
+/// member's files may be older than the others').
+pub(crate) fn cluster_part(
+    shared: &Shared,
+    entries: &[Entry],
+    only_add: bool,
+) -> Result<ClusterPart, Refusal> {
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (shared, only_add);
+        match entries.first() {
+            None => Ok(ClusterPart::default()),
+            Some(e) => Err(refusal(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "{}: cluster = true, but this portres was built without cluster mode (the \
+                     `cluster` feature); nothing was changed",
+                    e.at()
+                ),
+            )),
+        }
+    }
+    #[cfg(feature = "cluster")]
+    match &shared.cluster {
+        Some(c) => Ok(crate::cluster::files_part(c, entries, only_add)),
+        None => match entries.first() {
+            None => Ok(ClusterPart::default()),
+            Some(e) => Err(refusal(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "{}: cluster = true, but this daemon is not in cluster mode (no [cluster] in \
+                     its configuration); nothing was changed",
+                    e.at()
+                ),
+            )),
+        },
+    }
+}
+
+/// Makes the cluster's part of an apply; returns the changes that failed, in words.
+pub(crate) async fn run_cluster_part(shared: &Shared, part: ClusterPart) -> Vec<String> {
+    #[cfg(feature = "cluster")]
+    if let Some((c, plan)) = part.work {
+        return crate::cluster::apply_files(shared, &c, plan).await;
+    }
+    let _ = (shared, part);
+    Vec::new()
 }
 
 /// What applying `p` would run into, found without changing anything (so `--check` reports it
@@ -923,9 +1024,20 @@ pub(crate) fn apply_at_start(shared: &Shared) {
             return;
         }
     };
+    let (host, cluster): (Vec<Entry>, Vec<Entry>) = declared
+        .entries
+        .iter()
+        .cloned()
+        .partition(|e| !e.in_cluster);
+    // Entries with `cluster = true` are the cluster's: added once this member has joined it
+    // (`cluster.rs`); here only whether they can be.
+    if let Err(e) = cluster_part(shared, &cluster, true) {
+        tracing::error!("reservation files: {}", e.message);
+        shared.set_declared_problem(Some(e.message));
+    }
     let p = {
         let st = shared.home();
-        plan(&declared.entries, st.table.reservations())
+        plan(&host, st.table.reservations())
     };
     if p.is_empty() {
         return;

@@ -929,6 +929,7 @@ fn cluster_entry_alone(c: &portres_core::ClusterOrigin) -> portres_proto::Cluste
         key: c.key.clone(),
         node: c.node.clone(),
         runtime: c.runtime,
+        file: None,
         members: Vec::new(),
     }
 }
@@ -1029,7 +1030,10 @@ fn reservation_info(
         }
         .into(),
         cluster: extras.cluster.get(&r.token).cloned(),
-        file: r.origin().and_then(|o| o.file.clone()),
+        file: r
+            .origin()
+            .and_then(|o| o.file.clone())
+            .or_else(|| extras.cluster.get(&r.token).and_then(|c| c.file.clone())),
         description: r.origin().and_then(|o| o.description.clone()),
         binds: extras.binds.get(&r.token).cloned(),
         netns: None,
@@ -1601,6 +1605,7 @@ async fn create_in_cluster(
             created: now(),
             creator_uid: caller.uid,
             creator_command: portres_sys::process::command_line(caller.pid),
+            file: None,
         };
         crate::cluster::create(shared, &c, caller, entry).await
     }

@@ -476,6 +476,9 @@ pub struct ClusterEntryInfo {
     /// A runtime block of another member, kept free here.
     #[serde(default)]
     pub runtime: bool,
+    /// The reservation file that declares it (`cluster = true` entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// Each live member's state of it: `"enforced"` or `"failed: WHY"`.
     #[serde(default)]
     pub members: Vec<ClusterMemberState>,
@@ -525,6 +528,10 @@ pub struct ApplyInfo {
     pub digest: String,
     /// Whether the difference was applied (false for a dry run).
     pub applied: bool,
+    /// Changes of cluster reservations (entries with `cluster = true`) that could not be made,
+    /// each with its file and why (this host's part was applied, all or nothing, before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_errors: Vec<String>,
 }
 
 /// One difference between the files and the daemon.
@@ -549,6 +556,10 @@ pub struct ApplyChange {
     /// What the files ask for (added, changed), in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// `"cluster"` for an entry with `cluster = true` (a reservation of the whole cluster);
+    /// absent for this host's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// The kind of an [`ApplyChange`].

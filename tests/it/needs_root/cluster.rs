@@ -732,3 +732,85 @@ fn concurrent_cluster_acquires_from_three_members_never_overlap() {
     }
     drop(held);
 }
+
+#[test]
+fn reservation_file_entries_with_cluster_true_are_the_clusters() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::new(1);
+    // Both members have the same files (as configuration management would give them).
+    let files = tempfile::tempdir().unwrap();
+    let text = "[[reservation]]\nports = 9300\ncluster = true\ndescription = \"agents\"\n\n\
+                [[reservation]]\nports = 9310\n";
+    std::fs::write(files.path().join("fleet.toml"), text).unwrap();
+    let extra = format!("reservations_dir = \"{}\"\n", files.path().display());
+    let a = f.host_with("host-a", &extra);
+    let b = f.host_with("host-b", &extra);
+    wait_members(&a, 2);
+    // At start each member adds what the cluster lacks: one cluster reservation, and each
+    // host its own 9310.
+    for h in [&a, &b] {
+        wait_until(
+            "the file's cluster entry is enforced",
+            Duration::from_secs(15),
+            || enforces(h, 9300),
+        );
+        let rows = show(h);
+        let c = rows.iter().find(|r| r["start"] == 9300).unwrap();
+        assert_eq!(c["scope"], "cluster");
+        assert!(c["file"].as_str().unwrap().ends_with("/fleet.toml"), "{c}");
+        assert_eq!(c["description"], "agents");
+        let local = rows.iter().find(|r| r["start"] == 9310).unwrap();
+        assert_eq!(local["scope"], "host");
+    }
+    let out = run(a.cli().args(["apply", "--check"]));
+    assert!(out.status.success(), "nothing to do: {out:?}");
+    // A changed entry, applied on one member: changed on every member.
+    std::fs::write(
+        files.path().join("fleet.toml"),
+        text.replace("\"agents\"", "\"the fleet's agents\""),
+    )
+    .unwrap();
+    let out = run(a.cli().args(["apply", "--check"]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("9300 [cluster]"), "{listed}");
+    let out = run(a.cli().args(["apply", "--yes"]));
+    assert!(out.status.success(), "{out:?}");
+    wait_until("host-b sees the change", Duration::from_secs(10), || {
+        show(&b)
+            .iter()
+            .any(|r| r["start"] == 9300 && r["description"] == "the fleet's agents")
+    });
+    // The entry removed from the files: the cluster reservation goes from every member.
+    std::fs::write(
+        files.path().join("fleet.toml"),
+        "[[reservation]]\nports = 9310\n",
+    )
+    .unwrap();
+    let out = run(b.cli().args(["--json", "apply", "--yes"]));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["removed"], 1);
+    for h in [&a, &b] {
+        wait_until("every member lets it go", Duration::from_secs(10), || {
+            !enforces(h, 9300)
+        });
+        assert!(enforces(h, 9310));
+    }
+    // Without cluster mode, such an entry is refused with its file and line.
+    let plain = TestDaemon::with_config(&extra);
+    std::fs::write(
+        files.path().join("fleet.toml"),
+        "[[reservation]]\nports = 9300\ncluster = true\n",
+    )
+    .unwrap();
+    let out = run(plain.cli().args(["apply", "--yes"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("fleet.toml:1")
+            && err.contains("not in cluster mode"),
+        "{err}"
+    );
+}
