@@ -195,6 +195,9 @@ struct Snapshot {
     revision: i64,
     alloc_revision: i64,
     entries: BTreeMap<String, (ClusterEntry, i64)>,
+    /// The lease of each runtime block's key.
+    #[serde(default)]
+    leases: BTreeMap<String, i64>,
 }
 
 #[derive(Default)]
@@ -210,6 +213,8 @@ struct Inner {
     alloc_revision: i64,
     /// Cluster reservations by key, with their mod revision.
     entries: BTreeMap<String, (ClusterEntry, i64)>,
+    /// The lease of each runtime block's key (to renew its own after a restart).
+    leases: BTreeMap<String, i64>,
     members: BTreeMap<String, MemberRecord>,
     /// Cluster reservations this member failed to enforce, by key.
     failures: BTreeMap<String, ClusterFailureInfo>,
@@ -267,6 +272,7 @@ impl Cluster {
             applied: snap.revision,
             alloc_revision: snap.alloc_revision,
             entries: snap.entries,
+            leases: snap.leases,
             error: Some("not connected yet".into()),
             ..Inner::default()
         };
@@ -391,12 +397,35 @@ impl Cluster {
         });
     }
 
-    /// A session ended: its lease is revoked (its blocks leave the cluster).
-    pub(crate) fn session_ended(self: &Arc<Self>, session: SessionId) {
+    /// A session ended: its lease is revoked (its blocks leave the cluster). `now_of` says
+    /// which session a block belongs to now: a block a client attached to its new connection
+    /// after a restart (`attach`) lives on, and so does the lease, renewed for that session.
+    pub(crate) fn session_ended(
+        self: &Arc<Self>,
+        session: SessionId,
+        now_of: impl Fn(Token) -> Option<SessionId>,
+    ) {
         let lease = {
             let mut rt = self.runtime.lock().unwrap();
+            let mut moved_to = None;
+            for (token, (s, _)) in rt.blocks.iter_mut() {
+                if *s == session
+                    && let Some(now) = now_of(*token)
+                    && now != session
+                {
+                    *s = now;
+                    moved_to = Some(now);
+                }
+            }
             rt.blocks.retain(|_, (s, _)| *s != session);
-            rt.sessions.remove(&session)
+            let lease = rt.sessions.remove(&session);
+            match (moved_to, lease) {
+                (Some(now), Some(l)) => {
+                    rt.sessions.entry(now).or_insert(l);
+                    return;
+                }
+                (_, lease) => lease,
+            }
         };
         let Some((lease, keepalive)) = lease else {
             return;
@@ -553,6 +582,7 @@ impl Cluster {
                     revision: inner.applied,
                     alloc_revision: inner.alloc_revision,
                     entries: inner.entries.clone(),
+                    leases: inner.leases.clone(),
                 }),
                 inner.applied,
             )
@@ -820,6 +850,7 @@ async fn serve_on(
         cfg.lease_ttl_secs
     );
     reconcile(shared, cluster).await;
+    adopt_runtime(shared, cluster).await;
     {
         let shared = shared.clone();
         tokio::spawn(async move { add_declared(&shared).await });
@@ -948,11 +979,15 @@ async fn full_list(
     });
     let (res, mem, alloc) = (gets.next(), gets.next(), gets.next());
     let mut entries = BTreeMap::new();
+    let mut leases = BTreeMap::new();
     for kv in res.iter().flat_map(|g| g.kvs()) {
         if let (Ok(k), Ok(e)) = (
             kv.key_str(),
             serde_json::from_slice::<ClusterEntry>(kv.value()),
         ) {
+            if kv.lease() != 0 {
+                leases.insert(k.to_string(), kv.lease());
+            }
             entries.insert(k.to_string(), (e, kv.mod_revision()));
         }
     }
@@ -968,6 +1003,7 @@ async fn full_list(
     {
         let mut inner = cluster.inner.lock().unwrap();
         inner.entries = entries;
+        inner.leases = leases;
         inner.members = members;
         inner.alloc_revision = alloc_revision;
         inner.applied = revision;
@@ -1013,6 +1049,9 @@ async fn handle_watch(
                 if put {
                     match serde_json::from_slice::<ClusterEntry>(kv.value()) {
                         Ok(e) => {
+                            if kv.lease() != 0 {
+                                inner.leases.insert(key.to_string(), kv.lease());
+                            }
                             inner
                                 .entries
                                 .insert(key.to_string(), (e, kv.mod_revision()));
@@ -1021,6 +1060,7 @@ async fn handle_watch(
                     }
                 } else {
                     inner.entries.remove(key);
+                    inner.leases.remove(key);
                     inner.failures.remove(key);
                 }
             } else if rest == "alloc" {
@@ -1514,6 +1554,60 @@ async fn propose_and_commit(
             format!("{what}: too many concurrent creates; nothing was changed; try again"),
         )
     })
+}
+
+/// After joining: this member's runtime blocks that the cluster holds from before a restart.
+/// A block live restore carried on (the same block is a runtime reservation of the table) gets
+/// its lease renewed again, for its session; one whose session is gone leaves the cluster.
+async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
+    let own: Vec<(String, ClusterEntry, i64)> = {
+        let inner = cluster.inner.lock().unwrap();
+        let rt = cluster.runtime.lock().unwrap();
+        let tracked: std::collections::HashSet<&String> =
+            rt.blocks.values().map(|(_, k)| k).collect();
+        inner
+            .entries
+            .iter()
+            .filter(|(k, (e, _))| e.runtime && e.node == cluster.cfg.node && !tracked.contains(k))
+            .filter_map(|(k, (e, _))| Some((k.clone(), e.clone(), *inner.leases.get(k)?)))
+            .collect()
+    };
+    for (key, e, lease) in own {
+        let Some((protocol, range)) = e.range() else {
+            continue;
+        };
+        let held = shared
+            .home()
+            .table
+            .overlapping(protocol, range)
+            .find(|r| r.range == range && !r.is_persistent())
+            .and_then(|r| Some((r.token, r.session()?)));
+        match held {
+            Some((token, session)) => {
+                let mut rt = cluster.runtime.lock().unwrap();
+                rt.blocks.insert(token, (session, key.clone()));
+                if !rt.sessions.contains_key(&session) {
+                    let c = cluster.clone();
+                    let task = tokio::spawn(async move { c.keep_lease_alive(lease).await });
+                    rt.sessions.insert(session, (lease, task.abort_handle()));
+                }
+                tracing::info!(
+                    "cluster: runtime block {range}/{protocol} ({key}) carried on from before \
+                     the restart: its lease is renewed again"
+                );
+            }
+            None => {
+                let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
+                    continue;
+                };
+                let _ = timed(cluster, "release", client.delete(key.clone(), None)).await;
+                tracing::info!(
+                    "cluster: runtime block {range}/{protocol} ({key}) ended with its session \
+                     while this daemon was away: released"
+                );
+            }
+        }
+    }
 }
 
 /// `acquire` in the cluster (`portres run --cluster`): a block of this member's table (held

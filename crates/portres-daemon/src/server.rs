@@ -415,7 +415,8 @@ pub(crate) fn finish_session(shared: &Arc<Shared>, id: u64, peer: Option<(u32, u
     drop(state);
     #[cfg(feature = "cluster")]
     if let Some(c) = &shared.cluster {
-        c.session_ended(id);
+        let all = shared.spaces();
+        c.session_ended(id, |t| all.home.table.get(t).and_then(|r| r.session()));
     }
     shared.spaces().session_closed(id);
     shared.session_ended.notify_waiters();

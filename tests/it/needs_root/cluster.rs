@@ -814,3 +814,40 @@ fn reservation_file_entries_with_cluster_true_are_the_clusters() {
         "{err}"
     );
 }
+
+#[test]
+fn a_cluster_runtime_block_carried_over_a_restart_keeps_its_lease() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::new(1);
+    let mut a = f.host("host-a");
+    let b = f.host("host-b");
+    wait_members(&a, 2);
+    let (mut child, (first, _)) = run_in_cluster(&a, &["--count", "2"]);
+    wait_until("host-b keeps it free", Duration::from_secs(10), || {
+        enforces(&b, first)
+    });
+    // A restart (SIGTERM: live restore carries the block on): the new daemon renews the
+    // block's lease, so host-b keeps it free past the lease time.
+    assert!(a.terminate().success());
+    a.launch();
+    wait_connected(&a);
+    wait_until("host-a adopts the block", Duration::from_secs(10), || {
+        a.log().contains("carried on from before the restart")
+    });
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        assert!(
+            enforces(&b, first),
+            "host-b freed a block whose session lives"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The command ends: the block leaves host-b.
+    close(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    wait_until("host-b lets it go", Duration::from_secs(10), || {
+        !enforces(&b, first)
+    });
+}
