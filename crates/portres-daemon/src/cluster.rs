@@ -1586,10 +1586,10 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
             Some((token, session)) => {
                 let mut rt = cluster.runtime.lock().unwrap();
                 rt.blocks.insert(token, (session, key.clone()));
-                if !rt.sessions.contains_key(&session) {
+                if let std::collections::hash_map::Entry::Vacant(v) = rt.sessions.entry(session) {
                     let c = cluster.clone();
                     let task = tokio::spawn(async move { c.keep_lease_alive(lease).await });
-                    rt.sessions.insert(session, (lease, task.abort_handle()));
+                    v.insert((lease, task.abort_handle()));
                 }
                 tracing::info!(
                     "cluster: runtime block {range}/{protocol} ({key}) carried on from before \
