@@ -77,6 +77,13 @@ pub fn lock_path(socket: &Path) -> PathBuf {
 /// [`cleanup`], only when no daemon serves `socket` nor is starting on it (under the socket's
 /// lock, which a starting daemon holds until it accepts): `Ok(None)` when one is.
 pub fn cleanup_unless_served(socket: &Path, state_dir: &Path) -> io::Result<Option<Cleaned>> {
+    // No directory for the socket: no daemon serves it, and none can start meanwhile.
+    if socket
+        .parent()
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        return cleanup(state_dir).map(Some);
+    }
     let _lock = lock_socket(socket)?;
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return Ok(None);

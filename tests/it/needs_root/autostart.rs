@@ -60,7 +60,11 @@ fn racing_clients_start_exactly_one_daemon() {
         state.join("daemon.log").exists(),
         "the daemon logs into its state directory"
     );
-    signal(pids[0] as u32, rustix::process::Signal::TERM);
+    // A stop meant as a stop: no keeper left holding the deny layer's pins for a successor.
+    let out = run(Command::new(BIN)
+        .args(["daemon", "--stop"])
+        .env("PORTRES_SOCKET", &socket));
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[test]
