@@ -48,11 +48,14 @@ macro_rules! etcd_call {
         let limit = cluster.cfg.request_timeout;
         let began = std::time::Instant::now();
         loop {
-            let why = match tokio::time::timeout(limit, $call).await {
+            let (why, again) = match tokio::time::timeout(limit, $call).await {
                 Ok(Ok(v)) => break Ok(v),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {} ms", limit.as_millis()),
+                Ok(Err(e)) => (e.to_string(), retryable(&e)),
+                Err(_) => (format!("no answer within {} ms", limit.as_millis()), true),
             };
+            if !again {
+                break Err(cluster.refused_by_etcd($op, $what, &why));
+            }
             if !cluster.try_again(began, $what, &why) {
                 break Err(cluster.unreachable($op, $what, &why));
             }
@@ -63,6 +66,20 @@ macro_rules! etcd_call {
             }
         }
     }};
+}
+
+/// Whether an etcd call that failed so may succeed if made again (on another endpoint, or
+/// once a leader is elected): transport failures and the statuses of an unavailable member.
+fn retryable(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ),
+        _ => false,
+    }
 }
 
 /// A cluster reservation as kept in etcd.
@@ -198,6 +215,12 @@ struct Snapshot {
     /// The lease of each runtime block's key.
     #[serde(default)]
     leases: BTreeMap<String, i64>,
+    /// The etcd cluster's id and the key prefix the revisions are of (another etcd, or
+    /// another prefix, is listed in full).
+    #[serde(default)]
+    etcd_cluster: u64,
+    #[serde(default)]
+    prefix: String,
 }
 
 #[derive(Default)]
@@ -220,6 +243,14 @@ struct Inner {
     failures: BTreeMap<String, ClusterFailureInfo>,
     /// The snapshot is behind `entries`.
     dirty: bool,
+    /// The etcd cluster's id (from its response headers) the revisions are of.
+    etcd_cluster: u64,
+    /// The member's lease while linked (revoked when the daemon stops).
+    member_lease: i64,
+    /// Where the history replayed at the last join ends.
+    caught_up_at: i64,
+    /// Proposals seen in that replay, not ended: answered once it is over.
+    replayed: BTreeMap<String, (ClusterEntry, i64)>,
     /// The revision of the snapshot on disk, and when it was written.
     saved: i64,
     saved_at: Option<std::time::Instant>,
@@ -236,14 +267,26 @@ pub(crate) struct Cluster {
     endpoint: std::sync::atomic::AtomicUsize,
     /// This member's sessions' runtime blocks in the cluster.
     runtime: Mutex<RuntimeBlocks>,
+    /// The reservation files' cluster entries were added (at the first join).
+    declared_added: std::sync::atomic::AtomicBool,
 }
 
-/// The runtime blocks this member granted: each block's key by token, and each session's
-/// lease (the blocks' keys are attached to it) with the task that keeps it alive.
+/// The runtime blocks this member granted, each with its session and the lease its key is
+/// attached to; the leases this member renews (with their renewing task); and the lease a
+/// session's next block gets.
 #[derive(Default)]
 struct RuntimeBlocks {
-    blocks: std::collections::HashMap<Token, (SessionId, String)>,
-    sessions: std::collections::HashMap<SessionId, (i64, tokio::task::AbortHandle)>,
+    blocks: std::collections::HashMap<Token, Block>,
+    leases: std::collections::HashMap<i64, tokio::task::AbortHandle>,
+    session_lease: std::collections::HashMap<SessionId, i64>,
+}
+
+/// One runtime block of this member's in the cluster.
+#[derive(Debug, Clone)]
+struct Block {
+    session: SessionId,
+    key: String,
+    lease: i64,
 }
 
 /// Least time between two snapshot writes caused by changes (the heartbeat writes the rest).
@@ -265,7 +308,9 @@ impl Cluster {
         let snapshot_path = state_dir.join("cluster.json");
         let snap: Snapshot = std::fs::read(&snapshot_path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok())
+            // Another prefix is another cluster: its revisions say nothing here.
+            .filter(|s| s.prefix == cfg.prefix)
             .unwrap_or_default();
         let inner = Inner {
             saved: snap.revision,
@@ -273,6 +318,7 @@ impl Cluster {
             alloc_revision: snap.alloc_revision,
             entries: snap.entries,
             leases: snap.leases,
+            etcd_cluster: snap.etcd_cluster,
             error: Some("not connected yet".into()),
             ..Inner::default()
         };
@@ -284,6 +330,7 @@ impl Cluster {
             snapshot_path,
             endpoint: std::sync::atomic::AtomicUsize::new(0),
             runtime: Mutex::new(RuntimeBlocks::default()),
+            declared_added: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -310,6 +357,16 @@ impl Cluster {
                  enforced here; `portres cluster status` shows the link",
                 self.endpoints()
             ),
+        )
+    }
+
+    /// An etcd call refused for a reason trying again would not change (e.g. a lease that
+    /// expired meanwhile, permissions).
+    fn refused_by_etcd(&self, op: Operation, what: &str, why: &str) -> Refusal {
+        refusal(
+            op,
+            ErrorCode::Internal,
+            format!("{what}: etcd refused it: {why}; nothing was changed"),
         )
     }
 
@@ -372,7 +429,7 @@ impl Cluster {
 
     /// For `show`: a runtime block of this member's that is held in the cluster.
     pub(crate) fn runtime_info(&self, token: Token) -> Option<ClusterEntryInfo> {
-        let key = self.runtime.lock().unwrap().blocks.get(&token)?.1.clone();
+        let key = self.runtime.lock().unwrap().blocks.get(&token)?.key.clone();
         Some(self.entry_info(&ClusterOrigin {
             key,
             node: self.cfg.node.clone(),
@@ -380,57 +437,61 @@ impl Cluster {
         }))
     }
 
-    /// A runtime block of this member was released: out of the cluster.
-    pub(crate) fn released(self: &Arc<Self>, token: Token) {
-        let Some((_, key)) = self.runtime.lock().unwrap().blocks.remove(&token) else {
+    /// Deletes `key` if it is still attached to `lease` (another block may have the key by
+    /// now, if this one's lease ran out meanwhile); `what` for the log.
+    async fn delete_runtime_key(&self, key: &str, lease: i64, what: &str) {
+        let Ok(mut client) = self.client(Operation::ReleaseRuntime, what) else {
+            // Its lease ends with its session, or with this daemon.
             return;
         };
-        let cluster = self.clone();
-        tokio::spawn(async move {
-            let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
-                // Its lease ends with the session, or with this daemon.
-                return;
-            };
-            if let Err(e) = timed(&cluster, "release", client.delete(key.clone(), None)).await {
-                tracing::warn!("cluster: cannot delete {key}: {e}; it goes with its session");
-            }
-        });
+        let txn = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        let done: Result<_, Refusal> = etcd_call!(
+            self,
+            Operation::ReleaseRuntime,
+            what,
+            client => client.txn(txn.clone())
+        );
+        if let Err(e) = done {
+            tracing::warn!(
+                "cluster: cannot delete {key}: {}; it goes with its lease",
+                e.message
+            );
+        }
     }
 
-    /// A session ended: its lease is revoked (its blocks leave the cluster). `now_of` says
-    /// which session a block belongs to now: a block a client attached to its new connection
-    /// after a restart (`attach`) lives on, and so does the lease, renewed for that session.
-    pub(crate) fn session_ended(
-        self: &Arc<Self>,
-        session: SessionId,
-        now_of: impl Fn(Token) -> Option<SessionId>,
-    ) {
-        let lease = {
-            let mut rt = self.runtime.lock().unwrap();
-            let mut moved_to = None;
-            for (token, (s, _)) in rt.blocks.iter_mut() {
-                if *s == session
-                    && let Some(now) = now_of(*token)
-                    && now != session
-                {
-                    *s = now;
-                    moved_to = Some(now);
-                }
-            }
-            rt.blocks.retain(|_, (s, _)| *s != session);
-            let lease = rt.sessions.remove(&session);
-            match (moved_to, lease) {
-                (Some(now), Some(l)) => {
-                    rt.sessions.entry(now).or_insert(l);
-                    return;
-                }
-                (_, lease) => lease,
-            }
-        };
-        let Some((lease, keepalive)) = lease else {
+    /// A runtime block of this member was released: out of the cluster before the reply (the
+    /// same block may be asked for again at once).
+    pub(crate) async fn released(self: &Arc<Self>, token: Token) {
+        let Some(b) = self.runtime.lock().unwrap().blocks.remove(&token) else {
             return;
         };
-        keepalive.abort();
+        self.delete_runtime_key(&b.key, b.lease, "release").await;
+        self.forget_unused_lease(b.lease);
+    }
+
+    /// A block moved to another session (`attach` after a restart): it ends with that one.
+    pub(crate) fn attached(&self, token: Token, session: SessionId) {
+        if let Some(b) = self.runtime.lock().unwrap().blocks.get_mut(&token) {
+            b.session = session;
+        }
+    }
+
+    /// Revokes `lease` if no block of this member uses it any more and no session will give
+    /// it to its next block.
+    fn forget_unused_lease(self: &Arc<Self>, lease: i64) {
+        let task = {
+            let mut rt = self.runtime.lock().unwrap();
+            let used = rt.blocks.values().any(|b| b.lease == lease)
+                || rt.session_lease.values().any(|&l| l == lease);
+            if used {
+                return;
+            }
+            rt.leases.remove(&lease)
+        };
+        let Some(task) = task else { return };
+        task.abort();
         let cluster = self.clone();
         tokio::spawn(async move {
             let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
@@ -439,16 +500,73 @@ impl Cluster {
             };
             if let Err(e) = timed(&cluster, "lease revoke", client.lease_revoke(lease)).await {
                 tracing::warn!(
-                    "cluster: cannot revoke lease {lease:x} of session {session}: {e}; it \
-                     expires after {} s",
+                    "cluster: cannot revoke lease {lease:x}: {e}; it expires after {} s",
                     cluster.cfg.lease_ttl_secs
                 );
             }
         });
     }
 
-    /// The lease of `session`'s runtime blocks: granted at its first, then kept alive by a task
-    /// of its own (over whichever connection the member has) until the session ends.
+    /// A session ended: its blocks leave the cluster (their lease is revoked, or, when a block
+    /// that moved to another session shares it, their keys are deleted). `now_of` says which
+    /// session a block belongs to now, for blocks an `attach` moved without telling.
+    pub(crate) fn session_ended(
+        self: &Arc<Self>,
+        session: SessionId,
+        now_of: impl Fn(Token) -> Option<SessionId>,
+    ) {
+        let (ended, leases) = {
+            let mut rt = self.runtime.lock().unwrap();
+            let mut ended = Vec::new();
+            for (token, b) in rt.blocks.iter_mut() {
+                if b.session != session {
+                    continue;
+                }
+                match now_of(*token) {
+                    Some(now) if now != session => b.session = now,
+                    _ => ended.push(*token),
+                }
+            }
+            let ended: Vec<Block> = ended
+                .into_iter()
+                .filter_map(|t| rt.blocks.remove(&t))
+                .collect();
+            let mut leases: Vec<i64> = ended.iter().map(|b| b.lease).collect();
+            leases.extend(rt.session_lease.remove(&session));
+            leases.sort_unstable();
+            leases.dedup();
+            (ended, leases)
+        };
+        if ended.is_empty() && leases.is_empty() {
+            return;
+        }
+        // Keys of a lease that lives on (shared with a moved block) are deleted one by one.
+        let shared_leases: Vec<i64> = {
+            let rt = self.runtime.lock().unwrap();
+            leases
+                .iter()
+                .copied()
+                .filter(|l| rt.blocks.values().any(|b| b.lease == *l))
+                .collect()
+        };
+        for b in ended
+            .into_iter()
+            .filter(|b| shared_leases.contains(&b.lease))
+        {
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                cluster
+                    .delete_runtime_key(&b.key, b.lease, "session end")
+                    .await
+            });
+        }
+        for l in leases {
+            self.forget_unused_lease(l);
+        }
+    }
+
+    /// The lease of `session`'s next runtime block: granted at its first, then renewed by a
+    /// task of its own (over whichever connection the member has) while blocks use it.
     async fn session_lease(
         self: &Arc<Self>,
         session: SessionId,
@@ -456,24 +574,28 @@ impl Cluster {
         op: Operation,
         what: &str,
     ) -> Result<i64, Refusal> {
-        if let Some((lease, _)) = self.runtime.lock().unwrap().sessions.get(&session) {
-            return Ok(*lease);
+        {
+            let rt = self.runtime.lock().unwrap();
+            if let Some(l) = rt.session_lease.get(&session)
+                && rt.leases.contains_key(l)
+            {
+                return Ok(*l);
+            }
         }
         let ttl = self.cfg.lease_ttl_secs as i64;
         let mut client = client.clone();
         let lease = etcd_call!(self, op, what, client => client.lease_grant(ttl, None))?.id();
         let cluster = self.clone();
         let task = tokio::spawn(async move { cluster.keep_lease_alive(lease).await });
-        self.runtime
-            .lock()
-            .unwrap()
-            .sessions
-            .insert(session, (lease, task.abort_handle()));
+        let mut rt = self.runtime.lock().unwrap();
+        rt.leases.insert(lease, task.abort_handle());
+        rt.session_lease.insert(session, lease);
         Ok(lease)
     }
 
     /// Renews `lease` every third of its time to live, over the member's current connection,
-    /// until aborted (the session ended) or the lease is gone.
+    /// until aborted (no block uses it) or the lease is gone: then its blocks are no longer
+    /// in the cluster, and are forgotten.
     async fn keep_lease_alive(self: Arc<Self>, lease: i64) {
         let beat = Duration::from_millis((self.cfg.lease_ttl_secs * 1000 / 3).max(300));
         loop {
@@ -495,10 +617,18 @@ impl Cluster {
                 match tokio::time::timeout(self.cfg.request_timeout, stream.message()).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {}
                     Ok(Ok(Some(_))) => {
+                        let lost = {
+                            let mut rt = self.runtime.lock().unwrap();
+                            rt.leases.remove(&lease);
+                            rt.session_lease.retain(|_, l| *l != lease);
+                            let before = rt.blocks.len();
+                            rt.blocks.retain(|_, b| b.lease != lease);
+                            before - rt.blocks.len()
+                        };
                         tracing::error!(
-                            "cluster: lease {lease:x} of a session's runtime blocks expired \
-                             (this member was out of touch for longer than {} s): the other \
-                             members no longer keep those blocks free",
+                            "cluster: lease {lease:x} of {lost} runtime blocks expired (this \
+                             member was out of touch for longer than {} s): the other members \
+                             no longer keep those blocks free; they stay held here",
                             self.cfg.lease_ttl_secs
                         );
                         return;
@@ -508,6 +638,28 @@ impl Cluster {
                 tokio::time::sleep(beat).await;
             }
         }
+    }
+
+    /// The daemon stops: its snapshot is written, and its membership revoked at once (creates
+    /// on other members need not wait for it to expire); with `release`, its sessions' runtime
+    /// blocks leave the cluster too (otherwise a successor carries them on and renews them).
+    pub(crate) async fn leave(&self, release: bool) {
+        self.inner.lock().unwrap().dirty = true;
+        self.write_snapshot(false);
+        let (client, member) = {
+            let inner = self.inner.lock().unwrap();
+            (inner.client.clone(), inner.member_lease)
+        };
+        let Some(mut client) = client else { return };
+        let mut leases = vec![member];
+        if release {
+            let rt = self.runtime.lock().unwrap();
+            leases.extend(rt.leases.keys().copied());
+        }
+        for l in leases.into_iter().filter(|&l| l != 0) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(l)).await;
+        }
+        tracing::info!("cluster: member {} left the cluster", self.cfg.node);
     }
 
     /// For `show`: the place of a cluster reservation and each live member's state of it.
@@ -583,6 +735,8 @@ impl Cluster {
                     alloc_revision: inner.alloc_revision,
                     entries: inner.entries.clone(),
                     leases: inner.leases.clone(),
+                    etcd_cluster: inner.etcd_cluster,
+                    prefix: self.cfg.prefix.clone(),
                 }),
                 inner.applied,
             )
@@ -784,65 +938,86 @@ async fn serve_on(
     )
     .await?;
     let lease = granted.id();
-    let now_at = granted.header().map_or(0, |h| h.revision());
+    let (now_at, cluster_id) = granted
+        .header()
+        .map_or((0, 0), |h| (h.revision(), h.cluster_id()));
     let (mut keeper, mut keepalive) =
         timed(cluster, "lease keep-alive", client.lease_keep_alive(lease)).await?;
     let member_key = cluster.key(&format!("members/{}", cfg.node));
-    put_record(cluster, &mut client, &member_key, lease).await?;
-    // Catch up: from the revision kept at the last run, or a full list.
+    // Catch up: from the revision kept at the last run if that is still in etcd's history
+    // (and the snapshot is of this etcd cluster), else a full list at one revision.
     let mut from = {
         let inner = cluster.inner.lock().unwrap();
-        // A revision beyond etcd's own is from another etcd (its data was replaced).
-        (inner.applied > 0 && inner.applied <= now_at).then_some(inner.applied + 1)
+        (inner.applied > 0
+            && inner.applied <= now_at
+            && (inner.etcd_cluster == 0 || inner.etcd_cluster == cluster_id))
+            .then_some(inner.applied + 1)
     };
     if let Some(r) = from {
-        tracing::info!(
-            "cluster: resuming from revision {r} (applied up to {})",
-            r - 1
-        );
-    }
-    let mut watch = loop {
-        let start = match from {
-            Some(r) => r,
-            None => full_list(shared, cluster, &mut client).await? + 1,
-        };
-        let mut stream = timed(
+        let alloc = cluster.key("alloc");
+        let probe = timed(
             cluster,
-            "watch",
-            client.watch(
-                cluster.cfg.prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(start)
-                        .with_progress_notify(),
-                ),
-            ),
+            "history",
+            client.get(alloc, Some(GetOptions::new().with_revision(r - 1))),
         )
-        .await?;
-        // The first message says whether the watch was created, or the revision is compacted.
-        let first = timed(cluster, "watch", stream.message())
-            .await?
-            .ok_or("watch closed")?;
-        if first.canceled() {
-            if first.compact_revision() > 0 {
+        .await;
+        match probe {
+            Ok(_) => tracing::info!(
+                "cluster: resuming from revision {r} (applied up to {})",
+                r - 1
+            ),
+            Err(e) if e.contains("compacted") => {
                 tracing::info!(
-                    "cluster: revision {start} is compacted (to {}): listing everything",
-                    first.compact_revision()
+                    "cluster: revision {} is compacted: listing everything",
+                    r - 1
                 );
                 from = None;
-                continue;
             }
-            return Err(format!("watch refused: {}", first.cancel_reason()));
+            Err(e) => return Err(e),
         }
-        handle_watch(shared, cluster, &client, first).await;
-        break stream;
+    }
+    let start = match from {
+        Some(r) => r,
+        None => full_list(shared, cluster, &mut client).await? + 1,
     };
+    cluster.inner.lock().unwrap().etcd_cluster = cluster_id;
+    // Registered once caught up and before watching: a proposal made after this member is
+    // listed is always in its watch.
+    put_record(cluster, &mut client, &member_key, lease).await?;
+    let mut watch = timed(
+        cluster,
+        "watch",
+        client.watch(
+            cluster.cfg.prefix.clone(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(start)
+                    .with_progress_notify(),
+            ),
+        ),
+    )
+    .await?;
+    let first = timed(cluster, "watch", watch.message())
+        .await?
+        .ok_or("watch closed")?;
+    if first.canceled() {
+        if first.compact_revision() > 0 {
+            cluster.inner.lock().unwrap().applied = 0;
+        }
+        return Err(format!("watch refused: {}", first.cancel_reason()));
+    }
+    // Where the replay of history ends: asked for, the answer is a progress notice at the
+    // revision by which every older event was sent.
+    let caught_up_at = first.header().map_or(now_at, |h| h.revision());
+    cluster.inner.lock().unwrap().caught_up_at = caught_up_at;
+    timed(cluster, "watch", watch.request_progress()).await?;
     {
         let mut inner = cluster.inner.lock().unwrap();
         inner.client = Some(client.clone());
         inner.connected = true;
         inner.error = None;
+        inner.member_lease = lease;
     }
     tracing::info!(
         "cluster: member {} joined at {endpoint} (lease {lease:x}, ttl {} s)",
@@ -850,10 +1025,30 @@ async fn serve_on(
         cfg.lease_ttl_secs
     );
     reconcile(shared, cluster).await;
-    adopt_runtime(shared, cluster).await;
+    // Once caught up: this member's runtime blocks from before a restart, and (first join
+    // only) the reservation files' cluster entries the cluster lacks.
     {
-        let shared = shared.clone();
-        tokio::spawn(async move { add_declared(&shared).await });
+        let (shared, cluster, client) = (shared.clone(), cluster.clone(), client.clone());
+        tokio::spawn(async move {
+            if !cluster.wait_applied(caught_up_at).await {
+                tracing::warn!(
+                    "cluster: not caught up with revision {caught_up_at} after {} ms; \
+                     adopting runtime blocks with what is known",
+                    cluster.cfg.request_timeout.as_millis()
+                );
+            }
+            let replayed = std::mem::take(&mut cluster.inner.lock().unwrap().replayed);
+            for (id, (entry, lease)) in replayed {
+                answer(&shared, &cluster, &client, id, entry, lease);
+            }
+            adopt_runtime(&shared, &cluster).await;
+            if !cluster
+                .declared_added
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                add_declared(&shared).await;
+            }
+        });
     }
     // The heartbeat on a task of its own: a reconcile waiting for the persistent lock (an
     // `apply`, a create) never delays the lease's renewal.
@@ -1064,9 +1259,7 @@ async fn handle_watch(
                     inner.failures.remove(key);
                 }
             } else if rest == "alloc" {
-                if put {
-                    inner.alloc_revision = kv.mod_revision();
-                }
+                inner.alloc_revision = if put { kv.mod_revision() } else { 0 };
             } else if let Some(node) = rest.strip_prefix("members/") {
                 if put {
                     if let Ok(m) = serde_json::from_slice::<MemberRecord>(kv.value()) {
@@ -1075,37 +1268,59 @@ async fn handle_watch(
                 } else {
                     inner.members.remove(node);
                 }
-            } else if let Some(id) = rest.strip_prefix("proposals/")
-                && put
-                && let Ok(e) = serde_json::from_slice::<ClusterEntry>(kv.value())
-            {
-                proposals.push((id.to_string(), e, kv.lease()));
+            } else if let Some(id) = rest.strip_prefix("proposals/") {
+                if !put {
+                    // Ended (its lease revoked): nothing to answer any more.
+                    inner.replayed.remove(id);
+                    proposals.retain(|(p, _, _)| p != id);
+                } else if let Ok(e) = serde_json::from_slice::<ClusterEntry>(kv.value()) {
+                    if kv.mod_revision() < inner.caught_up_at {
+                        // History being replayed: answered once the replay is over, if it
+                        // has not ended by then.
+                        inner.replayed.insert(id.to_string(), (e, kv.lease()));
+                    } else {
+                        proposals.push((id.to_string(), e, kv.lease()));
+                    }
+                }
             }
         }
         inner.applied = inner.applied.max(last);
         inner.cluster_revision = inner.cluster_revision.max(last);
     }
     for (id, entry, lease) in proposals {
-        let (shared, cluster, mut client) = (shared.clone(), cluster.clone(), client.clone());
-        tokio::spawn(async move {
-            let verdict = verdict(&shared, &cluster, &entry).await;
-            let key = cluster.key(&format!("verdicts/{id}/{}", cluster.cfg.node));
-            let body = serde_json::to_vec(&verdict).unwrap_or_default();
-            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-            if let Err(e) = timed(&cluster, "verdict", client.put(key, body, opts)).await {
-                // A proposal seen again when catching up has long ended (its lease is gone).
-                if e.contains("lease not found") {
-                    tracing::debug!("cluster: proposal {id} has ended");
-                } else {
-                    tracing::warn!("cluster: cannot answer proposal {id}: {e}");
-                }
-            }
-        });
+        answer(shared, cluster, client, id, entry, lease);
     }
     if !changed {
-        cluster.applied.send_replace(last);
+        let applied = cluster.inner.lock().unwrap().applied;
+        cluster.applied.send_replace(applied);
     }
     changed
+}
+
+/// Answers proposal `id` (on a task of its own).
+fn answer(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    client: &Client,
+    id: String,
+    entry: ClusterEntry,
+    lease: i64,
+) {
+    let (shared, cluster, mut client) = (shared.clone(), cluster.clone(), client.clone());
+    tokio::spawn(async move {
+        let verdict = verdict(&shared, &cluster, &entry).await;
+        let key = cluster.key(&format!("verdicts/{id}/{}", cluster.cfg.node));
+        let body = serde_json::to_vec(&verdict).unwrap_or_default();
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        if let Err(e) = timed(&cluster, "verdict", client.put(key, body, opts)).await {
+            // A proposal that ended meanwhile (its lease is gone).
+            if e.contains("lease not found") {
+                tracing::debug!("cluster: proposal {id} has ended");
+            } else {
+                tracing::warn!("cluster: cannot answer proposal {id}: {e}");
+            }
+        }
+    });
 }
 
 /// Whether this member could enforce `entry` now: no reservation of its own overlaps it and no
@@ -1169,6 +1384,8 @@ async fn reconcile(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
     let failures = tokio::task::spawn_blocking(move || reconcile_now(&s, &wanted))
         .await
         .unwrap_or_default();
+    // Mirrors are written through the journal too: it is compacted as after any change.
+    crate::handlers::compact_journal_if_due(shared).await;
     let changed = {
         let mut inner = cluster.inner.lock().unwrap();
         let changed = inner.failures != failures;
@@ -1507,13 +1724,15 @@ async fn propose_and_commit(
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0),
             ])
             .and_then([
-                TxnOp::put(alloc, id.clone(), None),
+                TxnOp::put(alloc.clone(), id.clone(), None),
                 TxnOp::put(
                     key.clone(),
                     body.clone(),
                     lease_of_key.map(|l| PutOptions::new().with_lease(l)),
                 ),
-            ]);
+            ])
+            // What made the compare fail.
+            .or_else([TxnOp::get(alloc, None), TxnOp::get(key.clone(), None)]);
         let r = match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
             Ok(r) => r,
             Err(e) => {
@@ -1527,19 +1746,26 @@ async fn propose_and_commit(
             break;
         }
         // Another create won (or an earlier try of this one, whose answer was lost): catch up
-        // with it, then check again.
-        cluster.wait_applied(rev).await;
-        let ours = cluster
-            .inner
-            .lock()
-            .unwrap()
-            .entries
-            .get(&key)
-            .is_some_and(|(e, _)| e == entry);
-        if ours {
-            committed = Some(rev);
+        // with `alloc` as etcd has it now (a key of this prefix, so the watch brings it), then
+        // check again.
+        let mut gets = r.op_responses().into_iter().filter_map(|o| match o {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (now_alloc, now_key) = (gets.next(), gets.next());
+        if let Some(kv) = now_key.as_ref().and_then(|g| g.kvs().first())
+            && serde_json::from_slice::<ClusterEntry>(kv.value()).is_ok_and(|e| e == *entry)
+        {
+            committed = Some(kv.mod_revision());
             break;
         }
+        let alloc_at = now_alloc
+            .as_ref()
+            .and_then(|g| g.kvs().first().map(KeyValue::mod_revision))
+            .unwrap_or(0);
+        // Never further than the watch: the overlap check must see every commit up to the
+        // `alloc` revision it compares.
+        cluster.wait_applied(alloc_at).await;
     }
     revoke(client.clone());
     tracing::debug!(
@@ -1564,7 +1790,7 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
         let inner = cluster.inner.lock().unwrap();
         let rt = cluster.runtime.lock().unwrap();
         let tracked: std::collections::HashSet<&String> =
-            rt.blocks.values().map(|(_, k)| k).collect();
+            rt.blocks.values().map(|b| &b.key).collect();
         inner
             .entries
             .iter()
@@ -1585,11 +1811,18 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
         match held {
             Some((token, session)) => {
                 let mut rt = cluster.runtime.lock().unwrap();
-                rt.blocks.insert(token, (session, key.clone()));
-                if let std::collections::hash_map::Entry::Vacant(v) = rt.sessions.entry(session) {
+                rt.blocks.insert(
+                    token,
+                    Block {
+                        session,
+                        key: key.clone(),
+                        lease,
+                    },
+                );
+                if let std::collections::hash_map::Entry::Vacant(v) = rt.leases.entry(lease) {
                     let c = cluster.clone();
                     let task = tokio::spawn(async move { c.keep_lease_alive(lease).await });
-                    v.insert((lease, task.abort_handle()));
+                    v.insert(task.abort_handle());
                 }
                 tracing::info!(
                     "cluster: runtime block {range}/{protocol} ({key}) carried on from before \
@@ -1597,10 +1830,9 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
                 );
             }
             None => {
-                let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
-                    continue;
-                };
-                let _ = timed(cluster, "release", client.delete(key.clone(), None)).await;
+                cluster
+                    .delete_runtime_key(&key, lease, "release after a restart")
+                    .await;
                 tracing::info!(
                     "cluster: runtime block {range}/{protocol} ({key}) ended with its session \
                      while this daemon was away: released"
@@ -1633,7 +1865,6 @@ pub(crate) async fn acquire(
     let lease = cluster
         .session_lease(caller.session, &mut client, op, &what)
         .await?;
-    let mut aside = Vec::new();
     let mut outcome = None;
     // A wildcard block starts at a random port of the dynamic range: members acquiring at
     // the same time would otherwise all pick the same lowest free block and refuse each other.
@@ -1680,12 +1911,14 @@ pub(crate) async fn acquire(
         };
         let key = cluster.reservation_key(protocol, r.range.start());
         // Known before the commit, so that the block is the session's from its first event.
-        cluster
-            .runtime
-            .lock()
-            .unwrap()
-            .blocks
-            .insert(r.token, (caller.session, key.clone()));
+        cluster.runtime.lock().unwrap().blocks.insert(
+            r.token,
+            Block {
+                session: caller.session,
+                key: key.clone(),
+                lease,
+            },
+        );
         match propose_and_commit(cluster, &mut client, op, &what, &entry, Some(lease)).await {
             Ok(rev) => {
                 tracing::info!(
@@ -1698,8 +1931,10 @@ pub(crate) async fn acquire(
             }
             Err(e) => {
                 cluster.runtime.lock().unwrap().blocks.remove(&r.token);
+                // Given back at once (it would count against the caller's quota); the next
+                // random start is elsewhere.
+                crate::handlers::release_here(shared, caller, &r);
                 let refused = e.code == ErrorCode::SharingViolation;
-                aside.push(r);
                 if start != 0 || !refused {
                     outcome = Some(Err(e));
                     break;
@@ -1707,9 +1942,6 @@ pub(crate) async fn acquire(
                 outcome = Some(Err(e));
             }
         }
-    }
-    for r in &aside {
-        crate::handlers::release_here(shared, caller, r);
     }
     outcome.unwrap_or_else(|| {
         Err(refusal(
@@ -1729,20 +1961,57 @@ pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Re
     let op = Operation::DeletePersistent;
     let what = format!("cannot delete cluster reservation {words}");
     let mut client = cluster.linked_client(op, &what).await?;
-    let txn = Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Greater, 0)])
-        .and_then([TxnOp::delete(key, None)]);
-    let r = etcd_call!(cluster, op, &what, client => client.txn(txn.clone()))?;
-    let rev = r.header().map_or(0, |h| h.revision());
-    if !r.succeeded() {
+    // Only the reservation this member knows under that key (not one made since).
+    let Some(seen) = cluster
+        .inner
+        .lock()
+        .unwrap()
+        .entries
+        .get(key)
+        .map(|(_, rev)| *rev)
+    else {
         return Err(refusal(
             op,
             ErrorCode::NotFound,
             format!("{what}: the cluster has no {key} (already deleted)"),
         ));
+    };
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, seen)])
+        .and_then([TxnOp::delete(key, None)])
+        .or_else([TxnOp::get(key, None)]);
+    let r = etcd_call!(cluster, op, &what, client => client.txn(txn.clone()))?;
+    let rev = r.header().map_or(0, |h| h.revision());
+    if !r.succeeded() {
+        let gone = r.op_responses().into_iter().any(|o| match o {
+            TxnOpResponse::Get(g) => g.kvs().is_empty(),
+            _ => false,
+        });
+        return Err(if gone {
+            // Deleted meanwhile (or by an earlier try of this request whose answer was lost).
+            refusal(
+                op,
+                ErrorCode::NotFound,
+                format!("{what}: the cluster has no {key} (already deleted)"),
+            )
+        } else {
+            refusal(
+                op,
+                ErrorCode::SharingViolation,
+                format!(
+                    "{what}: it was changed in the cluster meanwhile; nothing was deleted; look \
+                     at `portres show` and try again"
+                ),
+            )
+        });
     }
     tracing::info!("cluster: deleted cluster reservation {words} ({key})");
-    cluster.wait_applied(rev).await;
+    if !cluster.wait_applied(rev).await {
+        tracing::warn!(
+            "cluster: {key} is deleted from the cluster, but this member has not let it go yet \
+             (its watch is behind); it will"
+        );
+    }
     Ok(())
 }
 

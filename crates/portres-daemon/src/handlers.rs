@@ -168,19 +168,21 @@ async fn handle_one(shared: &Shared, caller: &Caller, request: Request) -> Handl
         Request::Release { token } => {
             let op = Operation::ReleaseRuntime;
             let t = parse_token(op, &token)?;
-            let mut st = shared.space(caller.session);
-            let result = st.table.release(caller, t);
-            if let Ok(r) = &result {
-                st.retire(r);
-                st.sync_keeper();
-            }
-            drop(st);
+            let result = {
+                let mut st = shared.space(caller.session);
+                let result = st.table.release(caller, t);
+                if let Ok(r) = &result {
+                    st.retire(r);
+                    st.sync_keeper();
+                }
+                result
+            };
             #[cfg(feature = "cluster")]
             if result.is_ok()
                 && let Some(c) = &shared.cluster
                 && let Some(t) = portres_core::Token::new(t)
             {
-                c.released(t);
+                c.released(t).await;
             }
             log_outcome(caller, "release", &result);
             result.map(|_| (Reply::Done, None))
@@ -838,6 +840,10 @@ fn attach(shared: &Shared, caller: &Caller, tokens: &[String]) -> portres_proto:
             continue;
         }
         st.table.move_to_session(tk, caller.session);
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &shared.cluster {
+            c.attached(tk, caller.session);
+        }
         moved.push(tk.get());
         if st.table.session_len(from) == 0 {
             emptied.push(from);

@@ -461,6 +461,11 @@ impl Daemon {
         let release = shared
             .release_on_stop
             .load(std::sync::atomic::Ordering::Acquire);
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &shared.cluster {
+            c.leave(release || shared.config.live_restore_secs == 0)
+                .await;
+        }
         let mut all = shared.spaces();
         // Other namespaces' blocks end with the daemon (live restore carries the daemon's own).
         all.shutdown_others();
