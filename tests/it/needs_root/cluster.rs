@@ -550,6 +550,11 @@ fn a_member_cut_off_is_waited_for_then_dropped_and_reconciles_when_back() {
     let a = f.host("host-a");
     let c = f.host("host-c");
     wait_members(&a, 2);
+    // A runtime block of host-c's, kept free on host-a.
+    let (mut child, (held, _)) = run_in_cluster(&c, &["--count", "2"]);
+    wait_until("host-a keeps it free", Duration::from_secs(10), || {
+        enforces(&a, held)
+    });
     f.link(1, false);
     // While its lease lives, a create waits for its verdict and fails naming it.
     let out = add(&a, 9950, 1);
@@ -559,8 +564,15 @@ fn a_member_cut_off_is_waited_for_then_dropped_and_reconciles_when_back() {
         "{err}"
     );
     assert!(cluster_rows(&a).is_empty());
-    // Once its lease has run out, the cluster goes on without it.
+    // Once its lease has run out, the cluster goes on without it, and its runtime block is
+    // free again on host-a (host-c itself still holds it for its command).
     wait_members(&a, 1);
+    wait_until(
+        "host-a frees host-c's block",
+        Duration::from_secs(10),
+        || !enforces(&a, held),
+    );
+    assert!(enforces(&c, held));
     let out = add(&a, 9951, 1);
     assert!(out.status.success(), "{out:?}");
     // Back: it joins again and enforces what was made meanwhile.
@@ -569,6 +581,8 @@ fn a_member_cut_off_is_waited_for_then_dropped_and_reconciles_when_back() {
     wait_until("host-c reconciles", Duration::from_secs(15), || {
         enforces(&c, 9951)
     });
+    close(child.stdin.take());
+    let _ = child.wait();
 }
 
 /// The ports of `PORTRES_PORTS` (`FIRST-LAST` or one port).
