@@ -18,6 +18,8 @@ struct Fabric {
     hosts: usize,
     /// The members' `request_timeout_ms` (and `verdict_timeout_ms`).
     timeout_ms: u64,
+    /// TLS: the directory of `ca.pem`, `server.pem`/`.key` and `client.pem`/`.key`.
+    tls: Option<std::path::PathBuf>,
 }
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -29,6 +31,15 @@ fn client_port(i: usize) -> u16 {
 impl Fabric {
     /// A fabric with an etcd cluster of `members` members, healthy.
     fn new(members: usize) -> Fabric {
+        Self::build(members, None)
+    }
+
+    /// One etcd member that serves clients over TLS and asks for client certificates.
+    fn with_tls() -> Fabric {
+        Self::build(1, Some(make_certs()))
+    }
+
+    fn build(members: usize, tls: Option<std::path::PathBuf>) -> Fabric {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "the cluster tests run a real etcd: install Debian's etcd-server (.ci/run does)"
@@ -49,6 +60,7 @@ impl Fabric {
             members,
             hosts: 0,
             timeout_ms: 3000,
+            tls,
         };
         for i in 0..members {
             let child = f.spawn_etcd(i, true);
@@ -68,6 +80,7 @@ impl Fabric {
     fn spawn_etcd(&self, i: usize, new: bool) -> Child {
         let data = self.dir.path().join(format!("e{i}"));
         let (c, p) = (client_port(i), client_port(i) + 1);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let log = std::fs::File::create(self.dir.path().join(format!("e{i}.log"))).unwrap();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/proc/{}/ns/net", self.ns.pid))
@@ -80,16 +93,28 @@ impl Fabric {
                 "--initial-advertise-peer-urls",
                 &format!("http://10.77.0.1:{p}"),
             ])
-            .args(["--listen-client-urls", &format!("http://10.77.0.1:{c}")])
-            .args(["--advertise-client-urls", &format!("http://10.77.0.1:{c}")])
+            .args(["--listen-client-urls", &format!("{scheme}://10.77.0.1:{c}")])
+            .args([
+                "--advertise-client-urls",
+                &format!("{scheme}://10.77.0.1:{c}"),
+            ])
             .args(["--initial-cluster", &self.initial_cluster()])
             .args([
                 "--initial-cluster-state",
                 if new { "new" } else { "existing" },
             ])
             .args(["--initial-cluster-token", "portres-test"])
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-            .stdin(Stdio::null())
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(t.join("server.pem"))
+                .arg("--key-file")
+                .arg(t.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(t.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         spawn(&mut cmd)
@@ -97,13 +122,18 @@ impl Fabric {
 
     /// The client URLs of the members.
     fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         (0..self.members)
-            .map(|i| format!("http://10.77.0.1:{}", client_port(i)))
+            .map(|i| format!("{scheme}://10.77.0.1:{}", client_port(i)))
             .collect()
     }
 
-    /// `GET /health` on member `i`'s client port, from the fabric.
+    /// `GET /health` on member `i`'s client port, from the fabric (with TLS: `etcdctl endpoint
+    /// health`).
     fn healthy(&self, i: usize) -> bool {
+        if self.tls.is_some() {
+            return self.etcdctl(&["endpoint", "health"]).status.success();
+        }
         let port = client_port(i);
         let pid = self.ns.pid;
         std::thread::spawn(move || {
@@ -171,11 +201,19 @@ impl Fabric {
             .map(|e| format!("\"{e}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let config = format!(
+        let mut config = format!(
             "{extra}\n[cluster]\nendpoints = [{endpoints}]\nnode = \"{node}\"\n\
              lease_ttl_secs = 3\nverdict_timeout_ms = {t}\nrequest_timeout_ms = {t}\n",
             t = self.timeout_ms
         );
+        if let Some(t) = &self.tls {
+            config += &format!(
+                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                t.join("ca.pem").display(),
+                t.join("client.pem").display(),
+                t.join("client.key").display()
+            );
+        }
         let d = TestDaemon::with_setup(&config, &setup);
         wait_connected(&d);
         d
@@ -192,12 +230,16 @@ impl Fabric {
 
     /// `etcdctl` against the cluster, from the fabric.
     fn etcdctl(&self, args: &[&str]) -> std::process::Output {
-        run(Command::new("nsenter")
-            .arg(format!("--net=/proc/{}/ns/net", self.ns.pid))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{}/ns/net", self.ns.pid))
             .arg("etcdctl")
-            .arg(format!("--endpoints={}", self.endpoints().join(",")))
-            .args(args)
-            .env("ETCDCTL_API", "3"))
+            .arg(format!("--endpoints={}", self.endpoints().join(",")));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.join("ca.pem").display()))
+                .arg(format!("--cert={}", t.join("client.pem").display()))
+                .arg(format!("--key={}", t.join("client.key").display()));
+        }
+        run(cmd.args(args).env("ETCDCTL_API", "3"))
     }
 }
 
@@ -863,5 +905,55 @@ fn a_cluster_runtime_block_carried_over_a_restart_keeps_its_lease() {
     assert!(child.wait().unwrap().success());
     wait_until("host-b lets it go", Duration::from_secs(10), || {
         !enforces(&b, first)
+    });
+}
+
+/// A CA, a server certificate for 10.77.0.1 and a client certificate (openssl(1)), in a
+/// directory that lives as long as the test process.
+fn make_certs() -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let sh = |script: &str| {
+        let out = run(Command::new("sh").arg("-c").arg(script).current_dir(&dir));
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+        -subj /CN=portres-test-ca 2>/dev/null",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+        -subj /CN=etcd 2>/dev/null && \
+        printf 'subjectAltName=IP:10.77.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > s.ext && \
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 2 -extfile s.ext 2>/dev/null",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr \
+        -subj /CN=portres 2>/dev/null && \
+        printf 'extendedKeyUsage=clientAuth\\n' > c.ext && \
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out client.pem -days 2 -extfile c.ext 2>/dev/null",
+    );
+    dir
+}
+
+#[test]
+fn members_reach_etcd_over_tls_with_client_certificates() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::with_tls();
+    let a = f.host("host-a");
+    let b = f.host("host-b");
+    wait_members(&a, 2);
+    let s = status(&a);
+    assert!(
+        s["endpoints"][0].as_str().unwrap().starts_with("https://"),
+        "{s}"
+    );
+    let out = add(&a, 9990, 1);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("host-b enforces it", Duration::from_secs(10), || {
+        enforces(&b, 9990)
     });
 }
