@@ -74,10 +74,15 @@ fn retryable(e: &etcd_client::Error) -> bool {
     use tonic::Code;
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-        ),
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => true,
+            // A connection that broke under the call (h2, transport) is reported so too.
+            Code::Internal => {
+                let m = s.message().to_ascii_lowercase();
+                m.contains("h2") || m.contains("transport") || m.contains("connection")
+            }
+            _ => false,
+        },
         _ => false,
     }
 }
@@ -269,6 +274,8 @@ pub(crate) struct Cluster {
     runtime: Mutex<RuntimeBlocks>,
     /// The reservation files' cluster entries were added (at the first join).
     declared_added: std::sync::atomic::AtomicBool,
+    /// The link's task (aborted when the daemon stops).
+    task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// The runtime blocks this member granted, each with its session and the lease its key is
@@ -331,6 +338,7 @@ impl Cluster {
             endpoint: std::sync::atomic::AtomicUsize::new(0),
             runtime: Mutex::new(RuntimeBlocks::default()),
             declared_added: std::sync::atomic::AtomicBool::new(false),
+            task: Mutex::new(None),
         }
     }
 
@@ -439,10 +447,10 @@ impl Cluster {
 
     /// Deletes `key` if it is still attached to `lease` (another block may have the key by
     /// now, if this one's lease ran out meanwhile); `what` for the log.
-    async fn delete_runtime_key(&self, key: &str, lease: i64, what: &str) {
+    async fn delete_runtime_key(&self, key: &str, lease: i64, what: &str) -> Option<i64> {
         let Ok(mut client) = self.client(Operation::ReleaseRuntime, what) else {
             // Its lease ends with its session, or with this daemon.
-            return;
+            return None;
         };
         let txn = Txn::new()
             .when([Compare::lease(key, CompareOp::Equal, lease)])
@@ -453,11 +461,15 @@ impl Cluster {
             what,
             client => client.txn(txn.clone())
         );
-        if let Err(e) = done {
-            tracing::warn!(
-                "cluster: cannot delete {key}: {}; it goes with its lease",
-                e.message
-            );
+        match done {
+            Ok(r) => r.header().map(|h| h.revision()),
+            Err(e) => {
+                tracing::warn!(
+                    "cluster: cannot delete {key}: {}; it goes with its lease",
+                    e.message
+                );
+                None
+            }
         }
     }
 
@@ -467,7 +479,10 @@ impl Cluster {
         let Some(b) = self.runtime.lock().unwrap().blocks.remove(&token) else {
             return;
         };
-        self.delete_runtime_key(&b.key, b.lease, "release").await;
+        // Out of this member's view too before the reply.
+        if let Some(rev) = self.delete_runtime_key(&b.key, b.lease, "release").await {
+            self.wait_applied(rev).await;
+        }
         self.forget_unused_lease(b.lease);
     }
 
@@ -644,21 +659,39 @@ impl Cluster {
     /// on other members need not wait for it to expire); with `release`, its sessions' runtime
     /// blocks leave the cluster too (otherwise a successor carries them on and renews them).
     pub(crate) async fn leave(&self, release: bool) {
+        // The link's task first: it would register the member again once its lease is gone.
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
         self.inner.lock().unwrap().dirty = true;
         self.write_snapshot(false);
         let (client, member) = {
             let inner = self.inner.lock().unwrap();
             (inner.client.clone(), inner.member_lease)
         };
-        let Some(mut client) = client else { return };
+        let Some(client) = client else { return };
         let mut leases = vec![member];
         if release {
             let rt = self.runtime.lock().unwrap();
             leases.extend(rt.leases.keys().copied());
         }
-        for l in leases.into_iter().filter(|&l| l != 0) {
-            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(l)).await;
-        }
+        // All at once, within one deadline: a stop never waits long for etcd.
+        let revokes: Vec<_> = leases
+            .into_iter()
+            .filter(|&l| l != 0)
+            .map(|l| {
+                let mut c = client.clone();
+                tokio::spawn(async move {
+                    let _ = c.lease_revoke(l).await;
+                })
+            })
+            .collect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for r in revokes {
+                let _ = r.await;
+            }
+        })
+        .await;
         tracing::info!("cluster: member {} left the cluster", self.cfg.node);
     }
 
@@ -841,7 +874,9 @@ pub(crate) fn start(shared: &Arc<Shared>) {
         return;
     };
     let shared = shared.clone();
-    tokio::spawn(async move {
+    let c = cluster.clone();
+    let task = tokio::spawn(async move {
+        let cluster = c;
         let mut backoff = Duration::from_millis(200);
         loop {
             let why = match serve(&shared, &cluster).await {
@@ -857,6 +892,7 @@ pub(crate) fn start(shared: &Arc<Shared>) {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     });
+    *cluster.task.lock().unwrap() = Some(task.abort_handle());
 }
 
 fn options(cfg: &ClusterConfig) -> Result<ConnectOptions, String> {
@@ -961,7 +997,19 @@ async fn serve_on(
             client.get(alloc, Some(GetOptions::new().with_revision(r - 1))),
         )
         .await;
+        let alloc_then =
+            |g: &etcd_client::GetResponse| g.kvs().first().map_or(0, KeyValue::mod_revision);
+        let known = cluster.inner.lock().unwrap().alloc_revision;
         match probe {
+            // The history differs from what this member saw (an etcd restored from a backup).
+            Ok(g) if alloc_then(&g) != known => {
+                tracing::info!(
+                    "cluster: etcd's history at revision {} is not what this member saw: \
+                     listing everything",
+                    r - 1
+                );
+                from = None;
+            }
             Ok(_) => tracing::info!(
                 "cluster: resuming from revision {r} (applied up to {})",
                 r - 1
@@ -1028,7 +1076,7 @@ async fn serve_on(
     // Once caught up: this member's runtime blocks from before a restart, and (first join
     // only) the reservation files' cluster entries the cluster lacks.
     {
-        let (shared, cluster, client) = (shared.clone(), cluster.clone(), client.clone());
+        let (shared, cluster) = (shared.clone(), cluster.clone());
         tokio::spawn(async move {
             if !cluster.wait_applied(caught_up_at).await {
                 tracing::warn!(
@@ -1037,16 +1085,15 @@ async fn serve_on(
                     cluster.cfg.request_timeout.as_millis()
                 );
             }
-            let replayed = std::mem::take(&mut cluster.inner.lock().unwrap().replayed);
-            for (id, (entry, lease)) in replayed {
-                answer(&shared, &cluster, &client, id, entry, lease);
-            }
             adopt_runtime(&shared, &cluster).await;
             if !cluster
                 .declared_added
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
+                .load(std::sync::atomic::Ordering::Acquire)
+                && add_declared(&shared).await
             {
-                add_declared(&shared).await;
+                cluster
+                    .declared_added
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
         });
     }
@@ -1101,9 +1148,13 @@ async fn serve_on(
                     }
                     return Err(format!("watch cancelled: {}", msg.cancel_reason()));
                 }
-                if handle_watch(shared, cluster, &client, msg).await {
+                let (changed, proposals) = handle_watch(cluster, &msg);
+                if changed {
                     reconcile(shared, cluster).await;
                     cluster.write_snapshot(true);
+                }
+                for (id, entry, lease) in proposals {
+                    answer(shared, cluster, &client, id, entry, lease);
                 }
             }
             why = &mut heart => {
@@ -1212,12 +1263,13 @@ async fn full_list(
 
 /// Takes in one watch message; answers proposals (on their own tasks). Returns whether the
 /// cluster reservations changed.
-async fn handle_watch(
-    shared: &Arc<Shared>,
-    cluster: &Arc<Cluster>,
-    client: &Client,
-    msg: etcd_client::WatchResponse,
-) -> bool {
+/// Proposals to answer: (id, the block asked for, its lease).
+type Proposals = Vec<(String, ClusterEntry, i64)>;
+
+/// Takes in one watch message. Returns whether the cluster reservations changed, and the
+/// proposals to answer (once the change is applied: a verdict is about the table as the cluster
+/// has it); proposals seen while history is replayed wait until the replay is over.
+fn handle_watch(cluster: &Cluster, msg: &etcd_client::WatchResponse) -> (bool, Proposals) {
     let prefix = &cluster.cfg.prefix;
     let mut changed = false;
     // A message without events that is not the watch's creation is a progress notice: every
@@ -1286,15 +1338,17 @@ async fn handle_watch(
         }
         inner.applied = inner.applied.max(last);
         inner.cluster_revision = inner.cluster_revision.max(last);
-    }
-    for (id, entry, lease) in proposals {
-        answer(shared, cluster, client, id, entry, lease);
+        // The replay is over: what it brought that has not ended is answered now.
+        if inner.applied >= inner.caught_up_at && !inner.replayed.is_empty() {
+            let replayed = std::mem::take(&mut inner.replayed);
+            proposals.extend(replayed.into_iter().map(|(id, (e, l))| (id, e, l)));
+        }
     }
     if !changed {
         let applied = cluster.inner.lock().unwrap().applied;
         cluster.applied.send_replace(applied);
     }
-    changed
+    (changed, proposals)
 }
 
 /// Answers proposal `id` (on a task of its own).
@@ -1637,6 +1691,18 @@ async fn propose_and_commit(
             return Err(e);
         }
     };
+    // The watch exists before the proposal: no verdict can come before it.
+    match tokio::time::timeout(cluster.cfg.request_timeout, stream.message()).await {
+        Ok(Ok(Some(m))) if m.created() => {}
+        other => {
+            revoke(client.clone());
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "the watch of the verdicts was not created".to_string(),
+            };
+            return Err(cluster.unreachable(op, what, &why));
+        }
+    }
     let body = serde_json::to_vec(&entry).unwrap_or_default();
     let proposal_key = cluster.key(&format!("proposals/{id}"));
     if let Err(e) = etcd_call!(
@@ -1754,6 +1820,7 @@ async fn propose_and_commit(
         });
         let (now_alloc, now_key) = (gets.next(), gets.next());
         if let Some(kv) = now_key.as_ref().and_then(|g| g.kvs().first())
+            && kv.lease() == lease_of_key.unwrap_or(0)
             && serde_json::from_slice::<ClusterEntry>(kv.value()).is_ok_and(|e| e == *entry)
         {
             committed = Some(kv.mod_revision());
@@ -1806,7 +1873,13 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
             .home()
             .table
             .overlapping(protocol, range)
-            .find(|r| r.range == range && !r.is_persistent())
+            // The very block: same ports, made at the same second by the same user.
+            .find(|r| {
+                r.range == range
+                    && !r.is_persistent()
+                    && r.created == e.created
+                    && r.owner.uid == e.creator_uid
+            })
             .and_then(|r| Some((r.token, r.session()?)));
         match held {
             Some((token, session)) => {
@@ -1862,9 +1935,10 @@ pub(crate) async fn acquire(
         format!("cannot reserve {count} ports/{protocol} from {start} in the cluster")
     };
     let mut client = cluster.linked_client(op, &what).await?;
-    let lease = cluster
+    let mut lease = cluster
         .session_lease(caller.session, &mut client, op, &what)
         .await?;
+    let mut lease_renewed = false;
     let mut outcome = None;
     // A wildcard block starts at a random port of the dynamic range: members acquiring at
     // the same time would otherwise all pick the same lowest free block and refuse each other.
@@ -1934,6 +2008,23 @@ pub(crate) async fn acquire(
                 // Given back at once (it would count against the caller's quota); the next
                 // random start is elsewhere.
                 crate::handlers::release_here(shared, caller, &r);
+                // The session's lease ran out while this member was out of touch (its renewing
+                // task notices a little later): once, with a new one.
+                if e.message.contains("requested lease not found") && !lease_renewed {
+                    lease_renewed = true;
+                    {
+                        let mut rt = cluster.runtime.lock().unwrap();
+                        if let Some(task) = rt.leases.remove(&lease) {
+                            task.abort();
+                        }
+                        rt.session_lease.retain(|_, l| *l != lease);
+                    }
+                    lease = cluster
+                        .session_lease(caller.session, &mut client, op, &what)
+                        .await?;
+                    outcome = Some(Err(e));
+                    continue;
+                }
                 let refused = e.code == ErrorCode::SharingViolation;
                 if start != 0 || !refused {
                     outcome = Some(Err(e));
@@ -1987,23 +2078,21 @@ pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Re
             TxnOpResponse::Get(g) => g.kvs().is_empty(),
             _ => false,
         });
-        return Err(if gone {
-            // Deleted meanwhile (or by an earlier try of this request whose answer was lost).
-            refusal(
-                op,
-                ErrorCode::NotFound,
-                format!("{what}: the cluster has no {key} (already deleted)"),
-            )
-        } else {
-            refusal(
-                op,
-                ErrorCode::SharingViolation,
-                format!(
-                    "{what}: it was changed in the cluster meanwhile; nothing was deleted; look \
-                     at `portres show` and try again"
-                ),
-            )
-        });
+        if gone {
+            // Deleted meanwhile (or by an earlier try of this request whose answer was lost):
+            // what was asked for is done.
+            tracing::info!("cluster: {key} was already deleted");
+            cluster.wait_applied(rev).await;
+            return Ok(());
+        }
+        return Err(refusal(
+            op,
+            ErrorCode::SharingViolation,
+            format!(
+                "{what}: it was changed in the cluster meanwhile; nothing was deleted; look at \
+                 `portres show` and try again"
+            ),
+        ));
     }
     tracing::info!("cluster: deleted cluster reservation {words} ({key})");
     if !cluster.wait_applied(rev).await {
@@ -2211,7 +2300,12 @@ pub(crate) async fn apply_files(
             Err(err) => errors.push(err.message),
         }
     }
-    cluster.wait_applied(last).await;
+    if !cluster.wait_applied(last).await {
+        errors.push(format!(
+            "the cluster has the changes (revision {last}), but this member does not enforce \
+             them yet (its watch is behind); `portres cluster status` shows it"
+        ));
+    }
     for e in &errors {
         tracing::error!("reservation files: {e}");
     }
@@ -2236,15 +2330,18 @@ fn declared_by_another(cluster: &Cluster, e: &Entry) -> bool {
 /// Once a member has joined: the entries of its reservation files with `cluster = true` that
 /// the cluster lacks are created (only added: another member's files may be newer; `portres
 /// apply` makes the whole difference).
-async fn add_declared(shared: &Arc<Shared>) {
+async fn add_declared(shared: &Arc<Shared>) -> bool {
     let Some(dir) = shared.config.reservations_dir.clone() else {
-        return;
+        return true;
     };
     let owner = shared.own_uid;
-    let Ok(Ok(Some(declared))) =
-        tokio::task::spawn_blocking(move || declared::read_dir(&dir, owner)).await
+    // A bad file is reported by the host's part (and `status`); tried again at the next join.
+    let Ok(Ok(found)) = tokio::task::spawn_blocking(move || declared::read_dir(&dir, owner)).await
     else {
-        return;
+        return false;
+    };
+    let Some(declared) = found else {
+        return true;
     };
     let entries: Vec<Entry> = declared
         .entries
@@ -2252,19 +2349,24 @@ async fn add_declared(shared: &Arc<Shared>) {
         .filter(|e| e.in_cluster)
         .collect();
     if entries.is_empty() {
-        return;
+        return true;
     }
     match declared::cluster_part(shared, &entries, true) {
         Ok(part) if part.added > 0 => {
             let errors = declared::run_cluster_part(shared, part).await;
-            if !errors.is_empty() {
-                shared.set_declared_problem(Some(format!(
-                    "cluster entries not applied: {}",
-                    errors.join("; ")
-                )));
+            if errors.is_empty() {
+                return true;
             }
+            shared.set_declared_problem(Some(format!(
+                "cluster entries not applied: {}",
+                errors.join("; ")
+            )));
+            false
         }
-        Ok(_) => {}
-        Err(e) => shared.set_declared_problem(Some(e.message)),
+        Ok(_) => true,
+        Err(e) => {
+            shared.set_declared_problem(Some(e.message));
+            true
+        }
     }
 }

@@ -463,8 +463,16 @@ impl Daemon {
             .load(std::sync::atomic::Ordering::Acquire);
         #[cfg(feature = "cluster")]
         if let Some(c) = &shared.cluster {
-            c.leave(release || shared.config.live_restore_secs == 0)
-                .await;
+            // The sessions' cluster blocks stay only for a successor that will carry them on.
+            let keeping = !release
+                && shared.config.live_restore_secs > 0
+                && shared
+                    .spaces()
+                    .home
+                    .keeper
+                    .as_ref()
+                    .is_some_and(|k| k.problem().is_none());
+            c.leave(!keeping).await;
         }
         let mut all = shared.spaces();
         // Other namespaces' blocks end with the daemon (live restore carries the daemon's own).
