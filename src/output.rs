@@ -328,11 +328,19 @@ pub fn cluster_status(c: &portres_client::ClusterInfo, json: bool) {
             m.failures.len()
         );
         for f in &m.failures {
+            let block = if f.count <= 1 {
+                f.start.to_string()
+            } else {
+                format!(
+                    "{}-{}",
+                    f.start,
+                    u32::from(f.start) + u32::from(f.count) - 1
+                )
+            };
             println!(
-                "    cannot enforce {}/{} from {}: {}",
-                f.count,
+                "    cannot enforce {block}/{} ({}): {}",
                 f.protocol,
-                f.start,
+                printable(&f.key),
                 printable(&f.why)
             );
         }

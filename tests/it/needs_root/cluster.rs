@@ -957,3 +957,62 @@ fn members_reach_etcd_over_tls_with_client_certificates() {
         enforces(&b, 9990)
     });
 }
+
+#[test]
+fn what_a_member_cannot_enforce_is_named_by_cluster_status_and_show_and_retried() {
+    if run_elsewhere(Needs::Namespace) {
+        return;
+    }
+    let mut f = Fabric::new(1);
+    let a = f.host("host-a");
+    let b = f.host("host-b");
+    wait_members(&a, 2);
+    // host-b away: the cluster reserves 9860 without it, while host-b reserves 9860 for itself.
+    f.link(1, false);
+    wait_members(&a, 1);
+    assert!(add(&a, 9860, 1).status.success());
+    let out = run(b.cli().args(["persistent", "add", "--start", "9860"]));
+    assert!(out.status.success(), "{out:?}");
+    // Back: host-b cannot enforce the cluster's, and says so.
+    f.link(1, true);
+    wait_members(&a, 2);
+    let failures_of_b = || {
+        status(&a)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["node"] == "host-b")
+            .map(|m| m["failures"].as_array().unwrap().clone())
+            .unwrap_or_default()
+    };
+    wait_until(
+        "host-b reports the failure",
+        Duration::from_secs(15),
+        || !failures_of_b().is_empty(),
+    );
+    let f0 = failures_of_b()[0].clone();
+    assert_eq!(
+        (f0["start"].as_u64(), f0["count"].as_u64()),
+        (Some(9860), Some(1))
+    );
+    assert!(f0["why"].as_str().unwrap().contains("9860"), "{f0}");
+    let row = show(&a).into_iter().find(|r| r["start"] == 9860).unwrap();
+    let state_of_b = row["cluster"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["node"] == "host-b")
+        .unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(state_of_b.starts_with("failed: "), "{state_of_b}");
+    let human = String::from_utf8(run(a.cli().args(["cluster", "status"])).stdout).unwrap();
+    assert!(human.contains("cannot enforce 9860/tcp"), "{human}");
+    // Its own reservation gone, host-b enforces the cluster's at its next try.
+    let out = run(b.cli().args(["persistent", "delete", "--start", "9860"]));
+    assert!(out.status.success(), "{out:?}");
+    wait_until("host-b enforces it", Duration::from_secs(15), || {
+        failures_of_b().is_empty() && cluster_rows(&b).contains(&("tcp".to_string(), 9860, 1))
+    });
+}
