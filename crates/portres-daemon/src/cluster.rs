@@ -261,6 +261,16 @@ struct Inner {
     saved_at: Option<std::time::Instant>,
 }
 
+/// What the metrics show of the cluster.
+pub(crate) struct ClusterCounts {
+    pub(crate) connected: bool,
+    pub(crate) members: usize,
+    pub(crate) reservations: usize,
+    pub(crate) failures: usize,
+    pub(crate) revision: i64,
+    pub(crate) applied: i64,
+}
+
 /// This member's link to the cluster.
 pub(crate) struct Cluster {
     pub(crate) cfg: ClusterConfig,
@@ -693,6 +703,19 @@ impl Cluster {
         })
         .await;
         tracing::info!("cluster: member {} left the cluster", self.cfg.node);
+    }
+
+    /// For the metrics: counts only.
+    pub(crate) fn metrics(&self) -> ClusterCounts {
+        let inner = self.inner.lock().unwrap();
+        ClusterCounts {
+            connected: inner.connected,
+            members: inner.members.len(),
+            reservations: inner.entries.len(),
+            failures: inner.failures.len(),
+            revision: inner.cluster_revision,
+            applied: inner.applied,
+        }
     }
 
     /// For `show`: the place of a cluster reservation and each live member's state of it.

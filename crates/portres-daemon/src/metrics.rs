@@ -187,6 +187,40 @@ pub(crate) fn render(shared: &Shared) -> String {
     let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     uptime.set(shared.started.elapsed().as_secs_f64());
     registry.register("uptime_seconds", "Seconds since the daemon started", uptime);
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &shared.cluster {
+        let m = c.metrics();
+        let gauge = |v: i64| {
+            let g = Gauge::<i64>::default();
+            g.set(v);
+            g
+        };
+        registry.register(
+            "cluster_connected",
+            "Cluster mode: whether this member is linked to etcd and registered (1) or not (0)",
+            gauge(i64::from(m.connected)),
+        );
+        registry.register(
+            "cluster_members",
+            "Cluster mode: live members of the cluster, as this member last saw them",
+            gauge(m.members as i64),
+        );
+        registry.register(
+            "cluster_reservations",
+            "Cluster mode: cluster reservations (persistent and runtime) this member knows",
+            gauge(m.reservations as i64),
+        );
+        registry.register(
+            "cluster_enforce_failures",
+            "Cluster mode: cluster reservations this member cannot enforce now",
+            gauge(m.failures as i64),
+        );
+        registry.register(
+            "cluster_revisions_behind",
+            "Cluster mode: revisions between etcd's last known revision and this member's applied one",
+            gauge((m.revision - m.applied).max(0)),
+        );
+    }
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
         .set(1);

@@ -409,6 +409,15 @@ fn a_cluster_reservation_holds_on_every_member_and_goes_everywhere() {
             .iter()
             .all(|m| m["failures"].as_array().unwrap().is_empty())
     );
+    // The metrics say so too.
+    let metrics = String::from_utf8(run(hosts[0].cli().arg("metrics")).stdout).unwrap();
+    for line in [
+        "portres_cluster_connected 1",
+        "portres_cluster_members 3",
+        "portres_cluster_enforce_failures 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     let human = String::from_utf8(run(hosts[0].cli().args(["cluster", "status"])).stdout).unwrap();
     assert!(
         human.contains("host-c") && human.contains("connected"),
