@@ -328,17 +328,9 @@ pub fn cluster_status(c: &portres_client::ClusterInfo, json: bool) {
             m.failures.len()
         );
         for f in &m.failures {
-            let block = if f.count <= 1 {
-                f.start.to_string()
-            } else {
-                format!(
-                    "{}-{}",
-                    f.start,
-                    u32::from(f.start) + u32::from(f.count) - 1
-                )
-            };
             println!(
-                "    cannot enforce {block}/{} ({}): {}",
+                "    cannot enforce {}/{} ({}): {}",
+                block(f.start, f.count),
                 f.protocol,
                 printable(&f.key),
                 printable(&f.why)
@@ -455,11 +447,15 @@ fn line_80(text: &str) {
 }
 
 fn ports(r: &ReservationInfo) -> String {
-    let last = u32::from(r.start) + u32::from(r.count) - 1;
-    if r.count == 1 {
-        r.start.to_string()
+    block(r.start, r.count)
+}
+
+/// `P` for one port, `FIRST-LAST` for more.
+fn block(start: u16, count: u16) -> String {
+    if count <= 1 {
+        start.to_string()
     } else {
-        format!("{}-{last}", r.start)
+        format!("{start}-{}", u32::from(start) + u32::from(count) - 1)
     }
 }
 
@@ -693,15 +689,7 @@ pub fn apply_diff(a: &portres_client::ApplyInfo, json: bool) {
         a.unchanged
     );
     for c in &a.changes {
-        let block = if c.count == 1 {
-            c.start.to_string()
-        } else {
-            format!(
-                "{}-{}",
-                c.start,
-                u32::from(c.start) + u32::from(c.count) - 1
-            )
-        };
+        let block = block(c.start, c.count);
         let at = match c.line {
             Some(l) => format!("{}:{l}", printable(&c.file)),
             None => printable(&c.file).to_string(),

@@ -133,10 +133,7 @@ impl ClusterEntry {
         let acl = if self.runtime {
             Acl::default()
         } else {
-            declared::normalised(Acl {
-                users: self.allow_users.clone(),
-                groups: self.allow_groups.clone(),
-            })
+            self.acl()
         };
         Some(Entry {
             file: format!("cluster reservation {key}"),
@@ -160,6 +157,19 @@ impl ClusterEntry {
             users: self.allow_users.clone(),
             groups: self.allow_groups.clone(),
         })
+    }
+
+    /// Whether it is reservation-file entry `e` as `e` says it (block, mode, access list,
+    /// description, file).
+    fn declares(&self, e: &Entry) -> bool {
+        !self.runtime
+            && self.protocol == e.protocol.as_str()
+            && self.start == e.range.start()
+            && self.count == e.range.count()
+            && self.mode == e.mode.as_str()
+            && self.acl() == e.acl
+            && self.description == e.description
+            && self.file.as_deref() == Some(e.file.as_str())
     }
 
     /// As the reservation files' difference shows it.
@@ -210,14 +220,17 @@ struct Verdict {
     why: Option<String>,
 }
 
-/// What a member keeps of the cluster between restarts (`STATE/cluster.json`): the cluster
-/// reservations as of `revision`, to resume watching from there.
+/// This member's view of the cluster's reservations, as of `revision`; kept between restarts
+/// as `STATE/cluster.json`, to resume watching from there.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Snapshot {
+struct View {
+    /// Events up to here are applied.
     revision: i64,
+    /// `alloc`'s mod revision as of `revision`.
     alloc_revision: i64,
+    /// Cluster reservations by key, with their mod revision.
     entries: BTreeMap<String, (ClusterEntry, i64)>,
-    /// The lease of each runtime block's key.
+    /// The lease of each runtime block's key (to renew its own after a restart).
     #[serde(default)]
     leases: BTreeMap<String, i64>,
     /// The etcd cluster's id and the key prefix the revisions are of (another etcd, or
@@ -228,6 +241,18 @@ struct Snapshot {
     prefix: String,
 }
 
+impl View {
+    /// Takes in reservation `key` as etcd has it.
+    fn put(&mut self, key: &str, kv: &KeyValue) -> Result<(), serde_json::Error> {
+        let e = serde_json::from_slice::<ClusterEntry>(kv.value())?;
+        if kv.lease() != 0 {
+            self.leases.insert(key.to_string(), kv.lease());
+        }
+        self.entries.insert(key.to_string(), (e, kv.mod_revision()));
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     client: Option<Client>,
@@ -235,21 +260,12 @@ struct Inner {
     error: Option<String>,
     /// The cluster's revision, as etcd last said.
     cluster_revision: i64,
-    /// Events up to here are applied.
-    applied: i64,
-    /// `alloc`'s mod revision as of `applied`.
-    alloc_revision: i64,
-    /// Cluster reservations by key, with their mod revision.
-    entries: BTreeMap<String, (ClusterEntry, i64)>,
-    /// The lease of each runtime block's key (to renew its own after a restart).
-    leases: BTreeMap<String, i64>,
+    view: View,
     members: BTreeMap<String, MemberRecord>,
     /// Cluster reservations this member failed to enforce, by key.
     failures: BTreeMap<String, ClusterFailureInfo>,
-    /// The snapshot is behind `entries`.
+    /// The snapshot is behind the view.
     dirty: bool,
-    /// The etcd cluster's id (from its response headers) the revisions are of.
-    etcd_cluster: u64,
     /// The member's lease while linked (revoked when the daemon stops).
     member_lease: i64,
     /// Where the history replayed at the last join ends.
@@ -323,23 +339,22 @@ impl Cluster {
     /// This member, with what it kept of the cluster at its last run.
     pub(crate) fn new(cfg: ClusterConfig, state_dir: &std::path::Path) -> Cluster {
         let snapshot_path = state_dir.join("cluster.json");
-        let snap: Snapshot = std::fs::read(&snapshot_path)
+        let view: View = std::fs::read(&snapshot_path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<View>(&b).ok())
             // Another prefix is another cluster: its revisions say nothing here.
-            .filter(|s| s.prefix == cfg.prefix)
-            .unwrap_or_default();
+            .filter(|v| v.prefix == cfg.prefix)
+            .unwrap_or_else(|| View {
+                prefix: cfg.prefix.clone(),
+                ..View::default()
+            });
+        let (applied, _) = tokio::sync::watch::channel(view.revision);
         let inner = Inner {
-            saved: snap.revision,
-            applied: snap.revision,
-            alloc_revision: snap.alloc_revision,
-            entries: snap.entries,
-            leases: snap.leases,
-            etcd_cluster: snap.etcd_cluster,
+            saved: view.revision,
+            view,
             error: Some("not connected yet".into()),
             ..Inner::default()
         };
-        let (applied, _) = tokio::sync::watch::channel(snap.revision);
         Cluster {
             cfg,
             inner: Mutex::new(inner),
@@ -410,6 +425,12 @@ impl Cluster {
         }
     }
 
+    /// How often leases are renewed and the member's record written: a third of the lease's
+    /// time to live.
+    fn beat(&self) -> Duration {
+        Duration::from_millis((self.cfg.lease_ttl_secs * 1000 / 3).max(300))
+    }
+
     /// Whether a failed try of an etcd call that began at `began` may be made again (twice
     /// the request timeout in all).
     fn try_again(&self, began: std::time::Instant, what: &str, why: &str) -> bool {
@@ -425,6 +446,7 @@ impl Cluster {
     fn wanted(&self) -> Vec<Entry> {
         let inner = self.inner.lock().unwrap();
         inner
+            .view
             .entries
             .iter()
             .filter(|(_, (e, _))| !(e.runtime && e.node == self.cfg.node))
@@ -436,6 +458,7 @@ impl Cluster {
     fn overlapping(&self, protocol: Protocol, range: PortRange) -> Option<(String, ClusterEntry)> {
         let inner = self.inner.lock().unwrap();
         inner
+            .view
             .entries
             .iter()
             .find(|(_, (e, _))| {
@@ -505,7 +528,7 @@ impl Cluster {
 
     /// Revokes `lease` if no block of this member uses it any more and no session will give
     /// it to its next block.
-    fn forget_unused_lease(self: &Arc<Self>, lease: i64) {
+    fn forget_unused_lease(&self, lease: i64) {
         let task = {
             let mut rt = self.runtime.lock().unwrap();
             let used = rt.blocks.values().any(|b| b.lease == lease)
@@ -517,19 +540,10 @@ impl Cluster {
         };
         let Some(task) = task else { return };
         task.abort();
-        let cluster = self.clone();
-        tokio::spawn(async move {
-            let Ok(mut client) = cluster.client(Operation::ReleaseRuntime, "release") else {
-                // Not renewed any more: it expires after lease_ttl_secs.
-                return;
-            };
-            if let Err(e) = timed(&cluster, "lease revoke", client.lease_revoke(lease)).await {
-                tracing::warn!(
-                    "cluster: cannot revoke lease {lease:x}: {e}; it expires after {} s",
-                    cluster.cfg.lease_ttl_secs
-                );
-            }
-        });
+        // Without a link it is simply not renewed any more: it expires after lease_ttl_secs.
+        if let Ok(client) = self.client(Operation::ReleaseRuntime, "release") {
+            drop(RevokeOnDrop(client, lease));
+        }
     }
 
     /// A session ended: its blocks leave the cluster (their lease is revoked, or, when a block
@@ -622,7 +636,7 @@ impl Cluster {
     /// until aborted (no block uses it) or the lease is gone: then its blocks are no longer
     /// in the cluster, and are forgotten.
     async fn keep_lease_alive(self: Arc<Self>, lease: i64) {
-        let beat = Duration::from_millis((self.cfg.lease_ttl_secs * 1000 / 3).max(300));
+        let beat = self.beat();
         loop {
             let Ok(mut client) = self.client(Operation::Other, "lease") else {
                 tokio::time::sleep(beat / 4).await;
@@ -711,17 +725,21 @@ impl Cluster {
         ClusterCounts {
             connected: inner.connected,
             members: inner.members.len(),
-            reservations: inner.entries.len(),
+            reservations: inner.view.entries.len(),
             failures: inner.failures.len(),
             revision: inner.cluster_revision,
-            applied: inner.applied,
+            applied: inner.view.revision,
         }
     }
 
     /// For `show`: the place of a cluster reservation and each live member's state of it.
     pub(crate) fn entry_info(&self, origin: &ClusterOrigin) -> ClusterEntryInfo {
         let inner = self.inner.lock().unwrap();
-        let made_at = inner.entries.get(&origin.key).map_or(0, |(_, rev)| *rev);
+        let made_at = inner
+            .view
+            .entries
+            .get(&origin.key)
+            .map_or(0, |(_, rev)| *rev);
         let members = inner
             .members
             .values()
@@ -741,6 +759,7 @@ impl Cluster {
             node: origin.node.clone(),
             runtime: origin.runtime,
             file: inner
+                .view
                 .entries
                 .get(&origin.key)
                 .and_then(|(e, _)| e.file.clone()),
@@ -754,7 +773,7 @@ impl Cluster {
             node: self.cfg.node.clone(),
             pid: std::process::id(),
             heartbeat_ms: now_ms(),
-            revision: inner.applied,
+            revision: inner.view.revision,
             failures: inner.failures.values().cloned().collect(),
         }
     }
@@ -785,17 +804,7 @@ impl Cluster {
             }
             inner.dirty = false;
             inner.saved_at = Some(std::time::Instant::now());
-            (
-                serde_json::to_vec(&Snapshot {
-                    revision: inner.applied,
-                    alloc_revision: inner.alloc_revision,
-                    entries: inner.entries.clone(),
-                    leases: inner.leases.clone(),
-                    etcd_cluster: inner.etcd_cluster,
-                    prefix: self.cfg.prefix.clone(),
-                }),
-                inner.applied,
-            )
+            (serde_json::to_vec(&inner.view), inner.view.revision)
         };
         let Ok(bytes) = bytes else { return };
         let tmp = self.snapshot_path.with_extension("json.tmp");
@@ -819,53 +828,42 @@ impl Cluster {
                 connected: inner.connected,
                 error: inner.error.clone(),
                 revision: inner.cluster_revision,
-                applied_revision: inner.applied,
+                applied_revision: inner.view.revision,
                 saved_revision: inner.saved,
-                reservations: inner.entries.len() as u64,
+                reservations: inner.view.entries.len() as u64,
                 members: Vec::new(),
             }
         };
+        // The members as etcd has them now; else as this member last saw them.
         let op = Operation::Other;
-        let members: Vec<MemberRecord> = match self.client(op, "cluster status") {
-            Ok(mut c) => {
-                let key = self.key("members/");
-                let got: Result<_, Refusal> = etcd_call!(
-                    self,
-                    op,
-                    "cluster status",
-                    c => c.get(key.clone(), Some(GetOptions::new().with_prefix()))
-                );
-                match got {
-                    Ok(r) => {
-                        if let Some(h) = r.header() {
-                            info.revision = h.revision();
-                        }
+        let mut fetched = None;
+        if let Ok(mut c) = self.client(op, "cluster status") {
+            let key = self.key("members/");
+            let got: Result<_, Refusal> = etcd_call!(
+                self,
+                op,
+                "cluster status",
+                c => c.get(key.clone(), Some(GetOptions::new().with_prefix()))
+            );
+            match got {
+                Ok(r) => {
+                    if let Some(h) = r.header() {
+                        info.revision = h.revision();
+                    }
+                    fetched = Some(
                         r.kvs()
                             .iter()
                             .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-                            .collect()
-                    }
-                    Err(e) => {
-                        info.error = Some(e.message);
-                        self.inner
-                            .lock()
-                            .unwrap()
-                            .members
-                            .values()
-                            .cloned()
-                            .collect()
-                    }
+                            .collect::<Vec<MemberRecord>>(),
+                    );
                 }
+                Err(e) => info.error = Some(e.message),
             }
-            Err(_) => self
-                .inner
-                .lock()
-                .unwrap()
-                .members
-                .values()
-                .cloned()
-                .collect(),
-        };
+        }
+        let members = fetched.unwrap_or_else(|| {
+            let inner = self.inner.lock().unwrap();
+            inner.members.values().cloned().collect()
+        });
         let now = now_ms();
         info.members = members
             .into_iter()
@@ -977,7 +975,7 @@ async fn serve(shared: &Arc<Shared>, cluster: &Arc<Cluster>) -> Result<(), Strin
     )
     .await
     .map_err(failed)?;
-    serve_on(shared, cluster, &client, &endpoint)
+    serve_on(shared, cluster, client, &endpoint)
         .await
         .map_err(failed)
 }
@@ -985,10 +983,9 @@ async fn serve(shared: &Arc<Shared>, cluster: &Arc<Cluster>) -> Result<(), Strin
 async fn serve_on(
     shared: &Arc<Shared>,
     cluster: &Arc<Cluster>,
-    client: &Client,
+    mut client: Client,
     endpoint: &str,
 ) -> Result<(), String> {
-    let mut client = client.clone();
     let cfg = &cluster.cfg;
     let granted = timed(
         cluster,
@@ -1007,10 +1004,10 @@ async fn serve_on(
     // (and the snapshot is of this etcd cluster), else a full list at one revision.
     let mut from = {
         let inner = cluster.inner.lock().unwrap();
-        (inner.applied > 0
-            && inner.applied <= now_at
-            && (inner.etcd_cluster == 0 || inner.etcd_cluster == cluster_id))
-            .then_some(inner.applied + 1)
+        (inner.view.revision > 0
+            && inner.view.revision <= now_at
+            && (inner.view.etcd_cluster == 0 || inner.view.etcd_cluster == cluster_id))
+            .then_some(inner.view.revision + 1)
     };
     if let Some(r) = from {
         let alloc = cluster.key("alloc");
@@ -1022,7 +1019,7 @@ async fn serve_on(
         .await;
         let alloc_then =
             |g: &etcd_client::GetResponse| g.kvs().first().map_or(0, KeyValue::mod_revision);
-        let known = cluster.inner.lock().unwrap().alloc_revision;
+        let known = cluster.inner.lock().unwrap().view.alloc_revision;
         match probe {
             // The history differs from what this member saw (an etcd restored from a backup).
             Ok(g) if alloc_then(&g) != known => {
@@ -1049,9 +1046,9 @@ async fn serve_on(
     }
     let start = match from {
         Some(r) => r,
-        None => full_list(shared, cluster, &mut client).await? + 1,
+        None => full_list(cluster, &mut client).await? + 1,
     };
-    cluster.inner.lock().unwrap().etcd_cluster = cluster_id;
+    cluster.inner.lock().unwrap().view.etcd_cluster = cluster_id;
     // Registered once caught up and before watching: a proposal made after this member is
     // listed is always in its watch.
     put_record(cluster, &mut client, &member_key, lease).await?;
@@ -1073,10 +1070,7 @@ async fn serve_on(
         .await?
         .ok_or("watch closed")?;
     if first.canceled() {
-        if first.compact_revision() > 0 {
-            cluster.inner.lock().unwrap().applied = 0;
-        }
-        return Err(format!("watch refused: {}", first.cancel_reason()));
+        return Err(watch_cancelled(cluster, &first));
     }
     // Where the replay of history ends: asked for, the answer is a progress notice at the
     // revision by which every older event was sent.
@@ -1122,7 +1116,7 @@ async fn serve_on(
     }
     // The heartbeat on a task of its own: a reconcile waiting for the persistent lock (an
     // `apply`, a create) never delays the lease's renewal.
-    let beat = Duration::from_millis((cfg.lease_ttl_secs * 1000 / 3).max(300));
+    let beat = cluster.beat();
     let heart = {
         let (cluster, mut client) = (cluster.clone(), client.clone());
         tokio::spawn(async move {
@@ -1160,16 +1154,7 @@ async fn serve_on(
             msg = watch.message() => {
                 let msg = msg.map_err(|e| format!("watch: {e}"))?.ok_or("watch closed")?;
                 if msg.canceled() {
-                    if msg.compact_revision() > 0 {
-                        // Behind the compaction: the next connection lists everything.
-                        tracing::info!(
-                            "cluster: the revision watched from is compacted (to {}): \
-                             listing everything",
-                            msg.compact_revision()
-                        );
-                        cluster.inner.lock().unwrap().applied = 0;
-                    }
-                    return Err(format!("watch cancelled: {}", msg.cancel_reason()));
+                    return Err(watch_cancelled(cluster, &msg));
                 }
                 let (changed, proposals) = handle_watch(cluster, &msg);
                 if changed {
@@ -1191,6 +1176,41 @@ async fn serve_on(
                 }
             }
         }
+    }
+}
+
+/// Why the watch was cancelled; behind a compaction, the next connection lists everything.
+fn watch_cancelled(cluster: &Cluster, msg: &etcd_client::WatchResponse) -> String {
+    if msg.compact_revision() > 0 {
+        tracing::info!(
+            "cluster: the revision watched from is compacted (to {}): listing everything",
+            msg.compact_revision()
+        );
+        cluster.inner.lock().unwrap().view.revision = 0;
+    }
+    format!("watch cancelled: {}", msg.cancel_reason())
+}
+
+/// The answers to a transaction's reads, in order.
+fn gets(r: etcd_client::TxnResponse) -> Vec<etcd_client::GetResponse> {
+    r.op_responses()
+        .into_iter()
+        .filter_map(|o| match o {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Revokes a lease when dropped (on a task: drop cannot wait), within 2 s.
+struct RevokeOnDrop(Client, i64);
+
+impl Drop for RevokeOnDrop {
+    fn drop(&mut self) {
+        let (mut client, lease) = (self.0.clone(), self.1);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+        });
     }
 }
 
@@ -1224,11 +1244,7 @@ async fn put_record(
 
 /// Lists every cluster reservation, member and `alloc` at one revision and makes them this
 /// member's view; returns that revision.
-async fn full_list(
-    shared: &Arc<Shared>,
-    cluster: &Arc<Cluster>,
-    client: &mut Client,
-) -> Result<i64, String> {
+async fn full_list(cluster: &Cluster, client: &mut Client) -> Result<i64, String> {
     let txn = Txn::new().and_then([
         TxnOp::get(
             cluster.key("reservations/"),
@@ -1242,22 +1258,16 @@ async fn full_list(
     ]);
     let r = timed(cluster, "list", client.txn(txn)).await?;
     let revision = r.header().map_or(0, |h| h.revision());
-    let mut gets = r.op_responses().into_iter().filter_map(|o| match o {
-        TxnOpResponse::Get(g) => Some(g),
-        _ => None,
-    });
+    let mut gets = gets(r).into_iter();
     let (res, mem, alloc) = (gets.next(), gets.next(), gets.next());
-    let mut entries = BTreeMap::new();
-    let mut leases = BTreeMap::new();
+    let mut view = View {
+        revision,
+        prefix: cluster.cfg.prefix.clone(),
+        ..View::default()
+    };
     for kv in res.iter().flat_map(|g| g.kvs()) {
-        if let (Ok(k), Ok(e)) = (
-            kv.key_str(),
-            serde_json::from_slice::<ClusterEntry>(kv.value()),
-        ) {
-            if kv.lease() != 0 {
-                leases.insert(k.to_string(), kv.lease());
-            }
-            entries.insert(k.to_string(), (e, kv.mod_revision()));
+        if let Ok(k) = kv.key_str() {
+            let _ = view.put(k, kv);
         }
     }
     let members = mem
@@ -1266,26 +1276,18 @@ async fn full_list(
         .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
         .map(|m| (m.node.clone(), m))
         .collect();
-    let alloc_revision = alloc
+    view.alloc_revision = alloc
         .and_then(|g| g.kvs().first().map(KeyValue::mod_revision))
         .unwrap_or(0);
-    {
-        let mut inner = cluster.inner.lock().unwrap();
-        inner.entries = entries;
-        inner.leases = leases;
-        inner.members = members;
-        inner.alloc_revision = alloc_revision;
-        inner.applied = revision;
-        inner.cluster_revision = revision;
-        inner.dirty = true;
-    }
-    reconcile(shared, cluster).await;
-    cluster.applied.send_replace(revision);
+    let mut inner = cluster.inner.lock().unwrap();
+    inner.view = view;
+    inner.members = members;
+    inner.cluster_revision = revision;
+    inner.dirty = true;
+    // The table follows at the join (`reconcile`).
     Ok(revision)
 }
 
-/// Takes in one watch message; answers proposals (on their own tasks). Returns whether the
-/// cluster reservations changed.
 /// Proposals to answer: (id, the block asked for, its lease).
 type Proposals = Vec<(String, ClusterEntry, i64)>;
 
@@ -1317,24 +1319,16 @@ fn handle_watch(cluster: &Cluster, msg: &etcd_client::WatchResponse) -> (bool, P
                 changed = true;
                 inner.dirty = true;
                 if put {
-                    match serde_json::from_slice::<ClusterEntry>(kv.value()) {
-                        Ok(e) => {
-                            if kv.lease() != 0 {
-                                inner.leases.insert(key.to_string(), kv.lease());
-                            }
-                            inner
-                                .entries
-                                .insert(key.to_string(), (e, kv.mod_revision()));
-                        }
-                        Err(e) => tracing::warn!("cluster: {key} is not a reservation: {e}"),
+                    if let Err(e) = inner.view.put(key, kv) {
+                        tracing::warn!("cluster: {key} is not a reservation: {e}");
                     }
                 } else {
-                    inner.entries.remove(key);
-                    inner.leases.remove(key);
+                    inner.view.entries.remove(key);
+                    inner.view.leases.remove(key);
                     inner.failures.remove(key);
                 }
             } else if rest == "alloc" {
-                inner.alloc_revision = if put { kv.mod_revision() } else { 0 };
+                inner.view.alloc_revision = if put { kv.mod_revision() } else { 0 };
             } else if let Some(node) = rest.strip_prefix("members/") {
                 if put {
                     if let Ok(m) = serde_json::from_slice::<MemberRecord>(kv.value()) {
@@ -1359,16 +1353,16 @@ fn handle_watch(cluster: &Cluster, msg: &etcd_client::WatchResponse) -> (bool, P
                 }
             }
         }
-        inner.applied = inner.applied.max(last);
+        inner.view.revision = inner.view.revision.max(last);
         inner.cluster_revision = inner.cluster_revision.max(last);
         // The replay is over: what it brought that has not ended is answered now.
-        if inner.applied >= inner.caught_up_at && !inner.replayed.is_empty() {
+        if inner.view.revision >= inner.caught_up_at && !inner.replayed.is_empty() {
             let replayed = std::mem::take(&mut inner.replayed);
             proposals.extend(replayed.into_iter().map(|(id, (e, l))| (id, e, l)));
         }
     }
     if !changed {
-        let applied = cluster.inner.lock().unwrap().applied;
+        let applied = cluster.inner.lock().unwrap().view.revision;
         cluster.applied.send_replace(applied);
     }
     (changed, proposals)
@@ -1401,52 +1395,25 @@ fn answer(
 }
 
 /// Whether this member could enforce `entry` now: no reservation of its own overlaps it and no
-/// socket has one of its ports. The creator's own runtime block is its own to check.
+/// socket has one of its ports (the check of the reservation files, `declared::obstacle`). The
+/// creator's own runtime block is its own to check.
 async fn verdict(shared: &Arc<Shared>, cluster: &Cluster, entry: &ClusterEntry) -> Verdict {
-    if entry.runtime && entry.node == cluster.cfg.node {
-        return Verdict {
-            ok: true,
-            why: None,
-        };
-    }
-    let Some((protocol, range)) = entry.range() else {
-        return Verdict {
-            ok: false,
-            why: Some("the proposal is not a valid block".into()),
-        };
+    let why = if entry.runtime && entry.node == cluster.cfg.node {
+        None
+    } else if let Some((protocol, range)) = entry.range() {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let st = shared.home();
+            declared::obstacle(&st, protocol, range, |_| false).map(|o| o.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Some(format!("the check failed: {e}")))
+    } else {
+        Some("the proposal is not a valid block".into())
     };
-    let shared = shared.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        let st = shared.home();
-        if let Some(r) = st.table.overlapping(protocol, range).next() {
-            let conflict = portres_core::Conflict {
-                protocol,
-                port: r.range.start().max(range.start()),
-                holder: r.holder(),
-            };
-            return Err(conflict.to_string());
-        }
-        if let Some(port) = st.enforcer.first_in_use(protocol, range) {
-            let by = crate::visibility::describe_holder(protocol, port)
-                .unwrap_or_else(|| "a socket".into());
-            return Err(format!("port {port}/{protocol} is in use by {by}"));
-        }
-        Ok(())
-    })
-    .await;
-    match checked {
-        Ok(Ok(())) => Verdict {
-            ok: true,
-            why: None,
-        },
-        Ok(Err(why)) => Verdict {
-            ok: false,
-            why: Some(why),
-        },
-        Err(e) => Verdict {
-            ok: false,
-            why: Some(format!("the check failed: {e}")),
-        },
+    Verdict {
+        ok: why.is_none(),
+        why,
     }
 }
 
@@ -1463,9 +1430,9 @@ async fn reconcile(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
         .unwrap_or_default();
     // Mirrors are written through the journal too: it is compacted as after any change.
     crate::handlers::compact_journal_if_due(shared).await;
-    let changed = {
+    // Other members see the failures in this member's record at its next heartbeat.
+    let applied = {
         let mut inner = cluster.inner.lock().unwrap();
-        let changed = inner.failures != failures;
         for (key, f) in &failures {
             if !inner.failures.contains_key(key) {
                 tracing::error!(
@@ -1475,14 +1442,9 @@ async fn reconcile(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
             }
         }
         inner.failures = failures;
-        changed
+        inner.view.revision
     };
-    let applied = cluster.inner.lock().unwrap().applied;
     cluster.applied.send_replace(applied);
-    if changed {
-        // Other members see the failure at the next heartbeat.
-        tracing::debug!("cluster: failures changed");
-    }
 }
 
 fn reconcile_now(shared: &Shared, wanted: &[Entry]) -> BTreeMap<String, ClusterFailureInfo> {
@@ -1508,43 +1470,45 @@ fn reconcile_now(shared: &Shared, wanted: &[Entry]) -> BTreeMap<String, ClusterF
         let st = shared.home();
         declared::plan_of(wanted, st.table.reservations(), is_cluster)
     };
+    let mut one = |plan: Plan, e: Option<&Entry>| {
+        if let Err(refused) = declared::execute(shared, plan, owner.clone())
+            && let Some(e) = e
+        {
+            let key = e
+                .cluster
+                .as_ref()
+                .map(|c| c.key.clone())
+                .unwrap_or_default();
+            let f = ClusterFailureInfo {
+                key: key.clone(),
+                protocol: e.protocol.as_str().into(),
+                start: e.range.start(),
+                count: e.range.count(),
+                why: refused.message,
+            };
+            failures.insert(key, f);
+        }
+    };
     for r in p.remove {
-        let one = Plan {
+        let plan = Plan {
             remove: vec![r],
             ..Plan::default()
         };
-        let _ = declared::execute(shared, one, owner.clone());
+        one(plan, None);
     }
-    let fail = |e: &Entry, why: String| ClusterFailureInfo {
-        key: e
-            .cluster
-            .as_ref()
-            .map(|c| c.key.clone())
-            .unwrap_or_default(),
-        protocol: e.protocol.as_str().into(),
-        start: e.range.start(),
-        count: e.range.count(),
-        why,
-    };
     for (r, e) in p.change {
-        let one = Plan {
+        let plan = Plan {
             change: vec![(r, e.clone())],
             ..Plan::default()
         };
-        if let Err(refused) = declared::execute(shared, one, owner.clone()) {
-            let f = fail(&e, refused.message);
-            failures.insert(f.key.clone(), f);
-        }
+        one(plan, Some(&e));
     }
     for e in p.add {
-        let one = Plan {
+        let plan = Plan {
             add: vec![e.clone()],
             ..Plan::default()
         };
-        if let Err(refused) = declared::execute(shared, one, owner.clone()) {
-            let f = fail(&e, refused.message);
-            failures.insert(f.key.clone(), f);
-        }
+        one(plan, Some(&e));
     }
     failures
 }
@@ -1576,9 +1540,9 @@ pub(crate) async fn create(
             ),
         ));
     }
-    let mut client = cluster.linked_client(op, &what).await?;
+    let client = cluster.linked_client(op, &what).await?;
     let key = cluster.reservation_key(protocol, range.start());
-    let rev = propose_and_commit(cluster, &mut client, op, &what, &entry, None).await?;
+    let rev = propose_and_commit(cluster, &client, op, &what, &entry, None).await?;
     tracing::info!(
         pid = caller.pid,
         uid = caller.uid,
@@ -1629,7 +1593,7 @@ pub(crate) async fn create(
 /// commit's revision.
 async fn propose_and_commit(
     cluster: &Arc<Cluster>,
-    client: &mut Client,
+    client: &Client,
     op: Operation,
     what: &str,
     entry: &ClusterEntry,
@@ -1689,36 +1653,19 @@ async fn propose_and_commit(
             )
         },
     );
-    let lease = granted?.id();
-    // The proposal and its verdicts go with their lease, after the reply.
-    let revoke = |mut c: Client| {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
-        });
-    };
-    let members: Vec<MemberRecord> = match asked {
-        Ok(r) => r
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect(),
-        Err(e) => {
-            revoke(client.clone());
-            return Err(e);
-        }
-    };
-    let mut stream = match watched {
-        Ok(w) => w,
-        Err(e) => {
-            revoke(client.clone());
-            return Err(e);
-        }
-    };
+    // The proposal and its verdicts go with their lease, however this ends (after the reply).
+    let proposal = RevokeOnDrop(client.clone(), granted?.id());
+    let lease = proposal.1;
+    let members: Vec<MemberRecord> = asked?
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    let mut stream = watched?;
     // The watch exists before the proposal: no verdict can come before it.
     match tokio::time::timeout(cluster.cfg.request_timeout, stream.message()).await {
         Ok(Ok(Some(m))) if m.created() => {}
         other => {
-            revoke(client.clone());
             let why = match other {
                 Ok(Err(e)) => e.to_string(),
                 _ => "the watch of the verdicts was not created".to_string(),
@@ -1728,7 +1675,7 @@ async fn propose_and_commit(
     }
     let body = serde_json::to_vec(&entry).unwrap_or_default();
     let proposal_key = cluster.key(&format!("proposals/{id}"));
-    if let Err(e) = etcd_call!(
+    etcd_call!(
         cluster,
         op,
         what,
@@ -1737,12 +1684,9 @@ async fn propose_and_commit(
             body.clone(),
             Some(PutOptions::new().with_lease(lease))
         )
-    ) {
-        revoke(client.clone());
-        return Err(e);
-    }
+    )?;
     let mut answers: BTreeMap<String, Verdict> = BTreeMap::new();
-    let waited = tokio::time::timeout(cluster.cfg.verdict_timeout, async {
+    let _ = tokio::time::timeout(cluster.cfg.verdict_timeout, async {
         while members.iter().any(|m| !answers.contains_key(&m.node)) {
             match stream.message().await {
                 Ok(Some(msg)) => {
@@ -1763,13 +1707,11 @@ async fn propose_and_commit(
         }
     })
     .await;
-    let _ = waited;
     let verdicts_after = began.elapsed();
     for m in &members {
         match answers.get(&m.node) {
             Some(Verdict { ok: true, .. }) => {}
             Some(Verdict { why, .. }) => {
-                revoke(client.clone());
                 return Err(refusal(
                     op,
                     ErrorCode::SharingViolation,
@@ -1781,7 +1723,6 @@ async fn propose_and_commit(
                 ));
             }
             None => {
-                revoke(client.clone());
                 return Err(refusal(
                     op,
                     ErrorCode::Internal,
@@ -1801,11 +1742,8 @@ async fn propose_and_commit(
     // Commit: one transaction, valid only if no create happened since this member's view.
     let mut committed = None;
     for _ in 0..20 {
-        if let Err(e) = overlap(cluster) {
-            revoke(client.clone());
-            return Err(e);
-        }
-        let seen = cluster.inner.lock().unwrap().alloc_revision;
+        overlap(cluster)?;
+        let seen = cluster.inner.lock().unwrap().view.alloc_revision;
         let alloc = cluster.key("alloc");
         let txn = Txn::new()
             .when([
@@ -1822,13 +1760,7 @@ async fn propose_and_commit(
             ])
             // What made the compare fail.
             .or_else([TxnOp::get(alloc, None), TxnOp::get(key.clone(), None)]);
-        let r = match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
-            Ok(r) => r,
-            Err(e) => {
-                revoke(client.clone());
-                return Err(e);
-            }
-        };
+        let r = etcd_call!(cluster, op, what, client => client.txn(txn.clone()))?;
         let rev = r.header().map_or(0, |h| h.revision());
         if r.succeeded() {
             committed = Some(rev);
@@ -1837,11 +1769,8 @@ async fn propose_and_commit(
         // Another create won (or an earlier try of this one, whose answer was lost): catch up
         // with `alloc` as etcd has it now (a key of this prefix, so the watch brings it), then
         // check again.
-        let mut gets = r.op_responses().into_iter().filter_map(|o| match o {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
-        let (now_alloc, now_key) = (gets.next(), gets.next());
+        let mut now = gets(r).into_iter();
+        let (now_alloc, now_key) = (now.next(), now.next());
         if let Some(kv) = now_key.as_ref().and_then(|g| g.kvs().first())
             && kv.lease() == lease_of_key.unwrap_or(0)
             && serde_json::from_slice::<ClusterEntry>(kv.value()).is_ok_and(|e| e == *entry)
@@ -1857,7 +1786,6 @@ async fn propose_and_commit(
         // `alloc` revision it compares.
         cluster.wait_applied(alloc_at).await;
     }
-    revoke(client.clone());
     tracing::debug!(
         "cluster: {key}: verdicts after {:?}, committed after {:?}",
         verdicts_after,
@@ -1882,10 +1810,11 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
         let tracked: std::collections::HashSet<&String> =
             rt.blocks.values().map(|b| &b.key).collect();
         inner
+            .view
             .entries
             .iter()
             .filter(|(k, (e, _))| e.runtime && e.node == cluster.cfg.node && !tracked.contains(k))
-            .filter_map(|(k, (e, _))| Some((k.clone(), e.clone(), *inner.leases.get(k)?)))
+            .filter_map(|(k, (e, _))| Some((k.clone(), e.clone(), *inner.view.leases.get(k)?)))
             .collect()
     };
     for (key, e, lease) in own {
@@ -1940,8 +1869,9 @@ async fn adopt_runtime(shared: &Arc<Shared>, cluster: &Arc<Cluster>) {
 
 /// `acquire` in the cluster (`portres run --cluster`): a block of this member's table (held
 /// here as any runtime block of the session), then the create protocol for it as a runtime
-/// entry attached to the session's lease. A wildcard block that some member refuses is kept
-/// aside while the next one is tried (up to [`WILDCARD_TRIES`]).
+/// entry attached to the session's lease. A wildcard block some member refuses is given back
+/// at once (it would count against the caller's quota) and another random one tried, up to
+/// [`WILDCARD_TRIES`] in all.
 pub(crate) async fn acquire(
     shared: &Shared,
     cluster: &Arc<Cluster>,
@@ -1962,13 +1892,11 @@ pub(crate) async fn acquire(
         .session_lease(caller.session, &mut client, op, &what)
         .await?;
     let mut lease_renewed = false;
-    let mut outcome = None;
     // A wildcard block starts at a random port of the dynamic range: members acquiring at
     // the same time would otherwise all pick the same lowest free block and refuse each other.
     let dynamic = shared.home().table.config().dynamic_range;
-    let mut tries = 0;
-    while tries < WILDCARD_TRIES {
-        tries += 1;
+    let mut last = None;
+    for tries in 1..=WILDCARD_TRIES {
         let at = if start == 0 {
             let room = u32::from(dynamic.count()).saturating_sub(count);
             let offset = (portres_core::TokenSource::random_u64(&mut crate::handlers::OsRandom)
@@ -1983,13 +1911,10 @@ pub(crate) async fn acquire(
             Err(e)
                 if start == 0 && e.code != ErrorCode::QuotaExceeded && tries < WILDCARD_TRIES =>
             {
-                outcome = Some(Err(e));
+                last = Some(e);
                 continue;
             }
-            Err(e) => {
-                outcome = Some(Err(e));
-                break;
-            }
+            Err(e) => return Err(e),
         };
         let entry = ClusterEntry {
             protocol: protocol.as_str().into(),
@@ -2016,54 +1941,45 @@ pub(crate) async fn acquire(
                 lease,
             },
         );
-        match propose_and_commit(cluster, &mut client, op, &what, &entry, Some(lease)).await {
+        let e = match propose_and_commit(cluster, &client, op, &what, &entry, Some(lease)).await {
             Ok(rev) => {
                 tracing::info!(
                     pid = caller.pid, uid = caller.uid, token = %r.token,
                     "cluster: runtime block {}/{protocol} ({key}) granted at revision {rev}",
                     r.range
                 );
-                outcome = Some(Ok(r));
-                break;
+                return Ok(r);
             }
-            Err(e) => {
-                cluster.runtime.lock().unwrap().blocks.remove(&r.token);
-                // Given back at once (it would count against the caller's quota); the next
-                // random start is elsewhere.
-                crate::handlers::release_here(shared, caller, &r);
-                // The session's lease ran out while this member was out of touch (its renewing
-                // task notices a little later): once, with a new one.
-                if e.message.contains("requested lease not found") && !lease_renewed {
-                    lease_renewed = true;
-                    {
-                        let mut rt = cluster.runtime.lock().unwrap();
-                        if let Some(task) = rt.leases.remove(&lease) {
-                            task.abort();
-                        }
-                        rt.session_lease.retain(|_, l| *l != lease);
-                    }
-                    lease = cluster
-                        .session_lease(caller.session, &mut client, op, &what)
-                        .await?;
-                    outcome = Some(Err(e));
-                    continue;
+            Err(e) => e,
+        };
+        cluster.runtime.lock().unwrap().blocks.remove(&r.token);
+        crate::handlers::release_here(shared, caller, &r);
+        // The session's lease ran out while this member was out of touch (its renewing task
+        // notices a little later): once, with a new one.
+        if e.message.contains("requested lease not found") && !lease_renewed {
+            lease_renewed = true;
+            {
+                let mut rt = cluster.runtime.lock().unwrap();
+                if let Some(task) = rt.leases.remove(&lease) {
+                    task.abort();
                 }
-                let refused = e.code == ErrorCode::SharingViolation;
-                if start != 0 || !refused {
-                    outcome = Some(Err(e));
-                    break;
-                }
-                outcome = Some(Err(e));
+                rt.session_lease.retain(|_, l| *l != lease);
             }
+            lease = cluster
+                .session_lease(caller.session, &mut client, op, &what)
+                .await?;
+        } else if start != 0 || e.code != ErrorCode::SharingViolation {
+            return Err(e);
         }
+        last = Some(e);
     }
-    outcome.unwrap_or_else(|| {
-        Err(refusal(
+    Err(last.unwrap_or_else(|| {
+        refusal(
             op,
             ErrorCode::Internal,
             format!("{what}: no block was tried"),
-        ))
-    })
+        )
+    }))
 }
 
 /// Wildcard blocks tried before a cluster acquire gives up.
@@ -2080,6 +1996,7 @@ pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Re
         .inner
         .lock()
         .unwrap()
+        .view
         .entries
         .get(key)
         .map(|(_, rev)| *rev)
@@ -2097,10 +2014,7 @@ pub(crate) async fn delete(cluster: &Arc<Cluster>, key: &str, words: &str) -> Re
     let r = etcd_call!(cluster, op, &what, client => client.txn(txn.clone()))?;
     let rev = r.header().map_or(0, |h| h.revision());
     if !r.succeeded() {
-        let gone = r.op_responses().into_iter().any(|o| match o {
-            TxnOpResponse::Get(g) => g.kvs().is_empty(),
-            _ => false,
-        });
+        let gone = gets(r).iter().any(|g| g.kvs().is_empty());
         if gone {
             // Deleted meanwhile (or by an earlier try of this request whose answer was lost):
             // what was asked for is done.
@@ -2149,9 +2063,7 @@ fn file_entry(cluster: &Cluster, e: &Entry, uid: u32) -> ClusterEntry {
         description: e.description.clone(),
         node: cluster.cfg.node.clone(),
         runtime: false,
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: crate::handlers::now(),
         creator_uid: uid,
         creator_command: Some(format!("portres apply ({})", e.file)),
         file: Some(e.file.clone()),
@@ -2168,6 +2080,7 @@ pub(crate) fn files_part(
     let have: BTreeMap<(String, u16, u16), (String, i64, ClusterEntry)> = {
         let inner = cluster.inner.lock().unwrap();
         inner
+            .view
             .entries
             .iter()
             .filter(|(_, (e, _))| e.file.is_some() && !e.runtime)
@@ -2194,11 +2107,7 @@ pub(crate) fn files_part(
         )) {
             None => plan.add.push(e.clone()),
             Some((key, rev, now)) => {
-                let same = now.mode == e.mode.as_str()
-                    && now.acl() == e.acl
-                    && now.description == e.description
-                    && now.file.as_deref() == Some(e.file.as_str());
-                if same {
+                if now.declares(e) {
                     part.unchanged += 1;
                 } else if !only_add {
                     plan.change.push((key, rev, now, e.clone()));
@@ -2276,13 +2185,22 @@ pub(crate) async fn apply_files(
         Err(e) => return vec![e.message],
     };
     let mut last = 0;
-    for (key, rev, now) in &plan.remove {
+    // `then` on `key` if it is still at revision `rev`: the commit's revision, or None if it
+    // changed meanwhile.
+    let mut at_revision = async |key: &str, rev: i64, then: TxnOp| {
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, *rev)])
-            .and_then([TxnOp::delete(key.clone(), None)]);
-        match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
-            Ok(r) if r.succeeded() => last = last.max(r.header().map_or(0, |h| h.revision())),
-            Ok(_) => errors.push(format!(
+            .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
+            .and_then([then]);
+        let r = etcd_call!(cluster, op, what, client => client.txn(txn.clone()))?;
+        Ok::<_, Refusal>(
+            r.succeeded()
+                .then(|| r.header().map_or(0, |h| h.revision())),
+        )
+    };
+    for (key, rev, now) in &plan.remove {
+        match at_revision(key, *rev, TxnOp::delete(key.clone(), None)).await {
+            Ok(Some(r)) => last = last.max(r),
+            Ok(None) => errors.push(format!(
                 "{}: cluster reservation {} changed meanwhile; not removed",
                 now.file.as_deref().unwrap_or("?"),
                 now.words()
@@ -2292,16 +2210,13 @@ pub(crate) async fn apply_files(
     }
     for (key, rev, _, e) in &plan.change {
         let mut wanted = file_entry(cluster, e, shared.own_uid);
-        if let Some((now, _)) = cluster.inner.lock().unwrap().entries.get(key) {
+        if let Some((now, _)) = cluster.inner.lock().unwrap().view.entries.get(key) {
             (wanted.node, wanted.created) = (now.node.clone(), now.created);
         }
         let body = serde_json::to_vec(&wanted).unwrap_or_default();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, *rev)])
-            .and_then([TxnOp::put(key.clone(), body, None)]);
-        match etcd_call!(cluster, op, what, client => client.txn(txn.clone())) {
-            Ok(r) if r.succeeded() => last = last.max(r.header().map_or(0, |h| h.revision())),
-            Ok(_) => errors.push(format!(
+        match at_revision(key, *rev, TxnOp::put(key.clone(), body, None)).await {
+            Ok(Some(r)) => last = last.max(r),
+            Ok(None) => errors.push(format!(
                 "{}: cluster reservation {key} changed meanwhile; not changed",
                 e.at()
             )),
@@ -2316,7 +2231,7 @@ pub(crate) async fn apply_files(
             e.range,
             e.protocol
         );
-        match propose_and_commit(cluster, &mut client, op, &what, &entry, None).await {
+        match propose_and_commit(cluster, &client, op, &what, &entry, None).await {
             Ok(rev) => last = last.max(rev),
             // Another member applying the same files made it first.
             Err(_) if declared_by_another(cluster, e) => {}
@@ -2338,16 +2253,7 @@ pub(crate) async fn apply_files(
 /// Whether the cluster has a reservation from files exactly as `e` declares it.
 fn declared_by_another(cluster: &Cluster, e: &Entry) -> bool {
     let inner = cluster.inner.lock().unwrap();
-    inner.entries.values().any(|(c, _)| {
-        !c.runtime
-            && c.protocol == e.protocol.as_str()
-            && c.start == e.range.start()
-            && c.count == e.range.count()
-            && c.mode == e.mode.as_str()
-            && c.acl() == e.acl
-            && c.description == e.description
-            && c.file.as_deref() == Some(e.file.as_str())
-    })
+    inner.view.entries.values().any(|(c, _)| c.declares(e))
 }
 
 /// Once a member has joined: the entries of its reservation files with `cluster = true` that

@@ -121,7 +121,7 @@ const LISTED_BYTES: usize = 40 * 1024;
 const MAX_FILES_LISTED: usize = 100;
 
 /// Longest `description`, in bytes (it is shown by `show` and `who`, and stored).
-const MAX_DESCRIPTION: usize = 512;
+pub(crate) const MAX_DESCRIPTION: usize = 512;
 
 /// Line numbers of byte offsets of one text (computed once: a file may hold thousands of
 /// entries).
@@ -694,48 +694,86 @@ pub(crate) fn precheck(st: &crate::State, p: &Plan) -> Result<(), Refusal> {
             e.range,
             e.protocol
         );
-        if let Some(r) = st
-            .table
-            .overlapping(e.protocol, e.range)
-            .find(|r| !going.contains(&r.token))
-        {
-            let conflict = portres_core::Conflict {
-                protocol: e.protocol,
-                port: r.range.start().max(e.range.start()),
-                holder: r.holder(),
-            };
-            return Err(refusal(
-                ErrorCode::SharingViolation,
-                format!(
-                    "{asked}: {conflict}; change the entry, or delete that reservation first; \
-                     nothing was changed"
-                ),
-            )
-            .with_conflict(conflict));
-        }
-        // Ports of reservations that go are theirs until then (their placeholders may hold
-        // them): the rest is probed.
-        let covered: Vec<PortRange> = st
-            .table
-            .overlapping(e.protocol, e.range)
-            .map(|r| r.range)
-            .collect();
-        for part in uncovered(e.range, &covered) {
-            if let Some(port) = st.enforcer.first_in_use(e.protocol, part) {
-                let by = crate::visibility::describe_holder(e.protocol, port)
-                    .unwrap_or_else(|| format!("a socket (`portres who {port}` names it)"));
+        match obstacle(st, e.protocol, e.range, |t| going.contains(&t)) {
+            None => {}
+            Some(Obstacle::Reservation(conflict)) => {
                 return Err(refusal(
                     ErrorCode::SharingViolation,
                     format!(
-                        "{asked}: port {port}/{} is in use by {by}; stop what has it, or change \
-                         the entry; nothing was changed",
-                        e.protocol
+                        "{asked}: {conflict}; change the entry, or delete that reservation \
+                         first; nothing was changed"
+                    ),
+                )
+                .with_conflict(conflict));
+            }
+            Some(socket) => {
+                return Err(refusal(
+                    ErrorCode::SharingViolation,
+                    format!(
+                        "{asked}: {socket}; stop what has it, or change the entry; nothing was \
+                         changed"
                     ),
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// What keeps a block from being reserved in this namespace's table and kernel.
+pub(crate) enum Obstacle {
+    /// A reservation overlaps it.
+    Reservation(portres_core::Conflict),
+    /// A socket has one of its ports (who has it, in `who`'s words).
+    Socket {
+        protocol: Protocol,
+        port: u16,
+        by: String,
+    },
+}
+
+impl std::fmt::Display for Obstacle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Obstacle::Reservation(c) => write!(f, "{c}"),
+            Obstacle::Socket { protocol, port, by } => {
+                write!(f, "port {port}/{protocol} is in use by {by}")
+            }
+        }
+    }
+}
+
+/// The first obstacle to reserving `range`: a reservation overlapping it (but those `going`
+/// says are about to go), else a socket on one of its ports not covered by a reservation (the
+/// ports of reservations that go are theirs until then: their placeholders may hold them).
+pub(crate) fn obstacle(
+    st: &crate::State,
+    protocol: Protocol,
+    range: PortRange,
+    going: impl Fn(Token) -> bool,
+) -> Option<Obstacle> {
+    if let Some(r) = st
+        .table
+        .overlapping(protocol, range)
+        .find(|r| !going(r.token))
+    {
+        return Some(Obstacle::Reservation(portres_core::Conflict {
+            protocol,
+            port: r.range.start().max(range.start()),
+            holder: r.holder(),
+        }));
+    }
+    let covered: Vec<PortRange> = st
+        .table
+        .overlapping(protocol, range)
+        .map(|r| r.range)
+        .collect();
+    uncovered(range, &covered).into_iter().find_map(|part| {
+        let port = st.enforcer.first_in_use(protocol, part)?;
+        let by = crate::visibility::describe_holder(protocol, port)
+            .unwrap_or_else(|| format!("a socket (`portres who {port}` names it)"));
+        Some(Obstacle::Socket { protocol, port, by })
+    })
 }
 
 /// The parts of `range` that no block of `covered` (sorted, disjoint: a table's) covers.
@@ -879,9 +917,7 @@ fn change_table(
     owner: &Owner,
 ) -> Result<Done, Refusal> {
     let mut done = Done::default();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::handlers::now();
     // A change of mode is enforced anew (out, then in again with the same token, as a stored
     // one is at start: its own service may have its ports bound); any other change is made in
     // place, so held ports stay held and handed-out sockets stay theirs.

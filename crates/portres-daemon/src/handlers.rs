@@ -44,7 +44,7 @@ impl TokenSource for OsRandom {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -1455,17 +1455,16 @@ fn associate(
     }
 }
 
-/// Longest `description` of a persistent reservation, in bytes (as in the reservation files).
-const MAX_DESCRIPTION: usize = 512;
-
+/// A persistent reservation's `description`: at most as long as in the reservation files.
 fn checked_description(op: Operation, d: Option<String>) -> Result<Option<String>, Refusal> {
     match d {
-        Some(d) if d.len() > MAX_DESCRIPTION => Err(Refusal::new(
+        Some(d) if d.len() > crate::declared::MAX_DESCRIPTION => Err(Refusal::new(
             op,
             ErrorCode::InvalidParameter,
             format!(
-                "description is {} bytes long; at most {MAX_DESCRIPTION}: say why in a sentence",
-                d.len()
+                "description is {} bytes long; at most {}: say why in a sentence",
+                d.len(),
+                crate::declared::MAX_DESCRIPTION
             ),
         )),
         Some(d) if d.trim().is_empty() => Ok(None),
@@ -1584,7 +1583,7 @@ async fn create_in_cluster(
                     .to_string(),
             ));
         }
-        crate::handlers::outside_home(shared, caller, op)?;
+        outside_home(shared, caller, op)?;
         let range = portres_core::PortRange::new(start, count)
             .ok()
             .filter(|r| r.start() > 0)
