@@ -2281,17 +2281,7 @@ async fn add_declared(shared: &Arc<Shared>) -> bool {
         return true;
     }
     match declared::cluster_part(shared, &entries, true) {
-        Ok(part) if part.added > 0 => {
-            let errors = declared::run_cluster_part(shared, part).await;
-            if errors.is_empty() {
-                return true;
-            }
-            shared.set_declared_problem(Some(format!(
-                "cluster entries not applied: {}",
-                errors.join("; ")
-            )));
-            false
-        }
+        Ok(part) if part.added > 0 => declared::run_cluster_part(shared, part).await.is_empty(),
         Ok(_) => true,
         Err(e) => {
             shared.set_declared_problem(Some(e.message));

@@ -596,11 +596,6 @@ pub(crate) async fn apply(
     info.cluster_errors = run_cluster_part(shared, part).await;
     if info.cluster_errors.is_empty() {
         shared.set_declared_problem(None);
-    } else {
-        shared.set_declared_problem(Some(format!(
-            "cluster entries not applied: {}",
-            info.cluster_errors.join("; ")
-        )));
     }
     info.applied = true;
     Ok(info)
@@ -667,11 +662,19 @@ pub(crate) fn cluster_part(
     }
 }
 
-/// Makes the cluster's part of an apply; returns the changes that failed, in words.
+/// Makes the cluster's part of an apply; returns the changes that failed, in words (and
+/// records them as the reservation files' problem, for `status`).
 pub(crate) async fn run_cluster_part(shared: &Shared, part: ClusterPart) -> Vec<String> {
     #[cfg(feature = "cluster")]
     if let Some((c, plan)) = part.work {
-        return crate::cluster::apply_files(shared, &c, plan).await;
+        let errors = crate::cluster::apply_files(shared, &c, plan).await;
+        if !errors.is_empty() {
+            shared.set_declared_problem(Some(format!(
+                "cluster entries not applied: {}",
+                errors.join("; ")
+            )));
+        }
+        return errors;
     }
     let _ = (shared, part);
     Vec::new()
